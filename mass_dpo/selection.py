@@ -1,0 +1,275 @@
+"""Negative selection: Algorithm 1 of the paper (D-optimal multi-negative active sample selection).
+
+Notation (paper, Section 4 and Algorithm 1), per prompt x with chosen response y* and a pool of N candidates:
+
+- ``phi[i]``     phi_i = phi(x, y_i) - phi(x, y*), the feature difference, shape ``[N, d]``;
+- ``logits[i]``  l_i = phi_i . theta0 + b_i, the relative logit at the preprocessing point theta0
+                 (for an LLM: Delta_i measured at the preprocessing checkpoint), shape ``[N]``;
+- ``s = beta * l``, ``q = softmax(s)``, ``phibar = sum_j q_j phi_j``, ``v_i = sqrt(q_i) (phi_i - phibar)``;
+- ``alpha0 = beta^2 (1 - sigmoid(Z))`` with ``Z = -logsumexp(s)``, computed as ``beta^2 sigmoid(logsumexp(s))``;
+- ``H(S) = gamma I + alpha0 sum_{i in S} v_i v_i^T`` (eq. 11); the greedy rule (eq. 13-14) adds the candidate
+  with the largest marginal gain ``log(1 + alpha0 v_i^T H^{-1} v_i)``.
+
+How it is computed here: with ``u_i = sqrt(alpha0 / gamma) v_i`` and the N x N Gram matrix ``G = U U^T``,
+
+    log det H(S) = d log gamma + log det(I + G[S, S])            (Sylvester's determinant identity)
+    gain_i(S)    = log(1 + G_ii - G_iS (I + G_SS)^{-1} G_Si)      (Woodbury),
+
+and ``G_iS (I + G_SS)^{-1} G_Si`` is kept up to date by an incremental Cholesky factor of ``I + G_SS``
+(one rank-one update per selected negative, as in fast greedy MAP inference for determinantal point processes).
+The cost per prompt is O(N^2 d) for the Gram matrix plus O(N n^2) for the greedy loop, against O(n N d^2) for the
+d x d Sherman-Morrison form; no d x d matrix is ever formed. Everything is batched over prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+STRATEGIES = ("dopt", "random", "hardest", "all")
+
+#: Two marginal gains (in nats) closer than this count as a tie; ties go to the lowest index.
+TIE_TOLERANCE = 1e-10
+
+
+@dataclass
+class Selection:
+    """The result of :func:`select_negatives`.
+
+    Attributes:
+        indices: ``[..., k]`` int64 candidate indices in selection order, ``k = min(n, N)``
+            (``N`` for strategy ``"all"``); ``-1`` where a pool has fewer valid candidates than ``k``.
+        gains: ``[..., k]`` marginal gains ``log det H(S_j) - log det H(S_{j-1})`` of each step
+            (``nan`` where the index is ``-1``).
+        logdet: ``[...]`` ``log det H(S)`` of the d x d design matrix of the selected set,
+            the ``d log gamma`` term included.
+        alpha: ``[...]`` the fixed Fisher scale ``alpha0``.
+    """
+
+    indices: Any
+    gains: Any
+    logdet: Any
+    alpha: Any
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
+        return torch.as_tensor(np.asarray(x))
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+
+
+def _validate(phi, logits, mask, n, beta, gamma):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"n must be an integer, got {n!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0 (the ridge keeps H(S) invertible), got {gamma}")
+    if phi.dim() != 3:
+        raise ValueError(f"phi must have shape [N, d] or [B, N, d], got {tuple(phi.shape)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [N] or [B, N], got {tuple(logits.shape)}")
+    if logits.shape != phi.shape[:2]:
+        raise ValueError(
+            f"shapes disagree: phi is {tuple(phi.shape)} ([B, N, d]) but logits is {tuple(logits.shape)} ([B, N])"
+        )
+    if mask.shape != logits.shape:
+        raise ValueError(f"shapes disagree: mask is {tuple(mask.shape)} but logits is {tuple(logits.shape)}")
+    if not phi.is_floating_point() or not logits.is_floating_point():
+        raise ValueError("phi and logits must be floating point")
+    bad_phi = ~torch.isfinite(phi).all(-1) & mask
+    if bad_phi.any():
+        b, i = (int(t) for t in bad_phi.nonzero()[0])
+        raise ValueError(
+            f"phi has NaN or inf values ({int(bad_phi.sum())} candidates, first: prompt {b}, candidate {i}); "
+            "check the feature extraction, or mask those candidates out"
+        )
+    bad_logit = ~torch.isfinite(logits) & mask
+    if bad_logit.any():
+        b, i = (int(t) for t in bad_logit.nonzero()[0])
+        raise ValueError(
+            f"logits have NaN or inf values ({int(bad_logit.sum())} candidates, first: prompt {b}, candidate {i}); "
+            "check the log-probabilities, or mask those candidates out"
+        )
+
+
+def fisher_vectors(phi: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, beta: float, center: bool = True):
+    """Lines 3-5 of Algorithm 1, batched.
+
+    Args:
+        phi: ``[B, N, d]`` feature differences; logits: ``[B, N]``; mask: ``[B, N]`` bool (True = valid).
+
+    Returns:
+        ``(v, alpha0)``: ``v`` ``[B, N, d]`` with ``v_i = sqrt(q_i) (phi_i - phibar)`` (zero where masked;
+        ``sqrt(q_i) phi_i`` when ``center=False``) and ``alpha0`` ``[B]``.
+    """
+    s = (beta * logits).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B]; -inf for an empty pool
+    q = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, N]
+    phi = phi.masked_fill(~mask[..., None], 0.0)
+    if center:
+        phibar = torch.einsum("bn,bnd->bd", q, phi)
+        phi = phi - phibar[:, None, :]
+    v = q.sqrt()[..., None] * phi
+    v = v.masked_fill(~mask[..., None], 0.0)
+    alpha0 = beta**2 * torch.sigmoid(lse)  # = beta^2 (1 - sigmoid(-lse)), without the rounding to 0
+    return v, alpha0
+
+
+def greedy_logdet(
+    gram: torch.Tensor, mask: torch.Tensor, n: int, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy maximisation of ``log det(I + G[S, S])`` from the scaled Gram matrix, batched.
+
+    Args:
+        gram: ``[B, N, N]`` Gram matrix ``G = U U^T`` of the scaled Fisher vectors ``u_i = sqrt(alpha0/gamma) v_i``.
+        mask: ``[B, N]`` bool, valid candidates.
+        n: number of steps.
+        order: optional ``[B, n]`` indices to add in this order instead of the greedy choice (``-1`` = none);
+            used to score the subsets of the other strategies.
+
+    Returns:
+        ``(indices [B, n], gains [B, n])``; ``gains[b, k] = log(1 + G_ii - G_iS (I + G_SS)^{-1} G_Si)`` of the
+        k-th pick, ``-1`` / ``nan`` past the number of valid candidates.
+    """
+    B, N, _ = gram.shape
+    dev, dt = gram.device, gram.dtype
+    rows = torch.arange(B, device=dev)
+    # x_i = G_ii - ||c_i||^2: the quadratic form u_i^T (I + U_S^T U_S)^{-1} u_i, by incremental Cholesky.
+    x = torch.diagonal(gram, dim1=-2, dim2=-1).clone()
+    c = gram.new_zeros(B, n, N)  # Cholesky columns, one row per step
+    available = mask.clone()
+    indices = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    gains = torch.full((B, n), float("nan"), dtype=dt, device=dev)
+    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=dev)
+    for k in range(n):
+        has = available.any(-1)
+        if order is None:
+            g = torch.where(available, torch.log1p(x.clamp_min(0.0)), neg_inf)
+            best = g.max(-1, keepdim=True).values
+            # ties (within TIE_TOLERANCE nats) go to the lowest index
+            tied = available & (g >= best - TIE_TOLERANCE)
+            j = tied.to(torch.int8).argmax(-1)
+        else:
+            j = order[:, k].clamp_min(0)
+            has = has & (order[:, k] >= 0)
+        xj = x[rows, j].clamp_min(0.0)
+        dj = torch.sqrt(1.0 + xj)  # pivot of the Cholesky factor of I + G_SS
+        # e_i = (G_ji - <c_j, c_i>) / d_j
+        e = (gram[rows, j, :] - torch.einsum("bk,bkn->bn", c[rows, :, j], c)) / dj[:, None]
+        e = torch.where(has[:, None], e, torch.zeros_like(e))
+        c[:, k, :] = e
+        x = x - e * e
+        indices[:, k] = torch.where(has, j, torch.full_like(j, -1))
+        gains[:, k] = torch.where(has, torch.log1p(xj), torch.full_like(xj, float("nan")))
+        available[rows, j] = available[rows, j] & ~has
+    return indices, gains
+
+
+def _pick_random(mask: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    device = mask.device if generator is None else generator.device
+    u = torch.rand(mask.shape, generator=generator, dtype=torch.float64, device=device).to(mask.device)
+    u = u.masked_fill(~mask, -1.0)
+    order = torch.argsort(u, dim=-1, descending=True, stable=True)[:, :k]
+    valid = torch.gather(mask, 1, order)
+    return torch.where(valid, order, torch.full_like(order, -1))
+
+
+def _pick_sorted(key: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    key = key.masked_fill(~mask, float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    valid = torch.gather(mask, 1, order)
+    return torch.where(valid, order, torch.full_like(order, -1))
+
+
+def _chunk_size(N: int, d: int, itemsize: int, budget_bytes: int = 1 << 28) -> int:
+    return max(1, budget_bytes // max(1, 3 * N * d * itemsize))
+
+
+def select_negatives(
+    phi,
+    logits,
+    n: int,
+    *,
+    beta: float = 0.1,
+    gamma: float = 0.1,
+    strategy: str = "dopt",
+    center: bool = True,
+    mask=None,
+    generator: torch.Generator | None = None,
+) -> Selection:
+    """Select ``n`` negatives per prompt (Algorithm 1 for ``strategy="dopt"``).
+
+    Args:
+        phi: ``[N, d]`` or ``[B, N, d]`` feature differences ``phi(x, y_i) - phi(x, y*)`` (torch or numpy).
+        logits: ``[N]`` or ``[B, N]`` relative logits ``l_i = phi_i . theta0 + b_i``; ``s = beta * l``.
+        n: negatives to select; ``n > N`` returns every valid candidate.
+        beta: the DPO scale. gamma: the ridge of ``H(S) = gamma I + alpha0 sum v v^T``.
+        strategy: ``"dopt"`` (greedy D-optimal, MASS-DPO), ``"random"`` (uniform without replacement, S-DPO),
+            ``"hardest"`` (top-n logits), ``"all"`` (every valid candidate, ``n`` ignored).
+        center: ``False`` drops the weighted centering (``v_i = sqrt(q_i) phi_i``), an ablation.
+        mask: ``[B, N]`` bool, True for real candidates (pools of different sizes).
+        generator: ``torch.Generator`` for ``"random"``.
+
+    Returns:
+        :class:`Selection`; numpy in, numpy out, torch in, torch out (on the input's device). ``gains`` and
+        ``logdet`` score the selected subset under the D-optimal criterion whatever the strategy.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    numpy_in = not isinstance(phi, torch.Tensor)
+    phi = _as_tensor(phi, "phi")
+    logits = _as_tensor(logits, "logits").to(phi.device)
+    single = phi.dim() == 2
+    if single:
+        phi = phi[None]
+        if logits.dim() == 1:
+            logits = logits[None]
+    if mask is None:
+        mask = torch.ones(logits.shape, dtype=torch.bool, device=phi.device)
+    else:
+        mask = _as_tensor(mask, "mask").to(device=phi.device, dtype=torch.bool)
+        if single and mask.dim() == 1:
+            mask = mask[None]
+    _validate(phi, logits, mask, n, beta, gamma)
+
+    B, N, d = phi.shape
+    k = N if strategy == "all" else min(int(n), N)
+    dt = torch.float64 if phi.dtype == torch.float64 else torch.float32
+    if strategy == "random":
+        order = _pick_random(mask, k, generator)
+    elif strategy == "hardest":
+        order = _pick_sorted(logits.to(torch.float64), mask, k)
+    elif strategy == "all":
+        order = _pick_sorted(mask.to(torch.float64), mask, k)  # valid candidates, in index order
+    else:
+        order = None
+
+    idx_chunks, gain_chunks, alpha_chunks = [], [], []
+    step = _chunk_size(N, d, torch.finfo(dt).bits // 8)
+    for lo in range(0, B, step):
+        hi = min(B, lo + step)
+        m = mask[lo:hi]
+        v, alpha0 = fisher_vectors(phi[lo:hi].to(dt), logits[lo:hi].to(dt), m, beta, center)
+        gram = torch.bmm(v, v.transpose(1, 2)).to(torch.float64)  # [b, N, N], never d x d
+        gram = gram * (alpha0.to(torch.float64) / gamma)[:, None, None]
+        ind, gain = greedy_logdet(gram, m, k, None if order is None else order[lo:hi])
+        idx_chunks.append(ind)
+        gain_chunks.append(gain)
+        alpha_chunks.append(alpha0.to(torch.float64))
+    indices = torch.cat(idx_chunks)
+    gains = torch.cat(gain_chunks)
+    alpha = torch.cat(alpha_chunks)
+    logdet = d * float(np.log(gamma)) + gains.nan_to_num(0.0).sum(-1)
+    if single:
+        indices, gains, logdet, alpha = indices[0], gains[0], logdet[0], alpha[0]
+    if numpy_in:
+        return Selection(indices.cpu().numpy(), gains.cpu().numpy(), logdet.cpu().numpy(), alpha.cpu().numpy())
+    return Selection(indices, gains, logdet, alpha)
