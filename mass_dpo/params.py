@@ -1,0 +1,43 @@
+"""Where the YAML parameter files live and how to read them.
+
+``params/`` (top level of the repository) says *what* to run: datasets, models, training defaults, profiles,
+the paper's published numbers. Code says *how*. Set ``MASS_DPO_PARAMS`` to use another folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def params_dir() -> Path:
+    """The params folder: ``$MASS_DPO_PARAMS``, else ``params/`` beside the package (an editable install)."""
+    env = os.environ.get("MASS_DPO_PARAMS")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "params"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"params folder not found at {path}; install the package editable from a checkout (pip install -e .) "
+            "or point MASS_DPO_PARAMS at a copy of the repository's params/ folder"
+        )
+    return path
+
+
+def load_params(relative: str) -> dict[str, Any]:
+    """Read ``params/<relative>`` (``.yaml`` added when missing), e.g. ``load_params("models/smollm2")``."""
+    path = params_dir() / relative
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"no params file {path}" + (f"; available: {', '.join(choices)}" if choices else ""))
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def available(kind: str) -> list[str]:
+    """Names of the YAML files in ``params/<kind>/`` (e.g. ``available("models")``)."""
+    folder = params_dir() / kind
+    return sorted(p.stem for p in folder.glob("*.yaml"))
