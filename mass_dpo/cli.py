@@ -4,7 +4,6 @@
     mass-dpo select ...      negatives for a dataset           (mass_dpo.preprocess)
     mass-dpo train ...       one training run and its metrics  (mass_dpo.train)
     mass-dpo reproduce ...   every notebook, headless           (mass_dpo.reproduce)
-    mass-dpo benchmark ...   the selection benchmark           (benchmarks/selection.py)
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ SUBCOMMANDS = {
     "select": ("mass_dpo.preprocess", "select negatives for every prompt of a dataset split"),
     "train": ("mass_dpo.train", "train one policy with one method and evaluate it"),
     "reproduce": ("mass_dpo.reproduce", "execute the paper's notebooks headless into papers_figures/"),
-    "benchmark": ("mass_dpo.bench", "time the fast selector against Algorithm 1 as written"),
 }
 
 

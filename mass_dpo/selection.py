@@ -31,8 +31,9 @@ import torch
 
 STRATEGIES = ("dopt", "random", "hardest", "all")
 
-#: Two marginal gains (in nats) closer than this count as a tie; ties go to the lowest index.
-TIE_TOLERANCE = 1e-10
+#: Two marginal gains whose relative difference is below this count as a tie; ties go to the lowest index
+#: (so exact duplicates, whose gains may differ in the last bits, are picked deterministically).
+TIE_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -84,13 +85,6 @@ def _validate(phi, logits, mask, n, beta, gamma):
         raise ValueError(f"shapes disagree: mask is {tuple(mask.shape)} but logits is {tuple(logits.shape)}")
     if not phi.is_floating_point() or not logits.is_floating_point():
         raise ValueError("phi and logits must be floating point")
-    bad_phi = ~torch.isfinite(phi).all(-1) & mask
-    if bad_phi.any():
-        b, i = (int(t) for t in bad_phi.nonzero()[0])
-        raise ValueError(
-            f"phi has NaN or inf values ({int(bad_phi.sum())} candidates, first: prompt {b}, candidate {i}); "
-            "check the feature extraction, or mask those candidates out"
-        )
     bad_logit = ~torch.isfinite(logits) & mask
     if bad_logit.any():
         b, i = (int(t) for t in bad_logit.nonzero()[0])
@@ -98,6 +92,23 @@ def _validate(phi, logits, mask, n, beta, gamma):
             f"logits have NaN or inf values ({int(bad_logit.sum())} candidates, first: prompt {b}, candidate {i}); "
             "check the log-probabilities, or mask those candidates out"
         )
+
+
+def _check_features(raw: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, offset: int) -> None:
+    """NaN or inf anywhere in phi_i makes ||phi_i||^2 = P_ii non-finite: an O(B N) check instead of O(B N d)."""
+    bad = ~torch.isfinite(torch.diagonal(raw, dim1=-2, dim2=-1)) & mask
+    if not bad.any():
+        return
+    b, i = (int(t) for t in bad.nonzero()[0])
+    if torch.isfinite(x[b, i]).all():
+        raise ValueError(
+            f"phi is too large for {x.dtype} (||phi||^2 overflows; prompt {b + offset}, candidate {i}); "
+            "pass float64 features or rescale them"
+        )
+    raise ValueError(
+        f"phi has NaN or inf values ({int(bad.sum())} candidates in this chunk, first: prompt {b + offset}, "
+        f"candidate {i}); check the feature extraction, or mask those candidates out"
+    )
 
 
 def fisher_vectors(phi: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, beta: float, center: bool = True):
@@ -154,8 +165,8 @@ def greedy_logdet(
         if order is None:
             g = torch.where(available, torch.log1p(x.clamp_min(0.0)), neg_inf)
             best = g.max(-1, keepdim=True).values
-            # ties (within TIE_TOLERANCE nats) go to the lowest index
-            tied = available & (g >= best - TIE_TOLERANCE)
+            # ties (relative difference below TIE_TOLERANCE) go to the lowest index
+            tied = available & (g >= best - TIE_TOLERANCE * best.abs())
             j = tied.to(torch.int8).argmax(-1)
         else:
             j = order[:, k].clamp_min(0)
@@ -190,7 +201,27 @@ def _pick_sorted(key: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _chunk_size(N: int, d: int, itemsize: int, budget_bytes: int = 1 << 28) -> int:
-    return max(1, budget_bytes // max(1, 3 * N * d * itemsize))
+    return max(1, budget_bytes // max(1, N * d * itemsize))
+
+
+def scaled_gram(raw: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """The Gram matrix ``G_ij = (alpha0 / gamma) v_i . v_j`` from the raw Gram ``P = Phi Phi^T``, in float64.
+
+    With ``v_i = sqrt(q_i) (phi_i - phibar)`` and ``phibar = sum_j q_j phi_j``:
+    ``v_i . v_j = sqrt(q_i q_j) (P_ij - (Pq)_i - (Pq)_j + q^T P q)``, so the centering happens in N x N space and
+    the features are read once (by the ``bmm`` that made ``raw``).
+
+    Args:
+        raw: ``[B, N, N]`` ``P = Phi Phi^T``; q: ``[B, N]`` softmax weights (0 where masked);
+        scale: ``[B]`` ``alpha0 / gamma``; center: subtract ``phibar`` (Algorithm 1) or not (ablation).
+    """
+    p = raw.to(torch.float64)
+    if center:
+        r = torch.einsum("bij,bj->bi", p, q)  # (P q)_i
+        c = torch.einsum("bi,bi->b", q, r)  # q^T P q
+        p = p - r[:, :, None] - r[:, None, :] + c[:, None, None]
+    w = q.sqrt()
+    return p * (w[:, :, None] * w[:, None, :]) * scale[:, None, None]
 
 
 def select_negatives(
@@ -242,7 +273,6 @@ def select_negatives(
 
     B, N, d = phi.shape
     k = N if strategy == "all" else min(int(n), N)
-    dt = torch.float64 if phi.dtype == torch.float64 else torch.float32
     if strategy == "random":
         order = _pick_random(mask, k, generator)
     elif strategy == "hardest":
@@ -252,21 +282,29 @@ def select_negatives(
     else:
         order = None
 
-    idx_chunks, gain_chunks, alpha_chunks = [], [], []
-    step = _chunk_size(N, d, torch.finfo(dt).bits // 8)
+    # Lines 3-5 of Algorithm 1 on the [B, N] logits, in float64 (cheap).
+    s = (beta * logits.to(torch.float64)).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    q = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, N], 0 where masked
+    alpha = beta**2 * torch.sigmoid(lse)  # = beta^2 (1 - sigmoid(Z)), Z = -lse, without the rounding to 0
+
+    idx_chunks, gain_chunks = [], []
+    step = _chunk_size(N, d, phi.element_size())
     for lo in range(0, B, step):
         hi = min(B, lo + step)
-        m = mask[lo:hi]
-        v, alpha0 = fisher_vectors(phi[lo:hi].to(dt), logits[lo:hi].to(dt), m, beta, center)
-        gram = torch.bmm(v, v.transpose(1, 2)).to(torch.float64)  # [b, N, N], never d x d
-        gram = gram * (alpha0.to(torch.float64) / gamma)[:, None, None]
+        m, x = mask[lo:hi], phi[lo:hi]
+        if phi.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if not m.all():
+            x = x.masked_fill(~m[..., None], 0.0)
+        raw = torch.bmm(x, x.transpose(1, 2))  # [b, N, N], never d x d
+        _check_features(raw, x, m, lo)
+        gram = scaled_gram(raw, q[lo:hi], alpha[lo:hi] / gamma, center)
         ind, gain = greedy_logdet(gram, m, k, None if order is None else order[lo:hi])
         idx_chunks.append(ind)
         gain_chunks.append(gain)
-        alpha_chunks.append(alpha0.to(torch.float64))
     indices = torch.cat(idx_chunks)
     gains = torch.cat(gain_chunks)
-    alpha = torch.cat(alpha_chunks)
     logdet = d * float(np.log(gamma)) + gains.nan_to_num(0.0).sum(-1)
     if single:
         indices, gains, logdet, alpha = indices[0], gains[0], logdet[0], alpha[0]

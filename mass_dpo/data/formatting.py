@@ -1,0 +1,115 @@
+"""Chat formatting of a record: the prompt as a user turn, each candidate as the assistant's reply.
+
+A record has ``prompt`` (plain text, no chat template) and ``candidates`` (list of str). The prompt is rendered
+with the tokenizer's chat template and ``add_generation_prompt=True``; a candidate's response text is what the
+template appends after that prompt when the candidate is the assistant's message, cut after the end-of-turn
+marker (SmolLM2: ``"<|im_end|>"``, Llama 3: ``"<|eot_id|>"``; the newline the template writes after it belongs to
+no response). Both texts are tokenized separately with ``add_special_tokens=False`` so that
+
+    tokens(prompt_text) + tokens(response_text) == tokens(prompt_text + response_text)
+
+and the prompt/response boundary is exact (``tests/test_formatting.py`` checks it on SmolLM2's template and on a
+Llama-3-style one). The ids are always the separate tokenizations (prompt once, shared by the pool, then each
+response): that is what a model sees when it generates the response after the prompt, and it decodes to exactly the
+chat text. Where a tokenizer would merge characters across the boundary (a byte-level BPE whose regex keeps
+``"\n\n"`` whole at the end of the prompt but splits it before a letter), the separate tokenization is the one used.
+Tokenizers without a chat template get a plain-text layout (:data:`PLAIN_PROMPT`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+#: The layout used when the tokenizer has no chat template; the response is the candidate plus the EOS token.
+PLAIN_PROMPT = "User: {prompt}\nAssistant: "
+
+#: The date Llama 3.x templates write into the system turn (fixed for reproducibility).
+TEMPLATE_DATE = "26 Jul 2024"
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _prompt_text(record: Mapping[str, Any]) -> str:
+    if "prompt" not in record:
+        raise KeyError(f"record has no 'prompt' field (fields: {', '.join(map(str, record))})")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise TypeError(f"record['prompt'] must be plain text (str), got {type(prompt).__name__}")
+    return prompt
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    # enable_thinking=False: Qwen3 / SmolLM3 render an empty reasoning block instead of asking for one;
+    # date_string: Llama 3.2 writes "Today Date: ..." (today's date by default) into its system turn, fixed here so
+    # that the same record always renders the same text. Templates that do not use a variable ignore it.
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=False,
+        date_string=TEMPLATE_DATE,
+    )
+
+
+def format_prompt(record: Mapping[str, Any], tokenizer) -> str:
+    """The chat-formatted prompt: ``record["prompt"]`` as the user turn, followed by the generation prompt."""
+    prompt = _prompt_text(record)
+    if not _has_template(tokenizer):
+        return PLAIN_PROMPT.format(prompt=prompt)
+    return _render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def _end_markers(tokenizer) -> list[str]:
+    names = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+    eos = getattr(tokenizer, "eos_token", None)
+    return [m for m in dict.fromkeys(((eos,) if eos else ()) + names) if m]
+
+
+def format_pair(record: Mapping[str, Any], candidate: str, tokenizer, *, prompt_text: str | None = None):
+    """``(prompt_text, response_text)`` for one candidate; ``prompt_text + response_text`` is the chat.
+
+    ``response_text`` is the candidate as the assistant's message, up to and including the end-of-turn marker
+    (whatever the template writes after the marker, usually a newline, is dropped). Pass ``prompt_text`` (from
+    :func:`format_prompt`) to skip rendering the prompt again.
+    """
+    if not isinstance(candidate, str):
+        raise TypeError(f"a candidate must be a str, got {type(candidate).__name__}")
+    if prompt_text is None:
+        prompt_text = format_prompt(record, tokenizer)
+    if not _has_template(tokenizer):
+        return prompt_text, candidate + (getattr(tokenizer, "eos_token", None) or "")
+    messages = [{"role": "user", "content": _prompt_text(record)}, {"role": "assistant", "content": candidate}]
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if full.startswith(prompt_text):
+        suffix = full[len(prompt_text) :]
+        # cut after the first end-of-turn marker that follows the candidate text
+        start = suffix.find(candidate) + len(candidate) if candidate and candidate in suffix else 0
+        cuts = [suffix.find(m, start) + len(m) for m in _end_markers(tokenizer) if suffix.find(m, start) >= 0]
+        response = suffix[: min(cuts)] if cuts else suffix.rstrip("\n")
+        return prompt_text, response
+    # the template rewrites earlier turns once an assistant reply follows: fall back to candidate + EOS
+    return prompt_text, candidate + (getattr(tokenizer, "eos_token", None) or "")
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """Token ids of an already formatted text (no BOS/EOS added: the chat template writes its own)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [candidate_ids, ...])`` of a record: the chat-formatted prompt once, then each candidate's
+    response tokens (see :func:`format_pair`); ``prompt_ids + candidate_ids[c]`` is the full chat for candidate c."""
+    if "candidates" not in record:
+        raise KeyError(f"record has no 'candidates' field (fields: {', '.join(map(str, record))})")
+    prompt_text = format_prompt(record, tokenizer)
+    prompt_ids = encode_text(prompt_text, tokenizer)
+    cand_ids = []
+    for c in record["candidates"]:
+        _, response = format_pair(record, c, tokenizer, prompt_text=prompt_text)
+        ids = encode_text(response, tokenizer)
+        if not ids:
+            raise ValueError(f"candidate {c!r} of record {record.get('id', '?')!r} tokenizes to nothing")
+        cand_ids.append(ids)
+    return prompt_ids, cand_ids

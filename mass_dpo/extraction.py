@@ -1,0 +1,675 @@
+"""Features phi(x, y) and sequence log-probabilities log pi(y | x) for every candidate of every prompt (appendix C.4).
+
+For a pool (one prompt x, candidates y_1..y_C), with the chat-formatted prompt tokens p_1..p_P and the response
+tokens of candidate c, t_1..t_L (``mass_dpo.data.formatting.encode_pool``):
+
+- ``logp(c) = sum_k log pi(t_k | p, t_<k)``, the sequence log-probability of the response (end-of-turn included);
+- ``phi(x, y_c)`` = the mean of the final hidden states (after the last norm, the input of the LM head) over the
+  prompt and response tokens (``pooling="all"``) or the response tokens only (``pooling="response"``).
+
+Shared prefix: the prompt is computed once per pool. One packed row ``[prompt, cand_1, ..., cand_C]`` goes through
+the model with a 4D additive attention mask in which each candidate sees the whole prompt and itself causally, and
+position ids that restart at ``P`` for each candidate, so every candidate token gets exactly the hidden state it
+would get in the row ``[prompt, cand_c]`` (:func:`naive_forward`, the reference). For LastFM (prompt ~180 tokens,
+20 candidates of ~5) the row has ~280 tokens against ~3,760 for the naive rows.
+
+:func:`extract` runs this over a dataset under the reference model and the preprocessing checkpoint theta0 and caches
+the result on disk (safetensors shards + JSON manifests; see ``docs/extraction.md``);
+:func:`selection_inputs` turns an :class:`Extracted` into the inputs of Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: Bump when the extraction's numbers change (formatting, pooling, packing): old caches are then ignored.
+EXTRACTION_VERSION = 1
+
+POOLINGS = ("all", "response")
+
+#: Default bound on the tokens of one forward pass (rows x longest row).
+DEFAULT_BATCH_TOKENS = 4096
+
+#: Response positions sent through the LM head at once (bounds the [positions, vocab] logits).
+HEAD_CHUNK = 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One forward for a batch of pools
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise ValueError(f"token ids must be 1D, got shape {tuple(x.shape)}")
+        return [int(t) for t in x.tolist()]
+    return [int(t) for t in x]
+
+
+def _check_pool(prompt_ids, candidate_ids) -> tuple[list[int], list[list[int]]]:
+    p = _ids(prompt_ids)
+    cands = [_ids(c) for c in candidate_ids]
+    if not p:
+        raise ValueError("the prompt has no tokens: a candidate's first token needs a prompt token to condition on")
+    if not cands:
+        raise ValueError("the pool has no candidates")
+    for i, c in enumerate(cands):
+        if not c:
+            raise ValueError(f"candidate {i} has no tokens")
+    return p, cands
+
+
+def _parts(model):
+    """``(decoder, lm_head)`` of a causal LM (works through a peft wrapper)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    if decoder is None or head is None:
+        raise TypeError(f"{type(model).__name__} is not a causal LM with a decoder and an LM head")
+    return decoder, head
+
+
+def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters())
+    return p.dtype, p.device
+
+
+def _check_pooling(pooling: str):
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def pack_pools(pools: Sequence[tuple[list[int], list[list[int]]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The packed rows of a batch of pools (CPU tensors).
+
+    Returns a dict with ``input_ids`` ``[B, T]``, ``position_ids`` ``[B, T]``, ``segment`` ``[B, T]`` (``-1`` prompt,
+    ``c`` candidate c, ``-2`` padding), ``allowed`` ``[B, T, T]`` bool (query row attends key column),
+    ``prompt_len`` ``[B]`` and ``cand_len`` ``[B, Cmax]`` (0 for missing candidates).
+    """
+    rows = [_check_pool(p, c) for p, c in pools]
+    B = len(rows)
+    T = max(len(p) + sum(len(c) for c in cs) for p, cs in rows)
+    C = max(len(cs) for _, cs in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -2, dtype=torch.long)
+    plen = torch.zeros(B, dtype=torch.long)
+    clen = torch.zeros((B, C), dtype=torch.long)
+    for b, (p, cs) in enumerate(rows):
+        P = len(p)
+        ids[b, :P] = torch.tensor(p)
+        pos[b, :P] = torch.arange(P)
+        seg[b, :P] = -1
+        plen[b] = P
+        s = P
+        for c, toks in enumerate(cs):
+            L = len(toks)
+            ids[b, s : s + L] = torch.tensor(toks)
+            pos[b, s : s + L] = torch.arange(P, P + L)
+            seg[b, s : s + L] = c
+            clen[b, c] = L
+            s += L
+        pos[b, s:] = torch.arange(T - s)  # padding: any valid positions
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    allowed = causal & ((sk == -1) & (sq >= -1) | (sk == sq))  # prompt keys for real queries; own segment always
+    return {"input_ids": ids, "position_ids": pos, "segment": seg, "allowed": allowed, "prompt_len": plen, "cand_len": clen}
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T, T]`` bool -> ``[B, 1, T, T]`` additive float mask (0 = attend, dtype's min = blocked).
+
+    Additive, not bool: with eager attention a bool mask is added to the scores and silently wrong.
+    The finite minimum (not -inf) keeps padding rows NaN-free."""
+    m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    m.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return m[:, None]
+
+
+def _response_logps(h, head, ids, rows, pred, flat_cand, n_out) -> torch.Tensor:
+    """Sum of log p(token) per candidate: ``h[rows, pred]`` predicts ``ids[rows, pred + 1]``-style targets given as
+    ``ids`` (already gathered); returns ``[n_out]`` float32."""
+    out = h.new_zeros(n_out, dtype=torch.float32)
+    for lo in range(0, rows.numel(), HEAD_CHUNK):
+        sl = slice(lo, lo + HEAD_CHUNK)
+        logits = head(h[rows[sl], pred[sl]]).float()
+        tok_logp = -F.cross_entropy(logits, ids[sl], reduction="none")
+        out = out.index_add(0, flat_cand[sl], tok_logp)
+    return out
+
+
+def shared_prefix_forward_batch(
+    model,
+    pools: Sequence[tuple[Any, Sequence[Any]]],
+    *,
+    pooling: str = "all",
+    return_features: bool = True,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward for several pools, one packed row each (right-padded).
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``, possibly peft-wrapped).
+        pools: ``[(prompt_ids, [candidate_ids, ...]), ...]``; ids as lists or 1D LongTensors.
+        pooling: ``"all"`` (prompt + response tokens) or ``"response"`` (response tokens only).
+
+    Returns:
+        ``(logps [B, Cmax] float32, features [B, Cmax, d] float32 or None, mask [B, Cmax] bool)``; padded entries
+        are 0. Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
+    """
+    _check_pooling(pooling)
+    dtype, device = _model_dtype_device(model)
+    packed = pack_pools(pools, pad_id)
+    B, T = packed["input_ids"].shape
+    clen = packed["cand_len"]
+    C = clen.shape[1]
+    mask = clen > 0
+    decoder, head = _parts(model)
+    ids = packed["input_ids"].to(device)
+    out = decoder(
+        input_ids=ids,
+        attention_mask=additive_mask(packed["allowed"].to(device), dtype),
+        position_ids=packed["position_ids"].to(device),
+        use_cache=False,
+    )
+    h = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state  # [B, T, d]
+
+    # log-probs: candidate c's k-th token is predicted at the previous position of its own sequence, i.e. the last
+    # prompt token for k = 0 and the row position just before it otherwise.
+    seg = packed["segment"]
+    plen = packed["prompt_len"]
+    tok_b, tok_t = (seg >= 0).nonzero(as_tuple=True)  # every response token
+    tok_c = seg[tok_b, tok_t]
+    first = torch.ones_like(tok_t, dtype=torch.bool)
+    first[1:] = (tok_b[1:] != tok_b[:-1]) | (tok_c[1:] != tok_c[:-1])
+    pred = torch.where(first, plen[tok_b] - 1, tok_t - 1)
+    flat = tok_b * C + tok_c
+    logps = _response_logps(
+        h, head, ids[tok_b.to(device), tok_t.to(device)], tok_b.to(device), pred.to(device), flat.to(device), B * C
+    ).view(B, C)
+
+    features = None
+    if return_features:
+        hf = h.float()
+        d = hf.shape[-1]
+        cand_sum = hf.new_zeros(B * C, d).index_add(0, flat.to(device), hf[tok_b.to(device), tok_t.to(device)])
+        cand_sum = cand_sum.view(B, C, d)
+        n = clen.to(device=device, dtype=torch.float32)
+        if pooling == "all":
+            is_prompt = (seg == -1).to(device=device, dtype=hf.dtype)
+            prompt_sum = torch.einsum("bt,btd->bd", is_prompt, hf)
+            total = cand_sum + prompt_sum[:, None, :]
+            n = n + plen.to(device=device, dtype=torch.float32)[:, None]
+        else:
+            total = cand_sum
+        features = total / n.clamp_min(1.0)[..., None]
+        features = features * mask.to(device)[..., None]
+    return logps, features, mask.to(device)
+
+
+def shared_prefix_forward(
+    model, prompt_ids, candidate_ids, *, pooling: str = "all", return_features: bool = True, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pool in one forward: ``(logps [C], features [C, d] or None)``, float32, differentiable.
+
+    ``logps[c] = sum_k log p(t_k | prompt, t_<k)`` over candidate c's response tokens; ``features[c]`` the mean
+    final hidden state over the prompt and c's tokens (``pooling="all"``) or c's tokens (``"response"``)."""
+    logps, feats, _ = shared_prefix_forward_batch(
+        model, [(prompt_ids, candidate_ids)], pooling=pooling, return_features=return_features, pad_id=pad_id
+    )
+    return logps[0], (feats[0] if feats is not None else None)
+
+
+def naive_forward(
+    model, prompt_ids, candidate_ids, *, pooling: str = "all", pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: one row ``[prompt, cand_c]`` per candidate (right-padded, a 2D attention mask), through the
+    full model (``model(...).logits`` and the last of ``hidden_states``). ``(logps [C], features [C, d])``."""
+    _check_pooling(pooling)
+    p, cands = _check_pool(prompt_ids, candidate_ids)
+    _, device = _model_dtype_device(model)
+    P, C = len(p), len(cands)
+    T = P + max(len(c) for c in cands)
+    ids = torch.full((C, T), pad_id, dtype=torch.long)
+    att = torch.zeros((C, T), dtype=torch.long)
+    for c, toks in enumerate(cands):
+        ids[c, : P + len(toks)] = torch.tensor(p + toks)
+        att[c, : P + len(toks)] = 1
+    out = model(input_ids=ids.to(device), attention_mask=att.to(device), output_hidden_states=True, use_cache=False)
+    logprobs = out.logits.float().log_softmax(-1)  # [C, T, V]
+    h = out.hidden_states[-1].float()  # [C, T, d]
+    logps, feats = [], []
+    for c, toks in enumerate(cands):
+        L = len(toks)
+        tgt = torch.tensor(toks, device=device)
+        logps.append(logprobs[c, P - 1 : P - 1 + L].gather(-1, tgt[:, None]).sum())
+        lo = 0 if pooling == "all" else P
+        feats.append(h[c, lo : P + L].mean(0))
+    return torch.stack(logps), torch.stack(feats)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Over a dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Extracted:
+    """Features and log-probabilities of a dataset split; pools padded to ``C`` candidates.
+
+    Attributes:
+        ids: the record ids, ``P`` of them, in dataset order.
+        features: ``[P, C, d]`` float32, phi(x, y_c) under theta0 (absolute, not differences).
+        ref_logps: ``[P, C]`` float32, log pi_ref(y_c | x).
+        theta0_logps: ``[P, C]`` float32, log pi_theta0(y_c | x) (equal to ``ref_logps`` when theta0 is the reference).
+        mask: ``[P, C]`` bool, True for real candidates.
+        target: ``[P]`` int64, the index of the chosen candidate.
+        meta: the manifest (model, checkpoint, pooling, dataset key, version, timing).
+    """
+
+    ids: list[str]
+    features: torch.Tensor
+    ref_logps: torch.Tensor
+    theta0_logps: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "features": self.features.contiguous(),
+            "ref_logps": self.ref_logps.contiguous(),
+            "theta0_logps": self.theta0_logps.contiguous(),
+            "mask": self.mask.contiguous(),
+            "target": self.target.contiguous(),
+        }
+
+
+def selection_inputs(ex: Extracted, *, logits: str = "delta"):
+    """The inputs of Algorithm 1 over the negatives of each pool (the chosen candidate removed).
+
+    Returns ``(phi [P, C-1, d], logits [P, C-1], mask [P, C-1], cand_index [P, C-1])`` with
+
+    - ``phi_i = phi(x, y_i) - phi(x, y*)`` (line 2);
+    - ``logits="delta"`` (Algorithm 1, the default): ``l_i = Delta_i(theta0) = (log pi_theta0(y_i) - log pi_ref(y_i))
+      - (log pi_theta0(y*) - log pi_ref(y*))``, so that ``beta * l_i`` is line 3's ``s_i = beta (phi_i^T theta0 + b_i)``
+      under the log-linear reading (``docs/extraction.md``). When theta0 is the reference model (the default) every
+      ``l_i`` is 0 and q is uniform;
+    - ``logits="policy"``: ``l_i = log pi_theta0(y_i) - log pi_theta0(y*)``, the policy's own margin without the
+      reference offset ``b_i`` (what "hardest" negatives means at theta0 = ref, where Delta is all zeros);
+    - ``cand_index[p, j]``: the candidate index of negative j (``-1`` where padded).
+
+    The offsets ``b_i = log pi_ref(y*) - log pi_ref(y_i)`` are :func:`reference_offsets`.
+    """
+    P, C = ex.mask.shape
+    j = torch.arange(C - 1)
+    cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()  # skip the target, keep the order
+    mask = torch.gather(ex.mask, 1, cand)
+    rows = torch.arange(P)[:, None]
+    tgt = ex.target
+    phi = ex.features[rows, cand] - ex.features[torch.arange(P), tgt][:, None, :]
+    pol = ex.theta0_logps[rows, cand] - ex.theta0_logps[torch.arange(P), tgt][:, None]
+    if logits == "delta":
+        ref = ex.ref_logps[rows, cand] - ex.ref_logps[torch.arange(P), tgt][:, None]
+        lg = pol - ref
+    elif logits == "policy":
+        lg = pol
+    else:
+        raise ValueError(f"unknown logits {logits!r}; choose 'delta' (Algorithm 1) or 'policy'")
+    phi = phi * mask[..., None]
+    lg = lg * mask
+    cand = torch.where(mask, cand, torch.full_like(cand, -1))
+    return phi, lg, mask, cand
+
+
+def reference_offsets(ex: Extracted) -> torch.Tensor:
+    """``b_i = log pi_ref(y*) - log pi_ref(y_i)`` over the negatives, ``[P, C-1]``, in :func:`selection_inputs`' order."""
+    P, C = ex.mask.shape
+    j = torch.arange(C - 1)
+    cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()
+    mask = torch.gather(ex.mask, 1, cand)
+    b = ex.ref_logps[torch.arange(P), ex.target][:, None] - ex.ref_logps[torch.arange(P)[:, None], cand]
+    return b * mask
+
+
+def _records(dataset) -> list[dict]:
+    if hasattr(dataset, "to_list"):
+        return dataset.to_list()
+    return [dict(r) for r in dataset]
+
+
+def _check_records(records: list[dict]):
+    for i, r in enumerate(records):
+        for key in ("id", "prompt", "candidates", "target"):
+            if key not in r:
+                raise KeyError(f"record {i} has no {key!r} field; records need id, prompt, candidates, target")
+        n = len(r["candidates"])
+        if not 0 <= int(r["target"]) < n:
+            raise ValueError(f"record {r['id']!r}: target {r['target']} out of range for {n} candidates")
+
+
+def dataset_fingerprint(records: list[dict]) -> str:
+    """sha256 of the records' ids, prompts, candidates and targets (what the extraction reads)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([str(r["id"]), r["prompt"], list(r["candidates"]), int(r["target"])]).encode())
+    return h.hexdigest()
+
+
+def _model_identity(model) -> dict:
+    from .models import ModelBundle
+
+    if isinstance(model, ModelBundle):
+        ident = {"name": model.name, "config": model.config}
+        path = Path(model.name)
+        if path.is_dir():
+            ident["weights"] = _folder_stamp(path)
+        return ident
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return {"name": str(path.resolve()), "weights": _folder_stamp(path)}
+    return {"name": str(model)}
+
+
+def _folder_stamp(path: Path) -> list:
+    return sorted(
+        [f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".json")
+    )
+
+
+def cache_key(
+    model, checkpoint, fingerprint: str, pooling: str, dtype: str, dataset_key: str | None = None
+) -> tuple[str, dict]:
+    """``(key, description)``: a sha256 prefix over everything that changes the numbers."""
+    desc = {
+        "version": EXTRACTION_VERSION,
+        "model": _model_identity(model),
+        "checkpoint": None if checkpoint is None else _model_identity(checkpoint),
+        "dataset": dataset_key,
+        "fingerprint": fingerprint,
+        "pooling": pooling,
+        "dtype": dtype,
+    }
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return key, desc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_part(folder: Path, stem: str, tensors: dict[str, torch.Tensor], manifest: dict):
+    """Write ``<stem>.safetensors`` then ``<stem>.json`` (its manifest, with the file's size and sha256), each
+    atomically: a part without a valid manifest is incomplete and never read."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    st = folder / f"{stem}.safetensors"
+    _write_atomic(st, lambda p: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(p)))
+    manifest = dict(manifest, file=st.name, size=st.stat().st_size, sha256=_sha256(st))
+    _write_atomic(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(manifest, indent=1, default=str)))
+
+
+def load_part(folder: Path, stem: str, expect: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Read a part written by :func:`save_part`; ``None`` when it is missing, partial, corrupt or was written for
+    other inputs (any ``expect`` entry differs from the manifest's)."""
+    from safetensors.torch import load_file
+
+    man_path, st = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not man_path.is_file() or not st.is_file():
+        return None
+    try:
+        manifest = json.loads(man_path.read_text())
+        if any(manifest.get(k) != v for k, v in expect.items()):
+            return None
+        if st.stat().st_size != manifest["size"] or _sha256(st) != manifest["sha256"]:
+            return None
+        tensors = load_file(str(st))
+    except Exception:  # unreadable manifest or tensors: recompute
+        return None
+    n = len(manifest.get("ids", []))
+    need = ("features", "ref_logps", "theta0_logps", "mask", "target")
+    if any(k not in tensors for k in need) or any(tensors[k].shape[0] != n for k in need):
+        return None
+    return tensors, manifest
+
+
+def _pad_to(t: torch.Tensor, C: int, value=0) -> torch.Tensor:
+    if t.shape[1] == C:
+        return t
+    shape = list(t.shape)
+    shape[1] = C - t.shape[1]
+    return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+
+def _merge(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    C = max(p["mask"].shape[1] for p in parts)
+    out = {}
+    for k in ("features", "ref_logps", "theta0_logps", "mask"):
+        out[k] = torch.cat([_pad_to(p[k], C, False if k == "mask" else 0) for p in parts])
+    out["target"] = torch.cat([p["target"] for p in parts])
+    return out
+
+
+def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped so that rows x longest row <= batch_tokens (a single long pool still gets its own batch)."""
+    batches, cur, longest = [], [], 0
+    for i, (p, cs) in enumerate(encoded):
+        n = len(p) + sum(len(c) for c in cs)
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def _forward_pools(model, encoded, *, pooling, batch_tokens, pad_id, want_features, progress=None):
+    """Run :func:`shared_prefix_forward_batch` over pools; returns (logps [N, C], features [N, C, d] | None, mask)."""
+    C = max(len(cs) for _, cs in encoded)
+    logps, feats, masks = [], [], []
+    for idx in _batches(encoded, batch_tokens):
+        lp, ft, m = shared_prefix_forward_batch(
+            model, [encoded[i] for i in idx], pooling=pooling, return_features=want_features, pad_id=pad_id
+        )
+        logps.append(_pad_to(lp.cpu(), C))
+        masks.append(_pad_to(m.cpu(), C, False))
+        if want_features:
+            feats.append(_pad_to(ft.cpu(), C))
+        if progress is not None:
+            progress.update(len(idx))
+    return torch.cat(logps), (torch.cat(feats) if want_features else None), torch.cat(masks)
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _as_bundle(model, device, dtype):
+    from .models import ModelBundle, load_model
+
+    if isinstance(model, ModelBundle):
+        return model
+    return load_model(str(model), device=device, dtype=dtype)
+
+
+def extract(
+    dataset,
+    model,
+    *,
+    dataset_key: str | None = None,
+    pooling: str = "all",
+    checkpoint=None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    shard_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    device=None,
+    dtype=None,
+    progress: bool = True,
+) -> Extracted:
+    """Features and log-probabilities for every candidate of every record, cached on disk.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (or a list of dicts) with ``id``, ``prompt``, ``candidates``, ``target``.
+        model: the reference model: a name (``params/models``), a saved folder, or a :class:`~mass_dpo.models.ModelBundle`.
+        dataset_key: a label for the dataset in the cache key and manifest (e.g. ``"lastfm/train/limit=100/seed=0"``);
+            the records' content fingerprint is always part of the key.
+        pooling: ``"all"`` or ``"response"`` (appendix C.4).
+        checkpoint: the preprocessing checkpoint theta0 (name, folder or bundle); ``None`` = the reference model.
+            Features come from theta0; ``ref_logps`` from the reference, ``theta0_logps`` from theta0.
+        batch_tokens: bound on rows x longest row per forward. shard_size: prompts per cache shard.
+        cache_dir: where to cache (default ``<cache>/extraction``, see :func:`mass_dpo.models.cache_dir`);
+            ``use_cache=False`` computes without reading or writing.
+        device, dtype: for models loaded by name (default: the params', or the accelerate process's device).
+
+    Under ``accelerate launch`` each process computes a share of the missing shards, then every process reads the
+    merged result (identical on all processes, and equal to a single-process run).
+    """
+    from tqdm.auto import tqdm
+
+    from .data.formatting import encode_pool
+    from .models import cache_dir as default_cache
+
+    _check_pooling(pooling)
+    records = _records(dataset)
+    if not records:
+        raise ValueError("the dataset is empty")
+    _check_records(records)
+    state = _partial_state()
+    if device is None and state is not None and state.num_processes > 1:
+        device = state.device
+    t0 = time.time()
+    ref = _as_bundle(model, device, dtype)
+    theta0 = None if checkpoint is None else _as_bundle(checkpoint, device, dtype)
+    fp = dataset_fingerprint(records)
+    key, desc = cache_key(ref, theta0, fp, pooling, str(_model_dtype_device(ref.model)[0]), dataset_key)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache() / "extraction"
+    folder = folder / key
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    expect = {"key": key, "version": EXTRACTION_VERSION}
+
+    final = load_part(folder, "extracted", expect) if use_cache else None
+    if final is not None and final[1].get("ids") == [str(r["id"]) for r in records]:
+        return _to_extracted(final[0], final[1], cache_hit=True)
+
+    def shard_stem(s: int) -> str:
+        return f"shard-{s:05d}-of-{n_shards:05d}"
+
+    todo = [s for s in range(n_shards) if not use_cache or load_part(folder, shard_stem(s), expect) is None]
+    mine = todo
+    if state is not None and state.num_processes > 1:
+        if not use_cache:
+            raise ValueError("extraction under several processes needs use_cache=True (the shards are shared on disk)")
+        mine = todo[state.process_index :: state.num_processes]
+    main = state is None or state.is_main_process
+    parts: dict[int, dict] = {}
+    pad = _pad_id(ref.tokenizer)
+    n_mine = sum(min(shard_size, len(records) - s * shard_size) for s in mine)
+    with tqdm(total=n_mine, desc=f"extract ({ref.name}, {pooling})", unit="prompt", disable=not (progress and main)) as bar:
+        for s in mine:
+            recs = records[s * shard_size : (s + 1) * shard_size]
+            encoded = [encode_pool(r, ref.tokenizer) for r in recs]
+            ref_lp, feats, mask = _forward_pools(
+                ref.model, encoded, pooling=pooling, batch_tokens=batch_tokens, pad_id=pad,
+                want_features=theta0 is None, progress=bar,
+            )
+            if theta0 is None:
+                th_lp = ref_lp.clone()
+            else:
+                enc0 = [encode_pool(r, theta0.tokenizer) for r in recs]
+                th_lp, feats, _ = _forward_pools(
+                    theta0.model, enc0, pooling=pooling, batch_tokens=batch_tokens,
+                    pad_id=_pad_id(theta0.tokenizer), want_features=True,
+                )
+            tensors = {
+                "features": feats, "ref_logps": ref_lp, "theta0_logps": th_lp, "mask": mask,
+                "target": torch.tensor([int(r["target"]) for r in recs], dtype=torch.long),
+            }
+            if use_cache:
+                save_part(folder, shard_stem(s), tensors, dict(expect, ids=[str(r["id"]) for r in recs], shard=s))
+            else:
+                parts[s] = tensors
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+
+    if use_cache:
+        for s in range(n_shards):
+            got = load_part(folder, shard_stem(s), expect)
+            if got is None:
+                raise RuntimeError(f"extraction shard {s} missing or corrupt in {folder} after computing it")
+            parts[s] = got[0]
+    merged = _merge([parts[s] for s in range(n_shards)])
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()  # every process has read the shards before the main one removes them
+    manifest = dict(
+        expect,
+        ids=[str(r["id"]) for r in records],
+        description=desc,
+        seconds=round(time.time() - t0, 3),
+        shapes={k: list(v.shape) for k, v in merged.items()},
+    )
+    if use_cache and main:
+        save_part(folder, "extracted", merged, manifest)
+        for s in range(n_shards):  # the merged file replaces the shards
+            for suffix in (".json", ".safetensors"):
+                (folder / f"{shard_stem(s)}{suffix}").unlink(missing_ok=True)
+    if state is not None and state.num_processes > 1:
+        state.wait_for_everyone()
+    return _to_extracted(merged, manifest, cache_hit=False)
+
+
+def _to_extracted(tensors: dict, manifest: dict, *, cache_hit: bool) -> Extracted:
+    meta = {k: v for k, v in manifest.items() if k not in ("ids",)}
+    meta["cache_hit"] = cache_hit
+    return Extracted(
+        ids=list(manifest["ids"]),
+        features=tensors["features"].float(),
+        ref_logps=tensors["ref_logps"].float(),
+        theta0_logps=tensors["theta0_logps"].float(),
+        mask=tensors["mask"].bool(),
+        target=tensors["target"].long(),
+        meta=meta,
+    )
+
+
+def _partial_state():
+    """accelerate's ``PartialState`` when running under ``accelerate launch`` (several processes), else ``None``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()

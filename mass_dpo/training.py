@@ -1,0 +1,635 @@
+"""Multi-negative DPO training on fixed per-prompt negatives, on top of ``transformers.Trainer``.
+
+A training record is one prompt with its chosen response and a fixed negative subset (chosen by ``mass-dpo select``
+before training and never re-drawn: D-optimal for MASS-DPO, random for S-DPO / DPO-k / DMPO, one random negative
+for DPO), with the reference log-probs precomputed by extraction, so no reference model sits in memory.
+Every loss goes through :func:`mass_dpo.losses.preference_loss`.
+
+Regimes (``TrainConfig.regime``):
+
+- ``full``       every weight of the causal LM (the paper's setting, Appendix C.4);
+- ``lora``       a peft LoRA adapter on the attention projections;
+- ``loglinear``  Assumption 4.1 on frozen features (:class:`mass_dpo.loglinear.LogLinearPolicy`).
+
+In the LM regimes one forward per prompt shares the prompt across the chosen response and its negatives
+(``mass_dpo.extraction.shared_prefix_forward``: one packed row with a block mask).
+
+Distributed training, DeepSpeed and FSDP come from the Trainer and accelerate unchanged; nothing here is
+distributed code beyond gathering logged statistics through the Trainer's accelerator.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .loglinear import LogLinearPolicy
+from .losses import METHODS, preference_loss
+
+logger = logging.getLogger("mass_dpo.training")
+
+REGIMES = ("full", "lora", "loglinear")
+
+#: How each method's fixed negatives are drawn (``mass_dpo.selection`` strategies).
+METHOD_STRATEGY = {"mass_dpo": "dopt", "sdpo": "random", "dpo_k": "random", "dmpo": "random", "dpo": "random"}
+
+#: Statistics logged at every logging and evaluation step (TRL's names), and their CSV columns.
+STAT_NAMES = {
+    "rewards/chosen": "chosen_rewards",
+    "rewards/rejected": "rejected_rewards",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "accuracy",
+}
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one run; its hash names the run folder (``mass_dpo.runs``).
+
+    Defaults are the paper's (Appendix C.4); ``params/training.yaml`` repeats them and adds per-regime and
+    per-profile overrides (:func:`resolve_config`). ``"auto"`` values are resolved on the machine that runs.
+    """
+
+    # what is trained
+    dataset: str = "lastfm"
+    model: str = "smollm2"
+    method: str = "mass_dpo"
+    n: int = 3
+    beta: float = 0.1
+    regime: str = "loglinear"
+    seed: int = 0
+    # data
+    data_dir: str | None = None
+    limit: int | None = None  # training prompts (None: the whole split)
+    eval_limit: int | None = 200  # online-eval prompts (the paper's 200)
+    test_limit: int | None = 2000  # test prompts (the paper's 2,000)
+    pooling: str = "all"  # feature pooling of extraction: "all" or "response"
+    gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
+    # optimisation
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    optim: str = "auto"  # auto: paged_adamw_32bit when bitsandbytes imports, else adamw_torch
+    gradient_checkpointing: bool = True  # LM regimes only
+    bf16: Any = "auto"  # auto: on a GPU that supports it, LM regimes only
+    eval_steps: float = 0.05  # < 1: a fraction of the training steps (20 evaluations)
+    logging_steps: float = 0.05
+    save_steps: float = 0.1
+    save_total_limit: int | None = 2
+    # lora
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # test evaluation
+    score: str = "logp"  # "logp": policy sequence log-prob; "reward": beta * (log pi - log ref)
+    eval_negatives: int = 3  # the fixed negatives of Accuracy and Margin
+    eval_seed: int = 0  # their seed, shared by every method
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.score not in ("logp", "reward"):
+            raise ValueError(f"score must be 'logp' or 'reward', got {self.score!r}")
+        if self.method == "dpo":
+            self.n = 1  # DPO: one random negative
+        if int(self.n) < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        self.ks = [int(k) for k in self.ks]
+        self.lora_target_modules = list(self.lora_target_modules)
+
+    @property
+    def strategy(self) -> str:
+        """The selection strategy of the method's negatives."""
+        return METHOD_STRATEGY[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def default_optim() -> str:
+    """``paged_adamw_32bit`` when bitsandbytes is importable (the paper's Paged AdamW), else ``adamw_torch``."""
+    return "paged_adamw_32bit" if importlib.util.find_spec("bitsandbytes") is not None else "adamw_torch"
+
+
+def resolve_config(config: TrainConfig | dict | None = None, *, profile: str | None = None, **overrides) -> TrainConfig:
+    """A fully resolved :class:`TrainConfig`.
+
+    Precedence, lowest first: dataclass defaults, ``params/training.yaml`` ``defaults``, its ``regimes.<regime>``
+    section, its ``profiles.<profile>`` section, then ``config`` / ``overrides`` (``None`` values are ignored).
+    ``optim="auto"`` and ``bf16="auto"`` are resolved here, so the resolved config says what ran.
+    """
+    from .params import load_params
+
+    given: dict[str, Any] = {}
+    if isinstance(config, TrainConfig):
+        given.update(config.to_dict())
+    elif config:
+        given.update(config)
+    given.update(overrides)
+    profile = given.pop("profile", None) or profile
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = set(given) - _fields()
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+
+    params = load_params("training")
+    values = dict(params.get("defaults") or {})
+    prof: dict[str, Any] = {}
+    if profile:
+        profiles = params.get("profiles") or {}
+        if profile not in profiles:
+            raise ValueError(f"unknown profile {profile!r}; params/training.yaml has: {', '.join(profiles)}")
+        prof = dict(profiles[profile] or {})
+    regime = given.get("regime") or prof.get("regime") or values.get("regime") or TrainConfig.regime
+    values.update((params.get("regimes") or {}).get(regime) or {})
+    values.update(prof)
+    if isinstance(config, TrainConfig):
+        # a TrainConfig carries every field: only the ones that differ from the dataclass defaults count as given
+        default = TrainConfig().to_dict()
+        given = {k: v for k, v in given.items() if k in overrides or v != default.get(k)}
+    values.update(given)
+    values["regime"] = regime
+    unknown = set(values) - _fields()
+    if unknown:
+        raise ValueError(f"params/training.yaml: unknown option(s) {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**values)
+    if cfg.optim == "auto":
+        cfg.optim = default_optim()
+    if cfg.bf16 == "auto":
+        cfg.bf16 = bool(cfg.regime != "loglinear" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    cfg.bf16 = bool(cfg.bf16)
+    if cfg.regime == "loglinear":
+        cfg.gradient_checkpointing = False
+    return cfg
+
+
+# ---------------------------------------------------------------- records, dataset, collator
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Per-prompt training records: the chosen candidate and its fixed negatives.
+
+    Args:
+        candidates: ``[P, 1 + n]`` candidate indices per prompt, column 0 the chosen one, ``-1`` = no negative.
+        ref_logps: ``[P, C]`` reference sequence log-probs of every candidate (``Extracted.ref_logps``).
+        features: ``[P, C, d]`` frozen features (``Extracted.features``), for the ``loglinear`` regime.
+        pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` (``encode_pool``), for the LM regimes.
+        ids: prompt ids.
+
+    An item is a dict: ``ref_logps [1+n]``, ``mask [1+n]`` (column 0 always True), and either ``features
+    [1+n, d]`` or ``prompt_ids`` (list of int) and ``candidate_ids`` (list of lists of int, chosen first).
+    """
+
+    def __init__(self, candidates, ref_logps, *, features=None, pools=None, ids=None):
+        self.candidates = torch.as_tensor(candidates, dtype=torch.long)
+        self.ref_logps = torch.as_tensor(ref_logps, dtype=torch.float32)
+        self.features = None if features is None else torch.as_tensor(features)
+        self.pools = pools
+        self.ids = list(ids) if ids is not None else [str(i) for i in range(len(self.candidates))]
+        P = self.candidates.shape[0]
+        if self.candidates.dim() != 2 or self.candidates.shape[1] < 2:
+            raise ValueError(f"candidates must be [P, 1 + n] with n >= 1, got {tuple(self.candidates.shape)}")
+        if (self.candidates[:, 0] < 0).any():
+            raise ValueError("column 0 (the chosen candidate) must be a valid index")
+        if not (self.candidates[:, 1:] >= 0).any(-1).all():
+            raise ValueError("every prompt needs at least one negative")
+        if self.ref_logps.shape[0] != P or len(self.ids) != P:
+            raise ValueError("candidates, ref_logps and ids must have one row per prompt")
+        if features is None and pools is None:
+            raise ValueError("give features (loglinear regime) or pools (LM regimes)")
+        if self.features is not None and self.features.shape[:2] != self.ref_logps.shape:
+            raise ValueError(f"features {tuple(self.features.shape)} and ref_logps {tuple(self.ref_logps.shape)} disagree")
+        if pools is not None and len(pools) != P:
+            raise ValueError(f"{len(pools)} pools for {P} prompts")
+
+    def __len__(self) -> int:
+        return int(self.candidates.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        idx = self.candidates[i]
+        mask = idx >= 0
+        safe = idx.clamp_min(0)
+        item: dict[str, Any] = {
+            "ref_logps": torch.where(mask, self.ref_logps[i, safe], torch.zeros(())),
+            "mask": mask,
+        }
+        if self.features is not None:
+            item["features"] = self.features[i, safe].float() * mask[:, None]
+        else:
+            prompt_ids, cand_ids = self.pools[i]
+            item["prompt_ids"] = list(prompt_ids)
+            item["candidate_ids"] = [list(cand_ids[j]) for j in idx[mask].tolist()]
+        return item
+
+    @classmethod
+    def from_selection(cls, extracted, negatives, *, pools=None, with_features: bool | None = None):
+        """Records from an ``Extracted`` (``target``, ``ref_logps``, ``features``, ``ids``) and ``negatives`` ``[P, n]``
+        (indices into each pool, ``-1`` = none). ``with_features`` defaults to ``pools is None`` (loglinear)."""
+        negatives = torch.as_tensor(negatives, dtype=torch.long)
+        target = torch.as_tensor(extracted.target, dtype=torch.long)
+        if negatives.dim() != 2 or negatives.shape[0] != target.shape[0]:
+            raise ValueError(f"negatives must be [P, n] with P = {target.shape[0]}, got {tuple(negatives.shape)}")
+        if (negatives == target[:, None]).any():
+            raise ValueError("a selected negative is the chosen candidate")
+        with_features = pools is None if with_features is None else with_features
+        return cls(
+            torch.cat([target[:, None], negatives], dim=1),
+            extracted.ref_logps,
+            features=extracted.features if with_features else None,
+            pools=pools,
+            ids=extracted.ids,
+        )
+
+
+class PreferenceCollator:
+    """Batches :class:`PreferenceDataset` items, padding the number of negatives (``mask`` False on padding).
+
+    Output: ``ref_logps [B, 1+K]``, ``mask [B, 1+K]`` and ``features [B, 1+K, d]`` or ``prompt_ids`` (list of B
+    lists) and ``candidate_ids`` (list of B lists of candidate id lists, chosen first).
+    """
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        width = max(int(it["mask"].shape[0]) for it in items)
+        B = len(items)
+        ref = torch.zeros(B, width)
+        mask = torch.zeros(B, width, dtype=torch.bool)
+        for b, it in enumerate(items):
+            c = it["mask"].shape[0]
+            ref[b, :c] = it["ref_logps"]
+            mask[b, :c] = it["mask"]
+        batch: dict[str, Any] = {"ref_logps": ref, "mask": mask}
+        if "features" in items[0]:
+            d = items[0]["features"].shape[-1]
+            feats = torch.zeros(B, width, d)
+            for b, it in enumerate(items):
+                feats[b, : it["features"].shape[0]] = it["features"]
+            batch["features"] = feats
+        else:
+            batch["prompt_ids"] = [it["prompt_ids"] for it in items]
+            batch["candidate_ids"] = [it["candidate_ids"] for it in items]
+        return batch
+
+
+# ---------------------------------------------------------------- negatives
+
+
+def select_training_negatives(extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0):
+    """``[P, n]`` fixed negatives per prompt, in memory: D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
+    for the others (one for ``dpo``). The chosen candidate is never a negative; ``-1`` pads small pools."""
+    from .extraction import selection_inputs
+    from .selection import select_negatives
+
+    strategy = METHOD_STRATEGY[method]
+    n = 1 if method == "dpo" else int(n)
+    phi, logits, mask = _selection_tensors(selection_inputs(extracted), extracted)
+    gen = torch.Generator().manual_seed(int(seed))
+    sel = select_negatives(phi, logits, n, beta=beta, gamma=gamma, strategy=strategy, mask=mask, generator=gen)
+    return torch.as_tensor(sel.indices, dtype=torch.long)
+
+
+def _selection_tensors(inputs, extracted):
+    """``(phi [P, C, d], logits [P, C], mask [P, C])`` from ``selection_inputs``' output, the target masked out."""
+    if isinstance(inputs, dict):
+        phi, logits, mask = inputs["phi"], inputs["logits"], inputs.get("mask")
+    elif hasattr(inputs, "phi"):
+        phi, logits, mask = inputs.phi, inputs.logits, getattr(inputs, "mask", None)
+    else:
+        phi, logits, mask = inputs
+    mask = torch.as_tensor(extracted.mask if mask is None else mask).bool().clone()
+    target = torch.as_tensor(extracted.target).long()
+    mask[torch.arange(mask.shape[0]), target] = False
+    return torch.as_tensor(phi), torch.as_tensor(logits), mask
+
+
+def negatives_from_jsonl(path, ids: Sequence[str], n: int | None = None) -> torch.Tensor:
+    """``[P, n]`` negatives read from a ``mass-dpo select`` JSONL file (fields ``id`` and ``indices``), in the order
+    of ``ids``; ``n`` defaults to the longest list, ``-1`` pads shorter ones."""
+    import json
+
+    by_id: dict[str, list[int]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_id[str(row["id"])] = [int(i) for i in row["indices"] if int(i) >= 0]
+    missing = [i for i in ids if str(i) not in by_id]
+    if missing:
+        raise KeyError(f"{len(missing)} prompt(s) have no selection in {path}, e.g. {missing[:3]}")
+    rows = [by_id[str(i)] for i in ids]
+    n = max(len(r) for r in rows) if n is None else int(n)
+    out = torch.full((len(rows), n), -1, dtype=torch.long)
+    for p, r in enumerate(rows):
+        r = r[:n]
+        out[p, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+# ---------------------------------------------------------------- policy log-probs
+
+
+def default_forward():
+    """``mass_dpo.extraction.shared_prefix_forward``: one forward per prompt over [chosen, negatives...]."""
+    from .extraction import shared_prefix_forward
+
+    return shared_prefix_forward
+
+
+def policy_logps(model: nn.Module, inputs: dict[str, Any], *, forward: Callable | None = None) -> torch.Tensor:
+    """``[B, 1+K]`` policy sequence log-probs of a collated batch (0 where ``mask`` is False).
+
+    Loglinear batches (``features``) go through ``model(features, ref_logps, mask)``; LM batches through
+    ``forward(model, prompt_ids, candidate_ids, return_features=False)`` once per prompt (differentiable).
+    """
+    mask = inputs["mask"]
+    if "features" in inputs:
+        return model(inputs["features"], inputs["ref_logps"], mask)
+    forward = forward or default_forward()
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    rows = []
+    for prompt_ids, cand_ids in zip(inputs["prompt_ids"], inputs["candidate_ids"]):
+        logps, _ = forward(model, prompt_ids, cand_ids, return_features=False)
+        rows.append(logps.float())
+    width = mask.shape[1]
+    padded = [torch.cat([r, r.new_zeros(width - r.shape[0])]) for r in rows]
+    out = torch.stack(padded).to(mask.device)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def batch_loss(method: str, beta: float, logps: torch.Tensor, inputs: dict[str, Any]):
+    """:func:`preference_loss` of a collated batch given its policy log-probs ``[B, 1+K]`` (column 0 chosen)."""
+    ref, mask = inputs["ref_logps"].to(logps.device), inputs["mask"].to(logps.device)
+    return preference_loss(
+        method, logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta=beta, mask=mask[:, 1:]
+    )
+
+
+def _example_stats(out, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 5]``: loss, chosen reward, mean rejected reward, margin, accuracy per example."""
+    neg = mask[:, 1:].to(out.rejected_rewards.device)
+    rej = (out.rejected_rewards * neg).sum(-1) / neg.sum(-1).clamp_min(1)
+    return torch.stack(
+        [out.loss.detach().float(), out.chosen_rewards.float(), rej.float(), out.margins.float(), out.accuracy.float()],
+        dim=-1,
+    )
+
+
+_STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+# ---------------------------------------------------------------- trainer
+
+
+class MultiNegativeTrainer(Trainer):
+    """``transformers.Trainer`` with a multi-negative preference loss (``method``, ``beta``) on fixed negatives.
+
+    Training logs add the batch means of ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
+    ``rewards/accuracies`` (gathered over processes); :meth:`evaluate` reports ``eval_loss`` and the same
+    statistics over the online-eval set.
+    """
+
+    def __init__(self, *args, method: str, beta: float, forward: Callable | None = None, **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        kwargs.setdefault("data_collator", PreferenceCollator())
+        super().__init__(*args, **kwargs)
+        self.method, self.beta, self.forward = method, float(beta), forward
+        self.model_accepts_loss_kwargs = False  # our loss is a per-prompt mean: the Trainer scales it for accumulation
+        self._train_stats: list[torch.Tensor] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = policy_logps(model, inputs, forward=self.forward)
+        out = batch_loss(self.method, self.beta, logps, inputs)
+        if model.training:
+            self._train_stats.append(_example_stats(out, inputs["mask"]).detach())
+        loss = out.loss.mean()
+        return (loss, out) if return_outputs else loss
+
+    def _mean_stats(self, stats: list[torch.Tensor]) -> dict[str, float]:
+        local = torch.cat(stats) if stats else torch.zeros(0, len(_STAT_KEYS))
+        local = local.to(self.args.device)
+        sums = torch.cat([local.sum(0), local.new_tensor([local.shape[0]])])
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        count = float(sums[-1])
+        return {k: float(sums[i]) / count for i, k in enumerate(_STAT_KEYS)} if count else {}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            stats = self._mean_stats(self._train_stats)
+            self._train_stats = []
+            logs = {**logs, **{k: v for k, v in stats.items() if k != "loss"}}
+        super().log(logs, start_time)
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss and reward statistics over the online-eval set (every process scores its shard)."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.eval()
+        stats = []
+        for batch in dataloader:
+            inputs = self._prepare_inputs(batch)
+            logps = policy_logps(model, inputs, forward=self.forward)
+            out = batch_loss(self.method, self.beta, logps, inputs)
+            stats.append(self.accelerator.gather_for_metrics(_example_stats(out, inputs["mask"])))
+        model.train(was_training)
+        allstats = torch.cat(stats).float().cpu() if stats else torch.zeros(0, len(_STAT_KEYS))
+        metrics = {f"{metric_key_prefix}_{k}": float(allstats[:, i].mean()) for i, k in enumerate(_STAT_KEYS)}
+        metrics[f"{metric_key_prefix}_samples"] = int(allstats.shape[0])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class CSVLogCallback(TrainerCallback):
+    """Appends every train log and every evaluation to ``path`` (one row each; world process zero only).
+
+    Columns: ``step, epoch, split`` (``train`` or ``eval``), ``loss, margin, accuracy, chosen_rewards,
+    rejected_rewards`` (the quantities of Figures 2-3), ``learning_rate, grad_norm``. On resume, rows logged after
+    the checkpoint's step are dropped so that the log reads as one uninterrupted run.
+    """
+
+    COLUMNS = ("step", "epoch", "split", "loss", "margin", "accuracy", "chosen_rewards", "rejected_rewards",
+               "learning_rate", "grad_norm")
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= state.global_step]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            split, prefix = "eval", "eval_"
+        elif "loss" in logs:
+            split, prefix = "train", ""
+        else:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "split": split}
+        row["loss"] = logs.get(prefix + "loss")
+        for key, col in STAT_NAMES.items():
+            row[col] = logs.get(prefix + key)
+        row["learning_rate"] = logs.get("learning_rate")
+        row["grad_norm"] = logs.get("grad_norm")
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+# ---------------------------------------------------------------- arguments, policy, trainer
+
+
+def training_arguments(config: TrainConfig, output_dir, *, has_eval: bool = True, **extra) -> TrainingArguments:
+    """``TrainingArguments`` of a resolved config (paper defaults; ``warmup_ratio`` becomes a fractional
+    ``warmup_steps``, as transformers 5 spells it)."""
+    lm = config.regime != "loglinear"
+    optim = default_optim() if config.optim == "auto" else config.optim
+    logger.info("optimizer: %s%s", optim, "" if optim.startswith("paged") else " (bitsandbytes not importable: no paged AdamW)")
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        optim=optim,
+        gradient_checkpointing=bool(lm and config.gradient_checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if lm and config.gradient_checkpointing else None,
+        bf16=bool(lm and config.bf16 is True),
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps if has_eval else None,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+    )
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def build_policy(config: TrainConfig, model: nn.Module | None = None, *, dim: int | None = None) -> nn.Module:
+    """The trainable policy of a regime: a zero-init :class:`LogLinearPolicy` of dimension ``dim``, the causal LM
+    itself (``full``), or the LM wrapped in a peft LoRA adapter (``lora``)."""
+    if config.regime == "loglinear":
+        if dim is None:
+            raise ValueError("the loglinear regime needs the feature dimension (dim)")
+        return LogLinearPolicy(dim)
+    if model is None:
+        raise ValueError(f"the {config.regime} regime needs a causal LM")
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    if config.regime == "full":
+        return model.train()
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    if config.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+def build_trainer(
+    config: TrainConfig,
+    policy: nn.Module,
+    train_dataset: PreferenceDataset,
+    eval_dataset: PreferenceDataset | None = None,
+    *,
+    output_dir,
+    callbacks: list[TrainerCallback] | None = None,
+    forward: Callable | None = None,
+    **args_overrides,
+) -> MultiNegativeTrainer:
+    """A :class:`MultiNegativeTrainer` for ``policy`` on fixed-negative records (``args_overrides`` go to
+    :func:`training_arguments`)."""
+    args = training_arguments(config, output_dir, has_eval=eval_dataset is not None, **args_overrides)
+    return MultiNegativeTrainer(
+        model=policy,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+        method=config.method,
+        beta=config.beta,
+        forward=forward,
+    )
+
+
+def last_checkpoint(output_dir) -> str | None:
+    """The newest ``checkpoint-<step>`` folder under ``output_dir`` that holds a trainer state, else ``None``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(output_dir):
+        return None
+    return get_last_checkpoint(str(output_dir))
+
+
+def steps_per_epoch(n_records: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps per epoch for ``n_records`` training prompts."""
+    batches = math.ceil(n_records / (config.per_device_train_batch_size * world_size))
+    return max(1, math.ceil(batches / config.gradient_accumulation_steps))
