@@ -1,0 +1,156 @@
+"""``mass-dpo reproduce``: execute the paper's notebooks headless with papermill.
+
+Each notebook runs with the parameters of a profile (``params/profiles/<profile>.yaml``: ``common`` parameters
+for every notebook, then per-notebook overrides), into ``papers_figures/executed/<name>.ipynb`` with its log beside
+it. A failing notebook is reported (notebook, cell, error) and the remaining notebooks still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .params import load_params, params_dir
+
+#: Notebooks in the order they run (each one a paper section); missing ones are skipped with a note.
+NOTEBOOKS = (
+    "toy_loglinear",
+    "quickstart",
+    "training_dynamics",
+    "table1",
+    "table2",
+    "table5",
+    "table6",
+    "table3",
+    "table4",
+    "table7",
+    "table8",
+)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    ok: bool
+    seconds: float
+    output: Path | None = None
+    log: Path | None = None
+    error: str = ""
+
+
+@dataclass
+class ReproduceReport:
+    results: list[NotebookResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[NotebookResult]:
+        return [r for r in self.results if not r.ok]
+
+
+def profile_parameters(profile: str, name: str) -> dict:
+    """The papermill parameters of notebook ``name`` under ``profile``: ``common``, then ``notebooks[name]``."""
+    spec = load_params(f"profiles/{profile}")
+    merged = dict(spec.get("common") or {})
+    merged.update((spec.get("notebooks") or {}).get(name) or {})
+    return merged
+
+
+def _describe_failure(err: BaseException) -> str:
+    """One readable line naming the cell and the error (papermill's execution errors carry both)."""
+    cell = getattr(err, "exec_count", None)
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if ename is not None:
+        where = f"cell [{cell}]" if cell is not None else "a cell"
+        return f"{where} raised {ename}: {evalue}"
+    return f"{type(err).__name__}: {err}"
+
+
+def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: Path, kernel: str = "python3"
+                 ) -> NotebookResult:
+    """Execute ``notebooks_dir/<name>.ipynb`` into ``out_dir/executed/`` (never over itself)."""
+    import papermill as pm
+
+    source = notebooks_dir / f"{name}.ipynb"
+    executed = out_dir / "executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    output = executed / f"{name}.ipynb"
+    log = executed / f"{name}.log"
+    declared = set(pm.inspect_notebook(str(source)).keys())
+    params = {k: v for k, v in parameters.items() if k in declared}
+    if "out_dir" in declared and "out_dir" not in params:
+        params["out_dir"] = str(out_dir / name)
+    start = time.perf_counter()
+    with open(log, "w") as log_file:
+        try:
+            pm.execute_notebook(
+                str(source),
+                str(output),
+                parameters=params,
+                kernel_name=kernel,
+                cwd=str(repo_root()),
+                progress_bar=False,
+                log_output=True,
+                stdout_file=log_file,
+                stderr_file=log_file,
+            )
+        except Exception as err:  # noqa: BLE001 - reported, then the next notebook runs
+            log_file.write("\n" + "".join(traceback.format_exception(err)))
+            return NotebookResult(name, False, time.perf_counter() - start, output, log, _describe_failure(err))
+    return NotebookResult(name, True, time.perf_counter() - start, output, log)
+
+
+def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: Path | None = None,
+              notebooks_dir: Path | None = None, echo=print) -> ReproduceReport:
+    """Run the notebooks of a profile in order; returns a report (nothing raises for a failing notebook)."""
+    notebooks_dir = Path(notebooks_dir or repo_root() / "notebooks")
+    out_dir = Path(out_dir or repo_root() / "papers_figures")
+    if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
+        raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}")
+    names = list(only) if only else [n for n in NOTEBOOKS if (notebooks_dir / f"{n}.ipynb").is_file()]
+    unknown = [n for n in names if not (notebooks_dir / f"{n}.ipynb").is_file()]
+    if unknown:
+        raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}")
+    if profile != "paper":  # the offline profiles never reach for the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report = ReproduceReport()
+    for i, name in enumerate(names, 1):
+        echo(f"[{i}/{len(names)}] {name}: running (log: {out_dir / 'executed' / (name + '.log')})")
+        result = run_notebook(name, profile_parameters(profile, name), notebooks_dir=notebooks_dir, out_dir=out_dir)
+        report.results.append(result)
+        status = "ok" if result.ok else "FAILED"
+        echo(f"[{i}/{len(names)}] {name}: {status} in {result.seconds:.1f} s -> {result.output}")
+        if not result.ok:
+            echo(f"    {name}: {result.error}\n    log: {result.log}")
+    if report.failed:
+        echo(f"{len(report.failed)} of {len(names)} notebooks failed:")
+        for r in report.failed:
+            echo(f"  - {r.name}: {r.error} (log: {r.log})")
+    else:
+        echo(f"all {len(names)} notebooks ran; figures and tables are in {out_dir}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="cpu", help="params/profiles/<profile>.yaml (smoke, cpu, paper)")
+    parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: papers_figures/")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = reproduce(args.profile, args.only, out_dir=args.out_dir)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
