@@ -25,11 +25,6 @@ from .benchmarks import (
 from .preferences import load_preferences
 from .records import BASE_COLUMNS, RecordError, check_records
 
-try:
-    from .formatting import format_pair, format_prompt
-except ImportError:  # pragma: no cover - written by the extraction work
-    pass
-
 __all__ = [
     "BENCHMARKS",
     "BASE_COLUMNS",
@@ -47,3 +42,10 @@ __all__ = [
     "locate",
     "resolve_data_dir",
 ]
+
+try:
+    from .formatting import format_pair, format_prompt
+except ImportError:  # pragma: no cover - written by the extraction work
+    pass
+else:
+    __all__ += ["format_pair", "format_prompt"]

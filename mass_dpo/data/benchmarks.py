@@ -107,7 +107,7 @@ def _missing_message(folder: Path, origin: str, name: str, split: str, settings:
     if not _module(name).HAS_SAMPLE:
         msg += f" No sample of {name} ships with the package: its licence forbids redistribution."
     elif folder != SAMPLES_DIR:
-        msg += f" data_dir='samples' reads the small shipped sample."
+        msg += " data_dir='samples' reads the small shipped sample."
     return msg
 
 

@@ -4,11 +4,11 @@ A record has ``prompt`` (plain text, no chat template) and ``candidates`` (list 
 with the tokenizer's chat template and ``add_generation_prompt=True``; a candidate's response text is what the
 template appends after that prompt when the candidate is the assistant's message, cut after the end-of-turn
 marker (SmolLM2: ``"<|im_end|>"``, Llama 3: ``"<|eot_id|>"``; the newline the template writes after it belongs to
-no response). Both texts are tokenized separately with ``add_special_tokens=False`` so that
+no response). Both texts are tokenized separately with ``add_special_tokens=False``; with SmolLM2
 
     tokens(prompt_text) + tokens(response_text) == tokens(prompt_text + response_text)
 
-and the prompt/response boundary is exact (``tests/test_formatting.py`` checks it on SmolLM2's template and on a
+so the prompt/response boundary is exact (``tests/test_formatting.py`` checks it on SmolLM2's template and on a
 Llama-3-style one). The ids are always the separate tokenizations (prompt once, shared by the pool, then each
 response): that is what a model sees when it generates the response after the prompt, and it decodes to exactly the
 chat text. Where a tokenizer would merge characters across the boundary (a byte-level BPE whose regex keeps

@@ -9,7 +9,7 @@ Construction (settings in ``params/datasets/medmcqa.yaml``):
   correct text is repeated among its own options is ambiguous: it is skipped, with a warning naming its id
   (4 such rows in ``dev.json``).
 - The pool of a subject is every distinct option text (whitespace and case folded) of the questions with the
-  same ``subject_name`` in the same source file, in source order, minus options that only make sense beside
+  same ``subject_name`` in the same source file, ordered by normalized text, minus options that only make sense beside
   their own question ("All of the above", "Both", "a and c", "3", ...). Each question draws the missing
   ``num_candidates - len(own)`` texts from its subject's pool with a ``random.Random`` seeded by its id,
   skipping texts equal to any of its own options; when the subject's pool is too small (subject ``Unknown``
@@ -37,7 +37,7 @@ OPTION_KEYS = ("opa", "opb", "opc", "opd")
 HUB_ID = "openlifescienceai/medmcqa"
 
 _REFERENTIAL = re.compile(
-    r"(\b(all|none|both|either|neither|any) of (the|these|them|above)\b|\babove\b"
+    r"(\b(all|none|both|either|neither|any) of (the|these|them|above)\b|\b(all|none|both)( of)? (the )?above\b"
     r"|^(all|none|both|neither|either)\b"
     r"|^[\sa-e0-9ivx,&./()+-]*((\band\b|\bor\b)[\sa-e0-9ivx,&./()+-]*)*$)",
     re.IGNORECASE,
@@ -81,19 +81,27 @@ def read_local(path: Path) -> list[dict[str, Any]]:
 
 
 class _Pool:
-    """Distinct option texts in source order; ``draw`` picks ``k`` not in ``exclude`` (normalized texts)."""
+    """Distinct option texts, ordered by normalized text; ``draw`` picks ``k`` not in ``exclude`` (normalized).
+
+    Texts equal after normalization are one entry, shown as the smallest of their spellings, so a pool depends
+    on the set of questions only, not on their order.
+    """
 
     def __init__(self) -> None:
+        self._by_norm: dict[str, str] = {}
         self.texts: list[str] = []
         self.norms: list[str] = []
-        self._seen: set[str] = set()
 
     def add(self, text: str) -> None:
         n = normalize_text(text)
-        if n and n not in self._seen and not is_referential(text):
-            self._seen.add(n)
-            self.texts.append(" ".join(text.split()))
-            self.norms.append(n)
+        if n and not is_referential(text):
+            shown = " ".join(text.split())
+            self._by_norm[n] = min(self._by_norm.get(n, shown), shown)
+
+    def freeze(self) -> "_Pool":
+        self.norms = sorted(self._by_norm)
+        self.texts = [self._by_norm[n] for n in self.norms]
+        return self
 
     def draw(self, rng, k: int, exclude: set[str]) -> list[str]:
         if k <= 0 or not self.texts:
@@ -144,6 +152,8 @@ def build_records(rows: list[dict[str, Any]], cop_base: int, source: str, settin
         for o in options:
             pool.add(o)
             everything.add(o)
+    for pool in (*pools.values(), everything):
+        pool.freeze()
 
     template = settings["prompt"]["template"]
     salt = settings["construction"]["candidate_salt"]

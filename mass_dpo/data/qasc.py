@@ -40,9 +40,10 @@ def parse_row(row: dict[str, Any]) -> tuple[str, list[tuple[str, str]], str]:
     if isinstance(q, dict):  # release: question.stem, question.choices = [{label, text}]
         stem = q["stem"]
         choices = [(c["label"], c["text"]) for c in q["choices"]]
-    else:  # hub: question (str), choices = {label: [...], text: [...]}
+    else:  # hub: question (str), choices = {label: [...], text: [...]} (or a list of {label, text})
         stem = q
-        choices = list(zip(row["choices"]["label"], row["choices"]["text"]))
+        ch = row["choices"]
+        choices = list(zip(ch["label"], ch["text"])) if isinstance(ch, dict) else [(c["label"], c["text"]) for c in ch]
     return stem, sorted(choices), row.get("answerKey") or ""
 
 

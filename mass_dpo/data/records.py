@@ -77,16 +77,17 @@ class Complement(Sequence):
     def __init__(self, universe: Sequence, position: dict, excluded: Iterable):
         self._universe = universe
         self._skip = sorted({position[x] for x in excluded if x in position})
+        self._len = len(universe) - len(self._skip)
 
     def __len__(self) -> int:
-        return len(self._universe) - len(self._skip)
+        return self._len
 
     def __getitem__(self, j):  # type: ignore[override]
         if isinstance(j, slice):
             return [self[i] for i in range(*j.indices(len(self)))]
         if j < 0:
-            j += len(self)
-        if not 0 <= j < len(self):
+            j += self._len
+        if not 0 <= j < self._len:
             raise IndexError(j)
         p = j
         for s in self._skip:
@@ -214,8 +215,11 @@ def features(dataset: str):
 def to_dataset(records: list[dict[str, Any]], dataset: str, source: str | Path):
     """Check the records, then make a ``datasets.Dataset`` with a fixed column set."""
     import datasets
+    import pyarrow as pa
 
     check_records(records, source)
     feats = features(dataset)
     columns = {name: [rec.get(name) for rec in records] for name in feats}
-    return datasets.Dataset.from_dict(columns, features=feats)
+    # straight to Arrow: Dataset.from_dict encodes row by row, ~10x slower on 50k+ records
+    table = pa.Table.from_pydict(columns, schema=feats.arrow_schema)
+    return datasets.Dataset(table)
