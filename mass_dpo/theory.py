@@ -41,7 +41,8 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -109,7 +110,10 @@ def make_pools(
     cluster_noise: float = 0.05,
     generator: torch.Generator,
 ) -> Pools:
-    """Draw ``num_prompts`` prompts of ``N + 1`` responses; ``y*`` ~ Plackett-Luce at ``theta_true`` (module docstring)."""
+    """Draw ``num_prompts`` prompts of ``N + 1`` responses; ``y*`` ~ Plackett-Luce at ``theta_true``.
+
+    See the module docstring for the model; ``generator`` makes the draw reproducible.
+    """
     if shape not in SHAPES:
         raise ValueError(f"unknown pool shape {shape!r}; choose one of {', '.join(SHAPES)}")
     P, M = num_prompts, N + 1
@@ -141,7 +145,10 @@ def make_pools(
 
 
 def ridge_objective(theta, phi, b, beta: float, gamma: float, mask=None) -> torch.Tensor:
-    """``F(theta) = mean_p L(theta; S_p) + gamma/2 ||theta||^2`` (eq. 7; Appendix A.2). ``phi [P, N, d]``, ``mask [P, N]``."""
+    """``F(theta) = mean_p L(theta; S_p) + gamma/2 ||theta||^2`` (eq. 7; Appendix A.2).
+
+    ``theta [d]``, ``phi [P, N, d]``, ``b [P, N]``, ``mask [P, N]`` (True = in the subset ``S_p``).
+    """
     return loglinear_loss(theta, phi, b, beta, mask).mean() + 0.5 * gamma * theta @ theta
 
 
@@ -174,8 +181,9 @@ def fit_ridge(
     """Minimise :func:`ridge_objective` by Newton's method with a backtracking (Armijo) line search.
 
     The objective is strictly convex (``gamma > 0``), so the Newton direction is a descent direction. Stops when
-    ``||grad F|| < tol``. Near the optimum the objective's decrease falls below float64 resolution, so a step whose
-    Newton decrement is below ``1e-20`` is taken in full (Newton's local quadratic convergence).
+    ``||grad F|| < tol``. Near the optimum the predicted decrease ``g^T H^{-1} g`` falls below what float64 can resolve
+    in ``F``, and an Armijo test would only see rounding noise; a step whose predicted decrease is below
+    ``1e-12 max(1, |F|)`` is therefore taken in full (the region of Newton's local quadratic convergence).
     """
     phi, b = phi.to(DTYPE), b.to(DTYPE)
     d = phi.shape[-1]
@@ -193,7 +201,7 @@ def fit_ridge(
         H = ridge_hessian(theta, phi, b, beta, gamma, mask)
         step = -torch.linalg.solve(H, g)
         slope = float(g @ step)  # = -(Newton decrement)^2 < 0
-        if -slope < 1e-20:
+        if -slope < 1e-12 * max(1.0, abs(f)):  # predicted decrease below what float64 can resolve in f
             theta = theta + step
             f = float(ridge_objective(theta, phi, b, beta, gamma, mask))
             continue
@@ -343,7 +351,10 @@ def leverage_bound(phi, b, logits, order, n_values, theta_star, beta: float, gam
 
 
 def _scaled_gram(phi, logits, beta: float, gamma: float, center: bool) -> torch.Tensor:
-    """``[P, N, N]`` ``G = U U^T`` with ``u_i = sqrt(alpha0 / gamma) v_i``: ``log det H(S) = d log gamma + log det(I + G_SS)``."""
+    """``[P, N, N]`` ``G = U U^T`` with ``u_i = sqrt(alpha0 / gamma) v_i``.
+
+    Then ``log det H(S) = d log gamma + log det(I + G_SS)`` (Sylvester's determinant identity).
+    """
     phi, logits = phi.to(DTYPE), logits.to(DTYPE)
     v, alpha0 = fisher_vectors(phi, logits, torch.ones(logits.shape, dtype=torch.bool), beta, center)
     return torch.einsum("pnd,pmd->pnm", v, v) * (alpha0 / gamma)[:, None, None]
@@ -371,7 +382,7 @@ def logdet_gain(phi, logits, indices, beta: float, gamma: float, center: bool = 
 
 
 def exact_best_logdet_gain(phi, logits, n: int, beta: float, gamma: float, center: bool = True) -> torch.Tensor:
-    """``[P]`` brute-force ``max_{|S| = n} log det H(S) - log det(gamma I)`` over all subsets (eq. 12; small ``N`` only)."""
+    """``[P]`` brute-force ``max_{|S| = n} log det H(S) - log det(gamma I)`` over all subsets (eq. 12; small ``N``)."""
     N = phi.shape[-2]
     if math.comb(N, n) > 200_000:
         raise ValueError(f"C({N}, {n}) = {math.comb(N, n)} subsets is too many for brute force")
@@ -395,7 +406,7 @@ def cluster_coverage(indices: torch.Tensor, clusters: torch.Tensor) -> torch.Ten
 
 
 def preference_accuracy(theta: torch.Tensor, phi: torch.Tensor) -> float:
-    """Top-1 accuracy: share of prompts where ``theta`` ranks ``y*`` above every candidate (all ``phi_i . theta < 0``)."""
+    """Top-1 accuracy: share of prompts where ``theta`` ranks ``y*`` above all candidates (all ``phi_i.theta < 0``)."""
     return float(((phi.to(DTYPE) @ theta.to(DTYPE)).max(-1).values < 0).to(DTYPE).mean())
 
 
@@ -452,7 +463,8 @@ class ToyConfig:
 def _problem(cfg: ToyConfig, shape: str, seed: int, tag: str, num_prompts: int, N: int):
     """theta_true, training pools, the preprocessing point theta0 and its fit report, for one (shape, seed)."""
     gen = torch.Generator().manual_seed(seed_for(tag, shape, seed))
-    theta_true = make_theta_true(cfg.d, beta=cfg.beta, signal=cfg.signal, feature_scale=cfg.feature_scale, generator=gen)
+    theta_true = make_theta_true(cfg.d, beta=cfg.beta, signal=cfg.signal, feature_scale=cfg.feature_scale,
+                                 generator=gen)
     kw = dict(theta_true=theta_true, beta=cfg.beta, shape=shape, feature_scale=cfg.feature_scale,
               num_clusters=cfg.num_clusters, cluster_noise=cfg.cluster_noise, generator=gen)
     pools = make_pools(num_prompts, N, cfg.d, **kw)
@@ -494,7 +506,7 @@ def n_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
     gen, theta_true, pools, theta0, pilot_fit, kw = _problem(cfg, shape, seed, "n_sweep", cfg.num_prompts, N)
     test = make_pools(cfg.num_test_prompts, N, cfg.d, **kw)
     logits = pools.phi @ theta0 + pools.b
-    base = dict(shape=shape, seed=seed)
+    base = dict(shape=shape, seed=seed, theta0=cfg.theta0)
     fits = [] if pilot_fit is None else [_fit_record(pilot_fit, **base, fit="pilot theta0", method="", n=N)]
     star = fit_ridge(pools.phi, pools.b, cfg.beta, cfg.gamma, tol=cfg.tol, max_iter=cfg.max_iter)
     fits.append(_fit_record(star, **base, fit="theta_*", method="", n=N))
@@ -551,7 +563,7 @@ def k_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
     gen, theta_true, pools, theta0, pilot_fit, _ = _problem(cfg, shape, seed, "k_sweep", max(k_values), N)
     logits = pools.phi @ theta0 + pools.b
     orders = _orders(cfg, pools, logits, n, gen)
-    base = dict(shape=shape, seed=seed)
+    base = dict(shape=shape, seed=seed, theta0=cfg.theta0)
     records, fits = [], []
     for k in k_values:
         phi, b = pools.phi[:k], pools.b[:k]
@@ -593,18 +605,37 @@ def exact_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
             for (strategy, center), order in orders.items():
                 gain = logdet_gain(pools.phi, logits, order[:, :n], cfg.beta, cfg.gamma, center_crit)
                 frac = gain / best
-                records.append(dict(shape=shape, seed=seed, method=method_label(strategy, center),
+                records.append(dict(shape=shape, seed=seed, theta0=cfg.theta0, method=method_label(strategy, center),
                                     strategy=strategy, center=center, criterion=criterion, n=n,
                                     fraction=float(frac.mean()), fraction_min=float(frac.min())))
     return {"exact": records}
 
 
-def run_all(cfg: ToyConfig, shapes, seeds) -> dict[str, list[dict]]:
-    """Every sweep for every (shape, seed): ``{"n", "coverage", "k", "exact", "fits"}`` lists of records."""
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1) -> dict[str, list[dict]]:
+    """Every sweep for every (theta0, shape, seed): ``{"n", "coverage", "k", "exact", "fits"}`` lists of records.
+
+    ``theta0_kinds`` (default ``[cfg.theta0]``) repeats everything at several preprocessing points. The tensors are
+    tiny (``d x d`` solves over a few hundred prompts), so torch runs single-threaded by default: intra-op threads
+    only add synchronisation, which made the sweeps 10x slower on a busy 2-core machine.
+    """
     out: dict[str, list[dict]] = {key: [] for key in ("n", "coverage", "k", "exact", "fits")}
-    for shape in shapes:
-        for seed in seeds:
-            for sweep in (n_sweep, k_sweep, exact_sweep):
-                for key, rows in sweep(cfg, shape, seed).items():
-                    out[key].extend(rows)
+    with torch_threads(threads):
+        for kind in theta0_kinds or [cfg.theta0]:
+            c = replace(cfg, theta0=kind)
+            for shape in shapes:
+                for seed in seeds:
+                    for sweep in (n_sweep, k_sweep, exact_sweep):
+                        for key, rows in sweep(c, shape, seed).items():
+                            out[key].extend(rows)
     return out

@@ -1,0 +1,233 @@
+"""Shared figure and table helpers for every notebook: one theme, deterministic files, the numbers beside each figure.
+
+- :func:`set_theme` once per notebook: a colourblind-safe seaborn theme and fixed rcParams (fonts embedded as
+  TrueType, a fixed ``svg.hashsalt``), so the same code gives the same bytes on every machine with the same versions.
+- :func:`save_figure` writes ``<name>.pdf``, ``<name>.png`` and ``<name>.csv`` (the plotted numbers) with no
+  timestamps or software strings in the metadata; saving the same figure twice gives identical files.
+- :func:`save_table` writes ``<name>.csv``, ``<name>.md`` and ``<name>.tex``.
+- :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval; :func:`facet_lines` draws
+  those summaries as lines with bands, one panel per facet; :func:`show` displays a figure once in a notebook.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+#: rcParams fixed by :func:`set_theme` (on top of seaborn's theme).
+RC = {
+    "svg.hashsalt": "mass-dpo",
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "font.family": "DejaVu Sans",
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "lines.linewidth": 1.6,
+    "path.simplify": False,
+}
+PDF_METADATA = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
+PNG_METADATA = {"Software": None}
+SVG_METADATA = {"Date": None}
+CSV_FLOAT_FORMAT = "%.10g"
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed); 1.96 beyond.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def set_theme() -> None:
+    """Colourblind-safe seaborn theme (``whitegrid``, ``colorblind`` palette) with the fixed :data:`RC`."""
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", rc=RC)
+
+
+def palette(labels) -> dict:
+    """Stable ``{label: colour}`` from seaborn's colourblind palette, in the order the labels are given."""
+    colours = sns.color_palette("colorblind", max(len(labels), 1))
+    return {label: colours[i % len(colours)] for i, label in enumerate(labels)}
+
+
+def repo_root() -> Path:
+    """The checkout holding the package (parent of ``mass_dpo/``)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def resolve_out_dir(out_dir) -> Path:
+    """An absolute ``out_dir`` as is; a relative one against the repository root (so a notebook writes to the same
+    place whether JupyterLab runs it in ``notebooks/`` or papermill at the root). Created if missing."""
+    path = Path(out_dir)
+    if not path.is_absolute():
+        path = repo_root() / path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_csv(data: pd.DataFrame, path: Path) -> None:
+    data.to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
+
+
+def save_csv(df: pd.DataFrame, name: str, out_dir) -> Path:
+    """Write ``<out_dir>/<name>.csv`` (e.g. the raw per-seed records behind a figure). Returns the path."""
+    path = resolve_out_dir(out_dir) / f"{name}.csv"
+    _write_csv(df, path)
+    return path
+
+
+def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.pdf``, ``.png`` and ``.csv`` (``data``: the plotted numbers) with deterministic bytes.
+
+    Returns ``{"pdf": path, "png": path, "csv": path}``.
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be the pandas DataFrame behind the figure, got {type(data).__name__}")
+    out = resolve_out_dir(out_dir)
+    paths = {"pdf": out / f"{name}.pdf", "png": out / f"{name}.png", "csv": out / f"{name}.csv"}
+    with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
+        fig.savefig(paths["pdf"], format="pdf", metadata=PDF_METADATA)
+        fig.savefig(paths["png"], format="png", metadata=PNG_METADATA)
+    _write_csv(data, paths["csv"])
+    return paths
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub pipe table (no ``tabulate`` dependency); numbers right-aligned, floats to 4 significant digits."""
+    cols = [str(c) for c in df.columns]
+    rows = [[_cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    header = "| " + " | ".join(cols) + " |"
+    rule = "|" + "|".join("---:" if num else ":---" for num in numeric) + "|"
+    body = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def save_table(df: pd.DataFrame, name: str, out_dir) -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.csv``, ``.md`` (pipe table) and ``.tex`` (booktabs tabular). Returns the paths."""
+    out = resolve_out_dir(out_dir)
+    paths = {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"}
+    _write_csv(df, paths["csv"])
+    paths["md"].write_text(to_markdown(df))
+    tex = df.to_latex(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
+    paths["tex"].write_text(tex)
+    return paths
+
+
+def t_quantile(dof: int) -> float:
+    """Two-sided 95% Student-t quantile for ``dof`` degrees of freedom (normal 1.96 above 30)."""
+    if dof < 1:
+        return float("nan")
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96
+
+
+def mean_ci(df: pd.DataFrame, by, value: str) -> pd.DataFrame:
+    """Mean of ``value`` over the rows of each ``by`` group (e.g. over seeds) with a t-based 95% interval.
+
+    Returns the ``by`` columns plus ``mean``, ``lo``, ``hi``, ``count``; one row (count 1) gives ``lo = hi = mean``.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, grp in df.groupby(by, sort=True, dropna=False):
+        vals = grp[value].to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals)]
+        n = len(vals)
+        mean = float(vals.mean()) if n else float("nan")
+        half = t_quantile(n - 1) * float(vals.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append(dict(zip(by, key), mean=mean, lo=mean - half, hi=mean + half, count=n))
+    return pd.DataFrame(rows)
+
+
+def paired_difference(df: pd.DataFrame, by, column: str, a, b, value: str, unit: str = "seed") -> pd.DataFrame:
+    """Mean and 95% interval of ``value[a] - value[b]`` paired by ``unit``, within each ``by`` group.
+
+    ``column`` names what ``a`` and ``b`` are (e.g. ``column="method"``); rows missing either side are dropped.
+    Returns the ``by`` columns plus ``mean``, ``lo``, ``hi``, ``count`` (see :func:`mean_ci`).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    wide = df[df[column].isin([a, b])].pivot_table(index=by + [unit], columns=column, values=value, aggfunc="first")
+    wide = wide.dropna(subset=[a, b]).reset_index()
+    wide["diff"] = wide[a] - wide[b]
+    return mean_ci(wide, by, "diff")
+
+
+def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = None, row: str | None = None,
+                hue_order=None, col_order=None, row_order=None, logx: bool = False, logy: bool = False,
+                xlabel: str | None = None, ylabel: str | None = None, style: dict | None = None,
+                panel_size=(3.4, 2.6), band: bool = True):
+    """One panel per (row, col); in each, a line per ``hue`` through ``mean`` with a shaded ``lo``-``hi`` band.
+
+    ``style`` maps a hue value to extra ``Axes.plot`` keywords (e.g. ``{"random": {"linestyle": "--"}}``).
+    Returns ``(fig, axes)`` with ``axes`` a 2-D array ``[rows, cols]``; a shared legend sits under the panels.
+    """
+    hue_order = list(hue_order) if hue_order is not None else list(dict.fromkeys(summary[hue]))
+    col_order = [None] if col is None else (list(col_order) if col_order is not None
+                                            else list(dict.fromkeys(summary[col])))
+    row_order = [None] if row is None else (list(row_order) if row_order is not None
+                                            else list(dict.fromkeys(summary[row])))
+    colours = palette(hue_order)
+    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=True,
+                             figsize=(panel_size[0] * len(col_order), panel_size[1] * len(row_order)))
+    for i, r in enumerate(row_order):
+        for j, c in enumerate(col_order):
+            ax = axes[i, j]
+            sub = summary
+            if row is not None:
+                sub = sub[sub[row] == r]
+            if col is not None:
+                sub = sub[sub[col] == c]
+            for h in hue_order:
+                line = sub[sub[hue] == h].sort_values(x)
+                if line.empty:
+                    continue
+                kw = dict(color=colours[h], marker="o", markersize=3, label=str(h))
+                kw.update((style or {}).get(h, {}))
+                ax.plot(line[x], line["mean"], **kw)
+                if band and {"lo", "hi"} <= set(line.columns):
+                    ax.fill_between(line[x], line["lo"], line["hi"], color=kw["color"], alpha=0.18, linewidth=0)
+            title = " | ".join(str(v) for v in (r, c) if v is not None)
+            if title:
+                ax.set_title(title)
+            if logx:
+                ax.set_xscale("log")
+            if logy:
+                ax.set_yscale("log")
+            if i == len(row_order) - 1:
+                ax.set_xlabel(xlabel or x)
+            if j == 0:
+                ax.set_ylabel(ylabel or "")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.08 if len(row_order) == 1 else 0.05, 1, 1))
+    return fig, axes
+
+
+def show(fig) -> None:
+    """Display ``fig`` once in a notebook as a PNG (whatever the matplotlib backend, ``Agg`` included) and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata=PNG_METADATA)
+    plt.close(fig)
+    try:
+        from IPython.display import Image, display
+    except ImportError:  # pragma: no cover - plain Python without IPython
+        return
+    display(Image(data=buf.getvalue(), format="png"))
