@@ -122,7 +122,9 @@ def pack_pools(pools: Sequence[tuple[list[int], list[list[int]]]], pad_id: int =
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     sq, sk = seg[:, :, None], seg[:, None, :]
     allowed = causal & ((sk == -1) & (sq >= -1) | (sk == sq))  # prompt keys for real queries; own segment always
-    return {"input_ids": ids, "position_ids": pos, "segment": seg, "allowed": allowed, "prompt_len": plen, "cand_len": clen}
+    return {
+        "input_ids": ids, "position_ids": pos, "segment": seg, "allowed": allowed, "prompt_len": plen, "cand_len": clen,
+    }
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -167,6 +169,12 @@ def shared_prefix_forward_batch(
         are 0. Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
     """
     _check_pooling(pooling)
+    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    if attn.startswith("flash"):
+        raise ValueError(
+            f"attention implementation {attn!r} ignores the 4D block mask the shared prefix needs; "
+            "load the model with attn_implementation='sdpa' (or 'eager')"
+        )
     dtype, device = _model_dtype_device(model)
     packed = pack_pools(pools, pad_id)
     B, T = packed["input_ids"].shape
@@ -244,14 +252,21 @@ def naive_forward(
     for c, toks in enumerate(cands):
         ids[c, : P + len(toks)] = torch.tensor(p + toks)
         att[c, : P + len(toks)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=att.to(device), output_hidden_states=True, use_cache=False)
-    logprobs = out.logits.float().log_softmax(-1)  # [C, T, V]
+    # logits only from the last prompt position on (logits_to_keep): the response tokens are predicted there
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=att.to(device),
+        output_hidden_states=True,
+        use_cache=False,
+        logits_to_keep=T - P + 1,
+    )
+    logprobs = out.logits.float().log_softmax(-1)  # [C, T - P + 1, V]; index j = position P - 1 + j
     h = out.hidden_states[-1].float()  # [C, T, d]
     logps, feats = [], []
     for c, toks in enumerate(cands):
         L = len(toks)
         tgt = torch.tensor(toks, device=device)
-        logps.append(logprobs[c, P - 1 : P - 1 + L].gather(-1, tgt[:, None]).sum())
+        logps.append(logprobs[c, :L].gather(-1, tgt[:, None]).sum())
         lo = 0 if pooling == "all" else P
         feats.append(h[c, lo : P + L].mean(0))
     return torch.stack(logps), torch.stack(feats)
@@ -335,7 +350,8 @@ def selection_inputs(ex: Extracted, *, logits: str = "delta"):
 
 
 def reference_offsets(ex: Extracted) -> torch.Tensor:
-    """``b_i = log pi_ref(y*) - log pi_ref(y_i)`` over the negatives, ``[P, C-1]``, in :func:`selection_inputs`' order."""
+    """``b_i = log pi_ref(y*) - log pi_ref(y_i)`` over the negatives, ``[P, C-1]``, in :func:`selection_inputs`'
+    order."""
     P, C = ex.mask.shape
     j = torch.arange(C - 1)
     cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()
@@ -368,11 +384,24 @@ def dataset_fingerprint(records: list[dict]) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """sha256 over every parameter's name, shape, float64 sum (rounded to 6 significant digits) and the exact values
+    of up to 1,024 evenly strided elements: an in-memory model whose weights changed gets another cache key."""
+    h = hashlib.sha256()
+    for name, w in model.named_parameters():
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+        h.update(f"{name}{tuple(w.shape)}{float(flat.sum(dtype=torch.float64)):.6g}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _model_identity(model) -> dict:
     from .models import ModelBundle
 
     if isinstance(model, ModelBundle):
-        ident = {"name": model.name, "config": model.config}
+        ident = {"name": model.name, "config": model.config, "weights_fingerprint": weights_fingerprint(model.model)}
         path = Path(model.name)
         if path.is_dir():
             ident["weights"] = _folder_stamp(path)
@@ -385,7 +414,9 @@ def _model_identity(model) -> dict:
 
 def _folder_stamp(path: Path) -> list:
     return sorted(
-        [f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".json")
+        [f.name, f.stat().st_size, int(f.stat().st_mtime)]
+        for f in path.iterdir()
+        if f.suffix in (".safetensors", ".bin", ".json")
     )
 
 
@@ -545,7 +576,8 @@ def extract(
 
     Args:
         dataset: a ``datasets.Dataset`` (or a list of dicts) with ``id``, ``prompt``, ``candidates``, ``target``.
-        model: the reference model: a name (``params/models``), a saved folder, or a :class:`~mass_dpo.models.ModelBundle`.
+        model: the reference model: a name (``params/models``), a saved folder, or a
+            :class:`~mass_dpo.models.ModelBundle`.
         dataset_key: a label for the dataset in the cache key and manifest (e.g. ``"lastfm/train/limit=100/seed=0"``);
             the records' content fingerprint is always part of the key.
         pooling: ``"all"`` or ``"response"`` (appendix C.4).
@@ -589,17 +621,19 @@ def extract(
     def shard_stem(s: int) -> str:
         return f"shard-{s:05d}-of-{n_shards:05d}"
 
-    todo = [s for s in range(n_shards) if not use_cache or load_part(folder, shard_stem(s), expect) is None]
-    mine = todo
+    mine = list(range(n_shards))
     if state is not None and state.num_processes > 1:
         if not use_cache:
             raise ValueError("extraction under several processes needs use_cache=True (the shards are shared on disk)")
-        mine = todo[state.process_index :: state.num_processes]
+        mine = mine[state.process_index :: state.num_processes]  # fixed by index: no race on what is done
+    if use_cache:
+        mine = [s for s in mine if load_part(folder, shard_stem(s), expect) is None]  # resume
     main = state is None or state.is_main_process
     parts: dict[int, dict] = {}
     pad = _pad_id(ref.tokenizer)
     n_mine = sum(min(shard_size, len(records) - s * shard_size) for s in mine)
-    with tqdm(total=n_mine, desc=f"extract ({ref.name}, {pooling})", unit="prompt", disable=not (progress and main)) as bar:
+    desc_bar = f"extract ({ref.name}, {pooling})"
+    with tqdm(total=n_mine, desc=desc_bar, unit="prompt", disable=not (progress and main)) as bar:
         for s in mine:
             recs = records[s * shard_size : (s + 1) * shard_size]
             encoded = [encode_pool(r, ref.tokenizer) for r in recs]
@@ -633,6 +667,7 @@ def extract(
                 raise RuntimeError(f"extraction shard {s} missing or corrupt in {folder} after computing it")
             parts[s] = got[0]
     merged = _merge([parts[s] for s in range(n_shards)])
+    del parts
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the shards before the main one removes them
     manifest = dict(
@@ -667,9 +702,14 @@ def _to_extracted(tensors: dict, manifest: dict, *, cache_hit: bool) -> Extracte
 
 
 def _partial_state():
-    """accelerate's ``PartialState`` when running under ``accelerate launch`` (several processes), else ``None``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+    """accelerate's ``PartialState`` when running under ``accelerate launch`` (several processes), else ``None``.
+
+    Without CUDA (or under ``--cpu``) the state is made with ``cpu=True``, so that the processes talk over gloo:
+    on a CPU machine, ``accelerate launch --multi_gpu --num_processes 2 script.py`` starts two CPU processes
+    (accelerate 1.15's ``--cpu`` with several processes needs ``mpirun`` and a hostfile)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    return PartialState(cpu=cpu)

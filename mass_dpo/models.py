@@ -232,7 +232,9 @@ def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:
     elif source == "hub":
         repo = params["repo"]
         tok = _from_hub(lambda: AutoTokenizer.from_pretrained(repo), params)
-        model = _from_hub(lambda: AutoModelForCausalLM.from_pretrained(repo, dtype=dt, attn_implementation=attn), params)
+        model = _from_hub(
+            lambda: AutoModelForCausalLM.from_pretrained(repo, dtype=dt, attn_implementation=attn), params
+        )
     else:
         raise ValueError(f"params/models/{name}.yaml: unknown source {source!r} (gguf, random or hub)")
     return ModelBundle(model.to(dev).eval(), tok, name, params)

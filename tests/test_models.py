@@ -1,0 +1,72 @@
+"""Models by name: tiny (random, seeded, real tokenizer), smollm2 (GGUF converted once), hub errors."""
+
+import pytest
+import torch
+
+from mass_dpo.models import ModelBundle, cache_dir, load_model, resolve_dtype
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu")
+
+
+def test_tiny_is_a_seeded_llama_with_smollm2_tokenizer(tiny):
+    assert isinstance(tiny, ModelBundle) and tiny.name == "tiny"
+    assert tiny.model.config.model_type == "llama"
+    assert tiny.model.config.hidden_size == tiny.config["config"]["hidden_size"] == 64
+    assert tiny.model.config.vocab_size == len(tiny.tokenizer)
+    assert "<|im_start|>" in tiny.tokenizer.chat_template
+    assert tiny.model.dtype == torch.float32 and not tiny.model.training
+    again = load_model("tiny", device="cpu")
+    for a, b in zip(tiny.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    # the seed does not leak into the global RNG
+    torch.manual_seed(123)
+    x = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("tiny", device="cpu")
+    assert torch.equal(torch.rand(3), x)
+
+
+def test_dtype_from_params():
+    params = {"dtype": {"cuda": "bfloat16", "cpu": "float32"}}
+    assert resolve_dtype(None, torch.device("cuda"), params) == torch.bfloat16
+    assert resolve_dtype(None, torch.device("cpu"), params) == torch.float32
+    assert resolve_dtype("float64", torch.device("cpu"), params) == torch.float64
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"), params)
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MASS_DPO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "mass_dpo"
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="smollm2"):
+        load_model("gpt-17")
+
+
+def test_unreachable_hub_model_names_offline_choices(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"smollm2, tiny"):
+        load_model("qwen3", device="cpu")
+
+
+def test_smollm2_converted_once_and_reloaded():
+    bundle = load_model("smollm2", device="cpu")
+    folder = cache_dir() / "models" / "smollm2"
+    assert (folder / "COMPLETE").is_file() and (folder / "config.json").is_file()
+    assert not any(p.name.startswith(".smollm2-") for p in folder.parent.iterdir())  # no leftover temp folders
+    assert bundle.model.config.hidden_size == 576 and bundle.model.dtype == torch.float32
+    assert not hasattr(bundle.model.config, "quantization_config")
+    ids = bundle.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = bundle.model(ids, labels=ids)
+    assert out.loss.item() < 6.0  # real weights: far below log(49152) = 10.8 of a random model
+    nxt = bundle.tokenizer.decode(out.logits[0, -1].argmax())
+    assert nxt.strip() == "Paris"
