@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .params import available, load_params
+from .params import available, cache_root, load_params
 
 #: Models that need no network: the error for an unreachable hub model names them.
 OFFLINE_MODELS = ("smollm2", "tiny")
@@ -52,11 +52,7 @@ class ModelBundle:
 
 def cache_dir() -> Path:
     """``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``, else ``~/.cache/mass_dpo``."""
-    env = os.environ.get("MASS_DPO_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mass_dpo"
+    return cache_root()
 
 
 def resolve_device(device=None) -> torch.device:

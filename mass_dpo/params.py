@@ -41,3 +41,13 @@ def available(kind: str) -> list[str]:
     """Names of the YAML files in ``params/<kind>/`` (e.g. ``available("models")``)."""
     folder = params_dir() / kind
     return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def cache_root() -> Path:
+    """Where models, features, data and runs are cached: ``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``,
+    else ``~/.cache/mass_dpo``."""
+    env = os.environ.get("MASS_DPO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mass_dpo"

@@ -43,9 +43,6 @@ __all__ = [
     "resolve_data_dir",
 ]
 
-try:
-    from .formatting import format_pair, format_prompt
-except ImportError:  # pragma: no cover - written by the extraction work
-    pass
-else:
-    __all__ += ["format_pair", "format_prompt"]
+from .formatting import encode_pool, format_pair, format_prompt  # noqa: E402  (tokenizers are passed in)
+
+__all__ += ["encode_pool", "format_pair", "format_prompt"]

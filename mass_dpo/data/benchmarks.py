@@ -4,7 +4,7 @@ Where the data is read from (first that applies):
 
 1. the ``data_dir`` argument;
 2. the environment variable ``MASS_DPO_DATA``;
-3. the per-user cache folder ``$XDG_CACHE_HOME/mass_dpo/data`` (``~/.cache/mass_dpo/data``).
+3. the per-user cache folder ``<cache root>/data`` (``$MASS_DPO_CACHE``, else ``~/.cache/mass_dpo``).
 
 Each is a folder laid out like ``../shared/data``: ``lastfm/``, ``movielens/ml-100k/``, ``medmcqa/``, ``qasc/``.
 The value ``"samples"`` (argument or variable) means the small real samples shipped in the package. When
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..params import load_params
+from ..params import cache_root, load_params
 from . import lastfm, medmcqa, movielens, qasc
 from .records import rng_for, to_dataset
 
@@ -55,9 +55,9 @@ def benchmark_sizes(name: str) -> dict[str, int]:
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mass_dpo/data``, or ``~/.cache/mass_dpo/data``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "mass_dpo" / "data"
+    """``<cache root>/data``: ``$MASS_DPO_CACHE/data``, else ``$XDG_CACHE_HOME/mass_dpo/data``, else
+    ``~/.cache/mass_dpo/data``."""
+    return cache_root() / "data"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
