@@ -78,6 +78,7 @@ def score_candidates(
     pools: Sequence[tuple[list[int], list[list[int]]]] | None = None,
     forward: Callable | None = None,
     pooling: str = "all",
+    batch_size: int = 8,
 ) -> torch.Tensor:
     """``[P, C]`` policy sequence log-probs of every candidate (0 where ``data.mask`` is False).
 
@@ -85,7 +86,8 @@ def score_candidates(
         policy: a :class:`LogLinearPolicy` (scores ``data.features``) or a causal LM (scores ``pools``).
         data: ``Extracted``-like: ``features [P, C, d]``, ``ref_logps [P, C]``, ``mask [P, C]``.
         pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` for a causal LM (``encode_pool``).
-        forward: the per-pool forward (default ``mass_dpo.extraction.shared_prefix_forward``).
+        forward: a per-pool forward ``(model, prompt_ids, candidate_ids, pooling=, return_features=) -> (logps [C],
+            _)``; default: ``mass_dpo.extraction.shared_prefix_forward_batch`` over ``batch_size`` pools at a time.
     """
     mask = torch.as_tensor(data.mask).bool()
     if isinstance(policy, LogLinearPolicy):
@@ -95,14 +97,21 @@ def score_candidates(
         raise ValueError("scoring a causal LM needs the tokenized pools (prompt_ids, candidate_ids) of every prompt")
     if len(pools) != mask.shape[0]:
         raise ValueError(f"{len(pools)} pools for {mask.shape[0]} prompts")
-    if forward is None:
-        from .extraction import shared_prefix_forward as forward
     was_training = policy.training
     policy.eval()
     scores = torch.zeros(mask.shape, dtype=torch.float32)
-    for p, (prompt_ids, cand_ids) in enumerate(pools):
-        logps, _ = forward(policy, prompt_ids, cand_ids, pooling=pooling, return_features=False)
-        scores[p, : len(cand_ids)] = logps.float().cpu()
+    if forward is None:
+        from .extraction import shared_prefix_forward_batch
+
+        for lo in range(0, len(pools), batch_size):
+            chunk = list(pools[lo : lo + batch_size])
+            logps, _, _ = shared_prefix_forward_batch(policy, chunk, pooling=pooling, return_features=False)
+            width = min(logps.shape[1], scores.shape[1])
+            scores[lo : lo + len(chunk), :width] = logps[:, :width].float().cpu()
+    else:
+        for p, (prompt_ids, cand_ids) in enumerate(pools):
+            logps, _ = forward(policy, prompt_ids, cand_ids, pooling=pooling, return_features=False)
+            scores[p, : len(cand_ids)] = logps.float().cpu()
     policy.train(was_training)
     return torch.where(mask, scores, torch.zeros_like(scores))
 

@@ -386,13 +386,14 @@ def dataset_fingerprint(records: list[dict]) -> str:
 
 @torch.no_grad()
 def weights_fingerprint(model) -> str:
-    """sha256 over every parameter's name, shape, float64 sum (rounded to 6 significant digits) and the exact values
-    of up to 1,024 evenly strided elements: an in-memory model whose weights changed gets another cache key."""
+    """sha256 over every parameter's name, shape and the exact values of up to 1,024 evenly strided elements: an
+    in-memory model whose weights changed gets another cache key. (No reductions: a multithreaded sum is not
+    bit-stable, and its rounding once gave the same weights two keys.)"""
     h = hashlib.sha256()
     for name, w in model.named_parameters():
         flat = w.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
-        h.update(f"{name}{tuple(w.shape)}{float(flat.sum(dtype=torch.float64)):.6g}".encode())
+        h.update(f"{name}{tuple(w.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 

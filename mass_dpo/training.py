@@ -26,7 +26,6 @@ import importlib.util
 import logging
 import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,6 +77,7 @@ class TrainConfig:
     limit: int | None = None  # training prompts (None: the whole split)
     eval_limit: int | None = 200  # online-eval prompts (the paper's 200)
     test_limit: int | None = 2000  # test prompts (the paper's 2,000)
+    subsample_seed: int = 0  # which prompts a limit keeps: fixed, so seeds and methods share the data
     pooling: str = "all"  # feature pooling of extraction: "all" or "response"
     gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
     # optimisation
@@ -146,7 +146,9 @@ def resolve_config(config: TrainConfig | dict | None = None, *, profile: str | N
 
     Precedence, lowest first: dataclass defaults, ``params/training.yaml`` ``defaults``, its ``regimes.<regime>``
     section, its ``profiles.<profile>`` section, then ``config`` / ``overrides`` (``None`` values are ignored).
-    ``optim="auto"`` and ``bf16="auto"`` are resolved here, so the resolved config says what ran.
+    The fields of a :class:`TrainConfig` passed as ``config`` count as given where they differ from the dataclass
+    defaults (so resolving a resolved config returns it unchanged). ``optim="auto"`` and ``bf16="auto"`` are
+    resolved here, so the resolved config says what ran.
     """
     from .params import load_params
 
@@ -206,8 +208,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` (``encode_pool``), for the LM regimes.
         ids: prompt ids.
 
-    An item is a dict: ``ref_logps [1+n]``, ``mask [1+n]`` (column 0 always True), and either ``features
-    [1+n, d]`` or ``prompt_ids`` (list of int) and ``candidate_ids`` (list of lists of int, chosen first).
+    An item is a dict: ``ref_logps [1+n]``, ``mask [1+n]`` (column 0 always True, absent negatives moved last), and
+    either ``features [1+n, d]`` or ``prompt_ids`` (list of int) and ``candidate_ids`` (list of lists of int, chosen
+    first, one per True entry of ``mask``).
     """
 
     def __init__(self, candidates, ref_logps, *, features=None, pools=None, ids=None):
@@ -237,6 +240,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         idx = self.candidates[i]
+        idx = idx[torch.argsort((idx < 0).to(torch.int8), stable=True)]  # absent negatives last
         mask = idx >= 0
         safe = idx.clamp_min(0)
         item: dict[str, Any] = {
@@ -303,32 +307,17 @@ class PreferenceCollator:
 # ---------------------------------------------------------------- negatives
 
 
-def select_training_negatives(extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0):
-    """``[P, n]`` fixed negatives per prompt, in memory: D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
+def select_training_negatives(
+    extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0
+) -> torch.Tensor:
+    """``[P, n]`` fixed negatives per prompt (candidate indices), selected in memory exactly as ``mass-dpo select``
+    does (:func:`mass_dpo.preprocess.select_extracted`): D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
     for the others (one for ``dpo``). The chosen candidate is never a negative; ``-1`` pads small pools."""
-    from .extraction import selection_inputs
-    from .selection import select_negatives
+    from .preprocess import select_extracted
 
-    strategy = METHOD_STRATEGY[method]
     n = 1 if method == "dpo" else int(n)
-    phi, logits, mask = _selection_tensors(selection_inputs(extracted), extracted)
-    gen = torch.Generator().manual_seed(int(seed))
-    sel = select_negatives(phi, logits, n, beta=beta, gamma=gamma, strategy=strategy, mask=mask, generator=gen)
-    return torch.as_tensor(sel.indices, dtype=torch.long)
-
-
-def _selection_tensors(inputs, extracted):
-    """``(phi [P, C, d], logits [P, C], mask [P, C])`` from ``selection_inputs``' output, the target masked out."""
-    if isinstance(inputs, dict):
-        phi, logits, mask = inputs["phi"], inputs["logits"], inputs.get("mask")
-    elif hasattr(inputs, "phi"):
-        phi, logits, mask = inputs.phi, inputs.logits, getattr(inputs, "mask", None)
-    else:
-        phi, logits, mask = inputs
-    mask = torch.as_tensor(extracted.mask if mask is None else mask).bool().clone()
-    target = torch.as_tensor(extracted.target).long()
-    mask[torch.arange(mask.shape[0]), target] = False
-    return torch.as_tensor(phi), torch.as_tensor(logits), mask
+    picked = select_extracted(extracted, n, strategy=METHOD_STRATEGY[method], beta=beta, gamma=gamma, seed=seed)
+    return picked["indices"].long()
 
 
 def negatives_from_jsonl(path, ids: Sequence[str], n: int | None = None) -> torch.Tensor:
@@ -357,32 +346,69 @@ def negatives_from_jsonl(path, ids: Sequence[str], n: int | None = None) -> torc
 # ---------------------------------------------------------------- policy log-probs
 
 
-def default_forward():
-    """``mass_dpo.extraction.shared_prefix_forward``: one forward per prompt over [chosen, negatives...]."""
-    from .extraction import shared_prefix_forward
+def pool_logps(model: nn.Module, prompt_ids, candidate_ids, mask: torch.Tensor, *, forward: Callable | None = None):
+    """``[B, W]`` sequence log-probs of B pools (chosen first), 0 where ``mask`` ``[B, W]`` is False; differentiable.
 
-    return shared_prefix_forward
+    Default: ``mass_dpo.extraction.shared_prefix_forward_batch`` (one packed row per prompt: the prompt once, then
+    every response with a block mask; one forward for the batch). ``forward(model, prompt_ids, candidate_ids,
+    return_features=False) -> (logps [C], _)`` replaces it, one call per pool (e.g. a one-row-per-response reference).
+    """
+    if forward is None:
+        from .extraction import shared_prefix_forward_batch
+
+        logps, _, _ = shared_prefix_forward_batch(model, list(zip(prompt_ids, candidate_ids)), return_features=False)
+        rows = list(logps.float())
+    else:
+        rows = [forward(model, p, c, return_features=False)[0].float() for p, c in zip(prompt_ids, candidate_ids)]
+    width = mask.shape[1]
+    out = torch.stack([torch.cat([r[:width], r.new_zeros(max(0, width - r.shape[0]))]) for r in rows])
+    out = out.to(mask.device)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def enable_pool_forward(model: nn.Module, forward: Callable | None = None) -> nn.Module:
+    """Make ``model(prompt_ids=..., candidate_ids=..., mask=...)`` return :func:`pool_logps` ``[B, W]``.
+
+    The Trainer (and DDP / FSDP / DeepSpeed wrapping it) then runs each step through the model's own ``forward``, so
+    gradient synchronisation works unchanged; any other call goes to the original ``forward``. The model stays a
+    ``PreTrainedModel`` / ``PeftModel`` for saving and loading. Idempotent; returns ``model``.
+    """
+    model._mass_dpo_pool_fn = forward
+    if getattr(model, "_mass_dpo_original_forward", None) is not None:
+        return model
+    original = model.forward
+
+    def forward_with_pools(*args, prompt_ids=None, candidate_ids=None, mask=None, **kwargs):
+        if candidate_ids is None:
+            return original(*args, **kwargs)
+        return pool_logps(model, prompt_ids, candidate_ids, mask, forward=model._mass_dpo_pool_fn)
+
+    model._mass_dpo_original_forward = original
+    model.forward = forward_with_pools
+    return model
 
 
 def policy_logps(model: nn.Module, inputs: dict[str, Any], *, forward: Callable | None = None) -> torch.Tensor:
     """``[B, 1+K]`` policy sequence log-probs of a collated batch (0 where ``mask`` is False).
 
-    Loglinear batches (``features``) go through ``model(features, ref_logps, mask)``; LM batches through
-    ``forward(model, prompt_ids, candidate_ids, return_features=False)`` once per prompt (differentiable).
+    Loglinear batches (``features``) go through ``model(features, ref_logps, mask)``. LM batches go through
+    ``model(prompt_ids=..., candidate_ids=..., mask=...)`` (see :func:`enable_pool_forward`), or, when ``forward`` is
+    given or the model has no pool forward, straight through :func:`pool_logps`.
     """
     mask = inputs["mask"]
     if "features" in inputs:
         return model(inputs["features"], inputs["ref_logps"], mask)
-    forward = forward or default_forward()
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    rows = []
-    for prompt_ids, cand_ids in zip(inputs["prompt_ids"], inputs["candidate_ids"]):
-        logps, _ = forward(model, prompt_ids, cand_ids, return_features=False)
-        rows.append(logps.float())
-    width = mask.shape[1]
-    padded = [torch.cat([r, r.new_zeros(width - r.shape[0])]) for r in rows]
-    out = torch.stack(padded).to(mask.device)
-    return torch.where(mask, out, torch.zeros_like(out))
+    if forward is None and _has_pool_forward(model):
+        return model(prompt_ids=inputs["prompt_ids"], candidate_ids=inputs["candidate_ids"], mask=mask)
+    return pool_logps(model, inputs["prompt_ids"], inputs["candidate_ids"], mask, forward=forward)
+
+
+def _has_pool_forward(model) -> bool:
+    while model is not None:
+        if getattr(model, "_mass_dpo_original_forward", None) is not None:
+            return True
+        model = getattr(model, "module", None)  # DDP / DeepSpeed / FSDP wrappers
+    return False
 
 
 def batch_loss(method: str, beta: float, logps: torch.Tensor, inputs: dict[str, Any]):
@@ -423,11 +449,13 @@ class MultiNegativeTrainer(Trainer):
         kwargs.setdefault("data_collator", PreferenceCollator())
         super().__init__(*args, **kwargs)
         self.method, self.beta, self.forward = method, float(beta), forward
+        if not isinstance(self.model, LogLinearPolicy):
+            enable_pool_forward(self.model, forward)  # one model forward per step, through any DDP/FSDP wrapper
         self.model_accepts_loss_kwargs = False  # our loss is a per-prompt mean: the Trainer scales it for accumulation
         self._train_stats: list[torch.Tensor] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = policy_logps(model, inputs, forward=self.forward)
+        logps = policy_logps(model, inputs)
         out = batch_loss(self.method, self.beta, logps, inputs)
         if model.training:
             self._train_stats.append(_example_stats(out, inputs["mask"]).detach())
@@ -460,7 +488,7 @@ class MultiNegativeTrainer(Trainer):
         stats = []
         for batch in dataloader:
             inputs = self._prepare_inputs(batch)
-            logps = policy_logps(model, inputs, forward=self.forward)
+            logps = policy_logps(model, inputs)
             out = batch_loss(self.method, self.beta, logps, inputs)
             stats.append(self.accelerator.gather_for_metrics(_example_stats(out, inputs["mask"])))
         model.train(was_training)
@@ -544,8 +572,7 @@ def training_arguments(config: TrainConfig, output_dir, *, has_eval: bool = True
         max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay,
         optim=optim,
-        gradient_checkpointing=bool(lm and config.gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if lm and config.gradient_checkpointing else None,
+        **_checkpointing_args(bool(lm and config.gradient_checkpointing)),
         bf16=bool(lm and config.bf16 is True),
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_eval else "no",
@@ -565,6 +592,17 @@ def training_arguments(config: TrainConfig, output_dir, *, has_eval: bool = True
     )
     kwargs.update(extra)
     return TrainingArguments(**kwargs)
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing, under the name this transformers version uses (``activation_checkpointing`` in 5.x)."""
+    import inspect
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    if not enabled:
+        return {}
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def build_policy(config: TrainConfig, model: nn.Module | None = None, *, dim: int | None = None) -> nn.Module:

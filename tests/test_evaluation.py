@@ -1,0 +1,125 @@
+"""Test evaluation: hand-computed metrics, agreement with mass_dpo.metrics, the shared fixed negatives, and scoring
+by log-prob or implicit reward."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mass_dpo.evaluation import evaluate, fixed_negatives, metrics_from_scores, score_candidates
+from mass_dpo.loglinear import LogLinearPolicy
+from mass_dpo.metrics import preference_metrics, ranking_metrics
+
+
+@dataclass
+class Pools:
+    ids: list
+    features: torch.Tensor
+    ref_logps: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+
+
+def test_metrics_on_hand_built_scores():
+    # prompt 0: target (idx 2) ranks 1st; prompt 1: target (idx 0) ranks 3rd; prompt 2: ties count against it -> rank 2
+    scores = torch.tensor([[0.1, 0.5, 0.9, 0.2, 0.0],
+                           [0.3, 0.8, 0.6, 0.1, 0.0],
+                           [0.4, 0.4, 0.1, 0.0, -1.0]])
+    target = torch.tensor([2, 0, 0])
+    negatives = torch.tensor([[0, 1, 3], [2, 3, 4], [1, 2, 3]])
+    m = metrics_from_scores(scores, target, negatives=negatives)
+    ranks = torch.tensor([1.0, 3.0, 2.0])
+    assert m["recall@1"] == pytest.approx(1 / 3)
+    assert m["recall@3"] == pytest.approx(1.0)
+    assert m["mrr"] == pytest.approx(float((1 / ranks).mean()))
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(3)) / 3)
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    # accuracy: beats every one of its 3 negatives strictly -> prompt 0 yes, prompt 1 no (0.6), prompt 2 no (tie 0.4)
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    margins = [0.9 - (0.1 + 0.5 + 0.2) / 3, 0.3 - (0.6 + 0.1 + 0.0) / 3, 0.4 - (0.4 + 0.1 + 0.0) / 3]
+    assert m["margin"] == pytest.approx(sum(margins) / 3)
+    assert m["margin_se"] == pytest.approx(float(torch.tensor(margins, dtype=torch.float64).std() / math.sqrt(3)))
+    assert m["prompts"] == 3
+
+
+def test_metrics_agree_with_mass_dpo_metrics():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 20, generator=g)
+    mask = torch.ones(50, 20, dtype=torch.bool)
+    mask[::4, 12:] = False  # QASC-like short pools
+    target = torch.randint(0, 12, (50,), generator=g)
+    negatives = fixed_negatives([f"x{i}" for i in range(50)], mask, target, 3, seed=0)
+    m = metrics_from_scores(scores.masked_fill(~mask, float("-inf")), target, negatives=negatives, mask=mask)
+    ref = ranking_metrics(scores, target, ks=(1, 3, 5), mask=mask)
+    rows = torch.arange(50)
+    ref.update(preference_metrics(scores[rows, target], torch.gather(scores, 1, negatives)))
+    for key, value in ref.items():
+        assert m[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_fixed_negatives_are_shared_and_valid():
+    ids = [f"p{i}" for i in range(30)]
+    mask = torch.ones(30, 8, dtype=torch.bool)
+    mask[0, 2:] = False  # a pool with 2 candidates: one possible negative
+    target = torch.arange(30) % 2
+    neg = fixed_negatives(ids, mask, target, 3, seed=0)
+    assert neg[0].tolist() == [1 - int(target[0]), -1, -1]
+    for p in range(1, 30):
+        row = neg[p].tolist()
+        assert len(set(row)) == 3 and int(target[p]) not in row and all(0 <= i < 8 for i in row)
+    # a function of (seed, id, pool) only: the same for any order or subset of prompts
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
+    again = fixed_negatives([ids[i] for i in perm], mask[perm], target[perm], 3, seed=0)
+    assert torch.equal(again, neg[perm])
+    assert not torch.equal(fixed_negatives(ids, mask, target, 3, seed=1), neg)
+
+
+def test_evaluate_loglinear_logp_and_reward():
+    g = torch.Generator().manual_seed(0)
+    P, C, d = 40, 10, 6
+    data = Pools([f"q{i}" for i in range(P)], torch.randn(P, C, d, generator=g), torch.randn(P, C, generator=g) * 3,
+                 torch.ones(P, C, dtype=torch.bool), torch.randint(0, C, (P,), generator=g))
+    policy = LogLinearPolicy(d)
+    with torch.no_grad():
+        policy.theta.copy_(torch.randn(d, generator=g))
+    beta = 0.1
+    out = evaluate(policy, data, beta=beta, return_scores=True)
+    logp = data.ref_logps + data.features @ policy.theta.detach()
+    assert torch.allclose(out["scores"], logp, atol=1e-5)
+    negatives = fixed_negatives(data.ids, data.mask, data.target, 3, seed=0)
+    assert torch.equal(out["negatives"], negatives)
+    expect = metrics_from_scores(logp, data.target, negatives=negatives)
+    for key in ("accuracy", "margin", "recall@1", "ndcg@5", "mrr", "mrr_se"):
+        assert out[key] == pytest.approx(expect[key], abs=1e-6)
+    reward = evaluate(policy, data, beta=beta, score="reward", return_scores=True)
+    assert torch.allclose(reward["scores"], beta * (data.features @ policy.theta.detach()), atol=1e-6)
+    assert reward["mrr"] == pytest.approx(metrics_from_scores(reward["scores"], data.target, negatives=negatives)["mrr"])
+    with pytest.raises(ValueError):
+        evaluate(policy, data, score="probability")
+
+
+def test_score_candidates_of_a_causal_lm():
+    """A causal LM is scored pool by pool with the shared-prefix forward: equal to one forward per response."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    pools = [([5, 6, 7, 8], [[9], [10, 11], [12, 13, 14]]), ([20, 21, 22], [[23, 24], [25]])]
+    data = Pools(["a", "b"], torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.tensor([[True] * 3, [True, True, False]]),
+                 torch.tensor([1, 0]))
+    scores = score_candidates(model, data, pools=pools)
+    with torch.no_grad():
+        for p, (prompt, cands) in enumerate(pools):
+            for c, cand in enumerate(cands):
+                logits = model(input_ids=torch.tensor([prompt + cand])).logits[0]
+                lp = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(cand)[:, None]).sum()
+                assert scores[p, c] == pytest.approx(float(lp), abs=1e-4)
+    assert scores[1, 2] == 0
+    out = evaluate(model, data, pools=pools)
+    assert out["prompts"] == 2 and 0 <= out["recall@1"] <= 1
+    with pytest.raises(ValueError, match="pools"):
+        score_candidates(model, data)

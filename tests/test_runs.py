@@ -1,0 +1,265 @@
+"""Run folders: hashing, reuse of finished runs, resume from the last checkpoint, 2 processes = 1 process, and the
+whole offline pipeline on the shipped samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mass_dpo import runs
+from mass_dpo.training import resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A self-contained fake pipeline (frozen features, loglinear regime), importable by a subprocess too.
+FAKE_DATA = textwrap.dedent(
+    '''
+    import torch
+    from dataclasses import dataclass
+    from mass_dpo.loglinear import LogLinearPolicy
+    from mass_dpo.runs import RunData
+    from mass_dpo.training import PreferenceDataset
+
+    @dataclass
+    class Ex:
+        ids: list
+        features: torch.Tensor
+        ref_logps: torch.Tensor
+        theta0_logps: torch.Tensor
+        mask: torch.Tensor
+        target: torch.Tensor
+
+    def fake(P, seed, C=8, d=12):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.linspace(-1, 1, d)
+        feats = torch.randn(P, C, d, generator=g)
+        target = torch.randint(0, C, (P,), generator=g)
+        feats[torch.arange(P), target] += 0.7 * w
+        ref = torch.randn(P, C, generator=g) - 4
+        return Ex([f"{seed}-{i}" for i in range(P)], feats, ref, ref.clone(), torch.ones(P, C, dtype=torch.bool), target)
+
+    def negatives(ex, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for p in range(len(ex.ids)):
+            valid = [i for i in range(ex.mask.shape[1]) if i != int(ex.target[p])]
+            rows.append([valid[j] for j in torch.randperm(len(valid), generator=g)[:n].tolist()])
+        return torch.tensor(rows)
+
+    def make_data(cfg, P_train=16):
+        train, ev, test = fake(P_train, 0), fake(6, 1), fake(20, 2)
+        return RunData(
+            LogLinearPolicy(12),
+            PreferenceDataset.from_selection(train, negatives(train, cfg.n)),
+            PreferenceDataset.from_selection(ev, negatives(ev, cfg.n)),
+            test,
+        )
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def fake_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake")
+    (folder / "fake_pipeline.py").write_text(FAKE_DATA)
+    sys.path.insert(0, str(folder))
+    import fake_pipeline
+
+    yield folder, fake_pipeline
+    sys.path.remove(str(folder))
+
+
+def small(**kw):
+    base = dict(method="sdpo", regime="loglinear", max_steps=8, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, logging_steps=1, eval_steps=2, save_steps=2, learning_rate=0.05,
+                test_limit=20, eval_limit=6, limit=16)
+    base.update(kw)
+    return base
+
+
+def theta_of(run_dir: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))["theta"]
+
+
+# ---------------------------------------------------------------- hashing and folders
+
+
+def test_runs_root_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "r"))
+    assert runs.runs_root() == tmp_path / "r"
+    monkeypatch.delenv("MASS_DPO_RUNS")
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "c"))
+    assert runs.runs_root() == tmp_path / "c" / "runs"
+
+
+def test_config_hash_tracks_what_changes_the_numbers():
+    cfg = resolve_config(**small())
+    h = runs.config_hash(cfg, world=1)
+    assert h == runs.config_hash(resolve_config(**small()), world=1)
+    assert h != runs.config_hash(resolve_config(**small(method="mass_dpo")), world=1)
+    assert h != runs.config_hash(resolve_config(**small(seed=1)), world=1)
+    assert h != runs.config_hash(cfg, world=2)  # the effective batch changes
+    assert h == runs.config_hash(resolve_config(**small(save_total_limit=5)), world=1)
+    name = runs.run_name(cfg, world=1)
+    assert name.startswith("lastfm_smollm2_sdpo_n3_loglinear_s0_") and name.endswith(h[:12])
+
+
+# ---------------------------------------------------------------- train_run
+
+
+def test_finished_run_is_reused(fake_module, tmp_path):
+    _, fake = fake_module
+    calls = []
+
+    def data(cfg):
+        calls.append(cfg)
+        return fake.make_data(cfg)
+
+    first = runs.train_run(small(), root=tmp_path, data=data)
+    assert not first.cached and len(calls) == 1
+    for name in ("config.yaml", "config.json", "log.csv", "metrics.json", "run.log", "final/model.safetensors"):
+        assert (first.run_dir / name).is_file(), name
+    assert not (first.run_dir / "checkpoints").exists()
+    for key in ("accuracy", "accuracy_se", "margin", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3",
+                "ndcg@5", "mrr", "mrr_se"):
+        assert key in first.metrics
+    log = first.log()
+    evals = log[log.split == "eval"]
+    assert list(evals.step) == [0, 2, 4, 6, 8]  # step 0: the policy before training (= the reference)
+    assert evals.iloc[0].margin == 0 and evals.iloc[0].chosen_rewards == 0
+    assert evals[["loss", "margin", "accuracy", "chosen_rewards", "rejected_rewards"]].notna().all().all()
+    assert list(log[log.split == "train"].step) == list(range(1, 9))
+    assert json.loads((first.run_dir / "config.json").read_text())["config"]["method"] == "sdpo"
+    assert "optimizer" in (first.run_dir / "run.log").read_text()
+
+    second = runs.train_run(small(), root=tmp_path, data=data)
+    assert second.cached and len(calls) == 1 and second.run_dir == first.run_dir
+    assert second.metrics == first.metrics
+    third = runs.train_run(small(), root=tmp_path, data=data, force=True)
+    assert not third.cached and len(calls) == 2
+    assert torch.allclose(theta_of(third.run_dir), theta_of(first.run_dir))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(fake_module, tmp_path):
+    from transformers import TrainerCallback
+
+    _, fake = fake_module
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise Interrupt  # a crash after step 5: the last checkpoint is step 4
+
+    cfg = small()
+    with pytest.raises(Interrupt):
+        runs.train_run(cfg, root=tmp_path / "a", data=fake.make_data, callbacks=[StopAt()])
+    run_dir = runs.run_dir(resolve_config(**cfg), root=tmp_path / "a", world=1)
+    assert not runs.is_finished(run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    resumed = runs.train_run(cfg, root=tmp_path / "a", data=fake.make_data)
+    assert resumed.info["train"]["resumed_from"] == "checkpoint-4"
+    assert resumed.info["train"]["global_step"] == 8
+    log = resumed.log()
+    assert list(log[log.split == "train"].step) == list(range(1, 9))  # rows after the checkpoint were not kept twice
+    assert list(log[log.split == "eval"].step) == [0, 2, 4, 6, 8]
+    # the same result as a run that was never interrupted
+    straight = runs.train_run(cfg, root=tmp_path / "b", data=fake.make_data)
+    assert torch.allclose(theta_of(resumed.run_dir), theta_of(straight.run_dir), atol=1e-6)
+    assert resumed.metrics["mrr"] == pytest.approx(straight.metrics["mrr"])
+
+
+SCRIPT = textwrap.dedent(
+    '''
+    import json, os, sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import fake_pipeline
+    from mass_dpo.runs import train_run
+    from safetensors.torch import load_file
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # 16 prompts, 8 per optimizer step in both layouts: one process x batch 4 x accumulation 2,
+    # or two processes x batch 2 x accumulation 2.
+    res = train_run(dict(method="sdpo", regime="loglinear", max_steps=6, per_device_train_batch_size=4 // world,
+                         gradient_accumulation_steps=2, logging_steps=1, eval_steps=3, save_steps=3,
+                         learning_rate=0.05, test_limit=20, eval_limit=6, limit=16),
+                    root=sys.argv[2], data=fake_pipeline.make_data)
+    if int(os.environ.get("RANK", "0")) == 0:
+        theta = load_file(os.path.join(res.run_dir, "final", "model.safetensors"))["theta"]
+        print("RESULT " + json.dumps({"theta": theta.tolist(), "step": res.info["train"]["global_step"],
+                                      "eval": res.info["online_eval"], "test": res.metrics}))
+    '''
+)
+
+
+def _result(proc) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def test_two_processes_match_one(fake_module, tmp_path):
+    """Two processes under ``accelerate launch`` give the same theta, steps and metrics as one process.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x (without an MPI hostfile
+    ``--cpu`` goes to the simple launcher), so the processes are started with ``--multi_gpu`` (torchrun underneath);
+    without CUDA they train on the CPU over gloo."""
+    folder, _ = fake_module
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    one = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(script), str(folder), str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    a, b = _result(one), _result(two)
+    assert a["step"] == b["step"] == 6
+    assert torch.allclose(torch.tensor(a["theta"]), torch.tensor(b["theta"]), atol=1e-5)
+    assert torch.tensor(a["theta"]).abs().sum() > 0
+    assert a["eval"]["eval_samples"] == b["eval"]["eval_samples"] == 6
+    assert a["eval"]["eval_loss"] == pytest.approx(b["eval"]["eval_loss"], abs=1e-5)
+    assert a["test"]["mrr"] == pytest.approx(b["test"]["mrr"], abs=1e-6)
+    (run_two,) = list((tmp_path / "two").iterdir())  # both processes used one run folder
+    assert json.loads((run_two / "config.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------- the offline pipeline
+
+
+def test_pipeline_on_the_shipped_samples(tmp_path, monkeypatch):
+    """load_benchmark -> extract -> select -> train -> evaluate, with ``tiny`` on the shipped LastFM sample."""
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    from mass_dpo.data import load_benchmark
+
+    try:
+        load_benchmark("lastfm", "test", data_dir="samples", limit=4)
+    except (FileNotFoundError, ValueError) as err:
+        pytest.skip(f"no shipped LastFM sample: {err}")
+    from mass_dpo.train import main
+
+    args = ["--profile", "smoke", "--method", "mass_dpo", "--dataset", "lastfm", "--data-dir", "samples",
+            "--runs-root", str(tmp_path / "runs"), "--limit", "8", "--eval-limit", "4", "--test-limit", "6"]
+    assert main(args) == 0
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["prompts"] == 6 and metrics["train"]["global_step"] == 4
+    assert 0 <= metrics["test"]["recall@1"] <= metrics["test"]["recall@3"] <= metrics["test"]["recall@5"] <= 1
+    assert main(args) == 0  # reused: still one folder
+    assert len(list((tmp_path / "runs").iterdir())) == 1
