@@ -1,0 +1,102 @@
+"""Stability of the fixed MASS-DPO selection across training (appendix C.4, Table 4).
+
+The negatives are selected once, at theta0, and kept. Table 4 recomputes Algorithm 1 at later checkpoints theta_t
+and compares the subsets. Everything here is pure math on index tensors and frozen features:
+
+- :func:`subset_agreement` compares two selections ``[P, n]`` (candidate or negative indices, ``-1`` = none):
+  exact match (same set), Jaccard, top-1 match (same first greedy pick), top-k exact match (same set of the
+  first k picks);
+- :func:`at_checkpoint` is the loglinear regime's policy at theta_t: ``log pi_t = log pi_ref + phi . theta_t``, so
+  ``Delta_i(theta_t) = (phi_i - phi_*) . theta_t`` and the selection needs no new extraction (the features are
+  frozen; only the logits of Algorithm 1 change);
+- :func:`recompute` runs Algorithm 1 at a checkpoint and scores the old subset under the new design, for the
+  objective retention ``sum_p log det(I + G_t[S_0]) / sum_p log det(I + G_t[S_t])`` (the ``d log gamma`` term of
+  ``log det H(S)`` is left out of both, so the ratio is of the information each subset adds; 1 = the old subset is
+  as informative at theta_t as the greedy one recomputed there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .extraction import Extracted, selection_inputs
+from .preprocess import score_subset
+from .selection import select_negatives
+
+
+def _sets(idx: torch.Tensor) -> list[set[int]]:
+    return [set(int(i) for i in row if int(i) >= 0) for row in idx]
+
+
+def subset_agreement(old, new, *, top: int = 3) -> dict[str, torch.Tensor]:
+    """Per-prompt agreement of two selections in greedy order.
+
+    Args:
+        old, new: ``[P, n]`` int selections (``-1`` = none), column 0 the first greedy pick.
+        top: k of the top-k exact match.
+
+    Returns:
+        ``exact_match``, ``jaccard``, ``top1_match``, ``top{k}_exact_match``: each ``[P]`` float64 (1.0 / 0.0,
+        Jaccard in [0, 1]; two empty sets count as equal).
+    """
+    old, new = torch.as_tensor(old).long(), torch.as_tensor(new).long()
+    if old.shape[0] != new.shape[0]:
+        raise ValueError(f"old and new have {old.shape[0]} and {new.shape[0]} prompts")
+    a, b = _sets(old), _sets(new)
+    ta, tb = _sets(old[:, :top]), _sets(new[:, :top])
+    exact = [float(x == y) for x, y in zip(a, b)]
+    jac = [len(x & y) / len(x | y) if (x | y) else 1.0 for x, y in zip(a, b)]
+    top1 = [float(int(x) == int(y)) for x, y in zip(old[:, 0], new[:, 0])] if old.shape[1] and new.shape[1] else []
+    topk = [float(x == y) for x, y in zip(ta, tb)]
+    f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return {"exact_match": f(exact), "jaccard": f(jac), "top1_match": f(top1), f"top{top}_exact_match": f(topk)}
+
+
+def at_checkpoint(ex: Extracted, theta) -> Extracted:
+    """The loglinear policy at ``theta`` ``[d]`` as the preprocessing point: ``theta0_logps = ref + phi . theta``.
+
+    ``selection_inputs(at_checkpoint(ex, theta))`` then gives ``Delta_i(theta) = (phi_i - phi_*) . theta``.
+    ``theta = 0`` returns the initialisation (every Delta_i = 0)."""
+    theta = torch.as_tensor(theta, dtype=torch.float32).flatten()
+    if theta.numel() != ex.features.shape[-1]:
+        raise ValueError(f"theta has {theta.numel()} entries, the features have d = {ex.features.shape[-1]}")
+    logps = ex.ref_logps + ex.features.float() @ theta
+    logps = torch.where(ex.mask, logps, torch.zeros_like(logps))
+    return replace(ex, theta0_logps=logps)
+
+
+def select(ex: Extracted, n: int, *, beta: float = 0.1, gamma: float = 0.1):
+    """Algorithm 1 at ``ex``'s preprocessing point: ``(indices [P, n] into the negatives, logdet gain [P])``.
+
+    Indices are in :func:`mass_dpo.extraction.selection_inputs`' order (the chosen candidate removed); the gain is
+    ``log det(I + G[S, S]) = log det H(S) - d log gamma``."""
+    phi, lg, mask, _ = selection_inputs(ex)
+    sel = select_negatives(phi.double(), lg.double(), n, beta=beta, gamma=gamma, mask=mask)
+    return sel.indices, sel.gains.nan_to_num(0.0).sum(-1)
+
+
+def subset_gain(ex: Extracted, order, *, beta: float = 0.1, gamma: float = 0.1) -> torch.Tensor:
+    """``[P]`` ``log det(I + G[S, S])`` of given subsets ``order`` ``[P, k]`` under the design at ``ex``."""
+    phi, lg, mask, _ = selection_inputs(ex)
+    gains, _, _ = score_subset(phi.double(), lg.double(), mask, torch.as_tensor(order).long(), beta, gamma)
+    return gains.nan_to_num(0.0).sum(-1)
+
+
+def recompute(ex: Extracted, theta_old, theta_new, n: int, *, beta: float = 0.1, gamma: float = 0.1,
+              top: int = 3) -> dict[str, float]:
+    """Table 4's metrics for the selection at ``theta_old`` (e.g. 0, initialisation) against ``theta_new``.
+
+    Returns the means over prompts of :func:`subset_agreement` plus ``objective_retention`` (see the module
+    docstring) and ``prompts``."""
+    old, _ = select(at_checkpoint(ex, theta_old), n, beta=beta, gamma=gamma)
+    ex_new = at_checkpoint(ex, theta_new)
+    new, gain_new = select(ex_new, n, beta=beta, gamma=gamma)
+    gain_old = subset_gain(ex_new, old, beta=beta, gamma=gamma)
+    out = {k: float(v.mean()) if v.numel() else math.nan for k, v in subset_agreement(old, new, top=top).items()}
+    total = float(gain_new.sum())
+    out["objective_retention"] = float(gain_old.sum()) / total if total > 0 else math.nan
+    out["prompts"] = int(old.shape[0])
+    return out

@@ -1,0 +1,270 @@
+"""The experiments runner: stability metrics, summaries over seeds, tables beside the paper, data fallbacks."""
+
+import ast
+import math
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mass_dpo import experiments as E
+from mass_dpo import stability as S
+from mass_dpo.extraction import Extracted
+from mass_dpo.reproduce import profile_parameters, repo_root
+
+# ---------------------------------------------------------------- stability (pure math)
+
+
+def test_subset_agreement_counts_sets_first_picks_and_top3():
+    old = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [4, 5, -1, -1]])
+    new = torch.tensor([[3, 2, 1, 0], [0, 1, 2, 5], [1, 0, 2, 4], [4, 5, -1, -1]])
+    got = S.subset_agreement(old, new)
+    assert got["exact_match"].tolist() == [1.0, 0.0, 0.0, 1.0]  # sets, order ignored; -1 is no pick
+    assert got["jaccard"].tolist() == pytest.approx([1.0, 3 / 5, 3 / 5, 1.0])
+    assert got["top1_match"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert got["top3_exact_match"].tolist() == [0.0, 1.0, 1.0, 1.0]  # {0,1,2} == {1,0,2}
+
+
+def _extracted(P=6, C=8, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(P, C, d, generator=g)
+    ref = torch.randn(P, C, generator=g)
+    mask = torch.ones(P, C, dtype=torch.bool)
+    mask[0, -2:] = False  # a smaller pool
+    return Extracted([f"p{i}" for i in range(P)], feats, ref, ref.clone(), mask,
+                     torch.randint(0, C - 2, (P,), generator=g))
+
+
+def test_at_checkpoint_gives_delta_equal_to_phi_dot_theta():
+    from mass_dpo.extraction import selection_inputs
+
+    ex = _extracted()
+    theta = torch.randn(5)
+    phi, delta, mask, _ = selection_inputs(S.at_checkpoint(ex, theta))
+    assert torch.allclose(delta, (phi @ theta) * mask, atol=1e-4)
+    _, zero, _, _ = selection_inputs(S.at_checkpoint(ex, torch.zeros(5)))
+    assert torch.count_nonzero(zero) == 0  # initialisation: every Delta_i is 0
+
+
+def test_recompute_is_perfectly_stable_when_theta_does_not_move_and_changes_when_it_does():
+    ex = _extracted()
+    same = S.recompute(ex, torch.zeros(5), torch.zeros(5), 3)
+    assert same["exact_match"] == same["jaccard"] == 1.0
+    assert same["objective_retention"] == pytest.approx(1.0)
+    far = S.recompute(ex, torch.zeros(5), 50 * torch.randn(5, generator=torch.Generator().manual_seed(1)), 3)
+    assert far["exact_match"] < 1.0
+    assert 0.0 < far["objective_retention"]
+    for key in ("exact_match", "jaccard", "top1_match", "top3_exact_match"):
+        assert 0.0 <= far[key] <= 1.0
+    # the old subset scored under the new design: its gain is what greedy's own subset is compared with
+    new_ex = S.at_checkpoint(ex, 50 * torch.randn(5, generator=torch.Generator().manual_seed(1)))
+    idx, gain = S.select(new_ex, 3)
+    assert torch.allclose(S.subset_gain(new_ex, idx), gain)
+
+
+def test_selecting_the_whole_pool_is_always_stable():
+    ex = _extracted()
+    res = S.recompute(ex, torch.zeros(5), 30 * torch.randn(5), 7)  # n = C - 1: every negative
+    assert res["exact_match"] == 1.0 and res["jaccard"] == 1.0
+
+
+# ---------------------------------------------------------------- summaries and tables
+
+
+def _runs():
+    rows = []
+    for method, base in (("sdpo", 0.5), ("mass_dpo", 0.6)):
+        for dataset in E.DATASETS:
+            for seed in (0, 1, 2):
+                rows.append({"model": "smollm2", "method": method, "dataset": dataset, "seed": seed, "n": 3,
+                             "beta": 0.1, "accuracy": base + 0.01 * seed, "accuracy_se": 0.05,
+                             "margin": 2.0 + seed, "margin_se": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_summarize_mean_and_se_over_seeds_in_percent():
+    s = E.summarize(_runs(), ["model", "method", "dataset"], ["accuracy", "margin"])
+    row = s[(s["method"] == "sdpo") & (s["dataset"] == "qasc") & (s["metric"] == "accuracy")].iloc[0]
+    assert row["value"] == pytest.approx(51.0)
+    assert row["se"] == pytest.approx(100 * np.std([0.5, 0.51, 0.52], ddof=1) / math.sqrt(3))
+    assert row["se_over"] == "seeds" and row["seeds"] == 3
+    margin = s[(s["method"] == "sdpo") & (s["dataset"] == "qasc") & (s["metric"] == "margin")].iloc[0]
+    assert margin["value"] == pytest.approx(3.0)  # not a percentage
+
+
+def test_summarize_one_seed_falls_back_to_the_test_set_se():
+    runs = _runs()
+    s = E.summarize(runs[runs["seed"] == 0], ["method", "dataset"], ["accuracy"])
+    assert set(s["se_over"]) == {"prompts"} and s["se"].iloc[0] == pytest.approx(5.0)
+
+
+def test_table1_beside_the_paper_with_difference_and_average():
+    runs = _runs()
+    t = E.method_table(runs, "table1", ["accuracy"], model="smollm2", average=True)
+    assert set(t["dataset"]) == set(E.DATASETS) | {"avg"}
+    ref = E.paper_reference("table1")
+    want = ref[(ref["model"] == "Qwen3") & (ref["method"] == "S-DPO") & (ref["dataset"] == "qasc")]["value"].iloc[0]
+    row = t[(t["method"] == "S-DPO") & (t["dataset"] == "qasc")].iloc[0]
+    assert row["paper_Qwen3"] == pytest.approx(want)
+    # smollm2 is not a paper model: the reference is the mean of the paper's three models
+    assert row["paper"] == pytest.approx(np.mean([row["paper_Qwen3"], row["paper_SmolLM3"], row["paper_Llama3"]]))
+    assert row["diff"] == pytest.approx(row["value"] - row["paper"])
+    llama = E.method_table(runs.assign(model="llama3"), "table1", ["accuracy"], model="llama3")
+    r = llama[(llama["method"] == "MASS-DPO") & (llama["dataset"] == "lastfm")].iloc[0]
+    assert r["paper"] == pytest.approx(r["paper_Llama3"])
+
+
+def test_average_only_when_every_dataset_ran():
+    runs = _runs()
+    t = E.method_table(runs[runs["dataset"] != "movielens"], "table1", ["accuracy"], model="smollm2", average=True)
+    assert "avg" not in set(t["dataset"])
+
+
+def test_ablation_specs_and_table_join_numeric_settings():
+    specs = E.ablation_specs(["qasc"], [0])
+    assert sorted((s["beta"], s["n"]) for s in specs) == [(0.1, 1), (0.1, 3), (0.1, 5), (0.5, 3), (1.0, 3)]
+    runs = pd.DataFrame([{"model": "smollm2", "dataset": "qasc", "seed": 0, "n": s["n"], "beta": s["beta"],
+                          "accuracy": 0.5 + s["n"] / 100 - s["beta"] / 10, "accuracy_se": 0.01} for s in specs])
+    t = E.ablation_table(runs, model="smollm2")
+    assert t["paper"].notna().all()  # "1" meets the paper's 1.0, "0.1" its 0.1
+    best = E.best_setting(t).set_index("ablation")
+    assert best.loc["beta", "ours_best"] == "0.1" and best.loc["n", "ours_best"] == "5"
+
+
+def test_wide_table_cells_carry_se_and_paper():
+    long = pd.DataFrame({"method": ["A", "A"], "dataset": ["x", "y"], "value": [1.234, 2.0], "se": [0.1, np.nan],
+                         "paper": [3.0, np.nan]})
+    w = E.wide_table(long, "method", "dataset")
+    assert w.loc[0, "x"] == "1.23 ± 0.10 [paper 3.00]" and w.loc[0, "y"] == "2.00"
+
+
+def test_stability_table_compares_final_checkpoint_with_the_paper():
+    stab = pd.DataFrame([{"model": "llama3", "dataset": "movielens", "n": 5, "seed": 0, "checkpoint": c,
+                          "exact_match": 1.0, "jaccard": 1.0, "top1_match": 1.0, "top3_exact_match": 1.0,
+                          "objective_retention": 1.0} for c in ("mid", "final")])
+    t = E.stability_table(stab, model="llama3")
+    final = t[(t["checkpoint"] == "final") & (t["metric"] == "exact_match")].iloc[0]
+    assert final["paper"] == pytest.approx(0.992) and final["diff"] == pytest.approx(0.008)
+    assert t[t["checkpoint"] == "mid"]["paper"].isna().all()
+
+
+def test_wallclock_table_ratio():
+    clock = pd.DataFrame([
+        {"model": "m", "dataset": "d", "seed": 0, "component": "train_epoch_mass_dpo_5", "seconds": 2.0},
+        {"model": "m", "dataset": "d", "seed": 0, "component": "train_epoch_sdpo_19", "seconds": 3.0},
+        {"model": "m", "dataset": "d", "seed": None, "component": "extraction", "seconds": 10.0},
+    ])
+    t = E.wallclock_table(clock).set_index("component")
+    assert t.loc["ratio_sdpo_19_over_mass_dpo_5", "seconds"] == pytest.approx(1.5)
+    assert t.loc["ratio_sdpo_19_over_mass_dpo_5", "paper_minutes"] == pytest.approx(612.6 / 331.2)
+    assert t.loc["extraction", "paper_minutes"] == 42.0
+
+
+def test_grid_crosses_every_axis():
+    g = E.grid(["a", "b"], ["sdpo", "mass_dpo"], [0, 1], n=[1, 3], beta=0.1)
+    assert len(g) == 16 and all(s["beta"] == 0.1 for s in g)
+
+
+# ---------------------------------------------------------------- data that is missing
+
+
+def test_missing_dataset_is_reported_not_raised(monkeypatch):
+    monkeypatch.delenv("MASS_DPO_DATA", raising=False)
+    lines = []
+    got = E.available(["qasc", "movielens"], "samples", echo=lines.append)
+    assert list(got) == ["qasc"]
+    assert len(lines) == 1 and "movielens" in lines[0] and "SKIPPED" in lines[0]
+
+
+def test_movielens_comes_from_mass_dpo_data_when_samples_lack_it(monkeypatch, shared_data):
+    monkeypatch.setenv("MASS_DPO_DATA", str(shared_data))
+    where, why = E.dataset_location("movielens", "samples")
+    assert why == "" and where == str(shared_data)
+    assert E.dataset_location("qasc", "samples") == ("samples", "")
+
+
+# ---------------------------------------------------------------- notebooks and profiles agree
+
+PAPER_NOTEBOOKS = ["quickstart", "training_dynamics", "table1", "table2", "table3", "table4", "table5", "table6",
+                   "table7", "table8"]
+
+
+def _defaults(name):
+    nb = nbformat.read(repo_root() / "notebooks" / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {s.target.id: ast.literal_eval(s.value) for s in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("name", PAPER_NOTEBOOKS)
+def test_cpu_profile_is_the_notebook_defaults(name):
+    defaults = _defaults(name)
+    for key, value in profile_parameters("cpu", name).items():
+        if key in defaults:
+            assert defaults[key] == value, f"{name}: {key} default {defaults[key]!r} != cpu profile {value!r}"
+    for key in ("model", "regime", "profile", "out_dir", "seeds" if name != "quickstart" else "seed"):
+        assert key in defaults, f"{name} lacks the {key} parameter"
+    if name != "quickstart":
+        for key in ("datasets", "data_dir", "n", "beta", "train_limit", "eval_limit", "test_limit"):
+            assert key in defaults, f"{name} lacks the {key} parameter"
+    assert defaults["out_dir"] == f"papers_figures/{name}"
+
+
+def test_every_paper_notebook_runs_in_the_reproduce_order():
+    from mass_dpo.reproduce import NOTEBOOKS
+
+    assert set(PAPER_NOTEBOOKS) <= set(NOTEBOOKS)
+
+
+# ---------------------------------------------------------------- runs trained beforehand (multi-GPU)
+
+
+def test_notebook_specs_match_the_notebook_parameters():
+    p = E.notebook_parameters("table1", "smoke")
+    assert p["model"] == "tiny" and p["datasets"] == ["qasc", "lastfm", "movielens"]
+    assert len(E.notebook_specs("table1", p)) == 5 * 3
+    p3 = E.notebook_parameters("table3", "cpu")
+    assert len(E.notebook_specs("table3", p3)) == 5 * len(p3["datasets"]) * len(p3["seeds"])
+    p8 = E.notebook_parameters("table8", "cpu")
+    epochs = {(s["method"], s["num_train_epochs"]) for s in E.notebook_specs("table8", p8)}
+    assert epochs == {("mass_dpo", 2.0), ("sdpo", 1.0)}
+
+
+def test_runs_trained_under_several_processes_are_loaded_not_retrained(tmp_path):
+    import json
+
+    from mass_dpo.runs import run_dir
+    from mass_dpo.training import resolve_config
+
+    setup = E.Setup(model="tiny", profile="smoke", seeds=[0], root=str(tmp_path), trained_world_size=8)
+    spec = {"dataset": "qasc", "method": "sdpo", "seed": 0, "n": 3}
+    cfg = resolve_config(E._config(setup, spec, "samples"))
+    path = run_dir(cfg, root=tmp_path, world=8)
+    assert path != run_dir(cfg, root=tmp_path, world=1)  # the hash covers the world size
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    (path / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.75}, "seconds": {"train": 1.0}}))
+    result = E.run_one(setup, spec, data_dir="samples")
+    assert result.run_dir == path and result.metrics["accuracy"] == 0.75 and result.cached
+
+
+@pytest.mark.slow
+def test_load_split_reads_the_extraction_the_run_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "runs"))
+    setup = E.Setup(model="tiny", profile="smoke", seeds=[0], train_limit=6, eval_limit=0, test_limit=4)
+    result = E.run_one(setup, {"dataset": "qasc", "method": "mass_dpo", "seed": 0, "n": 2}, data_dir="samples")
+    ex = E.load_split(result.config, "train")
+    assert ex.meta["cache_hit"] and len(ex) == 6  # no second extraction for Tables 4 and 7
+    assert E.has_snapshots(result.run_dir)  # the loglinear run saved theta at mid-training and at the end
+    mid = torch.load(result.run_dir / "snapshots" / "mid.pt")
+    final = torch.load(result.run_dir / "snapshots" / "final.pt")
+    assert 0 < mid["step"] < final["step"] and final["theta"].shape == (64,)
+
+
+def test_best_setting_reports_ties():
+    t = pd.DataFrame({"model": "m", "ablation": "beta", "dataset": "d", "setting": ["0.1", "0.5", "1"],
+                      "value": [20.0, 20.0, 10.0], "paper": [3.0, 2.0, 1.0]})
+    best = E.best_setting(t).iloc[0]
+    assert best["ours_best"] == "tie 0.1/0.5" and best["paper_best"] == "0.1"
