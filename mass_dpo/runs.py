@@ -184,11 +184,8 @@ class RunData:
 
 
 def _device():
-    if world_size() > 1:
-        from accelerate import PartialState
-
-        return PartialState().device
-    return None
+    state = _state()
+    return None if state is None else state.device
 
 
 def prepare_data(config: TrainConfig) -> RunData:
@@ -235,11 +232,12 @@ def prepare_data(config: TrainConfig) -> RunData:
 
 
 def _state():
-    if world_size() > 1:
-        from accelerate import PartialState
+    """accelerate's process state under ``accelerate launch`` (made with ``cpu=True`` without CUDA, so that the
+    processes really talk over gloo: a bare ``PartialState()`` on a CPU machine reports every process as the main
+    one, and they race over the run folder), else ``None``."""
+    from .extraction import _partial_state
 
-        return PartialState()
-    return None
+    return _partial_state()
 
 
 def _barrier(state) -> None:
