@@ -22,13 +22,12 @@ Construction (settings in ``params/datasets/medmcqa.yaml``):
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, normalize_text, qa_prompt, rng_for, stable_fraction, summarize
+from .records import RecordError, make_record, read_json_rows, normalize_text, qa_prompt, rng_for, stable_fraction, summarize
 
 NAME = "medmcqa"
 HAS_SAMPLE = True
@@ -66,18 +65,7 @@ def carve(qid: str, settings: dict[str, Any]) -> str:
 
 def read_local(path: Path) -> list[dict[str, Any]]:
     """The released JSON-lines file (a JSON list is accepted too)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as err:
-                raise RecordError(f"{path}: line {lineno} is not JSON ({err})") from err
-    return rows
+    return read_json_rows(path)
 
 
 class _Pool:

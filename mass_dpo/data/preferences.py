@@ -13,13 +13,12 @@ A negative repeated within one pool is kept once, with a warning.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, summarize, to_dataset
+from .records import RecordError, make_record, read_json_rows, summarize, to_dataset
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -37,20 +36,9 @@ def _read(source) -> tuple[list[dict[str, Any]], str, str, str]:
             return pq.read_table(path).to_pylist(), str(path), path.stem, "row"
         if suffix in (".jsonl", ".json", ".ndjson"):
             with open(path, encoding="utf-8") as f:
-                text = f.read()
-            if text.lstrip().startswith("["):
-                rows = json.loads(text)
-                return rows, str(path), path.stem, "row"
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    rows.append(None)  # keep numbering: rows[i] is line i + 1
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as err:
-                    raise RecordError(f"{path}: line {lineno} is not JSON ({err})") from err
-            return rows, str(path), path.stem, "line"
+                is_list = f.read(4096).lstrip().startswith("[")
+            rows = read_json_rows(path, keep_blank=True)  # keeps numbering: rows[i] is line i + 1
+            return rows, str(path), path.stem, "row" if is_list else "line"
         raise ValueError(f"{path}: unsupported preference file type {suffix!r}; use .jsonl, .json or .parquet")
     try:
         import datasets

@@ -11,11 +11,10 @@ choice texts, the same offline and online.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, normalize_text, qa_prompt, rng_for, short_hash, stable_fraction, summarize
+from .records import RecordError, make_record, read_json_rows, normalize_text, qa_prompt, rng_for, short_hash, stable_fraction, summarize
 
 NAME = "qasc"
 HAS_SAMPLE = True
@@ -82,15 +81,7 @@ def build_records(rows: list[dict[str, Any]], source: str, split: str, settings:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as err:
-                    raise RecordError(f"{path}: line {lineno} is not JSON ({err})") from err
-    return rows
+    return read_json_rows(path)
 
 
 def build(data_dir: Path, split: str, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], Path]:
