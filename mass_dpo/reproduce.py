@@ -8,6 +8,7 @@ it. A failing notebook is reported (notebook, cell, error) and the remaining not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -74,6 +75,21 @@ def _describe_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Send this process's file descriptor 2 (and so the kernel's, which inherits it) into ``file``, so the console
+    keeps only the progress lines and the kernel's warnings land in the notebook's log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: Path, kernel: str = "python3"
                  ) -> NotebookResult:
     """Execute ``notebooks_dir/<name>.ipynb`` into ``out_dir/executed/`` (never over itself)."""
@@ -89,7 +105,7 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
     if "out_dir" in declared and "out_dir" not in params:
         params["out_dir"] = str(out_dir / name)
     start = time.perf_counter()
-    with open(log, "w") as log_file:
+    with open(log, "w") as log_file, _stderr_to(log_file):
         try:
             pm.execute_notebook(
                 str(source),
