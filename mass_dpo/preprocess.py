@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .extraction import POOLINGS, Extracted, extract, selection_inputs
-from .selection import STRATEGIES, fisher_vectors, greedy_logdet, select_negatives
+from .selection import STRATEGIES, score_subset, select_negatives
 
 LOGITS = ("auto", "delta", "policy")
 
@@ -55,16 +55,6 @@ def _slice(ex: Extracted, lo: int, hi: int) -> Extracted:
         ex.ids[lo:hi], ex.features[lo:hi], ex.ref_logps[lo:hi], ex.theta0_logps[lo:hi], ex.mask[lo:hi],
         ex.target[lo:hi], ex.meta,
     )
-
-
-def score_subset(phi, logits, mask, order, beta: float, gamma: float, center: bool = True):
-    """``(gains [P, k], logdet [P], alpha0 [P])`` of given subsets (``order`` ``[P, k]``, ``-1`` = none) under the
-    D-optimal criterion of Algorithm 1 with these logits (the selector's own scoring, eq. 11-14)."""
-    v, alpha = fisher_vectors(phi, logits, mask, beta, center)
-    gram = torch.bmm(v, v.transpose(1, 2)) * (alpha / gamma)[:, None, None]
-    _, gains = greedy_logdet(gram, mask, order.shape[1], order)
-    logdet = phi.shape[-1] * math.log(gamma) + gains.nan_to_num(0.0).sum(-1)
-    return gains, logdet, alpha
 
 
 def select_extracted(
@@ -99,9 +89,8 @@ def select_extracted(
         idx = sel.indices
         if kind != "delta":  # the order came from other logits: score the subset under Algorithm 1's q
             _, delta, _, _ = selection_inputs(chunk, logits="delta")
-            sel.gains, sel.logdet, sel.alpha = score_subset(
-                phi.double(), delta.double(), mask, idx, beta, gamma, center
-            )
+            scored = score_subset(phi.double(), delta.double(), idx, beta=beta, gamma=gamma, center=center, mask=mask)
+            sel.gains, sel.logdet, sel.alpha = scored.gains, scored.logdet, scored.alpha
             lg = delta
         picked = torch.where(idx >= 0, torch.gather(cand, 1, idx.clamp_min(0)), torch.full_like(idx, -1))
         parts["indices"].append(picked)

@@ -111,6 +111,15 @@ def _check_features(raw: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, offs
     )
 
 
+def fisher_weights(logits: torch.Tensor, mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lines 3 and 5 of Algorithm 1, batched: ``q = softmax(beta l)`` ``[B, N]`` (0 where masked) and
+    ``alpha0 = beta^2 (1 - sigmoid(Z))`` ``[B]``, ``Z = -logsumexp(beta l)``, computed as ``beta^2 sigmoid(-Z)``
+    (the literal form rounds to 0)."""
+    s = (beta * logits).masked_fill(~mask, float("-inf"))
+    q = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return q, beta**2 * torch.sigmoid(torch.logsumexp(s, dim=-1))
+
+
 def fisher_vectors(phi: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, beta: float, center: bool = True):
     """Lines 3-5 of Algorithm 1, batched.
 
@@ -121,16 +130,13 @@ def fisher_vectors(phi: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, 
         ``(v, alpha0)``: ``v`` ``[B, N, d]`` with ``v_i = sqrt(q_i) (phi_i - phibar)`` (zero where masked;
         ``sqrt(q_i) phi_i`` when ``center=False``) and ``alpha0`` ``[B]``.
     """
-    s = (beta * logits).masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [B]; -inf for an empty pool
-    q = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, N]
+    q, alpha0 = fisher_weights(logits, mask, beta)
     phi = phi.masked_fill(~mask[..., None], 0.0)
     if center:
         phibar = torch.einsum("bn,bnd->bd", q, phi)
         phi = phi - phibar[:, None, :]
     v = q.sqrt()[..., None] * phi
     v = v.masked_fill(~mask[..., None], 0.0)
-    alpha0 = beta**2 * torch.sigmoid(lse)  # = beta^2 (1 - sigmoid(-lse)), without the rounding to 0
     return v, alpha0
 
 
@@ -224,6 +230,83 @@ def scaled_gram(raw: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, center:
     return p * (w[:, :, None] * w[:, None, :]) * scale[:, None, None]
 
 
+def _design(phi, logits, mask, k: int, order, beta: float, gamma: float, center: bool):
+    """The D-optimal design of Algorithm 1 for ``[B, N, d]`` inputs, in chunks of prompts: greedy picks
+    (``order=None``) or the gains of a given ``order`` ``[B, k]``. Returns ``(indices, gains, logdet, alpha)``."""
+    B, N, d = phi.shape
+    q, alpha = fisher_weights(logits.to(torch.float64), mask, beta)  # [B, N] work, in float64 (cheap)
+    idx_chunks, gain_chunks = [], []
+    step = _chunk_size(N, d, phi.element_size())
+    for lo in range(0, B, step):
+        hi = min(B, lo + step)
+        m, x = mask[lo:hi], phi[lo:hi]
+        if phi.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if not m.all():
+            x = x.masked_fill(~m[..., None], 0.0)
+        raw = torch.bmm(x, x.transpose(1, 2))  # [b, N, N], never d x d
+        _check_features(raw, x, m, lo)
+        gram = scaled_gram(raw, q[lo:hi], alpha[lo:hi] / gamma, center)
+        ind, gain = greedy_logdet(gram, m, k, None if order is None else order[lo:hi])
+        idx_chunks.append(ind)
+        gain_chunks.append(gain)
+    indices = torch.cat(idx_chunks)
+    gains = torch.cat(gain_chunks)
+    logdet = d * float(np.log(gamma)) + gains.nan_to_num(0.0).sum(-1)
+    return indices, gains, logdet, alpha
+
+
+def _prepare(phi, logits, mask):
+    """Tensors ``[B, N, d]``, ``[B, N]``, ``[B, N]`` bool from any accepted input; ``single`` for ``[N, d]`` input."""
+    phi = _as_tensor(phi, "phi")
+    logits = _as_tensor(logits, "logits").to(phi.device)
+    single = phi.dim() == 2
+    if single:
+        phi = phi[None]
+        if logits.dim() == 1:
+            logits = logits[None]
+    if mask is None:
+        mask = torch.ones(logits.shape, dtype=torch.bool, device=phi.device)
+    else:
+        mask = _as_tensor(mask, "mask").to(device=phi.device, dtype=torch.bool)
+        if single and mask.dim() == 1:
+            mask = mask[None]
+    return phi, logits, mask, single
+
+
+def _result(indices, gains, logdet, alpha, single: bool, numpy_out: bool) -> Selection:
+    if single:
+        indices, gains, logdet, alpha = indices[0], gains[0], logdet[0], alpha[0]
+    if numpy_out:
+        return Selection(indices.cpu().numpy(), gains.cpu().numpy(), logdet.cpu().numpy(), alpha.cpu().numpy())
+    return Selection(indices, gains, logdet, alpha)
+
+
+def score_subset(phi, logits, order, *, beta: float = 0.1, gamma: float = 0.1, center: bool = True, mask=None
+                 ) -> Selection:
+    """Score given subsets under the D-optimal criterion of Algorithm 1 (eq. 11-14), without choosing them.
+
+    Args:
+        phi, logits, mask: as for :func:`select_negatives`.
+        order: ``[k]`` or ``[B, k]`` candidate indices in the order they are added (``-1`` = none).
+
+    Returns:
+        :class:`Selection` with ``indices = order`` and the marginal ``gains``, ``logdet`` and ``alpha`` of that order.
+    """
+    numpy_in = not isinstance(phi, torch.Tensor)
+    phi, logits, mask, single = _prepare(phi, logits, mask)
+    order = _as_tensor(order, "order").to(device=phi.device, dtype=torch.long)
+    if single and order.dim() == 1:
+        order = order[None]
+    _validate(phi, logits, mask, 0, beta, gamma)
+    if order.dim() != 2 or order.shape[0] != phi.shape[0]:
+        raise ValueError(f"order must be [B, k] with B = {phi.shape[0]}, got {tuple(order.shape)}")
+    if (order >= phi.shape[1]).any():
+        raise ValueError(f"order holds indices >= the pool size {phi.shape[1]}")
+    _, gains, logdet, alpha = _design(phi, logits, mask, order.shape[1], order, beta, gamma, center)
+    return _result(order, gains, logdet, alpha, single, numpy_in)
+
+
 def select_negatives(
     phi,
     logits,
@@ -256,19 +339,7 @@ def select_negatives(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     numpy_in = not isinstance(phi, torch.Tensor)
-    phi = _as_tensor(phi, "phi")
-    logits = _as_tensor(logits, "logits").to(phi.device)
-    single = phi.dim() == 2
-    if single:
-        phi = phi[None]
-        if logits.dim() == 1:
-            logits = logits[None]
-    if mask is None:
-        mask = torch.ones(logits.shape, dtype=torch.bool, device=phi.device)
-    else:
-        mask = _as_tensor(mask, "mask").to(device=phi.device, dtype=torch.bool)
-        if single and mask.dim() == 1:
-            mask = mask[None]
+    phi, logits, mask, single = _prepare(phi, logits, mask)
     _validate(phi, logits, mask, n, beta, gamma)
 
     B, N, d = phi.shape
@@ -282,32 +353,5 @@ def select_negatives(
     else:
         order = None
 
-    # Lines 3-5 of Algorithm 1 on the [B, N] logits, in float64 (cheap).
-    s = (beta * logits.to(torch.float64)).masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    q = torch.softmax(s, dim=-1).nan_to_num(0.0)  # [B, N], 0 where masked
-    alpha = beta**2 * torch.sigmoid(lse)  # = beta^2 (1 - sigmoid(Z)), Z = -lse, without the rounding to 0
-
-    idx_chunks, gain_chunks = [], []
-    step = _chunk_size(N, d, phi.element_size())
-    for lo in range(0, B, step):
-        hi = min(B, lo + step)
-        m, x = mask[lo:hi], phi[lo:hi]
-        if phi.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        if not m.all():
-            x = x.masked_fill(~m[..., None], 0.0)
-        raw = torch.bmm(x, x.transpose(1, 2))  # [b, N, N], never d x d
-        _check_features(raw, x, m, lo)
-        gram = scaled_gram(raw, q[lo:hi], alpha[lo:hi] / gamma, center)
-        ind, gain = greedy_logdet(gram, m, k, None if order is None else order[lo:hi])
-        idx_chunks.append(ind)
-        gain_chunks.append(gain)
-    indices = torch.cat(idx_chunks)
-    gains = torch.cat(gain_chunks)
-    logdet = d * float(np.log(gamma)) + gains.nan_to_num(0.0).sum(-1)
-    if single:
-        indices, gains, logdet, alpha = indices[0], gains[0], logdet[0], alpha[0]
-    if numpy_in:
-        return Selection(indices.cpu().numpy(), gains.cpu().numpy(), logdet.cpu().numpy(), alpha.cpu().numpy())
-    return Selection(indices, gains, logdet, alpha)
+    indices, gains, logdet, alpha = _design(phi, logits, mask, k, order, beta, gamma, center)
+    return _result(indices, gains, logdet, alpha, single, numpy_in)

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from .extraction import Extracted, selection_inputs
-from .preprocess import score_subset
+from .selection import score_subset
 from .selection import select_negatives
 
 
@@ -81,7 +81,7 @@ def select(ex: Extracted, n: int, *, beta: float = 0.1, gamma: float = 0.1):
 def subset_gain(ex: Extracted, order, *, beta: float = 0.1, gamma: float = 0.1) -> torch.Tensor:
     """``[P]`` ``log det(I + G[S, S])`` of given subsets ``order`` ``[P, k]`` under the design at ``ex``."""
     phi, lg, mask, _ = selection_inputs(ex)
-    gains, _, _ = score_subset(phi.double(), lg.double(), mask, torch.as_tensor(order).long(), beta, gamma)
+    gains = score_subset(phi.double(), lg.double(), torch.as_tensor(order).long(), beta=beta, gamma=gamma, mask=mask).gains
     return gains.nan_to_num(0.0).sum(-1)
 
 

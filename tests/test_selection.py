@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mass_dpo import select_negatives
+from mass_dpo.selection import score_subset
 from reference_selection import algorithm1, brute_force, subset_logdet
 
 CASES = [  # (N, d, n, beta, gamma)
@@ -235,3 +236,18 @@ def test_bad_inputs_name_the_problem():
         select_negatives(phi[0, 0], logits[0], 2)
     with pytest.raises(ValueError, match="mask"):
         select_negatives(phi, logits, 2, mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_score_subset_scores_a_given_order():
+    phi, logits = _random_pools(5, 10, 6, seed=13)
+    sel = select_negatives(phi, logits, 4, beta=0.5)
+    again = score_subset(phi, logits, sel.indices, beta=0.5)
+    torch.testing.assert_close(again.gains, sel.gains)
+    torch.testing.assert_close(again.logdet, sel.logdet)
+    order = torch.tensor([[3, 0, -1]] * 5)
+    scored = score_subset(phi, logits, order, beta=0.5)
+    for b in range(5):
+        assert float(scored.logdet[b]) == pytest.approx(subset_logdet(phi[b], logits[b], [3, 0], 0.5, 0.1), rel=1e-8)
+    assert torch.isnan(scored.gains[:, 2]).all()
+    with pytest.raises(ValueError, match="pool size"):
+        score_subset(phi, logits, torch.tensor([[10]] * 5))
