@@ -602,7 +602,7 @@ def extract(
     if not records:
         raise ValueError("the dataset is empty")
     _check_records(records)
-    state = _partial_state()
+    state = process_state()
     if device is None and state is not None and state.num_processes > 1:
         device = state.device
     t0 = time.time()
@@ -702,7 +702,7 @@ def _to_extracted(tensors: dict, manifest: dict, *, cache_hit: bool) -> Extracte
     )
 
 
-def _partial_state():
+def process_state():
     """accelerate's ``PartialState`` when running under ``accelerate launch`` (several processes), else ``None``.
 
     Without CUDA (or under ``--cpu``) the state is made with ``cpu=True``, so that the processes talk over gloo:

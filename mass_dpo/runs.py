@@ -235,9 +235,9 @@ def _state():
     """accelerate's process state under ``accelerate launch`` (made with ``cpu=True`` without CUDA, so that the
     processes really talk over gloo: a bare ``PartialState()`` on a CPU machine reports every process as the main
     one, and they race over the run folder), else ``None``."""
-    from .extraction import _partial_state
+    from .extraction import process_state
 
-    return _partial_state()
+    return process_state()
 
 
 def _barrier(state) -> None:
