@@ -1,13 +1,17 @@
 """Ranking and preference metrics, each with its standard error (sample std / sqrt(count)).
 
 Every prompt has one relevant candidate (the chosen response, ``target``) among ``N`` scored candidates.
-Its rank counts ties against it: ``rank = 1 + #{other valid candidates with score >= the target's}``.
+Its rank is ``1 + #{other valid candidates scored above it}`` when no other candidate ties with it. Ties are
+broken uniformly at random *in expectation* (``ties="expected"``, the default; McSherry and Najork, ECIR 2008): with
+``g`` others strictly above and ``t`` others tied, the rank is uniform on ``g + 1 .. g + t + 1`` and every metric is
+its mean over those ranks, so a constant score (an untrained log-linear policy scored by its implicit reward) sits
+exactly at chance (``recall@1 = 1 / N``). ``ties="pessimistic"`` counts every tie against the target instead.
 
 - ``recall@k``: share of prompts with ``rank <= k`` (``recall@1`` is top-1 accuracy over the whole pool).
 - ``ndcg@k``:   mean of ``1 / log2(rank + 1)`` where ``rank <= k``, else 0 (one relevant item, so IDCG = 1).
 - ``mrr``:      mean of ``1 / rank``.
-- ``accuracy``: share of prompts whose chosen score beats every one of a fixed set of negatives
-  (the reward accuracy DPO trainers report; :func:`preference_metrics`).
+- ``pairwise_accuracy`` (:func:`preference_metrics`, named ``accuracy`` there): share of prompts whose chosen score
+  beats every one of a fixed set of negatives (the reward accuracy DPO trainers report); ties as above.
 - ``margin``:   mean over prompts of the chosen score minus the mean score of those negatives.
 """
 
@@ -58,38 +62,81 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     return 1 + beats.sum(-1)
 
 
-def ranking_metrics(scores, target, *, ks=(1, 3, 5), mask=None) -> dict[str, float]:
+def _check_ties(ties: str) -> None:
+    if ties not in ("expected", "pessimistic"):
+        raise ValueError(f"ties must be 'expected' or 'pessimistic', got {ties!r}")
+
+
+def rank_bounds(scores, target, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(above [B], tied [B])``: the number of other valid candidates scored strictly above the target, and tied
+    with it. The target's rank is ``above + 1`` when ties break in its favour, ``above + tied + 1`` against it."""
+    worst = target_ranks(scores, target, mask)
+    scores = torch.as_tensor(scores)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    m = torch.ones_like(scores, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=scores.device).bool()
+    others = m.clone()
+    others[rows, torch.as_tensor(target, device=scores.device).long()] = False
+    t = scores[rows, torch.as_tensor(target, device=scores.device).long()]
+    above = ((scores > t[:, None]) & others).sum(-1)
+    return above, worst - 1 - above
+
+
+def per_prompt_ranking(scores, target, *, ks=(1, 3, 5), mask=None, ties: str = "expected") -> dict[str, torch.Tensor]:
+    """``{"recall@k": [B], "ndcg@k": [B], "mrr": [B]}`` float64 per prompt (what :func:`ranking_metrics` averages;
+    kept for paired comparisons of two methods on the same prompts). Ties: see the module docstring."""
+    _check_ties(ties)
+    above, tied = rank_bounds(scores, target, mask)
+    above, tied = above.to(torch.float64).cpu(), tied.to(torch.float64).cpu()
+    if ties == "pessimistic":
+        above, tied = above + tied, torch.zeros_like(tied)
+    N = int(torch.as_tensor(scores).shape[1])
+    r = torch.arange(1, N + 1, dtype=torch.float64)
+    lo = above.long()  # ranks above .. above + tied + 1, uniformly: averages from prefix sums over r = 1..N
+    hi = (above + tied + 1).long()
+    count = tied + 1
+
+    def mean_over_ranks(f: torch.Tensor) -> torch.Tensor:
+        csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(f, 0)])
+        return (csum[hi] - csum[lo]) / count
+
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        out[f"recall@{k}"] = mean_over_ranks((r <= k).to(torch.float64))
+        out[f"ndcg@{k}"] = mean_over_ranks(torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)))
+    out["mrr"] = mean_over_ranks(1.0 / r)
+    return out
+
+
+def ranking_metrics(scores, target, *, ks=(1, 3, 5), mask=None, ties: str = "expected") -> dict[str, float]:
     """Recall@k, NDCG@k and MRR with standard errors (see the module docstring for the definitions).
 
     Args:
         scores: ``[B, N]`` higher = better; target: ``[B]`` index of the relevant candidate;
-        ks: cut-offs; mask: ``[B, N]`` bool for pools of different sizes.
+        ks: cut-offs; mask: ``[B, N]`` bool for pools of different sizes;
+        ties: ``"expected"`` (random tie-breaking in expectation) or ``"pessimistic"`` (ties count against).
 
     Returns:
         ``{"recall@1": ..., "recall@1_se": ..., "ndcg@1": ..., ..., "mrr": ..., "mrr_se": ...}`` as floats.
     """
-    rank = target_ranks(scores, target, mask).to(torch.float64)
     out: dict[str, float] = {}
-    for k in ks:
-        hit = (rank <= k).to(torch.float64)
-        out[f"recall@{k}"], out[f"recall@{k}_se"] = mean_se(hit)
-        gain = torch.where(rank <= k, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank))
-        out[f"ndcg@{k}"], out[f"ndcg@{k}_se"] = mean_se(gain)
-    out["mrr"], out["mrr_se"] = mean_se(1.0 / rank)
+    for name, values in per_prompt_ranking(scores, target, ks=ks, mask=mask, ties=ties).items():
+        out[name], out[f"{name}_se"] = mean_se(values)
     return out
 
 
-def preference_metrics(chosen_scores, rejected_scores, *, mask=None) -> dict[str, float]:
+def preference_metrics(chosen_scores, rejected_scores, *, mask=None, ties: str = "pessimistic") -> dict[str, float]:
     """Reward accuracy and reward margin with standard errors.
 
     Args:
         chosen_scores: ``[B]``; rejected_scores: ``[B, K]`` (a fixed set of negatives per prompt);
-        mask: ``[B, K]`` bool.
+        mask: ``[B, K]`` bool; ties: ``"pessimistic"`` (a tie is a loss, as DPO trainers count) or ``"expected"``
+            (no negative strictly above and ``t`` tied: the chosen one wins with probability ``1 / (t + 1)``).
 
     Returns:
-        ``accuracy`` (chosen beats every valid negative, strictly), ``margin`` (chosen minus the mean of the
+        ``accuracy`` (chosen beats every valid negative), ``margin`` (chosen minus the mean of the
         valid negatives), and their ``_se``.
     """
+    _check_ties(ties)
     c = torch.as_tensor(chosen_scores).to(torch.float64)
     r = torch.as_tensor(rejected_scores).to(torch.float64)
     if c.dim() != 1 or r.dim() != 2 or r.shape[0] != c.shape[0]:
@@ -98,6 +145,10 @@ def preference_metrics(chosen_scores, rejected_scores, *, mask=None) -> dict[str
     if not m.any(-1).all():
         raise ValueError("every prompt needs at least one unmasked negative")
     wins = torch.where(m, c[:, None] > r, torch.ones_like(m)).all(-1).to(torch.float64)
+    if ties == "expected":
+        lost = torch.where(m, c[:, None] < r, torch.zeros_like(m)).any(-1)
+        tied = torch.where(m, c[:, None] == r, torch.zeros_like(m)).sum(-1).to(torch.float64)
+        wins = torch.where(lost, torch.zeros_like(wins), 1.0 / (tied + 1.0))
     mean_r = torch.where(m, r, torch.zeros_like(r)).sum(-1) / m.sum(-1)
     out: dict[str, float] = {}
     out["accuracy"], out["accuracy_se"] = mean_se(wins)

@@ -16,8 +16,8 @@ def test_ranks_count_ties_against_the_target():
 
 def test_hand_computed_metrics():
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.3, 0.3, 0.3, 0.1], [0.0, 1.0, 2.0, 3.0]])
-    target = torch.tensor([0, 1, 0])  # ranks 1, 3, 4
-    m = ranking_metrics(scores, target, ks=(1, 3))
+    target = torch.tensor([0, 1, 0])  # ranks 1, 3, 4 with ties against the target (row 2: ranks 1..3 uniformly)
+    m = ranking_metrics(scores, target, ks=(1, 3), ties="pessimistic")
     assert m["recall@1"] == pytest.approx(1 / 3)
     assert m["recall@3"] == pytest.approx(2 / 3)
     assert m["ndcg@1"] == pytest.approx(1 / 3)
@@ -29,6 +29,9 @@ def test_hand_computed_metrics():
     se = math.sqrt(sum((h - mean) ** 2 for h in hits) / 2) / math.sqrt(3)
     assert m["recall@1_se"] == pytest.approx(se)
     assert set(m) == {f"{k}{s}" for k in ("recall@1", "recall@3", "ndcg@1", "ndcg@3", "mrr") for s in ("", "_se")}
+    e = ranking_metrics(scores, target, ks=(1, 3))  # expected ties: row 2's rank is 1, 2 or 3 with equal chance
+    assert e["recall@1"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert e["mrr"] == pytest.approx((1 + (1 + 1 / 2 + 1 / 3) / 3 + 1 / 4) / 3)
 
 
 def test_mask_excludes_padding():
@@ -62,3 +65,54 @@ def test_bad_inputs():
         ranking_metrics(torch.zeros(1, 3), torch.tensor([2]), mask=torch.tensor([[True, True, False]]))
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         ranking_metrics(torch.zeros(3), torch.tensor([0]))
+
+
+def _brute_force_expected(scores, target, ks, mask=None):
+    """Average of the pessimistic metrics over every way of breaking the ties (tiny jitters in every order)."""
+    import itertools
+
+    B, N = scores.shape
+    out = {f"recall@{k}": 0.0 for k in ks} | {f"ndcg@{k}": 0.0 for k in ks} | {"mrr": 0.0}
+    for b in range(B):
+        perms = list(itertools.permutations(range(N)))
+        acc = {key: 0.0 for key in out}
+        for perm in perms:
+            jitter = torch.tensor(perm, dtype=torch.float64) * 1e-9
+            m = ranking_metrics((scores[b : b + 1].double() + jitter), target[b : b + 1], ks=ks,
+                                mask=None if mask is None else mask[b : b + 1], ties="pessimistic")
+            for key in acc:
+                acc[key] += m[key] / len(perms)
+        for key in out:
+            out[key] += acc[key] / B
+    return out
+
+
+def test_expected_ties_equal_the_average_over_every_tie_break():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (6, 5)).double()  # many ties
+    target = torch.randint(0, 5, (6,))
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, 4] = mask[3, 1] = False
+    target[0], target[3] = 0, 2
+    expected = ranking_metrics(scores, target, ks=(1, 2, 3), mask=mask)
+    brute = _brute_force_expected(scores, target, (1, 2, 3), mask)
+    for key, value in brute.items():
+        assert expected[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_a_constant_score_sits_at_chance():
+    scores = torch.zeros(10, 8)
+    target = torch.arange(10) % 8
+    m = ranking_metrics(scores, target, ks=(1, 3))
+    assert m["recall@1"] == pytest.approx(1 / 8)
+    assert m["recall@3"] == pytest.approx(3 / 8)
+    assert m["mrr"] == pytest.approx(sum(1 / r for r in range(1, 9)) / 8)
+    assert ranking_metrics(scores, target, ks=(1,), ties="pessimistic")["recall@1"] == 0.0
+
+
+def test_expected_ties_in_pairwise_accuracy():
+    chosen = torch.tensor([1.0, 0.0, 0.0])
+    rejected = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    m = preference_metrics(chosen, rejected, ties="expected")
+    assert m["accuracy"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert preference_metrics(chosen, rejected)["accuracy"] == pytest.approx(1 / 3)
