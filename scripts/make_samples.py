@@ -4,12 +4,17 @@
     python scripts/make_samples.py                      # reads ../shared/data beside the checkout
     python scripts/make_samples.py --source /path/to/data --out mass_dpo/data/samples
 
-Rows are picked by a hash of their record id (deterministic; rerunning gives the same files):
+The samples are sized for the ``cpu`` profile (at least 1,000 train / 200 valid / 500 test prompts per dataset,
+the whole split where smaller), a little above it (``COUNTS``). Rows are picked by a hash of their record id
+(deterministic; rerunning gives the same files), and every sample is a subset of the full data that the loaders
+split exactly as they split the full data:
 
 - lastfm (S-DPO format, one JSON list per split, an ``id`` key added to each row): rows copied from S-DPO's
   MIT-licensed ``lastfm-val.json`` (the sample's train and valid splits, disjoint) and ``lastfm-test.json`` (test);
-- medmcqa: whole lines of ``dev.json``, chosen per carved split (train / valid / test);
-- qasc: whole lines of ``train.jsonl`` (train- and valid-carved rows) and ``dev.jsonl`` (test).
+- medmcqa: the whole ``dev.json`` (its candidates are pooled over the whole file, so only the whole file gives the
+  full data's records; 2.5 MB);
+- qasc: whole lines of ``train.jsonl`` (every valid-carved row and ``COUNTS["train"]`` train-carved rows) and the
+  whole ``dev.jsonl`` (test).
 
 MovieLens is never sampled: its licence forbids redistribution. The licence notes (README.md and each
 folder's LICENSE.md) are kept as they are; this script only rewrites the data files.
@@ -26,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mass_dpo.data import dataset_settings  # noqa: E402
-from mass_dpo.data import lastfm, medmcqa, qasc  # noqa: E402
+from mass_dpo.data import lastfm, qasc  # noqa: E402
 from mass_dpo.data.records import stable_fraction  # noqa: E402
 
 SALT = "mass-dpo-sample-v1"
-COUNTS = {"train": 300, "valid": 100, "test": 100}
+COUNTS = {"train": 1200, "valid": 240, "test": 600}
 
 
 def pick(keys: list[str], n: int) -> set[str]:
@@ -68,20 +73,15 @@ def sample_lastfm(src: Path, out: Path) -> None:
 
 
 def sample_medmcqa(src: Path, out: Path) -> None:
-    settings = dataset_settings("medmcqa")
+    """The whole ``dev.json``: each question's 16 pooled candidates come from its subject's options over the whole
+    file, so a subset of the lines would give other candidates than the full data."""
     lines = (src / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()
-    split_of = {}
-    for line in lines:
-        if line.strip():
-            qid = json.loads(line)["id"]
-            split_of[qid] = medmcqa.carve(qid, settings)
-    keep = set()
-    for split, n in COUNTS.items():
-        keep |= pick([q for q, s in split_of.items() if s == split], n)
-    write_lines(out / "medmcqa" / "dev.json", [line for line in lines if line.strip() and json.loads(line)["id"] in keep])
+    write_lines(out / "medmcqa" / "dev.json", [line for line in lines if line.strip()])
 
 
 def sample_qasc(src: Path, out: Path) -> None:
+    """Every valid-carved row of ``train.jsonl`` (the whole valid split), COUNTS["train"] train-carved rows and
+    the whole ``dev.jsonl`` (the test split, 926 questions)."""
     settings = dataset_settings("qasc")
 
     def keyed(path: Path):
@@ -94,11 +94,9 @@ def sample_qasc(src: Path, out: Path) -> None:
 
     train = keyed(src / "qasc" / "train.jsonl")
     keep = pick([k for k, s, _ in train if s == "train"], COUNTS["train"])
-    keep |= pick([k for k, s, _ in train if s == "valid"], COUNTS["valid"])
-    write_lines(out / "qasc" / "train.jsonl", [line for k, _, line in train if k in keep])
-    dev = keyed(src / "qasc" / "dev.jsonl")
-    keep = pick([k for k, _, _ in dev], COUNTS["test"])
-    write_lines(out / "qasc" / "dev.jsonl", [line for k, _, line in dev if k in keep])
+    write_lines(out / "qasc" / "train.jsonl", [line for k, s, line in train if k in keep or s == "valid"])
+    dev = (src / "qasc" / "dev.jsonl").read_text(encoding="utf-8").splitlines()
+    write_lines(out / "qasc" / "dev.jsonl", [line for line in dev if line.strip()])
 
 
 def main(argv: list[str] | None = None) -> int:

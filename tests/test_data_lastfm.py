@@ -78,7 +78,7 @@ def test_sample_has_the_same_records_as_the_full_data(shared_data):
     seen = set()
     for split, source in (("train", full_valid), ("valid", full_valid), ("test", full_test)):
         sample = load_benchmark("lastfm", split, data_dir="samples").to_list()
-        assert len(sample) == {"train": 300, "valid": 100, "test": 100}[split]
+        assert len(sample) == {"train": 1200, "valid": 240, "test": 600}[split]
         for rec in sample:
             assert rec == source[rec["id"]]
         ids = {r["id"] for r in sample}

@@ -18,6 +18,7 @@ from mass_dpo.data import (
     load_benchmark,
     resolve_data_dir,
 )
+from mass_dpo.params import load_params
 
 COLUMNS = {
     "lastfm": [*BASE_COLUMNS, "history"],
@@ -58,7 +59,7 @@ def test_env_var_points_at_shared_data(monkeypatch, shared_data):
 def test_no_data_dir_falls_back_to_the_sample_with_a_warning(no_env):
     with pytest.warns(SampleDataWarning, match="SAMPLE"):
         ds = load_benchmark("qasc", "valid")
-    assert len(ds) == 100
+    assert len(ds) == 204
     with pytest.raises(FileNotFoundError) as err:
         load_benchmark("movielens", "train")
     assert "u.data" in str(err.value) and "grouplens" in str(err.value).lower()
@@ -68,7 +69,7 @@ def test_cache_folder_with_data_is_used(no_env):
     shutil.copytree(SAMPLES_DIR / "qasc", cache_dir() / "qasc")
     with warnings.catch_warnings():
         warnings.simplefilter("error", SampleDataWarning)
-        assert len(load_benchmark("qasc", "test")) == 100
+        assert len(load_benchmark("qasc", "test")) == 926
 
 
 def test_explicit_folder_without_files_raises(no_env, tmp_path, monkeypatch):
@@ -98,12 +99,30 @@ def test_samples_load_with_fixed_columns(name):
 
 
 def test_sample_folders_are_small():
+    """The package data stays under about 15 MB (issue 10); a licence beside each sample."""
+    total = sum(p.stat().st_size for p in SAMPLES_DIR.rglob("*") if p.is_file())
+    assert total < 15_000_000, total
     for name in ("lastfm", "medmcqa", "qasc"):
-        size = sum(p.stat().st_size for p in (SAMPLES_DIR / name).iterdir())
-        assert size < 1_000_000, name
         assert (SAMPLES_DIR / name / "LICENSE.md").is_file()
     assert not (SAMPLES_DIR / "movielens").exists()
     assert (SAMPLES_DIR / "README.md").is_file()
+
+
+# The cpu profile's prompt counts per dataset (issue 10): train 1,000, online eval / valid 200, test 500.
+CPU_PROFILE_FLOOR = {"train": 1000, "valid": 200, "test": 500}
+PROFILE_LIMITS = {"train": "train_limit", "valid": "eval_limit", "test": "test_limit"}
+
+
+@pytest.mark.parametrize("name", ["lastfm", "medmcqa", "qasc"])
+def test_samples_have_the_sizes_the_cpu_profile_needs(name):
+    """Each sample split holds at least what the cpu profile draws (and at least the issue's floor), so the
+    offline default needs no data folder. (Every split of these samples is above the floor; none is smaller.)"""
+    common = load_params("profiles/cpu")["common"]
+    for split, key in PROFILE_LIMITS.items():
+        need = max(CPU_PROFILE_FLOOR[split], int(common.get(key) or 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert len(load_benchmark(name, split, data_dir="samples")) >= need, (name, split, need)
 
 
 def test_limit():
@@ -121,7 +140,7 @@ def test_limit():
 
 
 def test_split_names_and_unknowns():
-    assert len(load_benchmark("qasc", "val", data_dir="samples")) == 100
+    assert len(load_benchmark("qasc", "val", data_dir="samples")) == 204
     with pytest.raises(ValueError, match="unknown benchmark"):
         load_benchmark("imdb", "train", data_dir="samples")
     with pytest.raises(ValueError, match="unknown split"):

@@ -60,8 +60,10 @@ def test_sample_matches_full(shared_data):
     for split in ("train", "valid", "test"):
         sample = load_benchmark("qasc", split, data_dir="samples").to_list()
         full = {r["id"]: r for r in load_benchmark("qasc", split, data_dir=shared_data).to_list()}
-        assert len(sample) == {"train": 300, "valid": 100, "test": 100}[split]
+        assert len(sample) == {"train": 1200, "valid": 204, "test": 926}[split]
         assert all(rec == full[rec["id"]] for rec in sample)
+        if split != "train":  # every valid-carved row of train.jsonl and the whole dev.jsonl ship
+            assert [r["id"] for r in sample] == list(full)
 
 
 def test_bad_answer_key_names_row_record_and_file(tmp_path, shared_data):
