@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 STRATEGIES = ("dopt", "random", "hardest", "all")
+#: Strategies :func:`select_negatives` accepts beyond :data:`STRATEGIES` (not yet wired into the preprocessing CLI).
+EXTRA_STRATEGIES = ("label_blind",)
 
 #: Two marginal gains whose relative difference is below this count as a tie; ties go to the lowest index
 #: (so exact duplicates, whose gains may differ in the last bits, are picked deterministically).
@@ -256,6 +258,32 @@ def _design(phi, logits, mask, k: int, order, beta: float, gamma: float, center:
     return indices, gains, logdet, alpha
 
 
+def _label_blind_order(phi, logits, mask, k: int, beta: float, gamma: float, center: bool) -> torch.Tensor:
+    """``[B, k]`` the label-blind greedy: Algorithm 1 over all ``N + 1`` responses, then ``y*`` dropped.
+
+    The pool is rebuilt with ``y*`` as one more response (``phi = 0``, logit ``0``: every input is relative to it)
+    and re-referenced to the mean response of the pool, a reference that does not depend on which response won
+    (features and logits both; with ``center=True`` the feature shift changes nothing, the logit shift fixes
+    ``alpha0``). The greedy order over the ``N + 1`` responses is therefore the same whichever response is ``y*``;
+    the negatives are its first ``k`` entries other than ``y*``.
+    """
+    B, N, d = phi.shape
+    x = phi.to(torch.float64 if phi.dtype == torch.float64 else torch.float32).masked_fill(~mask[..., None], 0.0)
+    full = torch.cat([x, x.new_zeros(B, 1, d)], 1)  # [B, N + 1, d], y* last
+    l64 = logits.to(torch.float64).masked_fill(~mask, 0.0)
+    full_logits = torch.cat([l64, l64.new_zeros(B, 1)], 1)
+    full_mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+    count = full_mask.sum(-1).to(torch.float64)  # [B]
+    full = full - (full.sum(1) / count[:, None].to(full.dtype))[:, None, :]
+    full_logits = full_logits - (full_logits.sum(1) / count)[:, None]
+    full = full.masked_fill(~full_mask[..., None], 0.0)
+    order, _, _, _ = _design(full, full_logits, full_mask, min(k + 1, N + 1), None, beta, gamma, center)
+    keep = (order >= 0) & (order != N)
+    first = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :k]  # kept entries first, in order
+    picked = torch.gather(order, 1, first)
+    return torch.where(torch.gather(keep, 1, first), picked, torch.full_like(picked, -1))
+
+
 def _prepare(phi, logits, mask):
     """Tensors ``[B, N, d]``, ``[B, N]``, ``[B, N]`` bool from any accepted input; ``single`` for ``[N, d]`` input."""
     phi = _as_tensor(phi, "phi")
@@ -327,7 +355,10 @@ def select_negatives(
         n: negatives to select; ``n > N`` returns every valid candidate.
         beta: the DPO scale. gamma: the ridge of ``H(S) = gamma I + alpha0 sum v v^T``.
         strategy: ``"dopt"`` (greedy D-optimal, MASS-DPO), ``"random"`` (uniform without replacement, S-DPO),
-            ``"hardest"`` (top-n logits), ``"all"`` (every valid candidate, ``n`` ignored).
+            ``"hardest"`` (top-n logits), ``"all"`` (every valid candidate, ``n`` ignored), ``"label_blind"``
+            (Algorithm 1 run over all ``N + 1`` responses, ``y*`` included, with features and logits relative to the
+            pool mean, then ``y*`` dropped: which responses are picked does not depend on which one won, apart from
+            ``y*`` itself being left out; see :func:`_label_blind_order`).
         center: ``False`` drops the weighted centering (``v_i = sqrt(q_i) phi_i``), an ablation.
         mask: ``[B, N]`` bool, True for real candidates (pools of different sizes).
         generator: ``torch.Generator`` for ``"random"``.
@@ -336,8 +367,8 @@ def select_negatives(
         :class:`Selection`; numpy in, numpy out, torch in, torch out (on the input's device). ``gains`` and
         ``logdet`` score the selected subset under the D-optimal criterion whatever the strategy.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES + EXTRA_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES + EXTRA_STRATEGIES)}")
     numpy_in = not isinstance(phi, torch.Tensor)
     phi, logits, mask, single = _prepare(phi, logits, mask)
     _validate(phi, logits, mask, n, beta, gamma)
@@ -350,6 +381,8 @@ def select_negatives(
         order = _pick_sorted(logits.to(torch.float64), mask, k)
     elif strategy == "all":
         order = _pick_sorted(mask.to(torch.float64), mask, k)  # valid candidates, in index order
+    elif strategy == "label_blind":
+        order = _label_blind_order(phi, logits, mask, k, beta, gamma, center)
     else:
         order = None
 

@@ -251,3 +251,67 @@ def test_score_subset_scores_a_given_order():
     assert torch.isnan(scored.gains[:, 2]).all()
     with pytest.raises(ValueError, match="pool size"):
         score_subset(phi, logits, torch.tensor([[10]] * 5))
+
+
+def _label_blind_reference(phi, logits, n, beta, gamma, center=True):
+    """One prompt, straight from the definition: rebuild the N + 1 responses (y* at phi = 0, logit 0), move them
+    to the pool mean, run Algorithm 1 (the slow reference) for n + 1 steps, drop y* (index N), keep n."""
+    N, d = phi.shape
+    full = torch.cat([phi, torch.zeros(1, d, dtype=phi.dtype)])
+    full_logits = torch.cat([logits, torch.zeros(1, dtype=logits.dtype)])
+    idx, _, _ = algorithm1(full - full.mean(0), full_logits - full_logits.mean(), n + 1, beta, gamma, center)
+    return [i for i in idx if i != N][:n]
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("N,d,n,beta,gamma", CASES)
+def test_label_blind_matches_its_definition(N, d, n, beta, gamma, center):
+    phi, logits = _random_pools(4, N, d, seed=N + d)
+    phi = phi + 2.0  # a common direction, so the reference point matters for center=False
+    sel = select_negatives(phi, logits, n, beta=beta, gamma=gamma, strategy="label_blind", center=center)
+    assert sel.indices.shape == (4, min(n, N))
+    for b in range(4):
+        assert sel.indices[b].tolist() == _label_blind_reference(phi[b], logits[b], n, beta, gamma, center), b
+    # gains and logdet score the chosen subset under Algorithm 1's criterion, like every other strategy
+    scored = score_subset(phi, logits, sel.indices, beta=beta, gamma=gamma, center=center)
+    torch.testing.assert_close(sel.logdet, scored.logdet)
+
+
+def test_label_blind_picks_do_not_depend_on_which_response_won():
+    g = torch.Generator().manual_seed(5)
+    M, d, n = 9, 4, 3
+    feats = torch.randn(M, d, generator=g, dtype=torch.float64) * 5  # the responses of one prompt
+    theta0 = torch.randn(d, generator=g, dtype=torch.float64)
+    glob = _global_order(feats, theta0, M)  # one order of the M responses, computed without any winner
+    dopt_sets = set()
+    for winner in range(M):
+        others = [i for i in range(M) if i != winner]
+        phi = feats[others] - feats[winner]
+        logits = phi @ theta0
+        sel = select_negatives(phi, logits, n, beta=0.5, gamma=0.1, strategy="label_blind")
+        assert [others[i] for i in sel.indices.tolist()] == [i for i in glob if i != winner][:n], winner
+        dopt = select_negatives(phi, logits, n, beta=0.5, gamma=0.1, strategy="dopt")
+        dopt_sets.add(tuple(sorted(set(others[i] for i in dopt.indices.tolist()) | {winner})))
+    assert len(dopt_sets) > 1  # Algorithm 1's picks (with y* added back) do move with the winner here
+
+
+def _global_order(feats, theta0, k):
+    logits = feats @ theta0
+    idx, _, _ = algorithm1(feats - feats.mean(0), logits - logits.mean(), k, 0.5, 0.1, True)
+    return idx
+
+
+def test_label_blind_with_masks_and_numpy():
+    phi, logits = _random_pools(3, 8, 5, seed=21)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 1] = False
+    sel = select_negatives(phi, logits, 4, strategy="label_blind", mask=mask)
+    for b in range(3):
+        valid = torch.nonzero(mask[b]).flatten()
+        ref = _label_blind_reference(phi[b, valid], logits[b, valid], 4, 0.1, 0.1)
+        assert sel.indices[b].tolist() == [int(valid[i]) for i in ref]
+    single = select_negatives(phi[0].numpy(), logits[0].numpy(), 4, strategy="label_blind")
+    assert single.indices.tolist() == sel.indices[0].tolist()
+    everything = select_negatives(phi, logits, 8, strategy="label_blind", mask=mask)
+    assert (everything.indices[1] >= 0).sum() == 5 and (everything.indices[1, 5:] == -1).all()
