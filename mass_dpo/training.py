@@ -25,7 +25,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -658,13 +658,137 @@ def build_trainer(
     )
 
 
-def last_checkpoint(output_dir) -> str | None:
-    """The newest ``checkpoint-<step>`` folder under ``output_dir`` that holds a trainer state, else ``None``."""
-    from transformers.trainer_utils import get_last_checkpoint
+#: Model weights a Trainer checkpoint may hold (full model, LoRA adapter, sharded index, or the torch formats).
+_WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 
-    if not os.path.isdir(output_dir):
+
+def _readable(path: Path) -> bool:
+    """Whether a file written by the Trainer can be read back: a safetensors header that covers the whole file,
+    a torch zip archive with its central directory (lost when a write was cut short), a JSON document."""
+    import json
+    import zipfile
+
+    try:
+        if path.stat().st_size == 0:
+            return False
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means the file is not usable
+        return False
+
+
+def _weights_problem(folder: Path) -> str | None:
+    for name in _WEIGHT_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if not _readable(path):
+            return f"{name} is empty or truncated"
+        if name.endswith(".index.json"):
+            import json
+
+            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+            bad = [s for s in shards if not _readable(folder / s)]
+            if bad:
+                return f"weight shards missing or truncated: {', '.join(bad)}"
         return None
-    return get_last_checkpoint(str(output_dir))
+    if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("pytorch_model_fsdp_*")):
+        return None  # FSDP sharded state dict (torch.distributed.checkpoint)
+    if (folder / "latest").is_file():
+        return None  # DeepSpeed: the engine's folder is checked with the optimizer
+    return "no model weights"
+
+
+def _optimizer_problem(folder: Path) -> str | None:
+    if (folder / "latest").is_file():  # DeepSpeed: weights and optimizer states live in global_step<N>/
+        tag = folder / (folder / "latest").read_text().strip()
+        return None if tag.is_dir() and any(tag.iterdir()) else f"DeepSpeed folder {tag.name} missing or empty"
+    if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("optimizer_*")):
+        return None  # FSDP sharded optimizer state
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).exists():
+            return f"no {name}"
+        if not _readable(folder / name):
+            return f"{name} is empty or truncated"
+    return None
+
+
+def checkpoint_problem(folder) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or ``None`` when it is complete: its trainer state,
+    model weights, optimizer and scheduler states and RNG states are present and readable (a run killed while
+    writing a checkpoint leaves some of them missing, empty or truncated)."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.exists():
+        return "no trainer_state.json"
+    if not _readable(state):
+        return "trainer_state.json is empty or truncated"
+    problem = _weights_problem(folder) or _optimizer_problem(folder)
+    if problem:
+        return problem
+    rng = sorted(folder.glob("rng_state*.pth"))
+    if not rng:
+        return "no rng_state.pth"
+    bad = [p.name for p in rng if not _readable(p)]
+    return f"{', '.join(bad)} empty or truncated" if bad else None
+
+
+def checkpoints_newest_first(output_dir) -> list[Path]:
+    """The ``checkpoint-<step>`` folders under ``output_dir``, highest step first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        step = p.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if p.is_dir() and p.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit():
+            found.append((int(step), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_checkpoint(output_dir, *, discard_incomplete: bool = False) -> str | None:
+    """The newest *complete* ``checkpoint-<step>`` folder under ``output_dir`` (:func:`checkpoint_problem`), else
+    ``None``.
+
+    A newer incomplete checkpoint (a run killed while writing it) is skipped and reported on the console and in
+    the ``mass_dpo`` log; with ``discard_incomplete`` it is also deleted, so that the resumed run writes that
+    step afresh (only the main process should pass it).
+    """
+    for folder in checkpoints_newest_first(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        msg = f"skipping incomplete checkpoint {folder} ({problem}); resuming from the newest complete one before it"
+        logger.warning(msg)
+        if not _logs_to_console():
+            print(f"mass_dpo: {msg}", file=sys.stderr, flush=True)
+        if discard_incomplete:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _logs_to_console() -> bool:
+    """Whether a ``mass_dpo.training`` warning already reaches the console (a stream handler on the way up)."""
+    log = logger
+    while log is not None:
+        if any(type(h) is logging.StreamHandler for h in log.handlers):
+            return True
+        log = log.parent if log.propagate else None
+    return False
 
 
 def steps_per_epoch(n_records: int, config: TrainConfig, world_size: int = 1) -> int:
