@@ -30,8 +30,10 @@ COLUMNS = {
 
 @pytest.fixture
 def no_env(monkeypatch, tmp_path):
-    """No MASS_DPO_DATA, and an empty cache folder."""
+    """No MASS_DPO_DATA, an empty cache folder, offline (no MovieLens download)."""
     monkeypatch.delenv("MASS_DPO_DATA", raising=False)
+    monkeypatch.delenv("MASS_DPO_CACHE", raising=False)
+    monkeypatch.setenv("MASS_DPO_OFFLINE", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path
 

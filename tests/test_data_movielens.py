@@ -131,6 +131,13 @@ def test_test_split_records(ml_data):
     assert [r["candidates"] for r in again] == ds["candidates"]
 
 
-def test_no_movielens_sample():
-    with pytest.raises(FileNotFoundError, match="licence"):
+def test_no_movielens_sample(monkeypatch, tmp_path):
+    """No sample ships; with "samples" and an empty cache, offline, the one-line message names MASS_DPO_DATA
+    (the download itself: tests/test_movielens_download.py)."""
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("MASS_DPO_DATA", raising=False)
+    monkeypatch.setenv("MASS_DPO_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="licence forbids redistribution") as err:
         load_benchmark("movielens", "test", data_dir="samples")
+    assert "MASS_DPO_DATA" in str(err.value) and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())

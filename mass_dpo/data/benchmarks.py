@@ -9,8 +9,11 @@ Where the data is read from (first that applies):
 Each is a folder laid out like ``../shared/data``: ``lastfm/``, ``movielens/ml-100k/``, ``medmcqa/``, ``qasc/``.
 The value ``"samples"`` (argument or variable) means the small real samples shipped in the package. When
 nothing was given (no argument, no variable) and the cache folder lacks the files, the shipped sample is used
-for lastfm / medmcqa / qasc with a :class:`SampleDataWarning`; MovieLens, which ships no sample, raises. A
-folder that was given explicitly and lacks the files raises :class:`FileNotFoundError` (no fallback).
+for lastfm / medmcqa / qasc with a :class:`SampleDataWarning`. MovieLens, which ships no sample, is read (for
+``"samples"`` or nothing given) from ``$MASS_DPO_DATA`` when that holds it, else from the cache folder, where
+ml-100k is downloaded from GroupLens on first use (checksums verified); offline, a one-line FileNotFoundError
+names ``MASS_DPO_DATA``. A folder that was given explicitly and lacks the files raises
+:class:`FileNotFoundError` (no fallback).
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def _missing_message(folder: Path, origin: str, name: str, split: str, settings:
         f"folder laid out as <folder>/{name}/... (e.g. {ENV_VAR}=../shared/data in a checkout)."
     )
     if not _module(name).HAS_SAMPLE:
-        msg += f" No sample of {name} ships with the package: its licence forbids redistribution."
+        msg += (f" No sample of {name} ships with the package: its licence forbids redistribution. With no data_dir"
+                f" (or data_dir='samples') it is downloaded from GroupLens into {cache_dir()} on first use.")
     elif folder != SAMPLES_DIR:
         msg += " data_dir='samples' reads the small shipped sample."
     return msg
@@ -126,7 +130,21 @@ def locate(name: str, split: str, data_dir: str | os.PathLike | None = None) -> 
             stacklevel=3,
         )
         return SAMPLES_DIR
+    if name == movielens.NAME and (origin == "the default cache folder" or folder == SAMPLES_DIR):
+        return _movielens_cached_or_downloaded()
     raise FileNotFoundError(_missing_message(folder, origin, name, split, settings))
+
+
+def _movielens_cached_or_downloaded() -> Path:
+    """MovieLens under no explicit folder ("samples" or nothing given): ``$MASS_DPO_DATA`` when it holds it, else
+    the cache folder, downloading ml-100k there on first use (:func:`mass_dpo.data.movielens.download`; offline or
+    on failure a one-line :class:`~mass_dpo.data.movielens.MovieLensUnavailable`, a FileNotFoundError)."""
+    env = os.environ.get(ENV_VAR)
+    if env and env != "samples" and _present(Path(env).expanduser(), movielens.NAME, "train"):
+        return Path(env).expanduser()
+    if _present(cache_dir(), movielens.NAME, "train"):
+        return cache_dir()
+    return movielens.download(cache_dir())
 
 
 def _fingerprint(paths: list[Path]) -> tuple:

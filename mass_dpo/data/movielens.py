@@ -18,13 +18,25 @@ Construction (settings in ``params/datasets/movielens.yaml``):
    in item-id order, outside the window's history and the target.
 
 This rebuilds the paper's *kind* of split (LLaRA-style windows, users held out), not the paper's exact split,
-which was not published. MovieLens may not be redistributed: nothing of it ships with this package.
+which was not published. MovieLens may not be redistributed: nothing of it ships with this package. Instead
+:func:`download` fetches ``ml-100k.zip`` from GroupLens into the cache on first use (network needed), checks the
+SHA-256 of the two files read here and unzips it atomically; offline it raises a one-line
+:class:`MovieLensUnavailable` naming ``MASS_DPO_DATA``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import random
 import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +46,16 @@ from .records import RecordError, make_record, sdpo_candidates, summarize
 NAME = "movielens"
 HAS_SAMPLE = False
 FILES = ("movielens/ml-100k/u.data", "movielens/ml-100k/u.item")
+URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+URL_ENV = "MASS_DPO_MOVIELENS_URL"  # overrides URL (a mirror, or a local server in the tests)
+OFFLINE_ENVS = ("MASS_DPO_OFFLINE", "HF_HUB_OFFLINE")
+# SHA-256 of the files the loader reads, from the GroupLens release (the same bytes in every copy of ml-100k.zip)
+SHA256 = {
+    "u.data": "f30990191c9ccfc53952ae5d6e29c78a3e35d7237d3127a7392ae534facea542",
+    "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+}
+TIMEOUT_S = 20.0  # per socket operation, and for the whole download
+MAX_BYTES = 64 * 2**20  # the zip is about 5 MB
 
 _YEAR = re.compile(r"\s*\((\d{4})\)(\s*\(V\))?\s*$")
 _ARTICLE = re.compile(r"^(?P<main>.*?), (?P<art>The|A|An)(?P<alt>(?: \([^()]*\))*)$")
@@ -41,6 +63,108 @@ _ARTICLE = re.compile(r"^(?P<main>.*?), (?P<art>The|A|An)(?P<alt>(?: \([^()]*\))
 
 def required_files(split: str) -> list[list[str]]:
     return [list(FILES)]
+
+
+class MovieLensUnavailable(FileNotFoundError):
+    """MovieLens is not in the cache and could not be downloaded (offline, network error, bad checksum)."""
+
+
+def offline() -> bool:
+    """``$MASS_DPO_OFFLINE`` or ``$HF_HUB_OFFLINE`` set to a true value (1 / true / yes / on)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in OFFLINE_ENVS)
+
+
+def download_url(url: str | None = None) -> str:
+    """The argument, else ``$MASS_DPO_MOVIELENS_URL``, else GroupLens' ``ml-100k.zip``."""
+    return url or os.environ.get(URL_ENV) or URL
+
+
+def _unavailable(url: str, why: str) -> MovieLensUnavailable:
+    why = " ".join(str(why).split())  # one line
+    return MovieLensUnavailable(
+        f"movielens: {why}, so {url} cannot be fetched; MovieLens ships no sample (its licence forbids "
+        f"redistribution): set MASS_DPO_DATA=<folder> with movielens/ml-100k/u.data and u.item in it (ml-100k.zip "
+        f"from {URL} unzipped there), or run once with network access to download it into the cache."
+    )
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    """The body of ``url``, within ``timeout`` seconds per read and in all; at most ``MAX_BYTES``."""
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        while True:
+            chunk = response.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_BYTES:
+                raise OSError(f"more than {MAX_BYTES} bytes: not ml-100k.zip")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"download took longer than {timeout:.0f} s")
+            chunks.append(chunk)
+
+
+def _release_members(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """File name -> member for the files of the zip's ``ml-100k/`` folder (no sub-folders, no odd paths)."""
+    out = {}
+    for info in archive.infolist():
+        parts = info.filename.split("/")
+        if info.is_dir() or len(parts) != 2 or parts[0] != "ml-100k" or parts[1] in ("", ".", ".."):
+            continue
+        out[parts[1]] = info
+    return out
+
+
+def download(data_dir: Path, url: str | None = None, timeout: float = TIMEOUT_S) -> Path:
+    """Fetch ``ml-100k.zip`` into ``data_dir/movielens/ml-100k/`` and return ``data_dir``.
+
+    The SHA-256 of ``u.data`` and ``u.item`` (the files :func:`build` reads) must equal :data:`SHA256`. The
+    release is unzipped into a temporary folder beside the target and renamed into place, so the target is either
+    complete or absent: on any failure (offline, network error or timeout, not a zip, wrong checksum) nothing is
+    left in ``data_dir`` and :class:`MovieLensUnavailable` (a ``FileNotFoundError``) is raised with a one-line
+    message naming ``MASS_DPO_DATA``. Offline (:func:`offline`) no connection is attempted.
+    """
+    url = download_url(url)
+    if offline():
+        flags = " / ".join(f"{k}={os.environ[k]}" for k in OFFLINE_ENVS if os.environ.get(k))
+        raise _unavailable(url, f"not in {data_dir / 'movielens' / 'ml-100k'} and offline ({flags})")
+    try:
+        body = _fetch(url, timeout)
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = _release_members(archive)
+        contents = {name: archive.read(info) for name, info in members.items()}
+    except (urllib.error.URLError, OSError, ValueError, zipfile.BadZipFile) as err:
+        reason = getattr(err, "reason", None) or err
+        raise _unavailable(url, f"download failed ({type(err).__name__}: {reason})") from None
+    for name, expected in SHA256.items():
+        if name not in contents:
+            raise _unavailable(url, f"the downloaded zip has no ml-100k/{name}; nothing was cached")
+        got = hashlib.sha256(contents[name]).hexdigest()
+        if got != expected:
+            raise _unavailable(
+                url, f"checksum mismatch for ml-100k/{name} (sha256 {got[:16]}..., expected {expected[:16]}...); "
+                "nothing was cached")
+    target = data_dir / "movielens" / "ml-100k"
+    if target.exists() and not all((target / n).is_file() for n in SHA256):
+        raise _unavailable(url, f"{target} exists without u.data and u.item: remove that folder and retry")
+    created = [p for p in (data_dir, data_dir / "movielens") if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ml-100k-partial-", dir=target.parent))
+    try:
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+        if all((target / n).is_file() for n in SHA256):  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)  # atomic; fails if a partial target folder is in the way
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
+    return data_dir
 
 
 def clean_title(raw: str, keep_year: bool = False) -> str:
