@@ -83,8 +83,8 @@ def _unavailable(url: str, why: str) -> MovieLensUnavailable:
     why = " ".join(str(why).split())  # one line
     return MovieLensUnavailable(
         f"movielens: {why}, so {url} cannot be fetched; MovieLens ships no sample (its licence forbids "
-        f"redistribution): set MASS_DPO_DATA=<folder> with movielens/ml-100k/u.data and u.item in it (ml-100k.zip "
-        f"from {URL} unzipped there), or run once with network access to download it into the cache."
+        f"redistribution): set MASS_DPO_DATA=<folder> with movielens/ml-100k/u.data and u.item in it (GroupLens' "
+        f"ml-100k.zip unzipped there), or run once with network access to download it into the cache."
     )
 
 
