@@ -5,7 +5,8 @@ tokens of candidate c, t_1..t_L (``mass_dpo.data.formatting.encode_pool``):
 
 - ``logp(c) = sum_k log pi(t_k | p, t_<k)``, the sequence log-probability of the response (end-of-turn included);
 - ``phi(x, y_c)`` = the mean of the final hidden states (after the last norm, the input of the LM head) over the
-  prompt and response tokens (``pooling="all"``) or the response tokens only (``pooling="response"``).
+  prompt and response tokens (``pooling="all"``) or the response tokens only (``pooling="response"``). Both come
+  from the same hidden states (:func:`shared_prefix_outputs`) and are cached together.
 
 Shared prefix: the prompt is computed once per pool. One packed row ``[prompt, cand_1, ..., cand_C]`` goes through
 the model with a 4D additive attention mask in which each candidate sees the whole prompt and itself causally, and
@@ -31,8 +32,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-#: Bump when the extraction's numbers change (formatting, pooling, packing): old caches are then ignored.
-EXTRACTION_VERSION = 1
+#: Bump when the extraction's numbers or stored tensors change (formatting, pooling, packing): old caches are then
+#: ignored. 2: both poolings and the response lengths in one cache entry.
+EXTRACTION_VERSION = 2
 
 POOLINGS = ("all", "response")
 
@@ -149,26 +151,28 @@ def _response_logps(h, head, ids, rows, pred, flat_cand, n_out) -> torch.Tensor:
     return out
 
 
-def shared_prefix_forward_batch(
+def shared_prefix_outputs(
     model,
     pools: Sequence[tuple[Any, Sequence[Any]]],
     *,
-    pooling: str = "all",
-    return_features: bool = True,
+    poolings: Sequence[str] = POOLINGS,
     pad_id: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One forward for several pools, one packed row each (right-padded).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward for several pools, one packed row each (right-padded), every requested pooling at once.
 
     Args:
         model: a causal LM (transformers ``*ForCausalLM``, possibly peft-wrapped).
         pools: ``[(prompt_ids, [candidate_ids, ...]), ...]``; ids as lists or 1D LongTensors.
-        pooling: ``"all"`` (prompt + response tokens) or ``"response"`` (response tokens only).
+        poolings: any of ``"all"`` (prompt + response tokens) and ``"response"`` (response tokens only); both come
+            from the same final hidden states; ``()`` skips the features.
 
     Returns:
-        ``(logps [B, Cmax] float32, features [B, Cmax, d] float32 or None, mask [B, Cmax] bool)``; padded entries
-        are 0. Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
+        ``(logps [B, Cmax] float32, {pooling: features [B, Cmax, d] float32}, mask [B, Cmax] bool,
+        lengths [B, Cmax] int64)``; ``lengths`` counts each candidate's response tokens; padded entries are 0.
+        Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
     """
-    _check_pooling(pooling)
+    for pooling in poolings:
+        _check_pooling(pooling)
     attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
     if attn.startswith("flash"):
         raise ValueError(
@@ -205,23 +209,51 @@ def shared_prefix_forward_batch(
         h, head, ids[tok_b.to(device), tok_t.to(device)], tok_b.to(device), pred.to(device), flat.to(device), B * C
     ).view(B, C)
 
-    features = None
-    if return_features:
+    features: dict[str, torch.Tensor] = {}
+    if poolings:
         hf = h.float()
         d = hf.shape[-1]
         cand_sum = hf.new_zeros(B * C, d).index_add(0, flat.to(device), hf[tok_b.to(device), tok_t.to(device)])
-        cand_sum = cand_sum.view(B, C, d)
-        n = clen.to(device=device, dtype=torch.float32)
-        if pooling == "all":
-            is_prompt = (seg == -1).to(device=device, dtype=hf.dtype)
-            prompt_sum = torch.einsum("bt,btd->bd", is_prompt, hf)
-            total = cand_sum + prompt_sum[:, None, :]
-            n = n + plen.to(device=device, dtype=torch.float32)[:, None]
-        else:
-            total = cand_sum
-        features = total / n.clamp_min(1.0)[..., None]
-        features = features * mask.to(device)[..., None]
-    return logps, features, mask.to(device)
+        cand_sum = cand_sum.view(B, C, d)  # sum over each candidate's response tokens
+        n_resp = clen.to(device=device, dtype=torch.float32)
+        keep = mask.to(device)[..., None]
+        for pooling in poolings:
+            if pooling == "all":
+                is_prompt = (seg == -1).to(device=device, dtype=hf.dtype)
+                prompt_sum = torch.einsum("bt,btd->bd", is_prompt, hf)
+                total = cand_sum + prompt_sum[:, None, :]
+                n = n_resp + plen.to(device=device, dtype=torch.float32)[:, None]
+            else:
+                total, n = cand_sum, n_resp
+            features[pooling] = total / n.clamp_min(1.0)[..., None] * keep
+    return logps, features, mask.to(device), clen.to(device)
+
+
+def shared_prefix_forward_batch(
+    model,
+    pools: Sequence[tuple[Any, Sequence[Any]]],
+    *,
+    pooling: str = "all",
+    return_features: bool = True,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward for several pools, one packed row each (right-padded): :func:`shared_prefix_outputs` with one
+    pooling.
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``, possibly peft-wrapped).
+        pools: ``[(prompt_ids, [candidate_ids, ...]), ...]``; ids as lists or 1D LongTensors.
+        pooling: ``"all"`` (prompt + response tokens) or ``"response"`` (response tokens only).
+
+    Returns:
+        ``(logps [B, Cmax] float32, features [B, Cmax, d] float32 or None, mask [B, Cmax] bool)``; padded entries
+        are 0. Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
+    """
+    _check_pooling(pooling)
+    logps, feats, mask, _ = shared_prefix_outputs(
+        model, pools, poolings=(pooling,) if return_features else (), pad_id=pad_id
+    )
+    return logps, feats.get(pooling), mask
 
 
 def shared_prefix_forward(
@@ -283,12 +315,15 @@ class Extracted:
 
     Attributes:
         ids: the record ids, ``P`` of them, in dataset order.
-        features: ``[P, C, d]`` float32, phi(x, y_c) under theta0 (absolute, not differences).
+        features: ``[P, C, d]`` float32, phi(x, y_c) under theta0 (absolute, not differences), in the requested
+            pooling (``meta["pooling"]``).
         ref_logps: ``[P, C]`` float32, log pi_ref(y_c | x).
         theta0_logps: ``[P, C]`` float32, log pi_theta0(y_c | x) (equal to ``ref_logps`` when theta0 is the reference).
         mask: ``[P, C]`` bool, True for real candidates.
         target: ``[P]`` int64, the index of the chosen candidate.
-        meta: the manifest (model, checkpoint, pooling, dataset key, version, timing).
+        meta: the manifest (model, checkpoint, pooling, dtype, dataset key, version, timing).
+        lengths: ``[P, C]`` int64, the token count of each candidate's response under the reference tokenizer
+            (end-of-turn included; 0 for padding); ``None`` where not known.
     """
 
     ids: list[str]
@@ -298,18 +333,22 @@ class Extracted:
     mask: torch.Tensor
     target: torch.Tensor
     meta: dict = field(default_factory=dict)
+    lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "features": self.features.contiguous(),
             "ref_logps": self.ref_logps.contiguous(),
             "theta0_logps": self.theta0_logps.contiguous(),
             "mask": self.mask.contiguous(),
             "target": self.target.contiguous(),
         }
+        if self.lengths is not None:
+            out["lengths"] = self.lengths.contiguous()
+        return out
 
 
 def selection_inputs(ex: Extracted, *, logits: str = "delta"):
@@ -422,16 +461,17 @@ def _folder_stamp(path: Path) -> list:
 
 
 def cache_key(
-    model, checkpoint, fingerprint: str, pooling: str, dtype: str, dataset_key: str | None = None
+    model, checkpoint, fingerprint: str, poolings: Sequence[str], dtype: str, dataset_key: str | None = None
 ) -> tuple[str, dict]:
-    """``(key, description)``: a sha256 prefix over everything that changes the numbers."""
+    """``(key, description)``: a sha256 prefix over everything that changes the numbers. One entry holds the
+    features of every pooling in ``poolings`` (all of :data:`POOLINGS` in :func:`extract`)."""
     desc = {
         "version": EXTRACTION_VERSION,
         "model": _model_identity(model),
         "checkpoint": None if checkpoint is None else _model_identity(checkpoint),
         "dataset": dataset_key,
         "fingerprint": fingerprint,
-        "pooling": pooling,
+        "poolings": list(poolings),
         "dtype": dtype,
     }
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -486,7 +526,7 @@ def load_part(folder: Path, stem: str, expect: dict) -> tuple[dict[str, torch.Te
     except Exception:  # unreadable manifest or tensors: recompute
         return None
     n = len(manifest.get("ids", []))
-    need = ("features", "ref_logps", "theta0_logps", "mask", "target")
+    need = STORED
     if any(k not in tensors for k in need) or any(tensors[k].shape[0] != n for k in need):
         return None
     return tensors, manifest
@@ -500,10 +540,20 @@ def _pad_to(t: torch.Tensor, C: int, value=0) -> torch.Tensor:
     return torch.cat([t, t.new_full(shape, value)], dim=1)
 
 
+def _feature_key(pooling: str) -> str:
+    return f"features_{pooling}"
+
+
+#: The tensors of a cache entry: the features of every pooling, log-probs, mask, target, response lengths.
+STORED = tuple(_feature_key(p) for p in POOLINGS) + ("ref_logps", "theta0_logps", "mask", "target", "lengths")
+
+
 def _merge(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     C = max(p["mask"].shape[1] for p in parts)
     out = {}
-    for k in ("features", "ref_logps", "theta0_logps", "mask"):
+    for k in STORED:
+        if k == "target":
+            continue
         out[k] = torch.cat([_pad_to(p[k], C, False if k == "mask" else 0) for p in parts])
     out["target"] = torch.cat([p["target"] for p in parts])
     return out
@@ -525,21 +575,22 @@ def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int
 
 
 @torch.no_grad()
-def _forward_pools(model, encoded, *, pooling, batch_tokens, pad_id, want_features, progress=None):
-    """Run :func:`shared_prefix_forward_batch` over pools; returns (logps [N, C], features [N, C, d] | None, mask)."""
+def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=None):
+    """Run :func:`shared_prefix_outputs` over pools; returns ``(logps [N, C], {pooling: features [N, C, d]},
+    mask [N, C], lengths [N, C])``."""
     C = max(len(cs) for _, cs in encoded)
-    logps, feats, masks = [], [], []
+    logps, masks, lengths = [], [], []
+    feats: dict[str, list] = {p: [] for p in poolings}
     for idx in _batches(encoded, batch_tokens):
-        lp, ft, m = shared_prefix_forward_batch(
-            model, [encoded[i] for i in idx], pooling=pooling, return_features=want_features, pad_id=pad_id
-        )
+        lp, ft, m, n = shared_prefix_outputs(model, [encoded[i] for i in idx], poolings=poolings, pad_id=pad_id)
         logps.append(_pad_to(lp.cpu(), C))
         masks.append(_pad_to(m.cpu(), C, False))
-        if want_features:
-            feats.append(_pad_to(ft.cpu(), C))
+        lengths.append(_pad_to(n.cpu(), C))
+        for p in poolings:
+            feats[p].append(_pad_to(ft[p].cpu(), C))
         if progress is not None:
             progress.update(len(idx))
-    return torch.cat(logps), (torch.cat(feats) if want_features else None), torch.cat(masks)
+    return torch.cat(logps), {p: torch.cat(v) for p, v in feats.items()}, torch.cat(masks), torch.cat(lengths)
 
 
 def _pad_id(tokenizer) -> int:
@@ -581,13 +632,16 @@ def extract(
             :class:`~mass_dpo.models.ModelBundle`.
         dataset_key: a label for the dataset in the cache key and manifest (e.g. ``"lastfm/train/limit=100/seed=0"``);
             the records' content fingerprint is always part of the key.
-        pooling: ``"all"`` or ``"response"`` (appendix C.4).
+        pooling: ``"all"`` or ``"response"`` (appendix C.4): which features ``Extracted.features`` holds. Both
+            come from the same forward and are cached together: the other pooling is then a cache hit.
         checkpoint: the preprocessing checkpoint theta0 (name, folder or bundle); ``None`` = the reference model.
             Features come from theta0; ``ref_logps`` from the reference, ``theta0_logps`` from theta0.
         batch_tokens: bound on rows x longest row per forward. shard_size: prompts per cache shard.
         cache_dir: where to cache (default ``<cache>/extraction``, see :func:`mass_dpo.models.cache_dir`);
             ``use_cache=False`` computes without reading or writing.
-        device, dtype: for models loaded by name (default: the params', or the accelerate process's device).
+        device, dtype: for models loaded by name (default: the params', or the accelerate process's device;
+            ``$MASS_DPO_DTYPE`` overrides the params' dtype, see :func:`mass_dpo.models.resolve_dtype`). The model's
+            dtype is part of the cache key; features and log-probs are stored as float32 whatever it is.
 
     Under ``accelerate launch`` each process computes a share of the missing shards, then every process reads the
     merged result (identical on all processes, and equal to a single-process run).
@@ -609,7 +663,7 @@ def extract(
     ref = _as_bundle(model, device, dtype)
     theta0 = None if checkpoint is None else _as_bundle(checkpoint, device, dtype)
     fp = dataset_fingerprint(records)
-    key, desc = cache_key(ref, theta0, fp, pooling, str(_model_dtype_device(ref.model)[0]), dataset_key)
+    key, desc = cache_key(ref, theta0, fp, POOLINGS, str(_model_dtype_device(ref.model)[0]), dataset_key)
     folder = Path(cache_dir) if cache_dir is not None else default_cache() / "extraction"
     folder = folder / key
     n_shards = (len(records) + shard_size - 1) // shard_size
@@ -617,7 +671,7 @@ def extract(
 
     final = load_part(folder, "extracted", expect) if use_cache else None
     if final is not None and final[1].get("ids") == [str(r["id"]) for r in records]:
-        return _to_extracted(final[0], final[1], cache_hit=True)
+        return _to_extracted(final[0], final[1], pooling, cache_hit=True)
 
     def shard_stem(s: int) -> str:
         return f"shard-{s:05d}-of-{n_shards:05d}"
@@ -633,25 +687,26 @@ def extract(
     parts: dict[int, dict] = {}
     pad = _pad_id(ref.tokenizer)
     n_mine = sum(min(shard_size, len(records) - s * shard_size) for s in mine)
-    desc_bar = f"extract ({ref.name}, {pooling})"
+    desc_bar = f"extract ({ref.name}, {desc['dtype'].replace('torch.', '')})"
     with tqdm(total=n_mine, desc=desc_bar, unit="prompt", disable=not (progress and main)) as bar:
         for s in mine:
             recs = records[s * shard_size : (s + 1) * shard_size]
             encoded = [encode_pool(r, ref.tokenizer) for r in recs]
-            ref_lp, feats, mask = _forward_pools(
-                ref.model, encoded, pooling=pooling, batch_tokens=batch_tokens, pad_id=pad,
-                want_features=theta0 is None, progress=bar,
+            ref_lp, feats, mask, lengths = _forward_pools(
+                ref.model, encoded, poolings=POOLINGS if theta0 is None else (), batch_tokens=batch_tokens,
+                pad_id=pad, progress=bar,
             )
             if theta0 is None:
                 th_lp = ref_lp.clone()
             else:
                 enc0 = [encode_pool(r, theta0.tokenizer) for r in recs]
-                th_lp, feats, _ = _forward_pools(
-                    theta0.model, enc0, pooling=pooling, batch_tokens=batch_tokens,
-                    pad_id=_pad_id(theta0.tokenizer), want_features=True,
+                th_lp, feats, _, _ = _forward_pools(
+                    theta0.model, enc0, poolings=POOLINGS, batch_tokens=batch_tokens,
+                    pad_id=_pad_id(theta0.tokenizer),
                 )
             tensors = {
-                "features": feats, "ref_logps": ref_lp, "theta0_logps": th_lp, "mask": mask,
+                **{_feature_key(p): feats[p] for p in POOLINGS},
+                "ref_logps": ref_lp, "theta0_logps": th_lp, "mask": mask, "lengths": lengths,
                 "target": torch.tensor([int(r["target"]) for r in recs], dtype=torch.long),
             }
             if use_cache:
@@ -685,20 +740,24 @@ def extract(
                 (folder / f"{shard_stem(s)}{suffix}").unlink(missing_ok=True)
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()
-    return _to_extracted(merged, manifest, cache_hit=False)
+    return _to_extracted(merged, manifest, pooling, cache_hit=False)
 
 
-def _to_extracted(tensors: dict, manifest: dict, *, cache_hit: bool) -> Extracted:
+def _to_extracted(tensors: dict, manifest: dict, pooling: str, *, cache_hit: bool) -> Extracted:
+    """The :class:`Extracted` of a cache entry, its ``features`` in ``pooling``."""
     meta = {k: v for k, v in manifest.items() if k not in ("ids",)}
     meta["cache_hit"] = cache_hit
+    meta["pooling"] = pooling
+    meta["dtype"] = manifest.get("description", {}).get("dtype")
     return Extracted(
         ids=list(manifest["ids"]),
-        features=tensors["features"].float(),
+        features=tensors[_feature_key(pooling)].float(),
         ref_logps=tensors["ref_logps"].float(),
         theta0_logps=tensors["theta0_logps"].float(),
         mask=tensors["mask"].bool(),
         target=tensors["target"].long(),
         meta=meta,
+        lengths=tensors["lengths"].long(),
     )
 
 

@@ -118,7 +118,7 @@ def test_smollm2_shared_prefix_equals_naive():
 
     row = load_benchmark("lastfm", "valid", data_dir="samples", limit=1)[0]
     rec = dict(row, candidates=row["candidates"][:5])  # 5 of the 20 keep the naive reference quick on 2 cores
-    bundle = load_model("smollm2", device="cpu")
+    bundle = load_model("smollm2", device="cpu", dtype="float32")
     p, cs = encode_pool(rec, bundle.tokenizer)
     assert len(cs) == 5 and len(p) > 100
     with torch.no_grad():
@@ -191,10 +191,13 @@ def test_extract_cache_hit_and_miss(tiny, records, tmp_path):
     assert again.meta["cache_hit"]
     _same(ex, again)
 
-    # another pooling, another dataset, another version: other keys
-    extract(records, tiny, cache_dir=tmp_path, pooling="response", progress=False)
+    # the other pooling comes from the same entry (one forward computed both); another dataset: another key
+    resp = extract(records, tiny, cache_dir=tmp_path, pooling="response", progress=False)
+    assert resp.meta["cache_hit"] and resp.meta["pooling"] == "response" and ex.meta["pooling"] == "all"
+    _assert_matches(resp, records, _direct(tiny, records, pooling="response"))
+    assert torch.equal(resp.lengths, ex.lengths) and torch.equal(resp.ref_logps, ex.ref_logps)
     extract(records[:3], tiny, cache_dir=tmp_path, progress=False)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_extract_version_is_in_the_key(tiny, records, tmp_path, monkeypatch):
@@ -287,7 +290,7 @@ def _toy_extracted():
 
 def test_selection_inputs_by_hand():
     ex = _toy_extracted()
-    phi, logits, mask, cand = selection_inputs(ex)
+    phi, logits, mask, cand = selection_inputs(ex, "delta")
     assert cand.tolist() == [[0, 2, 3], [0, 1, -1]]
     assert mask.tolist() == [[True, True, True], [True, True, False]]
     torch.testing.assert_close(phi[0], ex.features[0, [0, 2, 3]] - ex.features[0, 1])
@@ -298,7 +301,7 @@ def test_selection_inputs_by_hand():
     b = reference_offsets(ex)
     torch.testing.assert_close(b, torch.tensor([[-1.0, 1.0, 2.0], [-2.0, -1.0, 0.0]]))
     # l_i = (log pi_theta0(y_i) - log pi_theta0(y*)) + b_i: Algorithm 1's phi_i^T theta0 + b_i, log-linear reading
-    _, policy, _, _ = selection_inputs(ex, logits="policy")
+    _, policy, _, _ = selection_inputs(ex, "reference")
     torch.testing.assert_close(logits, (policy + b) * mask)
 
 
@@ -306,7 +309,7 @@ def test_theta0_equal_ref_gives_uniform_q(tiny, records, tmp_path):
     from mass_dpo.selection import fisher_vectors
 
     ex = extract(records, tiny, cache_dir=tmp_path, progress=False)
-    phi, logits, mask, cand = selection_inputs(ex)
+    phi, logits, mask, cand = selection_inputs(ex, "delta")
     assert (logits == 0).all()
     s = (0.1 * logits).masked_fill(~mask, float("-inf"))
     q = torch.softmax(s, -1)
