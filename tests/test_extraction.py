@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mass_dpo.extraction as X
 from mass_dpo.data.formatting import encode_pool
@@ -275,6 +276,56 @@ def test_checkpoint_theta0(tiny, records, tmp_path):
     assert not other.meta["cache_hit"]  # same name and config, other weights: another key
     torch.testing.assert_close(other.ref_logps, ex.theta0_logps)
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_both_poolings_in_one_forward_equal_single_pooling_calls(tiny, records):
+    pools = [encode_pool(r, tiny.tokenizer) for r in records]
+    with torch.no_grad():
+        lp, feats, mask, lengths = X.shared_prefix_outputs(tiny.model, pools, poolings=X.POOLINGS)
+        for pooling in X.POOLINGS:
+            lp1, ft1, m1 = shared_prefix_forward_batch(tiny.model, pools, pooling=pooling)
+            torch.testing.assert_close(feats[pooling], ft1, atol=0, rtol=0)
+            torch.testing.assert_close(lp, lp1, atol=0, rtol=0)
+            assert torch.equal(mask, m1)
+    assert not torch.allclose(feats["all"][mask], feats["response"][mask])  # the two poolings differ
+    # lengths: each candidate's response tokens (end-of-turn included), 0 for padding
+    for i, (_, cs) in enumerate(pools):
+        assert lengths[i].tolist() == [len(c) for c in cs] + [0] * (lengths.shape[1] - len(cs))
+    _, none, _, _ = X.shared_prefix_outputs(tiny.model, pools, poolings=())
+    assert none == {}
+
+
+def test_extract_lengths_and_other_pooling_under_theta0(tiny, records, tmp_path):
+    theta0 = load_model("tiny", device="cpu")
+    with torch.no_grad():
+        for w in theta0.model.parameters():
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel() + 1)))
+    resp = extract(records, tiny, checkpoint=theta0, pooling="response", cache_dir=tmp_path, progress=False)
+    assert not resp.meta["cache_hit"]
+    everything = extract(records, tiny, checkpoint=theta0, pooling="all", cache_dir=tmp_path, progress=False)
+    assert everything.meta["cache_hit"] and everything.meta["pooling"] == "all"
+    _assert_matches(everything, records, [(lp, ft) for (lp, _), (_, ft) in
+                                          zip(_direct(tiny, records), _direct(theta0, records))])
+    for i, r in enumerate(records):
+        n = [len(c) for c in encode_pool(r, tiny.tokenizer)[1]]
+        assert resp.lengths[i].tolist() == n + [0] * (resp.lengths.shape[1] - len(n))
+        assert all(k >= 2 for k in n)  # a name plus the end-of-turn token at least
+    assert resp.lengths.dtype == torch.long and torch.equal(resp.lengths, everything.lengths)
+
+
+def test_bf16_extraction_is_stored_in_float32_under_its_own_key(records, tmp_path):
+    fp32 = load_model("tiny", device="cpu")
+    bf16 = load_model("tiny", device="cpu", dtype="bfloat16")
+    a = extract(records, fp32, cache_dir=tmp_path, progress=False)
+    b = extract(records, bf16, cache_dir=tmp_path, progress=False)
+    assert not b.meta["cache_hit"] and len(list(tmp_path.iterdir())) == 2  # the dtype is part of the key
+    assert (a.meta["dtype"], b.meta["dtype"]) == ("torch.float32", "torch.bfloat16")
+    assert b.features.dtype == b.ref_logps.dtype == torch.float32
+    assert torch.equal(a.lengths, b.lengths)
+    m = a.mask
+    assert 0 < (a.ref_logps[m] - b.ref_logps[m]).abs().max() < 0.5  # bf16 rounding, not another model
+    cos = F.cosine_similarity(a.features[m], b.features[m], dim=-1)
+    assert cos.min() > 0.99
 
 
 # ---------------------------------------------------------------------------------------------- Algorithm 1

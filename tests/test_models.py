@@ -38,6 +38,56 @@ def test_dtype_from_params():
         resolve_dtype("float8", torch.device("cpu"), params)
 
 
+@pytest.mark.parametrize("flags, native", [
+    ({"fpu", "avx2", "avx512f", "amx_tile", "amx_bf16"}, True),  # Sapphire Rapids and later
+    ({"fpu", "avx2", "avx512f", "avx512_bf16"}, True),  # Cooper Lake, Zen 4
+    ({"fpu", "avx2", "avx512f"}, False),  # AVX512 without bf16: emulated, slower than fp32
+    ({"fpu", "avx2"}, False),
+])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, flags, native):
+    import mass_dpo.models as M
+
+    monkeypatch.delenv("MASS_DPO_DTYPE", raising=False)
+    monkeypatch.setattr(M, "cpu_flags", lambda: set(flags))
+    params = {"dtype": {"cuda": "bfloat16", "cpu": "auto"}}
+    want = torch.bfloat16 if native else torch.float32
+    assert M.cpu_has_native_bf16() is native
+    assert resolve_dtype(None, torch.device("cpu"), params) == want
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert resolve_dtype(None, torch.device("cuda"), {"dtype": {"cuda": "auto"}}) == torch.bfloat16
+    assert resolve_dtype(None, torch.device("cpu"), {"dtype": {"cpu": "float32"}}) == torch.float32  # tiny
+    # the environment forces a dtype over the params (not over an explicit argument)
+    monkeypatch.setenv("MASS_DPO_DTYPE", "float32")
+    assert resolve_dtype(None, torch.device("cpu"), params) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu"), params) == torch.bfloat16
+    monkeypatch.setenv("MASS_DPO_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="MASS_DPO_DTYPE"):
+        resolve_dtype(None, torch.device("cpu"), params)
+
+
+def test_native_bf16_without_cpuinfo_asks_torch(monkeypatch):
+    import mass_dpo.models as M
+
+    monkeypatch.setattr(M, "cpu_flags", lambda: set())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert M.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not M.cpu_has_native_bf16()
+
+
+def test_tiny_stays_float32_and_smollm2_asks_for_auto(monkeypatch):
+    import mass_dpo.models as M
+    from mass_dpo.params import load_params
+
+    monkeypatch.delenv("MASS_DPO_DTYPE", raising=False)
+    monkeypatch.setattr(M, "cpu_flags", lambda: {"amx_bf16"})
+    assert load_model("tiny", device="cpu").model.dtype == torch.float32
+    assert load_params("models/smollm2")["dtype"]["cpu"] == "auto"
+    monkeypatch.setenv("MASS_DPO_DTYPE", "bfloat16")
+    assert load_model("tiny", device="cpu").model.dtype == torch.bfloat16
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
