@@ -1,8 +1,10 @@
 """``mass-dpo reproduce``: execute the paper's notebooks headless with papermill.
 
-Each notebook runs with the parameters of a profile (``params/profiles/<profile>.yaml``: ``common`` parameters
-for every notebook, then per-notebook overrides), into ``papers_figures/executed/<name>.ipynb`` with its log beside
-it. A failing notebook is reported (notebook, cell, error) and the remaining notebooks still run.
+Each notebook runs under a profile (``params/profiles/<profile>.yaml``: ``common`` parameters for every notebook,
+then per-notebook overrides): papermill passes it ``profile`` and ``out_dir``, and the notebook's setup cell takes
+every parameter left at ``None`` from that profile (:mod:`mass_dpo.notebook_params`). It runs into
+``papers_figures/executed/<name>.ipynb`` with its log beside it. A failing notebook is reported (notebook, cell,
+error) and the remaining notebooks still run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import load_params, params_dir
+from .notebook_params import AUTO, auto_profile, papermill_parameters, profile_values
+from .params import params_dir
 
 #: Notebooks in the order they run (each one a paper section); missing ones are skipped with a note.
 NOTEBOOKS = (
@@ -58,11 +61,9 @@ class ReproduceReport:
 
 
 def profile_parameters(profile: str, name: str) -> dict:
-    """The papermill parameters of notebook ``name`` under ``profile``: ``common``, then ``notebooks[name]``."""
-    spec = load_params(f"profiles/{profile}")
-    merged = dict(spec.get("common") or {})
-    merged.update((spec.get("notebooks") or {}).get(name) or {})
-    return merged
+    """Every value ``profile`` sets for notebook ``name`` (:func:`mass_dpo.notebook_params.profile_values`), and
+    ``profile`` itself."""
+    return dict(profile_values(profile, name), profile=profile)
 
 
 def _describe_failure(err: BaseException) -> str:
@@ -92,7 +93,8 @@ def _stderr_to(file):
 
 def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: Path, kernel: str = "python3"
                  ) -> NotebookResult:
-    """Execute ``notebooks_dir/<name>.ipynb`` into ``out_dir/executed/`` (never over itself)."""
+    """Execute ``notebooks_dir/<name>.ipynb`` into ``out_dir/executed/`` (never over itself), with the ``parameters``
+    it declares and ``out_dir=out_dir/<name>``."""
     import papermill as pm
 
     source = notebooks_dir / f"{name}.ipynb"
@@ -102,7 +104,7 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
     log = executed / f"{name}.log"
     declared = set(pm.inspect_notebook(str(source)).keys())
     params = {k: v for k, v in parameters.items() if k in declared}
-    if "out_dir" in declared and "out_dir" not in params:
+    if "out_dir" in declared:
         params["out_dir"] = str(out_dir / name)
     start = time.perf_counter()
     with open(log, "w") as log_file, _stderr_to(log_file):
@@ -126,9 +128,13 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
 
 def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: Path | None = None,
               notebooks_dir: Path | None = None, echo=print) -> ReproduceReport:
-    """Run the notebooks of a profile in order; returns a report (nothing raises for a failing notebook)."""
+    """Run the notebooks of a profile in order; returns a report (nothing raises for a failing notebook).
+
+    ``profile="auto"``: ``paper`` where CUDA is available, else ``cpu``. Each notebook gets
+    :func:`mass_dpo.notebook_params.papermill_parameters` (its ``profile``) and its ``out_dir``."""
     notebooks_dir = Path(notebooks_dir or repo_root() / "notebooks")
     out_dir = Path(out_dir or repo_root() / "papers_figures")
+    profile = auto_profile() if profile == AUTO else profile
     if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
         raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}")
     names = list(only) if only else [n for n in NOTEBOOKS if (notebooks_dir / f"{n}.ipynb").is_file()]
@@ -140,7 +146,8 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     report = ReproduceReport()
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: running (log: {out_dir / 'executed' / (name + '.log')})")
-        result = run_notebook(name, profile_parameters(profile, name), notebooks_dir=notebooks_dir, out_dir=out_dir)
+        params = papermill_parameters(notebooks_dir / f"{name}.ipynb", profile)
+        result = run_notebook(name, params, notebooks_dir=notebooks_dir, out_dir=out_dir)
         report.results.append(result)
         status = "ok" if result.ok else "FAILED"
         echo(f"[{i}/{len(names)}] {name}: {status} in {result.seconds:.1f} s -> {result.output}")
@@ -156,7 +163,8 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="cpu", help="params/profiles/<profile>.yaml (smoke, cpu, paper)")
+    parser.add_argument("--profile", default="cpu",
+                        help="params/profiles/<profile>.yaml: smoke, cpu, paper, or auto (paper with CUDA, else cpu)")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: papers_figures/")
 

@@ -198,11 +198,14 @@ def _defaults(name):
 
 
 @pytest.mark.parametrize("name", PAPER_NOTEBOOKS)
-def test_cpu_profile_is_the_notebook_defaults(name):
+def test_cpu_profile_takes_effect_in_every_notebook(name):
+    from mass_dpo.notebook_params import resolve
+
     defaults = _defaults(name)
+    resolved = resolve(name, dict(defaults, profile="cpu")).values
     for key, value in profile_parameters("cpu", name).items():
         if key in defaults:
-            assert defaults[key] == value, f"{name}: {key} default {defaults[key]!r} != cpu profile {value!r}"
+            assert resolved[key] == value, f"{name}: {key} resolves to {resolved[key]!r}, the cpu profile has {value!r}"
     for key in ("model", "regime", "profile", "out_dir", "seeds" if name != "quickstart" else "seed"):
         assert key in defaults, f"{name} lacks the {key} parameter"
     if name != "quickstart":
