@@ -65,6 +65,10 @@ def test_every_notebook_runs(smoke):
     assert not failed, "\n".join(failed + lines)
     for name in NOTEBOOKS:
         assert (out / "executed" / f"{name}.ipynb").is_file()
+    for name in NOTEBOOKS[1:]:  # the paper notebooks print their resolved setup: the smoke profile took effect
+        executed = (out / "executed" / f"{name}.ipynb").read_text()
+        assert f"Setup: {name}: profile smoke (-p / given)" in executed, name
+        assert "profile smoke: model='tiny'" in executed, name
 
 
 @pytest.mark.slow
