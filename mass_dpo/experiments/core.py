@@ -1,0 +1,394 @@
+"""What every paper notebook shares: the setup, the run grid, summaries over seeds, the paper's numbers beside ours.
+
+    Setup (model, regime, profile, data, seeds, sizes)  ->  run_grid(setup, specs)  ->  one row per run
+    ->  summarize (mean and standard error over seeds)   ->  beside_paper(..., "table1")  ->  save_table
+
+A run is :func:`mass_dpo.runs.train_run` (cached by the hash of its resolved config, so the notebooks of Tables
+1, 2, 5 and 6 and Figures 2-3 share their runs, and a second ``mass-dpo reproduce`` trains nothing). A dataset
+whose data is missing (MovieLens ships no sample) is reported once and skipped; nothing else is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+#: The paper's datasets in its column order.
+DATASETS = ("medmcqa", "qasc", "lastfm", "movielens")
+#: The five methods of Table 1, in the paper's row order.
+METHODS = ("dpo", "dmpo", "dpo_k", "sdpo", "mass_dpo")
+METHOD_LABELS = {"dpo": "DPO", "dmpo": "DMPO", "dpo_k": "DPO-k", "sdpo": "S-DPO", "mass_dpo": "MASS-DPO"}
+MODEL_LABELS = {"llama3": "Llama3", "qwen3": "Qwen3", "smollm3": "SmolLM3", "smollm2": "SmolLM2", "tiny": "tiny"}
+PAPER_MODELS = ("Qwen3", "SmolLM3", "Llama3")
+#: Metrics the paper prints in percent (Tables 1-3, 5 and the MRR of Table 6).
+PERCENT = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr")
+RANKING = ("recall@1", "recall@3", "ndcg@1", "ndcg@3")
+#: Negatives of "S-DPO with the full pool" (Tables 7-8): every negative of a 20-candidate pool.
+FULL_POOL = 19
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def model_label(model: str) -> str:
+    return MODEL_LABELS.get(model, model)
+
+
+# ---------------------------------------------------------------- what to run
+
+
+@dataclass
+class Setup:
+    """What every run of a notebook shares (the notebook's parameters).
+
+    Attributes:
+        model: params/models name (tiny, smollm2, llama3, qwen3, smollm3); models: several (the paper profile).
+        regime: loglinear, lora or full. profile: a params/training.yaml profile (smoke, cpu, paper).
+        data_dir: ``"samples"`` (shipped samples; MovieLens then comes from ``$MASS_DPO_DATA`` when set), a folder,
+            or ``None`` (``$MASS_DPO_DATA``, else the cache). seeds: training seeds.
+        train_limit, eval_limit, test_limit: prompts per split (``None``: the profile's).
+        options: any other :class:`mass_dpo.training.TrainConfig` field, for every run.
+        root: the runs root (default ``$MASS_DPO_RUNS`` / the cache). quiet: hide the Trainer's per-step prints.
+        trained_world_size: the number of processes the runs were trained with, when they were trained beforehand
+            under ``accelerate launch -m mass_dpo.experiments`` (the run hash covers the world size); default
+            ``$MASS_DPO_TRAINED_WORLD_SIZE``. A finished run of that world size is loaded instead of retrained.
+    """
+
+    model: str = "smollm2"
+    models: list[str] | None = None
+    regime: str = "loglinear"
+    profile: str | None = "cpu"
+    data_dir: str | None = "samples"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    test_limit: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    root: str | None = None
+    quiet: bool = True
+    trained_world_size: int | None = field(
+        default_factory=lambda: int(os.environ["MASS_DPO_TRAINED_WORLD_SIZE"])
+        if os.environ.get("MASS_DPO_TRAINED_WORLD_SIZE") else None)
+
+    def model_list(self) -> list[str]:
+        return list(self.models) if self.models else [self.model]
+
+    def describe(self) -> str:
+        """One line naming the model(s), regime, data and seeds (each notebook prints it above its numbers)."""
+        sizes = f"train/eval/test prompts {self.train_limit}/{self.eval_limit}/{self.test_limit}"
+        return (f"model {', '.join(self.model_list())}, regime {self.regime}, profile {self.profile}, data "
+                f"{self.data_dir or '$MASS_DPO_DATA'}, {sizes}, seeds {list(self.seeds)}")
+
+
+def dataset_location(name: str, data_dir: str | None, splits: Iterable[str] = ("train", "valid", "test")
+                     ) -> tuple[str | None, str]:
+    """``(data_dir to use, "")`` when every split of ``name`` is there, else ``(None, why)``.
+
+    ``data_dir="samples"`` falls back to ``$MASS_DPO_DATA`` for a dataset with no shipped sample (MovieLens)."""
+    from ..data.benchmarks import locate
+
+    tried = [data_dir]
+    if data_dir == "samples" and os.environ.get("MASS_DPO_DATA"):
+        tried.append(os.environ["MASS_DPO_DATA"])
+    why = ""
+    for where in tried:
+        try:
+            for split in splits:
+                locate(name, split, where)
+            return (str(where) if where is not None else None), ""
+        except FileNotFoundError as err:
+            why = str(err)
+    return None, why
+
+
+def available(datasets: Iterable[str], data_dir: str | None, echo: Callable[[str], None] | None = print
+              ) -> dict[str, str | None]:
+    """``{dataset: data_dir}`` for the datasets whose data is present; the others are reported through ``echo``."""
+    out = {}
+    for name in datasets:
+        where, why = dataset_location(name, data_dir)
+        if why:
+            if echo:
+                echo(f"SKIPPED {name}: its data is missing. {why}")
+        else:
+            out[name] = where
+    return out
+
+
+def grid(datasets, methods=("mass_dpo",), seeds=(0,), **axes) -> list[dict]:
+    """Every combination of datasets x methods x seeds x the list-valued ``axes`` (``n=[1, 3, 5]``, ``beta=0.1``)."""
+    specs = [{"dataset": d, "method": m, "seed": s} for d in datasets for m in methods for s in seeds]
+    for key, values in axes.items():
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        specs = [dict(spec, **{key: v}) for spec in specs for v in values]
+    return specs
+
+
+# ---------------------------------------------------------------- runs
+
+
+class ThetaSnapshots(TrainerCallback):
+    """Saves the loglinear policy's theta at mid-training and at the end, for Table 4 (``<run>/snapshots/``).
+
+    Mid-training is the end of epoch 1 when training lasts two epochs or more (the paper's "epoch 1"), else half
+    of the steps. Files: ``mid.pt`` and ``final.pt`` (``{"theta": [d], "step": int}``)."""
+
+    def __init__(self, folder, num_epochs: float = 3.0):
+        self.folder = Path(folder)
+        self.num_epochs = float(num_epochs)
+
+    def _save(self, name: str, state, model) -> None:
+        theta = getattr(model, "theta", None)
+        if theta is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)},
+                   self.folder / f"{name}.pt")
+
+    def mid_step(self, state) -> int:
+        total = int(state.max_steps)
+        if self.num_epochs >= 2 and state.num_train_epochs >= 2:
+            return max(1, round(total / state.num_train_epochs))
+        return max(1, total // 2)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero and state.global_step == self.mid_step(state):
+            self._save("mid", state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            self._save("final", state, model)
+
+
+def has_snapshots(run_dir) -> bool:
+    return all((Path(run_dir) / "snapshots" / f"{k}.pt").is_file() for k in ("mid", "final"))
+
+
+def _config(setup: Setup, spec: dict, data_dir: str | None) -> dict:
+    cfg = {"model": setup.model, "regime": setup.regime, "profile": setup.profile, "data_dir": data_dir,
+           "limit": setup.train_limit, "eval_limit": setup.eval_limit, "test_limit": setup.test_limit}
+    cfg.update(setup.options)
+    cfg.update(spec)
+    return cfg
+
+
+def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots: bool = False):
+    """Train (or load) one run: ``spec`` holds ``dataset``, ``method``, ``seed`` and any TrainConfig override.
+
+    Loglinear runs save theta snapshots (:class:`ThetaSnapshots`); ``snapshots=True`` retrains a cached run that
+    has none (a run trained outside this module). Returns the :class:`mass_dpo.runs.RunResult`."""
+    from ..runs import run_dir, train_run
+    from ..training import resolve_config
+
+    from ..runs import is_finished, load_run
+
+    cfg = resolve_config(_config(setup, spec, data_dir if data_dir is not None else setup.data_dir))
+    if setup.trained_world_size:
+        trained = run_dir(cfg, root=setup.root, world=setup.trained_world_size)
+        if is_finished(trained):
+            return load_run(trained)
+    path = run_dir(cfg, root=setup.root)
+    callbacks = [ThetaSnapshots(path / "snapshots", cfg.num_train_epochs)] if cfg.regime == "loglinear" else []
+    force = bool(snapshots and cfg.regime == "loglinear" and (path / "metrics.json").is_file()
+                 and not has_snapshots(path))
+    sink = io.StringIO()
+    quiet = contextlib.redirect_stdout(sink) if setup.quiet else contextlib.nullcontext()
+    with quiet:
+        return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)
+
+
+def run_row(result, spec: dict) -> dict:
+    """One tidy row of a finished run: its axes, every test metric, timings and where it lives."""
+    cfg = result.config
+    seconds = result.info.get("seconds", {})
+    row = {
+        "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset, "method": cfg.method,
+        "label": method_label(cfg.method), "n": cfg.n, "beta": cfg.beta, "seed": cfg.seed,
+        "epochs": cfg.num_train_epochs, "max_steps": cfg.max_steps, "train_prompts": cfg.limit,
+        "eval_prompts": cfg.eval_limit, "test_prompts": result.metrics.get("prompts", cfg.test_limit),
+        "steps": result.info.get("train", {}).get("global_step"),
+        "seconds_data": seconds.get("data"), "seconds_train": seconds.get("train"), "seconds_test": seconds.get("test"),
+        "cached": result.cached, "run_dir": str(result.run_dir),
+    }
+    for key, value in result.metrics.items():
+        if isinstance(value, (int, float)) and key != "prompts":
+            row[key] = float(value)
+    row.update({f"spec_{k}": v for k, v in spec.items() if k not in row})
+    return row
+
+
+def run_grid(setup: Setup, specs: list[dict], *, echo: Callable[[str], None] | None = print,
+             snapshots: bool = False) -> pd.DataFrame:
+    """Train or load every run of ``specs`` (each model of the setup, datasets with missing data skipped).
+
+    Returns one row per run (:func:`run_row`): axes, test metrics with their ``_se``, timings, ``run_dir``."""
+    rows = []
+    places = available(sorted({s["dataset"] for s in specs}, key=specs_order(specs)), setup.data_dir, echo)
+    todo = [(m, s) for m in setup.model_list() for s in specs if s["dataset"] in places]
+    start = time.perf_counter()
+    for i, (model, spec) in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        result = run_one(replace(setup, model=model), spec, data_dir=places[spec["dataset"]], snapshots=snapshots)
+        rows.append(run_row(result, spec))
+        if echo:
+            what = " ".join(f"{k}={v}" for k, v in spec.items())
+            echo(f"[{i}/{len(todo)}] {model} {what}: accuracy {result.metrics.get('accuracy', math.nan):.3f} "
+                 f"({'cached' if result.cached else f'trained in {time.perf_counter() - t0:.1f} s'})")
+    if echo:
+        echo(f"{len(rows)} runs ready in {time.perf_counter() - start:.1f} s")
+    return pd.DataFrame(rows)
+
+
+def specs_order(specs: list[dict]):
+    order = {d: i for i, d in enumerate(dict.fromkeys(s["dataset"] for s in specs))}
+    return lambda d: order[d]
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def summarize(runs: pd.DataFrame, by, metrics, *, percent: Iterable[str] = PERCENT) -> pd.DataFrame:
+    """Mean and standard error of each metric over the seeds of each ``by`` group, long format.
+
+    Columns: ``by``, ``metric``, ``value``, ``se``, ``se_over``, ``seeds`` and ``se_prompts``. With several seeds
+    ``se`` is the standard error over seeds (std / sqrt(k)); with one seed it is the run's own test-set standard
+    error over prompts (``se_over="prompts"``). ``se_prompts`` is always the mean over seeds of the test-set
+    standard error (the paper's subscript). Metrics in ``percent`` are scaled by 100 like the paper's tables."""
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    if runs.empty:
+        return pd.DataFrame(columns=[*by, "metric", "value", "se", "se_over", "seeds", "se_prompts"])
+    for key, grp in runs.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in metrics:
+            if metric not in grp:
+                continue
+            vals = grp[metric].to_numpy(dtype=float)
+            vals = vals[np.isfinite(vals)]
+            k = len(vals)
+            scale = 100.0 if metric in percent else 1.0
+            if k > 1:
+                se, over = float(vals.std(ddof=1) / math.sqrt(k)), "seeds"
+            elif k == 1 and f"{metric}_se" in grp:
+                se, over = float(grp[f"{metric}_se"].iloc[0]), "prompts"
+            else:
+                se, over = math.nan, ""
+            within = grp[f"{metric}_se"].to_numpy(dtype=float) if f"{metric}_se" in grp else np.array([math.nan])
+            rows.append(dict(zip(by, key), metric=metric, value=scale * float(vals.mean()) if k else math.nan,
+                             se=scale * se, se_over=over, seeds=k,
+                             se_prompts=scale * float(np.nanmean(within)) if np.isfinite(within).any() else math.nan))
+    return pd.DataFrame(rows)
+
+
+def with_average(summary: pd.DataFrame, runs: pd.DataFrame, by, metrics, *, datasets=DATASETS,
+                 percent: Iterable[str] = PERCENT) -> pd.DataFrame:
+    """``summary`` plus an ``avg`` dataset: per seed the mean over datasets, then mean and SE over seeds.
+
+    Only when every one of ``datasets`` ran (the paper's average is over all four); otherwise returned as is."""
+    if runs.empty or set(datasets) - set(runs["dataset"]):
+        return summary
+    by = [b for b in ([by] if isinstance(by, str) else list(by)) if b != "dataset"]
+    per_seed = runs[runs["dataset"].isin(datasets)].groupby([*by, "seed"], sort=False)[list(metrics)].mean()
+    avg = summarize(per_seed.reset_index(), by, metrics, percent=percent)
+    avg["dataset"] = "avg"
+    return pd.concat([summary, avg], ignore_index=True)
+
+
+def paper_reference(table: str) -> pd.DataFrame:
+    """The paper's numbers of ``table`` (``params/paper_reference/<table>.csv``, long format)."""
+    return pd.read_csv(repo_root() / "params" / "paper_reference" / f"{table}.csv")
+
+
+def _key(value) -> str:
+    """A join key: numbers as ``%g`` (so 1, 1.0 and "1" meet), anything else as text."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def beside_paper(ours: pd.DataFrame, table: str, keys, *, model: str, value: str = "value") -> pd.DataFrame:
+    """Our numbers beside the paper's, with the difference.
+
+    ``ours`` has ``keys`` (e.g. ``method, dataset, metric``; methods as keys or labels) and ``value``. Adds one
+    column per paper model (``paper_Qwen3``, ...), ``paper`` = the same model's number when ours is one of the
+    paper's models, else the mean over the paper's models, and ``diff = value - paper``."""
+    keys = list(keys)
+    ref = paper_reference(table)
+    ours = ours.copy()
+    if "method" in keys:
+        ours["method"] = ours["method"].map(method_label)
+    for k in keys:
+        if k in ref:
+            ref[k] = ref[k].map(_key)
+            ours[k] = ours[k].map(_key)
+    join = [k for k in keys if k in ref]
+    wide = ref.pivot_table(index=join, columns="model", values=value if value in ref else "value", aggfunc="first")
+    wide.columns = [f"paper_{c}" for c in wide.columns]
+    wide = wide.reset_index()
+    out = ours.merge(wide, on=join, how="left")
+    mine = f"paper_{model_label(model)}"
+    cols = [c for c in out.columns if c.startswith("paper_")]
+    if mine in out:
+        out["paper"] = out[mine]
+    else:
+        out["paper"] = out[cols].mean(axis=1) if cols else math.nan
+    out["diff"] = out[value] - out["paper"]
+    return out
+
+
+def wide_table(long: pd.DataFrame, index, columns, *, value: str = "value", se: str | None = "se",
+               digits: int = 2) -> pd.DataFrame:
+    """A readable pivot: one cell ``"mean ± se [paper p]"`` per (index, columns), for the Markdown/LaTeX copy
+    (the bracket only where ``long`` has a finite ``paper`` number)."""
+    index = [index] if isinstance(index, str) else list(index)
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    cell = long.copy()
+    fmt = f"{{:.{digits}f}}"
+    nan = [math.nan] * len(cell)
+    ses = cell[se].astype(float) if se and se in cell else nan
+    papers = cell["paper"].astype(float) if "paper" in cell else nan
+    cell["cell"] = [
+        "" if not np.isfinite(v) else (fmt.format(v) + (f" ± {fmt.format(s)}" if np.isfinite(s) else "")
+                                       + (f" [paper {fmt.format(p)}]" if np.isfinite(p) else ""))
+        for v, s, p in zip(cell[value].astype(float), ses, papers)
+    ]
+    out = cell.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
+    out.columns = [" ".join(str(c) for c in col) if isinstance(col, tuple) else str(col) for col in out.columns]
+    return out.reset_index()
+
+
+
+# ---------------------------------------------------------------- data of a run (for Tables 4 and 7)
+
+
+def load_split(config, split: str = "train"):
+    """The cached ``Extracted`` of one split of a run's config, as :func:`mass_dpo.runs.prepare_data` made it."""
+    from ..data import load_benchmark
+    from ..extraction import extract
+    from ..models import load_model
+
+    limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
+    records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
+    key = f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
+    with contextlib.redirect_stderr(io.StringIO()):
+        # a loaded bundle, as prepare_data passes: the cache key covers the model's identity as given
+        return extract(records, load_model(config.model), dataset_key=key, pooling=config.pooling, progress=False)
+
+

@@ -1,0 +1,102 @@
+"""The quickstart: a user's own preference file, extracted, selected and trained on (``notebooks/quickstart.ipynb``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from .core import method_label
+
+
+# ---------------------------------------------------------------- the quickstart
+
+
+def quickstart_extract(path, model: str = "smollm2"):
+    """``(records, Extracted)`` of a preference file (``load_preferences``), extracted (and cached) under ``model``."""
+    from ..data import load_preferences
+    from ..extraction import extract
+
+    records = load_preferences(path)
+    with contextlib.redirect_stderr(io.StringIO()):
+        ex = extract(records, model, dataset_key=f"quickstart/{Path(path).name}", progress=False)
+    return records, ex
+
+
+def compare_selections(records, ex, n: int = 3, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0
+                       ) -> pd.DataFrame:
+    """Per prompt and candidate: the text, whether D-optimal and random picked it (and at which step), and the
+    D-optimal marginal gain of each pick. Also, per prompt, the information each subset adds,
+    ``log det H(S) - d log gamma = log det(I + G[S, S])`` (``info_dopt``, ``info_random``; the ``d log gamma`` of an
+    empty design is the same for both and would hide the difference)."""
+    from ..preprocess import select_extracted
+
+    dopt = select_extracted(ex, n, strategy="dopt", beta=beta, gamma=gamma)
+    rand = select_extracted(ex, n, strategy="random", beta=beta, gamma=gamma, seed=seed)
+    rows = []
+    for p, rec in enumerate(records):
+        d_idx, r_idx = dopt["indices"][p].tolist(), rand["indices"][p].tolist()
+        for c, text in enumerate(rec["candidates"]):
+            if not bool(ex.mask[p, c]):
+                continue
+            rows.append({
+                "prompt": p, "id": rec["id"], "question": rec["prompt"], "candidate": c, "text": text,
+                "chosen": c == int(ex.target[p]),
+                "dopt_step": d_idx.index(c) + 1 if c in d_idx else None,
+                "dopt_gain": float(dopt["gains"][p][d_idx.index(c)]) if c in d_idx else None,
+                "random_step": r_idx.index(c) + 1 if c in r_idx else None,
+                "info_dopt": float(dopt["gains"][p].nan_to_num(0.0).sum()),
+                "info_random": float(rand["gains"][p].nan_to_num(0.0).sum()),
+            })
+    return pd.DataFrame(rows)
+
+
+def pool_projection(ex, prompt: int) -> pd.DataFrame:
+    """2-D PCA of one pool's feature differences ``phi_i = phi(x, y_i) - phi(x, y*)`` (the chosen one at 0):
+    ``candidate, pc1, pc2`` and the share of variance the two components explain (``explained``)."""
+    m = ex.mask[prompt]
+    feats = ex.features[prompt][m].double()
+    idx = torch.nonzero(m).flatten()
+    diffs = feats - ex.features[prompt, int(ex.target[prompt])].double()
+    centred = diffs - diffs.mean(0)
+    u, s, v = torch.linalg.svd(centred, full_matrices=False)
+    coords = centred @ v[:2].T
+    explained = float((s[:2] ** 2).sum() / (s**2).sum()) if float((s**2).sum()) > 0 else math.nan
+    return pd.DataFrame({"candidate": idx.tolist(), "pc1": coords[:, 0].tolist(), "pc2": coords[:, 1].tolist(),
+                         "explained": explained})
+
+
+def quickstart_train(ex, *, methods=("mass_dpo", "sdpo"), n: int = 3, test_fraction: float = 0.25,
+                     steps: int = 30, seed: int = 0, root=None, model: str = "smollm2") -> pd.DataFrame:
+    """Train each method for ``steps`` steps in the loglinear regime on the first prompts of ``ex`` and evaluate on
+    the last ``test_fraction``; one row per method with the test metrics (accuracy, recall@1, mrr, margin...)."""
+    from ..runs import RunData, train_run
+    from ..training import PreferenceDataset, build_policy, resolve_config, select_training_negatives
+    from ..preprocess import _slice
+
+    P = len(ex)
+    cut = max(1, min(P - 1, int(round(P * (1 - test_fraction)))))
+    train_ex, test_ex = _slice(ex, 0, cut), _slice(ex, cut, P)
+    rows = []
+    for method in methods:
+        cfg = resolve_config(dataset="quickstart", model=model, method=method, n=n, seed=seed, regime="loglinear",
+                             max_steps=steps, eval_limit=0, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=1, logging_steps=5, eval_steps=5, save_steps=steps,
+                             data_dir=f"quickstart-{ex.meta.get('key', 'data')}")  # the hash follows the data
+
+        def data(c, method=method):
+            neg = select_training_negatives(train_ex, method, n, beta=c.beta, gamma=c.gamma, seed=c.seed)
+            train = PreferenceDataset.from_selection(train_ex, neg)
+            return RunData(build_policy(c, dim=int(ex.features.shape[-1])), train, None, test_ex)
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = train_run(cfg, root=root, data=data)
+        rows.append({"method": method_label(method), "n": cfg.n, "steps": steps, "train_prompts": cut,
+                     "test_prompts": P - cut,
+                     **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and k != "prompts"}})
+    return pd.DataFrame(rows)
+
+

@@ -1,0 +1,74 @@
+"""A notebook's runs outside the notebook: ``[accelerate launch ...] python -m mass_dpo.experiments NOTEBOOK``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .ablations import ablation_specs
+from .core import Setup, grid, repo_root, run_grid
+from .cost import matched_specs
+
+
+# ---------------------------------------------------------------- a notebook's runs, outside the notebook
+
+
+def notebook_parameters(name: str, profile: str = "cpu") -> dict[str, Any]:
+    """The parameters notebook ``name`` runs with under ``profile``: its parameters cell, then the profile's values
+    for the parameters it declares (as ``mass-dpo reproduce`` passes them)."""
+    import ast
+
+    import nbformat
+
+    from ..reproduce import profile_parameters
+
+    nb = nbformat.read(repo_root() / "notebooks" / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params = {s.target.id: ast.literal_eval(s.value) for s in ast.parse(cell.source).body}
+    params.update({k: v for k, v in profile_parameters(profile, name).items() if k in params})
+    return params
+
+
+def setup_from(params: dict[str, Any]) -> Setup:
+    """A :class:`Setup` from a notebook's parameters."""
+    return Setup(model=params["model"], models=list(params.get("models") or []) or None, regime=params["regime"],
+                 profile=params["profile"], data_dir=params["data_dir"], seeds=list(params["seeds"]),
+                 train_limit=params["train_limit"], eval_limit=params["eval_limit"], test_limit=params["test_limit"])
+
+
+def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
+    """The run grid of a paper notebook (what its setup cell asks :func:`run_grid` for)."""
+    ds, seeds = p["datasets"], p["seeds"]
+    if name == "training_dynamics":
+        return grid(ds, ["sdpo", "mass_dpo"], seeds, n=p["n"], beta=p["beta"])
+    if name in ("table1", "table2", "table5", "table6"):
+        return grid(ds, p["methods"], seeds, n=p["n"], beta=p["beta"])
+    if name == "table3":
+        return ablation_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"])
+    if name == "table4":
+        return grid(ds, ["mass_dpo"], seeds, n=list(p["ns"]), beta=p["beta"])
+    if name == "table7":
+        return (grid(ds, ["mass_dpo"], seeds, n=p["n_selected"], beta=p["beta"])
+                + grid(ds, ["sdpo"], seeds, n=p["full_pool"], beta=p["beta"]))
+    if name == "table8":
+        return matched_specs(ds, seeds, n=p["n_selected"], full=p["full_pool"], epochs=p["epochs"], beta=p["beta"])
+    raise ValueError(f"{name!r} has no run grid")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``[accelerate launch ...] python -m mass_dpo.experiments NOTEBOOK [...] --profile paper``: train the runs of
+    notebooks (every process runs the same grid; each run is distributed by the Trainer). Then execute the
+    notebooks with ``MASS_DPO_TRAINED_WORLD_SIZE=<processes>`` so that they load these runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--profile", default="cpu")
+    args = parser.parse_args(argv)
+    for name in args.notebooks:
+        p = notebook_parameters(name, args.profile)
+        run_grid(setup_from(p), notebook_specs(name, p), snapshots=name == "table4")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
