@@ -1,0 +1,82 @@
+"""The prepared GPU check (``benchmarks/gpu.py``, issue 12 part 3) runs on the CPU at tiny shapes and records what it
+promises; its concatenated-rows path is checked against the extraction's one-row-per-candidate reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concatenated_rows_match_one_row_per_candidate_and_the_shared_prompt(gpu_check):
+    """float32: the step's concatenated layout gives naive_forward's log-probs, and so does the shared prompt."""
+    from mass_dpo.extraction import naive_forward
+    from mass_dpo.models import load_model
+    from mass_dpo.training import pool_logps
+
+    model = load_model("tiny", device="cpu", dtype="float32").model
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 400, (7,), generator=g).tolist(), torch.randint(5, 400, (4,), generator=g).tolist()]
+    cands = [[torch.randint(5, 400, (k,), generator=g).tolist() for k in (3, 1, 5, 2)],
+             [torch.randint(5, 400, (k,), generator=g).tolist() for k in (2, 4, 1)]]
+    mask = torch.tensor([[True] * 4, [True, True, True, False]])
+    with torch.no_grad():
+        rows = gpu_check.concatenated_logps(model, prompts, cands, mask)
+        shared = pool_logps(model, prompts, cands, mask)
+        for b in range(2):
+            ref = naive_forward(model, prompts[b], cands[b])[0]
+            assert torch.allclose(rows[b, : len(cands[b])], ref, atol=1e-4), b
+    assert rows[1, 3] == 0
+    assert torch.allclose(rows, shared, atol=1e-4)
+
+
+def test_gpu_check_runs_at_tiny_shapes_on_cpu(tmp_path):
+    out = tmp_path / "record.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MASS_DPO_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tiny shapes" in proc.stdout
+    rec = json.loads(out.read_text())
+    assert rec["tiny"] is True and rec["machine"]["device"] == "cpu"
+
+    ext = {r["path"]: r for r in rec["extraction"]}
+    assert set(ext) == {"shared", "naive"}
+    assert ext["shared"]["tokens_scored"] == ext["naive"]["tokens_scored"] == ext["naive"]["tokens_fed"]
+    assert ext["shared"]["tokens_fed"] < ext["naive"]["tokens_fed"]  # the prompt is read once per pool
+    assert ext["shared"]["agree"] and ext["shared"]["rel_logp_diff"] <= 2e-2
+
+    step = rec["step"]
+    assert step["dtype"] == "bfloat16" and step["n"] == 3 and step["batch"] == 2
+    tiny_params = sum(p.numel() for p in __import__("mass_dpo.models", fromlist=["x"]).load_model(
+        "tiny", device="cpu").model.parameters())
+    assert step["parameters"] == tiny_params  # full fine-tuning: every weight
+    assert step["agree"] and step["grad_cosine"] >= 0.99 and step["grad_norm"] > 0
+    assert step["paths"]["shared"]["tokens_fed"] < step["paths"]["rows"]["tokens_fed"]
+    assert step["adamw_step"]["seconds"] > 0
+
+    runs = {r["path"]: r for r in rec["run"]}
+    assert set(runs) == {"reference (untrained)", "sdpo", "mass_dpo"}
+    for r in runs.values():
+        assert 0 <= r["metrics"]["recall@1"] <= r["metrics"]["recall@3"] <= 1
+        assert r["metrics"]["prompts"] == 4
+    assert runs["sdpo"]["steps"] == runs["mass_dpo"]["steps"] == 2  # 4 prompts, batch 2, one epoch
+    for line in ("extraction", "step", "reference (untrained)", "mass_dpo"):
+        assert line in proc.stdout
