@@ -1,7 +1,9 @@
 """The toy log-linear model: a synthetic check of Section 5's bounds (Theorems 5.1, 5.2 and C.1).
 
 torch/numpy only. The notebook ``notebooks/toy_loglinear.ipynb`` calls the experiment drivers at the bottom
-(:func:`n_sweep`, :func:`k_sweep`, :func:`exact_sweep`) and only plots their records.
+(:func:`n_sweep`, :func:`k_sweep`, :func:`exact_sweep` through :func:`run_all`, and :func:`regime_sweep` through
+:func:`run_regime_sweep`) and only plots their records. Every driver's records are cached on disk by a hash of its
+parameters (:func:`cached_records`), so a second run of the notebook only reads them back.
 
 Model (Assumption 4.1): ``pi(y | x; theta) ∝ exp(phi(x, y) . theta)`` with a uniform reference policy, so the
 offsets ``b_i = log ref(y*) - log ref(y_i)`` are all 0 (the paper has no toy setup that says otherwise).
@@ -38,11 +40,16 @@ the model one would have before training), ``"zero"`` (no prior knowledge: ``q^0
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+import os
+import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,17 +59,24 @@ from .selection import fisher_vectors, select_negatives
 
 SHAPES = ("isotropic", "clustered")
 THETA0_KINDS = ("pilot", "zero", "true")
-#: (strategy, center) pairs compared on every figure: Algorithm 1, its uncentred ablation, and two baselines.
-METHODS = (("dopt", True), ("dopt", False), ("random", True), ("hardest", True))
+#: (strategy, center) pairs compared on every figure: Algorithm 1, its label-blind variant (the greedy over all
+#: ``N + 1`` responses without knowing which won, ``y*`` dropped afterwards), its uncentred ablation, two baselines.
+METHODS = (("dopt", True), ("label_blind", True), ("dopt", False), ("random", True), ("hardest", True))
+#: The methods of the regime sweep (:func:`regime_sweep`).
+REGIME_METHODS = (("dopt", True), ("label_blind", True), ("random", True))
 DTYPE = torch.float64
+#: Bump when a change to this module changes any cached record (:func:`cached_records`).
+CACHE_VERSION = 1
 
 
 def method_label(strategy: str, center: bool) -> str:
     """Human-readable name of a (strategy, center) pair, used as the ``method`` column of every record."""
-    names = {"dopt": "D-optimal", "random": "random", "hardest": "hardest"}
+    names = {"dopt": "D-optimal", "label_blind": "label-blind D-optimal", "random": "random", "hardest": "hardest"}
     label = names.get(strategy, strategy)
     if strategy == "dopt":
         label += " (centred)" if center else " (uncentred)"
+    elif strategy == "label_blind" and not center:
+        label += " (uncentred)"
     return label
 
 
@@ -158,9 +172,24 @@ def ridge_gradient(theta, phi, b, beta: float, gamma: float, mask=None) -> torch
 
 
 def ridge_hessian(theta, phi, b, beta: float, gamma: float, mask=None) -> torch.Tensor:
-    """``[d, d]`` Hessian of :func:`ridge_objective` (eq. 10 averaged over prompts, plus ``gamma I``)."""
-    H = loglinear_hessian(theta, phi, b, beta, mask).mean(0)
-    return H + gamma * torch.eye(H.shape[-1], dtype=H.dtype)
+    """``[d, d]`` Hessian of :func:`ridge_objective` (eq. 10 averaged over prompts, plus ``gamma I``).
+
+    Eq. 10 per prompt is ``beta^2 w [sigma(Z) phibar phibar^T + sum_j q_j (phi_j - phibar)(phi_j - phibar)^T]`` with
+    ``w = 1 - sigma(Z)``; summed over prompts it is ``C^T C + U^T U`` with rows ``sqrt(w q_j) (phi_j - phibar)`` and
+    ``sqrt(w sigma(Z)) phibar``: two ``[P N, d]`` products instead of ``P`` matrices ``d x d`` (d = 576 fits in memory).
+    """
+    P, N, d = phi.shape
+    s = beta * (phi @ theta + b)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # = -Z
+    q = torch.softmax(s, dim=-1)
+    w, sig = torch.sigmoid(lse), torch.sigmoid(-lse)  # 1 - sigma(Z), sigma(Z)
+    phibar = torch.einsum("pn,pnd->pd", q, phi)
+    c = ((w[:, None] * q).sqrt()[..., None] * (phi - phibar[:, None, :])).reshape(P * N, d)
+    u = (w * sig).sqrt()[:, None] * phibar
+    H = beta**2 * (c.T @ c + u.T @ u) / P
+    return H + gamma * torch.eye(d, dtype=H.dtype)
 
 
 @dataclass
@@ -622,12 +651,52 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1) -> dict[str, list[dict]]:
+def cache_dir() -> Path:
+    """Where the toy's records are cached: ``mass_dpo.params.cache_root() / "toy"``."""
+    from .params import cache_root  # (yaml only; keeps this module's import light)
+
+    return cache_root() / "toy"
+
+
+def cache_key(name: str, **params) -> str:
+    """A stable hex digest of ``name``, :data:`CACHE_VERSION` and ``params`` (JSON-serialisable values)."""
+    blob = json.dumps(dict(params, _name=name, _version=CACHE_VERSION), sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_records(name: str, params: dict, compute, *, cache: bool = True):
+    """``compute()`` (a dict of record lists), read from / written to ``cache_dir()/<name>-<hash>.json``.
+
+    The file name hashes ``name``, every entry of ``params`` and :data:`CACHE_VERSION`; the write goes to a temporary
+    file in the same folder, renamed into place, so a reader never sees half a file. ``cache=False`` always computes.
+    """
+    if not cache:
+        return compute()
+    path = cache_dir() / f"{name}-{cache_key(name, **params)}.json"
+    if path.is_file():
+        with open(path) as f:
+            return json.load(f)
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1,
+            cache: bool = True) -> dict[str, list[dict]]:
     """Every sweep for every (theta0, shape, seed): ``{"n", "coverage", "k", "exact", "fits"}`` lists of records.
 
     ``theta0_kinds`` (default ``[cfg.theta0]``) repeats everything at several preprocessing points. The tensors are
     tiny (``d x d`` solves over a few hundred prompts), so torch runs single-threaded by default: intra-op threads
-    only add synchronisation, which made the sweeps 10x slower on a busy 2-core machine.
+    only add synchronisation, which made the sweeps 10x slower on a busy 2-core machine. Each (sweep, theta0, shape,
+    seed) is cached by :func:`cached_records` unless ``cache=False``.
     """
     out: dict[str, list[dict]] = {key: [] for key in ("n", "coverage", "k", "exact", "fits")}
     with torch_threads(threads):
@@ -636,6 +705,92 @@ def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 
             for shape in shapes:
                 for seed in seeds:
                     for sweep in (n_sweep, k_sweep, exact_sweep):
-                        for key, rows in sweep(c, shape, seed).items():
-                            out[key].extend(rows)
+                        params = dict(cfg=c.as_dict(), shape=shape, seed=seed)
+                        rows = cached_records(sweep.__name__, params, lambda: sweep(c, shape, seed), cache=cache)
+                        for key, recs in rows.items():
+                            out[key].extend(recs)
+    return out
+
+
+# ---------------------------------------------------------------- the regime sweep (feature scale x d)
+
+
+def feature_scale_for_gram(gram_scale: float, d: int, N: int, beta: float, gamma: float) -> float:
+    """The ``feature_scale`` at which the scaled Gram diagonal ``G_ii = (alpha0 / gamma) q_i ||phi_i - phibar||^2``
+    of Algorithm 1 has expectation ``gram_scale`` on isotropic pools at ``theta0 = 0``.
+
+    There ``q_i = 1/N``, ``alpha0 = beta^2 sigmoid(log N)`` and ``E ||phi_i - phibar||^2 = d s^2 (1 - 1/N)`` (``y*``'s
+    features cancel in ``phi_i - phibar``), so ``s = sqrt(gram_scale N gamma / (alpha0 d (1 - 1/N)))``.
+    """
+    alpha0 = beta**2 / (1.0 + 1.0 / N)  # beta^2 sigmoid(log N)
+    return math.sqrt(gram_scale * N * gamma / (alpha0 * d * (1.0 - 1.0 / N)))
+
+
+def top_gram_diagonal(phi, logits, n: int, beta: float, gamma: float) -> torch.Tensor:
+    """``[P, n]`` the ``n`` candidates with the largest ``G_ii`` of Algorithm 1 (centred), ties to the lower index:
+    the first step of the greedy, and all of it once ``G`` is so small that ``log det(I + G_SS) ~ trace G_SS``."""
+    v, alpha0, _, _ = design_vectors(phi, logits, beta)
+    gii = (alpha0 / gamma)[:, None] * (v * v).sum(-1)
+    return torch.sort(gii, dim=-1, descending=True, stable=True).indices[:, :n]
+
+
+def same_subset(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[P]`` bool: the rows of ``a`` and ``b`` (``[P, n]`` indices) hold the same set."""
+    return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+
+def regime_sweep(cfg: ToyConfig, shape: str, seed: int, gram_scale: float, d: int, n: int) -> dict[str, list[dict]]:
+    """D-optimal, label-blind D-optimal and random subsets of ``n`` negatives at one (``G_ii`` scale, ``d``).
+
+    ``cfg`` gives ``N = pool_size``, ``beta``, ``gamma``, ``signal``, the pool shape settings, ``theta0``,
+    ``num_prompts`` and ``num_test_prompts``; ``d`` and ``feature_scale`` (from ``gram_scale`` by
+    :func:`feature_scale_for_gram`) are replaced. The rewards ``beta phi . theta_true`` keep std ``signal`` whatever
+    the scale, so only how the data weigh against the ridge ``gamma`` changes. Records per method: ``erel_true``
+    (eq. 15 against ``theta_true``, mean over prompts), ``test_accuracy``, ``same_as_top_gii`` (share of prompts whose
+    subset is the top-``n`` by ``G_ii``) and the measured median ``G_ii``; fits start at 0.
+    """
+    N = cfg.pool_size
+    scale = feature_scale_for_gram(gram_scale, d, N, cfg.beta, cfg.gamma)
+    c = replace(cfg, d=d, feature_scale=scale)
+    gen, theta_true, pools, theta0, _, kw = _problem(c, shape, seed, f"regime/{gram_scale}/{d}", c.num_prompts, N)
+    test = make_pools(c.num_test_prompts, N, d, **kw)
+    logits = pools.phi @ theta0 + pools.b
+    top = top_gram_diagonal(pools.phi, logits, n, c.beta, c.gamma)
+    v, alpha0, _, _ = design_vectors(pools.phi, logits, c.beta)
+    gii = float(((alpha0 / c.gamma)[:, None] * (v * v).sum(-1)).median())
+    base = dict(shape=shape, seed=seed, theta0=c.theta0, gram_scale=gram_scale, d=d, n=n, feature_scale=scale,
+                gii_median=gii)
+    records, fits = [], []
+    for strategy, center in REGIME_METHODS:
+        order = select_negatives(pools.phi, logits, n, beta=c.beta, gamma=c.gamma, strategy=strategy, center=center,
+                                 generator=gen).indices
+        # the subset loss only sees the picked rows: fit on them alone ([P, n, d], the same objective, N/n x cheaper)
+        rows = torch.arange(pools.phi.shape[0])[:, None]
+        fit = fit_ridge(pools.phi[rows, order], pools.b[rows, order], c.beta, c.gamma, tol=c.tol, max_iter=c.max_iter)
+        label = method_label(strategy, center)
+        fits.append(_fit_record(fit, **base, fit="theta_hat_n", method=label))
+        records.append(dict(
+            base, method=label, strategy=strategy, center=center,
+            erel_true=float(relative_logit_error(pools.phi, fit.theta - theta_true).mean()),
+            test_accuracy=preference_accuracy(fit.theta, test.phi),
+            same_as_top_gii=float(same_subset(order, top).to(DTYPE).mean()),
+            converged=fit.converged,
+        ))
+    return {"regime": records, "fits": fits}
+
+
+def run_regime_sweep(cfg: ToyConfig, shapes, seeds, gram_scales, dims, n: int, *, threads: int = 1,
+                     cache: bool = True) -> dict[str, list[dict]]:
+    """:func:`regime_sweep` over every (shape, ``G_ii`` scale, ``d``, seed), cached like :func:`run_all`."""
+    out: dict[str, list[dict]] = {"regime": [], "fits": []}
+    with torch_threads(threads):
+        for shape in shapes:
+            for g in gram_scales:
+                for d in dims:
+                    for seed in seeds:
+                        params = dict(cfg=cfg.as_dict(), shape=shape, seed=seed, gram_scale=g, d=d, n=n)
+                        rows = cached_records("regime_sweep", params,
+                                              lambda: regime_sweep(cfg, shape, seed, g, d, n), cache=cache)
+                        for key, recs in rows.items():
+                            out[key].extend(recs)
     return out

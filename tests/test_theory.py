@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -259,8 +260,8 @@ def test_n_sweep_records_are_finite_and_zero_at_the_full_pool():
 
 def test_run_all_is_deterministic():
     cfg = _smoke_config(num_prompts=8, k_grid=[4], num_test_prompts=10, exact_prompts=2)
-    a = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"])
-    b = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"])
+    a = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
+    b = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
     assert a == b
     assert {r["theta0"] for r in a["n"]} == {"zero", "pilot"}
 
@@ -273,3 +274,91 @@ def test_theory_stays_in_the_core_layer():
             "print(sorted(m for m in ('matplotlib', 'transformers', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_ridge_hessian_with_a_mask_matches_eq10_per_prompt():
+    _, pools = _pools(P=12, N=7, d=4, seed=8)
+    mask = torch.rand(12, 7, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[:, 0] = True
+    theta = torch.randn(4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    from mass_dpo.losses import loglinear_hessian
+
+    expected = loglinear_hessian(theta, pools.phi, pools.b, 0.2, mask).mean(0) + 0.3 * torch.eye(4, dtype=DT)
+    torch.testing.assert_close(theory.ridge_hessian(theta, pools.phi, pools.b, 0.2, 0.3, mask), expected)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cached_records_reads_back_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"n": [{"x": 0.1 + 0.2, "nan": float("nan"), "flag": True, "name": "a"}]}
+
+    first = theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
+    again = theory.cached_records("unit", {"grid": [1, 2], "a": 1}, compute)  # key order does not matter
+    assert len(calls) == 1
+    assert again["n"][0]["x"] == 0.1 + 0.2 and math.isnan(again["n"][0]["nan"]) and again["n"][0]["flag"] is True
+    assert first["n"][0]["x"] == again["n"][0]["x"]
+    files = list((tmp_path / "toy").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("unit-") and files[0].suffix == ".json"
+    theory.cached_records("unit", {"a": 2, "grid": [1, 2]}, compute)  # other parameters: another entry
+    assert len(calls) == 2
+    monkeypatch.setattr(theory, "CACHE_VERSION", theory.CACHE_VERSION + 1)  # a version bump invalidates
+    theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
+    assert len(calls) == 3
+    theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute, cache=False)
+    assert len(calls) == 4 and len(list((tmp_path / "toy").iterdir())) == 3  # nothing half-written is left
+
+
+def test_run_all_from_the_cache_equals_a_fresh_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))
+    cfg = _smoke_config(num_prompts=8, k_grid=[4], num_test_prompts=10, exact_prompts=2)
+    fresh = theory.run_all(cfg, ["clustered"], [0], cache=False)
+    cold = theory.run_all(cfg, ["clustered"], [0])
+    warm = theory.run_all(cfg, ["clustered"], [0])
+    assert fresh == cold == warm
+    assert len(list((tmp_path / "toy").glob("*.json"))) == 3  # n, k and exact sweeps of one (theta0, shape, seed)
+    other = theory.run_all(replace(cfg, gamma=0.2), ["clustered"], [0])
+    assert other != warm and len(list((tmp_path / "toy").glob("*.json"))) == 6
+
+
+# ---------------------------------------------------------------- regime sweep
+
+
+def test_feature_scale_for_gram_gives_the_requested_gram_diagonal():
+    N, d, beta, gamma = 10, 16, 0.1, 0.1
+    for g in (1e-3, 10.0):
+        s = theory.feature_scale_for_gram(g, d, N, beta, gamma)
+        theta_true = torch.zeros(d, dtype=DT)
+        pools = theory.make_pools(3000, N, d, theta_true=theta_true, beta=beta, feature_scale=s,
+                                  generator=torch.Generator().manual_seed(0))
+        v, alpha0, _, _ = theory.design_vectors(pools.phi, torch.zeros(3000, N, dtype=DT), beta)
+        gii = (alpha0 / gamma)[:, None] * (v * v).sum(-1)
+        assert float(gii.mean()) == pytest.approx(g, rel=0.02)
+
+
+def test_top_gram_diagonal_and_same_subset():
+    phi = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [0.0, 0.5]]], dtype=DT)
+    top = theory.top_gram_diagonal(phi, torch.zeros(1, 4, dtype=DT), 2, 0.1, 0.1)
+    # uniform q: phibar = (0.25, 0.375); squared distances 7.703, 0.453, 5.203, 0.078 -> candidates 0 and 2
+    assert top.tolist() == [[0, 2]]
+    assert theory.same_subset(torch.tensor([[2, 0], [1, 3]]), torch.tensor([[0, 2], [1, 2]])).tolist() == [True, False]
+
+
+def test_regime_sweep_dopt_is_top_gii_when_the_gram_is_small():
+    cfg = _smoke_config(theta0="zero", pool_size=10, n_grid=[3], num_prompts=60, num_test_prompts=20)
+    share = {}
+    for g in (1e-4, 1e3):
+        out = theory.regime_sweep(cfg, "isotropic", 0, g, 16, 3)
+        rec = {r["method"]: r for r in out["regime"]}
+        assert set(rec) == {"D-optimal (centred)", "label-blind D-optimal", "random"}
+        assert all(f["converged"] for f in out["fits"])
+        share[g] = rec["D-optimal (centred)"]["same_as_top_gii"]
+        assert rec["random"]["same_as_top_gii"] < 0.2
+        assert rec["D-optimal (centred)"]["gii_median"] == pytest.approx(g, rel=0.5)
+    # log det(I + G_SS) ~ trace G_SS for small G: the greedy is top-n by G_ii; not so once G_ii >> 1
+    assert share[1e-4] >= 0.95 and share[1e3] < 0.8

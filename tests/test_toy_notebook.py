@@ -2,19 +2,23 @@
 
 import ast
 import math
+import os
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
 
+from mass_dpo import theory
 from mass_dpo.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "toy_loglinear.ipynb"
 FIGURES = ("erel_vs_n", "leverage_vs_n", "sigma_error_vs_k", "greedy_vs_exact", "cluster_coverage",
-           "erel_true_vs_n", "test_accuracy_vs_n")
-TABLES = ("erel_slopes", "leverage_constants", "toy_summary", "dopt_paired_differences")
+           "erel_true_vs_n", "test_accuracy_vs_n", "regime_top_gii", "regime_map")
+TABLES = ("erel_slopes", "leverage_constants", "toy_summary", "dopt_paired_differences", "label_blind_vs_random",
+          "regime_paired_differences")
+METHODS = [theory.method_label(s, c) for s, c in theory.METHODS]
 
 
 def _defaults() -> dict:
@@ -27,13 +31,32 @@ def test_cpu_profile_matches_the_notebook_defaults():
     assert load_params("toy_loglinear")["profiles"]["cpu"] == _defaults()
 
 
+def _execute(tmp: Path, name: str, params: dict) -> None:
+    """Run the notebook with its fit cache in ``tmp/cache`` (the kernel inherits the environment)."""
+    papermill = pytest.importorskip("papermill")
+    previous = os.environ.get("MASS_DPO_CACHE")
+    os.environ["MASS_DPO_CACHE"] = str(tmp / "cache")
+    try:
+        papermill.execute_notebook(str(NOTEBOOK), str(tmp / f"{name}.ipynb"), parameters=params,
+                                   kernel_name="python3", cwd=str(tmp), progress_bar=False)
+    finally:
+        if previous is None:
+            os.environ.pop("MASS_DPO_CACHE")
+        else:
+            os.environ["MASS_DPO_CACHE"] = previous
+
+
+def _printed(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    papermill = pytest.importorskip("papermill")
+    pytest.importorskip("papermill")
     tmp = tmp_path_factory.mktemp("toy")
     params = dict(load_params("toy_loglinear")["profiles"]["smoke"], out_dir=str(tmp / "out"))
-    papermill.execute_notebook(str(NOTEBOOK), str(tmp / "executed.ipynb"), parameters=params,
-                               kernel_name="python3", cwd=str(tmp), progress_bar=False)
+    _execute(tmp, "executed", params)
     return tmp, params
 
 
@@ -73,7 +96,9 @@ def test_figure_csvs_have_finite_values_and_expected_columns(executed):
         assert all(math.isfinite(v) for v in df[["mean", "lo", "hi"]].to_numpy().ravel()), name
     erel = pd.read_csv(out / "erel_vs_n.csv")
     assert set(erel["theta0"]) == set(params["theta0_kinds"]) and set(erel["shape"]) == set(params["shapes"])
-    assert erel["method"].nunique() == 4
+    assert sorted(erel["method"].unique()) == sorted(METHODS)  # label-blind on every per-method figure
+    for name in ("erel_true_vs_n", "test_accuracy_vs_n", "leverage_vs_n", "sigma_error_vs_k", "greedy_vs_exact"):
+        assert set(METHODS) <= set(pd.read_csv(out / f"{name}.csv")["method"]), name
     frac = pd.read_csv(out / "greedy_vs_exact.csv")
     assert (frac["mean"] <= 1 + 1e-9).all()
 
@@ -83,9 +108,45 @@ def test_every_strategy_has_zero_erel_once_the_subset_is_the_pool(executed):
     tmp, params = executed
     erel = pd.read_csv(tmp / "out" / "erel_vs_n.csv")
     full = erel[erel["n"] == params["pool_size"]]
-    assert len(full) == 4 * len(params["shapes"]) * len(params["theta0_kinds"])
+    assert len(full) == len(METHODS) * len(params["shapes"]) * len(params["theta0_kinds"])
     assert (full["mean"].abs() < 1e-6).all() and (full["hi"].abs() < 1e-6).all()
     below = erel[erel["n"] < params["pool_size"]]
     assert (below["mean"] > 1e-6).all()  # and not everywhere: the subsets do differ from the pool
     fits = pd.read_csv(tmp / "out" / "records_fits.csv")
     assert fits["converged"].all()
+
+
+@pytest.mark.slow
+def test_regime_sweep_covers_every_cell_and_the_map_marks_significance(executed):
+    tmp, params = executed
+    out = tmp / "out"
+    rec = pd.read_csv(out / "records_regime.csv")
+    cells = len(params["sweep_shapes"]) * len(params["sweep_gram_scales"]) * len(params["sweep_dims"])
+    assert len(rec) == cells * params["sweep_num_seeds"] * 3
+    assert set(rec["method"]) == {"D-optimal (centred)", "label-blind D-optimal", "random"}
+    assert set(rec["d"]) == set(params["sweep_dims"]) and set(rec["gram_scale"]) == set(params["sweep_gram_scales"])
+    assert rec["same_as_top_gii"].between(0, 1).all() and rec["converged"].all()
+    # on isotropic pools the measured median G_ii follows the requested expectation (the median of a chi-square
+    # with d degrees of freedom lies a little below its mean)
+    iso = rec[rec["shape"] == "isotropic"]
+    ratio = iso["gii_median"] / iso["gram_scale"]
+    assert ratio.between(0.5, 1.5).all(), ratio.describe()
+    cmp = pd.read_csv(out / "regime_map.csv")
+    assert len(cmp) == cells * 2 * 2  # (D-optimal, label-blind) x (test accuracy, E_rel vs theta_true)
+    sig = (cmp["lo"] > 0) | (cmp["hi"] < 0)
+    assert (cmp["significant"] == sig).all()
+    text = _printed(tmp / "executed.ipynb")
+    assert "Label-blind selection" in text and "close" in text and "Top-n by G_ii" in text
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_the_cache_and_gives_the_same_records(executed):
+    tmp, params = executed
+    files = sorted((tmp / "cache" / "toy").glob("*.json"))
+    assert files and not list((tmp / "cache" / "toy").glob("*.tmp"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    _execute(tmp, "warm", dict(params, out_dir=str(tmp / "warm")))
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps  # read, never rewritten
+    assert sorted((tmp / "cache" / "toy").glob("*.json")) == files
+    for name in ("records_n", "records_k", "records_exact", "records_regime", "regime_map", "toy_summary"):
+        assert (tmp / "warm" / f"{name}.csv").read_bytes() == (tmp / "out" / f"{name}.csv").read_bytes(), name
