@@ -687,6 +687,11 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def _dcp_dirs(folder: Path, prefix: str) -> list[Path]:
+    """FSDP sharded-state folders (torch.distributed.checkpoint: a ``.metadata`` file beside the shards)."""
+    return [p for p in folder.glob(f"{prefix}_*") if p.is_dir() and (p / ".metadata").is_file()]
+
+
 def _weights_problem(folder: Path) -> str | None:
     for name in _WEIGHT_FILES:
         path = folder / name
@@ -702,8 +707,12 @@ def _weights_problem(folder: Path) -> str | None:
             if bad:
                 return f"weight shards missing or truncated: {', '.join(bad)}"
         return None
-    if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("pytorch_model_fsdp_*")):
-        return None  # FSDP sharded state dict (torch.distributed.checkpoint)
+    fsdp = sorted(folder.glob("pytorch_model_fsdp*.bin"))  # FSDP full or local state dict (accelerate's names)
+    if fsdp:
+        bad = [p.name for p in fsdp if not _readable(p)]
+        return f"{', '.join(bad)} empty or truncated" if bad else None
+    if _dcp_dirs(folder, "pytorch_model_fsdp"):
+        return None
     if (folder / "latest").is_file():
         return None  # DeepSpeed: the engine's folder is checked with the optimizer
     return "no model weights"
@@ -713,13 +722,18 @@ def _optimizer_problem(folder: Path) -> str | None:
     if (folder / "latest").is_file():  # DeepSpeed: weights and optimizer states live in global_step<N>/
         tag = folder / (folder / "latest").read_text().strip()
         return None if tag.is_dir() and any(tag.iterdir()) else f"DeepSpeed folder {tag.name} missing or empty"
-    if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("optimizer_*")):
-        return None  # FSDP sharded optimizer state
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (folder / name).exists():
-            return f"no {name}"
-        if not _readable(folder / name):
-            return f"{name} is empty or truncated"
+    # optimizer.pt (Trainer), optimizer.bin / optimizer_*rank*.bin / optimizer_0/ (FSDP through accelerate)
+    files = [p for p in [folder / "optimizer.pt", folder / "optimizer.bin", *folder.glob("optimizer_*rank*.bin")]
+             if p.exists()]
+    if not files and not _dcp_dirs(folder, "optimizer"):
+        return "no optimizer.pt"
+    bad = [p.name for p in files if not _readable(p)]
+    if bad:
+        return f"{', '.join(bad)} is empty or truncated"
+    if not (folder / "scheduler.pt").exists():
+        return "no scheduler.pt"
+    if not _readable(folder / "scheduler.pt"):
+        return "scheduler.pt is empty or truncated"
     return None
 
 

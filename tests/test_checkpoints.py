@@ -62,6 +62,17 @@ def test_checkpoint_problem_names_what_is_missing_or_truncated(tmp_path):
     assert checkpoint_problem(only_config) == "no trainer_state.json"
 
 
+def test_fsdp_full_state_dict_layout_is_recognised(tmp_path):
+    """FSDP through accelerate names the files pytorch_model_fsdp.bin and optimizer.bin."""
+    folder = _complete_checkpoint(tmp_path / "checkpoint-8")
+    (folder / "model.safetensors").unlink()
+    (folder / "optimizer.pt").rename(folder / "optimizer.bin")
+    torch.save({"w": torch.arange(6.0)}, folder / "pytorch_model_fsdp.bin")
+    assert checkpoint_problem(folder) is None
+    _truncate(folder / "optimizer.bin")
+    assert checkpoint_problem(folder) == "optimizer.bin is empty or truncated"
+
+
 def test_last_checkpoint_skips_and_reports_incomplete_ones(tmp_path, capsys, caplog):
     out = tmp_path / "checkpoints"
     for step in (2, 4, 10):
