@@ -351,37 +351,75 @@ class Extracted:
         return out
 
 
-def selection_inputs(ex: Extracted, *, logits: str = "delta"):
+#: The readings of Appendix C.4's preprocessing score ``s_i = beta (phi_i^T theta0 + b_i)``, i.e. of the relative
+#: logits ``l_i`` (``s_i = beta l_i``) that Algorithm 1's q and alpha0 are computed from (``docs/extraction.md``,
+#: "The selection score"): ``delta`` both terms (they cancel at theta0 = ref), ``reference`` the first term only,
+#: ``offset`` the second term only.
+SELECTION_SCORES = ("delta", "reference", "offset")
+
+#: The reading the paper's text describes (Section 4, Section 6.4, Appendix C.4; ``docs/extraction.md``).
+DEFAULT_SELECTION_SCORE = "reference"
+
+#: ``selection_inputs(logits=...)``, deprecated: the old names of two readings.
+_LEGACY_LOGITS = {"delta": "delta", "policy": "reference"}
+
+
+def check_selection_score(selection_score: str) -> str:
+    """``selection_score`` itself when it is one of :data:`SELECTION_SCORES`, else a ``ValueError`` naming them."""
+    if selection_score not in SELECTION_SCORES:
+        raise ValueError(
+            f"unknown selection_score {selection_score!r}; choose one of {', '.join(SELECTION_SCORES)} "
+            f"(the readings of appendix C.4's preprocessing score; docs/extraction.md)"
+        )
+    return selection_score
+
+
+def _negatives(ex: Extracted) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cand [P, C-1], mask [P, C-1])``: the candidate index of each negative (the target skipped, order kept)."""
+    P, C = ex.mask.shape
+    j = torch.arange(C - 1)
+    cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()
+    return cand, torch.gather(ex.mask, 1, cand)
+
+
+def selection_inputs(ex: Extracted, selection_score: str = DEFAULT_SELECTION_SCORE, *, logits: str | None = None):
     """The inputs of Algorithm 1 over the negatives of each pool (the chosen candidate removed).
 
     Returns ``(phi [P, C-1, d], logits [P, C-1], mask [P, C-1], cand_index [P, C-1])`` with
 
     - ``phi_i = phi(x, y_i) - phi(x, y*)`` (line 2);
-    - ``logits="delta"`` (Algorithm 1, the default): ``l_i = Delta_i(theta0) = (log pi_theta0(y_i) - log pi_ref(y_i))
-      - (log pi_theta0(y*) - log pi_ref(y*))``, so that ``beta * l_i`` is line 3's ``s_i = beta (phi_i^T theta0 + b_i)``
-      under the log-linear reading (``docs/extraction.md``). When theta0 is the reference model (the default) every
-      ``l_i`` is 0 and q is uniform;
-    - ``logits="policy"``: ``l_i = log pi_theta0(y_i) - log pi_theta0(y*)``, the policy's own margin without the
-      reference offset ``b_i`` (what "hardest" negatives means at theta0 = ref, where Delta is all zeros);
+    - ``logits`` the relative logits ``l_i`` of line 3 (``s_i = beta l_i``) under the reading ``selection_score``
+      (appendix C.4's ``s_i = beta (phi_i^T theta0 + b_i)``, with ``phi_i^T theta0 = log pi_theta0(y_i) -
+      log pi_theta0(y*)`` under the log-linear model of Assumption 4.1):
+
+      - ``"delta"``: ``l_i = Delta_i(theta0) = (log pi_theta0(y_i) - log pi_theta0(y*)) + b_i``, both terms; every
+        ``l_i`` is 0 (q uniform) when theta0 is the reference model;
+      - ``"reference"`` (the default): ``l_i = log pi_theta0(y_i) - log pi_theta0(y*)``, the first term, which is
+        ``log pi_ref(y_i) - log pi_ref(y*) = -b_i`` when theta0 is the reference: q weights the negatives the model
+        finds plausible;
+      - ``"offset"``: ``l_i = b_i = log pi_ref(y*) - log pi_ref(y_i)``, the second term: q weights the negatives the
+        reference already rejects;
     - ``cand_index[p, j]``: the candidate index of negative j (``-1`` where padded).
 
-    The offsets ``b_i = log pi_ref(y*) - log pi_ref(y_i)`` are :func:`reference_offsets`.
+    ``logits=`` is the deprecated name of the option (``"delta"``, or ``"policy"`` for ``"reference"``).
+    The offsets ``b_i`` alone are :func:`reference_offsets`.
     """
-    P, C = ex.mask.shape
-    j = torch.arange(C - 1)
-    cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()  # skip the target, keep the order
-    mask = torch.gather(ex.mask, 1, cand)
-    rows = torch.arange(P)[:, None]
-    tgt = ex.target
+    if logits is not None:
+        import warnings
+
+        if logits not in _LEGACY_LOGITS:
+            raise ValueError(f"unknown logits {logits!r}; use selection_score= one of {', '.join(SELECTION_SCORES)}")
+        warnings.warn(f"selection_inputs(logits={logits!r}) is deprecated; use selection_score="
+                      f"{_LEGACY_LOGITS[logits]!r}", DeprecationWarning, stacklevel=2)
+        selection_score = _LEGACY_LOGITS[logits]
+    check_selection_score(selection_score)
+    P = len(ex.target)
+    cand, mask = _negatives(ex)
+    rows, tgt = torch.arange(P)[:, None], ex.target
     phi = ex.features[rows, cand] - ex.features[torch.arange(P), tgt][:, None, :]
     pol = ex.theta0_logps[rows, cand] - ex.theta0_logps[torch.arange(P), tgt][:, None]
-    if logits == "delta":
-        ref = ex.ref_logps[rows, cand] - ex.ref_logps[torch.arange(P), tgt][:, None]
-        lg = pol - ref
-    elif logits == "policy":
-        lg = pol
-    else:
-        raise ValueError(f"unknown logits {logits!r}; choose 'delta' (Algorithm 1) or 'policy'")
+    b = reference_offsets(ex)
+    lg = {"delta": pol + b, "reference": pol, "offset": b}[selection_score]
     phi = phi * mask[..., None]
     lg = lg * mask
     cand = torch.where(mask, cand, torch.full_like(cand, -1))
@@ -390,11 +428,9 @@ def selection_inputs(ex: Extracted, *, logits: str = "delta"):
 
 def reference_offsets(ex: Extracted) -> torch.Tensor:
     """``b_i = log pi_ref(y*) - log pi_ref(y_i)`` over the negatives, ``[P, C-1]``, in :func:`selection_inputs`'
-    order."""
-    P, C = ex.mask.shape
-    j = torch.arange(C - 1)
-    cand = j[None, :] + (j[None, :] >= ex.target[:, None]).long()
-    mask = torch.gather(ex.mask, 1, cand)
+    order (0 where padded)."""
+    P = len(ex.target)
+    cand, mask = _negatives(ex)
     b = ex.ref_logps[torch.arange(P), ex.target][:, None] - ex.ref_logps[torch.arange(P)[:, None], cand]
     return b * mask
 

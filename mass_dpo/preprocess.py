@@ -1,13 +1,13 @@
 """``mass-dpo select``: negatives for every prompt of a dataset split (MASS-DPO's preprocessing, appendix C.4).
 
     mass-dpo select --dataset lastfm --model smollm2 --split train --n 3 --strategy dopt [--pooling all]
-                    [--beta 0.1 --gamma 0.1] [--limit N] [--data-dir D] [--out PATH]
+                    [--beta 0.1 --gamma 0.1] [--selection-score reference] [--limit N] [--data-dir D] [--out PATH]
 
 Extraction (features and log-probs, cached: :func:`mass_dpo.extraction.extract`), then Algorithm 1's inputs
 (:func:`mass_dpo.extraction.selection_inputs`), then :func:`mass_dpo.selection.select_negatives` over every prompt.
 Writes one JSON line per prompt (id, chosen, negative texts, candidate indices, gains, logdet) and a summary JSON.
-``--strategy random`` gives S-DPO's uniformly drawn negatives (seeded), ``hardest`` the top-n by logit, ``all``
-every candidate.
+``--strategy random`` gives S-DPO's uniformly drawn negatives (seeded), ``hardest`` the top-n by plausibility under
+theta0, ``all`` every candidate. ``--selection-score`` is the reading of the preprocessing score (``docs/extraction.md``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .extraction import POOLINGS, Extracted, extract, selection_inputs
+from .extraction import (
+    DEFAULT_SELECTION_SCORE, POOLINGS, SELECTION_SCORES, Extracted, check_selection_score, extract, selection_inputs,
+)
 from .selection import STRATEGIES, score_subset, select_negatives
-
-LOGITS = ("auto", "delta", "policy")
 
 #: Prompts per call of the selector (bounds the [prompts, candidates, d] copies it makes).
 SELECT_CHUNK = 2048
@@ -39,15 +39,6 @@ class DatasetSelection:
     summary: dict
     out: Path | None = None
     summary_path: Path | None = None
-
-
-def resolve_logits(logits: str, strategy: str) -> str:
-    """``auto``: ``policy`` for ``hardest`` (at theta0 = ref every Delta_i is 0: no hardest), else ``delta``."""
-    if logits not in LOGITS:
-        raise ValueError(f"unknown logits {logits!r}; choose one of {', '.join(LOGITS)}")
-    if logits == "auto":
-        return "policy" if strategy == "hardest" else "delta"
-    return logits
 
 
 def _slice(ex: Extracted, lo: int, hi: int) -> Extracted:
@@ -64,34 +55,40 @@ def select_extracted(
     strategy: str = "dopt",
     beta: float = 0.1,
     gamma: float = 0.1,
-    logits: str = "auto",
+    selection_score: str = DEFAULT_SELECTION_SCORE,
     center: bool = True,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Algorithm 1 (or another strategy) over every prompt of an :class:`Extracted`.
 
+    ``selection_score`` is the reading of appendix C.4's preprocessing score that Algorithm 1's q and alpha0 come
+    from (:func:`mass_dpo.extraction.selection_inputs`: ``delta``, ``reference`` or ``offset``). ``dopt`` picks under
+    it; ``random`` draws uniformly; ``hardest`` takes the top-n by ``log pi_theta0(y_i) - log pi_theta0(y*)`` (the
+    ``reference`` logits: the negatives the model finds most plausible) whatever the reading; ``all`` takes every
+    negative. Every strategy's subset is scored under the reading's q, so that the strategies' numbers compare.
+
     Returns ``indices`` ``[P, k]`` (candidate indices, ``-1`` = none), ``gains`` ``[P, k]``, ``logdet`` ``[P]``,
-    ``alpha`` ``[P]`` and ``uniform`` (``[P]`` bool: every Delta_i is 0, q uniform). Whatever logits ordered the
-    picks, ``gains`` / ``logdet`` / ``alpha`` score them under Algorithm 1's q (``delta`` logits), so that the
-    strategies' numbers compare."""
+    ``alpha`` ``[P]`` and ``uniform`` (``[P]`` bool: every l_i is 0 under the reading, q uniform)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    kind = resolve_logits(logits, strategy)
+    check_selection_score(selection_score)
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[str, list] = {"indices": [], "gains": [], "logdet": [], "alpha": [], "uniform": []}
     for lo in range(0, len(ex), SELECT_CHUNK):
         chunk = _slice(ex, lo, lo + SELECT_CHUNK)
-        phi, lg, mask, cand = selection_inputs(chunk, logits=kind)
-        sel = select_negatives(
-            phi.double(), lg.double(), n, beta=beta, gamma=gamma, strategy=strategy, center=center, mask=mask,
-            generator=gen,
-        )
+        phi, lg, mask, cand = selection_inputs(chunk, selection_score)
+        if strategy == "hardest" and selection_score != "reference":
+            _, order_by, _, _ = selection_inputs(chunk, "reference")
+            sel = select_negatives(phi.double(), order_by.double(), n, beta=beta, gamma=gamma, strategy=strategy,
+                                   center=center, mask=mask)
+            sel = score_subset(phi.double(), lg.double(), sel.indices, beta=beta, gamma=gamma, center=center,
+                               mask=mask)
+        else:
+            sel = select_negatives(
+                phi.double(), lg.double(), n, beta=beta, gamma=gamma, strategy=strategy, center=center, mask=mask,
+                generator=gen,
+            )
         idx = sel.indices
-        if kind != "delta":  # the order came from other logits: score the subset under Algorithm 1's q
-            _, delta, _, _ = selection_inputs(chunk, logits="delta")
-            scored = score_subset(phi.double(), delta.double(), idx, beta=beta, gamma=gamma, center=center, mask=mask)
-            sel.gains, sel.logdet, sel.alpha = scored.gains, scored.logdet, scored.alpha
-            lg = delta
         picked = torch.where(idx >= 0, torch.gather(cand, 1, idx.clamp_min(0)), torch.full_like(idx, -1))
         parts["indices"].append(picked)
         parts["gains"].append(sel.gains)
@@ -173,7 +170,7 @@ def select_dataset(
     pooling: str = "all",
     beta: float = 0.1,
     gamma: float = 0.1,
-    logits: str = "auto",
+    selection_score: str = DEFAULT_SELECTION_SCORE,
     center: bool = True,
     limit: int | None = None,
     seed: int = 0,
@@ -196,8 +193,8 @@ def select_dataset(
             (a ``datasets.Dataset`` or a list of dicts with ``id``, ``prompt``, ``candidates``, ``target``).
         model: the reference model (name, folder or ``ModelBundle``); ``checkpoint``: theta0 (default: the model).
         n, strategy, beta, gamma, center: passed to :func:`mass_dpo.selection.select_negatives`.
-        pooling: ``all`` or ``response`` (appendix C.4). logits: ``delta`` (Algorithm 1), ``policy`` or ``auto``
-            (see :func:`resolve_logits`). seed: the subsample of ``limit`` and the ``random`` strategy.
+        pooling: ``all`` or ``response`` (appendix C.4). selection_score: the reading of the preprocessing score
+            (:func:`select_extracted`). seed: the subsample of ``limit`` and the ``random`` strategy.
         out: the JSONL path (default ``runs/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``);
             the summary goes beside it as ``<stem>.summary.json``. ``write=False`` writes nothing.
     """
@@ -209,7 +206,7 @@ def select_dataset(
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    kind = resolve_logits(logits, strategy)
+    check_selection_score(selection_score)
 
     if isinstance(dataset, str):
         from .data import load_benchmark
@@ -235,14 +232,16 @@ def select_dataset(
     if ex.ids != [str(r["id"]) for r in records]:
         raise RuntimeError("extraction returned the prompts in another order than the dataset's")
     t0 = time.time()
-    picked = select_extracted(ex, n, strategy=strategy, beta=beta, gamma=gamma, logits=kind, center=center, seed=seed)
+    picked = select_extracted(ex, n, strategy=strategy, beta=beta, gamma=gamma, selection_score=selection_score,
+                              center=center, seed=seed)
     t_select = time.time() - t0
 
     model_name = getattr(model, "name", model)
     settings = {
         "dataset": name, "split": split, "model": str(model_name),
         "checkpoint": None if checkpoint is None else str(getattr(checkpoint, "name", checkpoint)),
-        "pooling": pooling, "strategy": strategy, "n": int(n), "beta": beta, "gamma": gamma, "logits": kind,
+        "pooling": pooling, "strategy": strategy, "n": int(n), "beta": beta, "gamma": gamma,
+        "selection_score": selection_score,
         "center": center, "limit": limit, "seed": seed,
     }
     rows = _rows(records, ex, picked)
@@ -271,8 +270,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pooling", default="all", choices=POOLINGS, help="mean-pool prompt+response (all) or response tokens")
     add("--beta", type=float, default=0.1, help="DPO scale (default 0.1)")
     add("--gamma", type=float, default=0.1, help="ridge of H(S) (default 0.1)")
-    add("--logits", default="auto", choices=LOGITS,
-        help="delta: Algorithm 1's Delta_i(theta0); policy: log-prob margin under theta0; auto: policy for hardest")
+    add("--selection-score", default=DEFAULT_SELECTION_SCORE, choices=SELECTION_SCORES,
+        help=f"reading of the preprocessing score s_i (docs/extraction.md; default {DEFAULT_SELECTION_SCORE})")
     add("--no-center", dest="center", action="store_false", help="ablation: no weighted centering")
     add("--limit", type=int, default=None, help="subsample this many prompts (seeded)")
     add("--seed", type=int, default=0, help="subsample and random-strategy seed (default 0)")
@@ -292,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = select_dataset(
         args.dataset, args.model, split=args.split, n=args.n, strategy=args.strategy, pooling=args.pooling,
-        beta=args.beta, gamma=args.gamma, logits=args.logits, center=args.center, limit=args.limit, seed=args.seed,
+        beta=args.beta, gamma=args.gamma, selection_score=args.selection_score, center=args.center, limit=args.limit,
+        seed=args.seed,
         data_dir=args.data_dir, checkpoint=args.checkpoint, out=args.out, cache_dir=args.cache_dir,
         use_cache=args.use_cache, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
         progress=args.progress,

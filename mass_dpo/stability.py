@@ -9,6 +9,13 @@ and compares the subsets. Everything here is pure math on index tensors and froz
 - :func:`at_checkpoint` is the loglinear regime's policy at theta_t: ``log pi_t = log pi_ref + phi . theta_t``, so
   ``Delta_i(theta_t) = (phi_i - phi_*) . theta_t`` and the selection needs no new extraction (the features are
   frozen; only the logits of Algorithm 1 change);
+- every selection here is made under one reading of the preprocessing score (``selection_score``: ``delta``,
+  ``reference`` or ``offset``, :func:`mass_dpo.extraction.selection_inputs`): the training runs' own. Under
+  ``offset`` (``l_i = b_i``, the reference alone) the logits never move with theta_t, so on frozen features the
+  recomputed selection is the initial one by construction;
+- :func:`trivial_budgets` names the budgets n at which the comparison says nothing: ``n >=`` the number of negatives
+  of every pool, where every selection is the whole pool (QASC: 7 negatives, so n = 10 is identical by
+  construction); :func:`recompute` reports the share of such prompts (``saturated``) for the other budgets;
 - :func:`recompute` runs Algorithm 1 at a checkpoint and scores the old subset under the new design, for the
   objective retention ``sum_p log det(I + G_t[S_0]) / sum_p log det(I + G_t[S_t])`` (the ``d log gamma`` term of
   ``log det H(S)`` is left out of both, so the ratio is of the information each subset adds; 1 = the old subset is
@@ -22,9 +29,8 @@ from dataclasses import replace
 
 import torch
 
-from .extraction import Extracted, selection_inputs
-from .selection import score_subset
-from .selection import select_negatives
+from .extraction import DEFAULT_SELECTION_SCORE, Extracted, selection_inputs
+from .selection import score_subset, select_negatives
 
 
 def _sets(idx: torch.Tensor) -> list[set[int]]:
@@ -68,35 +74,55 @@ def at_checkpoint(ex: Extracted, theta) -> Extracted:
     return replace(ex, theta0_logps=logps)
 
 
-def select(ex: Extracted, n: int, *, beta: float = 0.1, gamma: float = 0.1):
+def select(ex: Extracted, n: int, *, beta: float = 0.1, gamma: float = 0.1,
+           selection_score: str = DEFAULT_SELECTION_SCORE):
     """Algorithm 1 at ``ex``'s preprocessing point: ``(indices [P, n] into the negatives, logdet gain [P])``.
 
     Indices are in :func:`mass_dpo.extraction.selection_inputs`' order (the chosen candidate removed); the gain is
-    ``log det(I + G[S, S]) = log det H(S) - d log gamma``."""
-    phi, lg, mask, _ = selection_inputs(ex)
+    ``log det(I + G[S, S]) = log det H(S) - d log gamma``, with q from the reading ``selection_score``."""
+    phi, lg, mask, _ = selection_inputs(ex, selection_score)
     sel = select_negatives(phi.double(), lg.double(), n, beta=beta, gamma=gamma, mask=mask)
     return sel.indices, sel.gains.nan_to_num(0.0).sum(-1)
 
 
-def subset_gain(ex: Extracted, order, *, beta: float = 0.1, gamma: float = 0.1) -> torch.Tensor:
+def subset_gain(ex: Extracted, order, *, beta: float = 0.1, gamma: float = 0.1,
+                selection_score: str = DEFAULT_SELECTION_SCORE) -> torch.Tensor:
     """``[P]`` ``log det(I + G[S, S])`` of given subsets ``order`` ``[P, k]`` under the design at ``ex``."""
-    phi, lg, mask, _ = selection_inputs(ex)
-    gains = score_subset(phi.double(), lg.double(), torch.as_tensor(order).long(), beta=beta, gamma=gamma, mask=mask).gains
+    phi, lg, mask, _ = selection_inputs(ex, selection_score)
+    order = torch.as_tensor(order).long()
+    gains = score_subset(phi.double(), lg.double(), order, beta=beta, gamma=gamma, mask=mask).gains
     return gains.nan_to_num(0.0).sum(-1)
 
 
+def negatives_per_pool(ex: Extracted) -> torch.Tensor:
+    """``[P]`` int64: the number of negatives in each pool (candidates minus the chosen one)."""
+    return ex.mask.sum(-1) - 1
+
+
+def trivial_budgets(ex: Extracted, ns) -> list[int]:
+    """The budgets of ``ns`` at which Table 4 compares nothing: ``n >=`` the number of negatives of every pool, so
+    that every selection, at any checkpoint, is the whole pool (QASC's 7 negatives make n = 10 trivial). Drop their
+    rows and say so; ``[]`` when every budget leaves a choice in some pool."""
+    most = int(negatives_per_pool(ex).max()) if len(ex) else 0
+    return [int(n) for n in ns if int(n) >= most]
+
+
 def recompute(ex: Extracted, theta_old, theta_new, n: int, *, beta: float = 0.1, gamma: float = 0.1,
-              top: int = 3) -> dict[str, float]:
-    """Table 4's metrics for the selection at ``theta_old`` (e.g. 0, initialisation) against ``theta_new``.
+              top: int = 3, selection_score: str = DEFAULT_SELECTION_SCORE) -> dict[str, float]:
+    """Table 4's metrics for the selection at ``theta_old`` (e.g. 0, initialisation) against ``theta_new``, both
+    made under the reading ``selection_score`` (the training runs' own).
 
     Returns the means over prompts of :func:`subset_agreement` plus ``objective_retention`` (see the module
-    docstring) and ``prompts``."""
-    old, _ = select(at_checkpoint(ex, theta_old), n, beta=beta, gamma=gamma)
+    docstring), ``prompts`` and ``saturated`` (the share of prompts with at most ``n`` negatives: their selection is
+    the whole pool at any checkpoint)."""
+    kw = dict(beta=beta, gamma=gamma, selection_score=selection_score)
+    old, _ = select(at_checkpoint(ex, theta_old), n, **kw)
     ex_new = at_checkpoint(ex, theta_new)
-    new, gain_new = select(ex_new, n, beta=beta, gamma=gamma)
-    gain_old = subset_gain(ex_new, old, beta=beta, gamma=gamma)
+    new, gain_new = select(ex_new, n, **kw)
+    gain_old = subset_gain(ex_new, old, **kw)
     out = {k: float(v.mean()) if v.numel() else math.nan for k, v in subset_agreement(old, new, top=top).items()}
     total = float(gain_new.sum())
     out["objective_retention"] = float(gain_old.sum()) / total if total > 0 else math.nan
     out["prompts"] = int(old.shape[0])
+    out["saturated"] = float((negatives_per_pool(ex) <= n).double().mean()) if len(ex) else math.nan
     return out

@@ -20,7 +20,7 @@ from .training import REGIMES
 #: Options forwarded to the config as they are (flag -> TrainConfig field, type).
 _OPTIONS = {
     "dataset": str, "model": str, "method": str, "n": int, "beta": float, "regime": str, "seed": int,
-    "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str,
+    "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
     "score": str, "optim": str,
@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--eval-limit", dest="eval_limit", type=int, help="online-eval prompts (0: none)")
     d.add_argument("--test-limit", dest="test_limit", type=int, help="test prompts")
     d.add_argument("--pooling", choices=("all", "response"))
+    d.add_argument("--selection-score", dest="selection_score", choices=("delta", "reference", "offset"),
+                   help="reading of the preprocessing score of Algorithm 1 (docs/extraction.md; default reference)")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float)
     o.add_argument("--epochs", dest="num_train_epochs", type=float)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .extraction import DEFAULT_SELECTION_SCORE, check_selection_score
 from .loglinear import LogLinearPolicy
 from .losses import METHODS, preference_loss
 
@@ -80,6 +81,7 @@ class TrainConfig:
     subsample_seed: int = 0  # which prompts a limit keeps: fixed, so seeds and methods share the data
     pooling: str = "all"  # feature pooling of extraction: "all" or "response"
     gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
+    selection_score: str = DEFAULT_SELECTION_SCORE  # reading of the preprocessing score: delta, reference, offset
     # optimisation
     learning_rate: float = 1e-5
     num_train_epochs: float = 3.0
@@ -114,6 +116,7 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        check_selection_score(self.selection_score)
         if self.score not in ("logp", "reward"):
             raise ValueError(f"score must be 'logp' or 'reward', got {self.score!r}")
         if self.method == "dpo":
@@ -308,15 +311,18 @@ class PreferenceCollator:
 
 
 def select_training_negatives(
-    extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0
+    extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0,
+    selection_score: str = DEFAULT_SELECTION_SCORE,
 ) -> torch.Tensor:
     """``[P, n]`` fixed negatives per prompt (candidate indices), selected in memory exactly as ``mass-dpo select``
     does (:func:`mass_dpo.preprocess.select_extracted`): D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
-    for the others (one for ``dpo``). The chosen candidate is never a negative; ``-1`` pads small pools."""
+    for the others (one for ``dpo``), Algorithm 1's q under the reading ``selection_score`` (``TrainConfig``'s).
+    The chosen candidate is never a negative; ``-1`` pads small pools."""
     from .preprocess import select_extracted
 
     n = 1 if method == "dpo" else int(n)
-    picked = select_extracted(extracted, n, strategy=METHOD_STRATEGY[method], beta=beta, gamma=gamma, seed=seed)
+    picked = select_extracted(extracted, n, strategy=METHOD_STRATEGY[method], beta=beta, gamma=gamma, seed=seed,
+                              selection_score=selection_score)
     return picked["indices"].long()
 
 

@@ -8,7 +8,7 @@ import torch
 
 from mass_dpo.extraction import extract, selection_inputs
 from mass_dpo.models import load_model
-from mass_dpo.preprocess import resolve_logits, select_dataset
+from mass_dpo.preprocess import select_dataset
 from mass_dpo.selection import STRATEGIES
 
 
@@ -57,7 +57,7 @@ def _brute_force_dopt(phi, logits, mask, n, beta, gamma, order=None):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_end_to_end(records, tiny, cache, tmp_path, strategy):
-    res = _run(records, tiny, cache, tmp_path, strategy)
+    res = _run(records, tiny, cache, tmp_path, strategy, selection_score="delta")
     lines = [json.loads(line) for line in res.out.read_text().splitlines()]
     assert lines == json.loads(json.dumps(res.rows))  # the file holds the rows
     assert [r["id"] for r in lines] == [r["id"] for r in records]
@@ -73,7 +73,7 @@ def test_every_strategy_end_to_end(records, tiny, cache, tmp_path, strategy):
     assert res.summary_path.name == f"{strategy}.summary.json"
     assert s["prompts"] == 6 and s["negatives_total"] == 6 * k and s["strategy"] == strategy
     assert s["candidates_mean"] == 20 and s["feature_dim"] == 64
-    assert s["logits"] == resolve_logits("auto", strategy)
+    assert s["selection_score"] == "delta"
     assert len(s["gains_mean_per_step"]) == k and s["uniform_q_prompts"] == 6  # theta0 = ref: every Delta_i = 0
     assert s["alpha_mean"] == pytest.approx(0.01 / (1 + 1 / 19))  # beta^2 sigmoid(log 19): q uniform over 19
     assert s["logdet_mean"] == pytest.approx(np.mean([r["logdet"] for r in lines]))
@@ -104,7 +104,7 @@ def test_random_is_seeded_and_hardest_is_top_logprob(records, tiny, cache, tmp_p
         lp[ex.target[p]] = -float("inf")
         assert row["indices"] == torch.topk(lp, 3).indices.tolist()
 
-    # whatever picked them, the subsets are scored under Algorithm 1's q (Delta logits)
+    # whatever picked them, the subsets are scored under Algorithm 1's q (the default reading's logits)
     phi, logits, mask, cand = selection_inputs(ex)
     for rows in (a, hard):
         for p, row in enumerate(rows):

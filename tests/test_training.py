@@ -283,7 +283,7 @@ def test_selected_negatives_map_back_to_candidates():
 
     f = fake_extracted(P=6, C=8, d=5, short_pools=True)
     ex = Extracted(f.ids, f.features, f.ref_logps, f.ref_logps + 0.3 * torch.randn(f.ref_logps.shape), f.mask, f.target)
-    neg = select_training_negatives(ex, "mass_dpo", 3, beta=0.5)
+    neg = select_training_negatives(ex, "mass_dpo", 3, beta=0.5, selection_score="delta")
     assert neg.shape == (6, 3)
     assert not (neg == ex.target[:, None]).any()
     # reference: the whole pool, target masked out, phi and logits relative to the target

@@ -1,0 +1,62 @@
+"""Table 4's recomputation (mass_dpo.stability) under each reading of the preprocessing score; trivial budgets."""
+
+import pytest
+import torch
+
+from mass_dpo import stability as S
+from mass_dpo.extraction import SELECTION_SCORES, Extracted
+from mass_dpo.selection import select_negatives
+
+
+def _extracted(P=6, C=8, d=5, seed=0, small=None):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(P, C, d, generator=g)
+    ref = torch.randn(P, C, generator=g) * 2
+    mask = torch.ones(P, C, dtype=torch.bool)
+    if small is not None:
+        mask[0, small:] = False  # a smaller pool
+    return Extracted([f"p{i}" for i in range(P)], feats * mask[..., None], ref * mask, ref * mask, mask,
+                     torch.zeros(P, dtype=torch.long))
+
+
+@pytest.mark.parametrize("reading", SELECTION_SCORES)
+def test_select_at_a_checkpoint_uses_the_reading(reading):
+    ex = _extracted()
+    theta = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    idx, gain = S.select(S.at_checkpoint(ex, theta), 3, beta=0.5, selection_score=reading)
+    # by hand: log pi_t = ref + phi . theta; negatives are candidates 1..7 (the target is 0)
+    phi = (ex.features[:, 1:] - ex.features[:, :1]).double()
+    rel_ref = (ex.ref_logps[:, 1:] - ex.ref_logps[:, :1]).double()
+    moved = phi @ theta.double()
+    logits = {"delta": moved, "reference": rel_ref + moved, "offset": -rel_ref}[reading]
+    want = select_negatives(phi, logits, 3, beta=0.5, gamma=0.1)
+    assert torch.equal(idx, want.indices)
+    torch.testing.assert_close(gain, want.gains.sum(-1), atol=1e-6, rtol=1e-6)
+
+
+def test_recompute_per_reading():
+    ex = _extracted()
+    far = 50 * torch.randn(5, generator=torch.Generator().manual_seed(2))
+    for reading in SELECTION_SCORES:
+        same = S.recompute(ex, torch.zeros(5), torch.zeros(5), 3, selection_score=reading)
+        assert same["exact_match"] == same["jaccard"] == 1.0 and same["objective_retention"] == pytest.approx(1.0)
+    # offset: l_i = b_i never moves with theta on frozen features, so the selection is the initial one by construction
+    off = S.recompute(ex, torch.zeros(5), far, 3, selection_score="offset")
+    assert off["exact_match"] == 1.0 and off["objective_retention"] == pytest.approx(1.0)
+    for reading in ("delta", "reference"):
+        moved = S.recompute(ex, torch.zeros(5), far, 3, selection_score=reading)
+        assert moved["exact_match"] < 1.0
+        assert 0.0 < moved["objective_retention"] <= 1.0 + 1e-9  # the greedy at theta_t is at least as good
+
+
+def test_trivial_budgets_and_saturation():
+    qasc_like = _extracted(C=8)  # 7 negatives in every pool
+    assert S.negatives_per_pool(qasc_like).tolist() == [7] * 6
+    assert S.trivial_budgets(qasc_like, [5, 10]) == [10]
+    assert S.trivial_budgets(qasc_like, [3, 7]) == [7]  # n = 7 takes the whole pool too
+    out = S.recompute(qasc_like, torch.zeros(5), 50 * torch.ones(5), 10)
+    assert out["saturated"] == 1.0 and out["exact_match"] == 1.0  # why such rows are dropped
+    assert S.recompute(qasc_like, torch.zeros(5), torch.zeros(5), 5)["saturated"] == 0.0
+    mixed = _extracted(C=12, small=4)  # one pool with 3 negatives, the others with 11
+    assert S.trivial_budgets(mixed, [3, 5, 10, 11]) == [11]
+    assert S.recompute(mixed, torch.zeros(5), torch.zeros(5), 3)["saturated"] == pytest.approx(1 / 6)
