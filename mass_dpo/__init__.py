@@ -7,9 +7,26 @@ The core, importable without transformers:
 - :func:`ranking_metrics`, :func:`preference_metrics` (``mass_dpo.metrics``): Recall@k, NDCG@k, MRR, accuracy, margin.
 """
 
-from .losses import PreferenceLoss, preference_loss
-from .metrics import preference_metrics, ranking_metrics
-from .selection import Selection, select_negatives
+import importlib
+
+#: Public names and their modules, imported on first use (so that ``mass-dpo --help`` does not import torch).
+_LAZY = {
+    "Selection": "selection",
+    "select_negatives": "selection",
+    "PreferenceLoss": "losses",
+    "preference_loss": "losses",
+    "ranking_metrics": "metrics",
+    "preference_metrics": "metrics",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mass_dpo' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,9 +1,13 @@
 """The ``mass-dpo`` command: one subcommand per stage, each implemented by a module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``.
 
-    mass-dpo select ...      negatives for a dataset           (mass_dpo.preprocess)
-    mass-dpo train ...       one training run and its metrics  (mass_dpo.train)
-    mass-dpo reproduce ...   every notebook, headless           (mass_dpo.reproduce)
+    mass-dpo select ...      negatives for a dataset or your own file  (mass_dpo.preprocess)
+    mass-dpo train ...       one training run and its metrics          (mass_dpo.train)
+    mass-dpo reproduce ...   every notebook, headless                   (mass_dpo.reproduce)
+
+Only the subcommand that runs is imported (``mass-dpo --help`` imports no torch). A user error (an unknown name, a
+missing file, a bad value) prints one line naming the problem and the fix and exits with status 2; ``--debug``
+shows the traceback instead. Warnings print as one ``mass-dpo: warning: ...`` line each.
 """
 
 from __future__ import annotations
@@ -11,29 +15,160 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = {
-    "select": ("mass_dpo.preprocess", "select negatives for every prompt of a dataset split"),
+    "select": ("mass_dpo.preprocess", "select negatives for every prompt of a dataset split or of your own file"),
     "train": ("mass_dpo.train", "train one policy with one method and evaluate it"),
     "reproduce": ("mass_dpo.reproduce", "execute the paper's notebooks headless into papers_figures/"),
 }
 
+#: Exit status of a user error (argparse's own).
+USAGE_STATUS = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for (a bad option value, an unknown name, a missing file)."""
+
+
+#: Exceptions reported as user errors (one line, status 2): their messages name the problem and the fix.
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, except flags, options whose default is None and help lines that
+    already say their default (where it comes from: a params file, the model, ...)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in help_text:
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: the problem, then where the options are described."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(USAGE_STATUS, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (beta, gamma, learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (n, steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def check_model(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` is a ``params/models/*.yaml`` name or a saved model folder."""
+    from pathlib import Path
+
+    from .params import available
+
+    if Path(str(name)).expanduser().is_dir() or name in available("models"):
+        return
+    raise UsageError(f"unknown model {name!r}: choose one of {', '.join(available('models'))} "
+                     "(params/models/*.yaml) or give a folder saved with save_pretrained")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line: its first line, the second (often the first bad row) and a count."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    out = lines[0] + (f" {lines[1]}" if len(lines) > 1 else "")
+    if len(lines) > 2:
+        out += f" (and {len(lines) - 2} more lines: --debug shows them)"
+    return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mass-dpo")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+        return "unknown"
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser, with the arguments of only the subcommand ``argv`` names (imported here, lazily)."""
+    parser = Parser(prog="mass-dpo", description="MASS-DPO: select informative negatives for preference data "
+                    "and train on them (`mass-dpo COMMAND --help` for a command's options).")
+    parser.add_argument("--version", action="version", version=f"mass-dpo {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}",
+                                parser_class=Parser)
+    modules = {}
+    wanted = _command(argv)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+        if name == wanted:
+            modules[name] = importlib.import_module(module_name)
+            modules[name].add_arguments(p)
+    return parser, modules
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"mass-dpo: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
+          file=sys.stderr if file is None else file)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mass-dpo", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, modules = build_parser(argv)
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    debug = bool(getattr(args, "debug", False))
+    prog = f"mass-dpo {args.command}"
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _warn_one_line
+        try:
+            return int(modules[args.command].run(args) or 0)
+        except USER_ERRORS as err:
+            if debug:
+                raise
+            print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return USAGE_STATUS
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

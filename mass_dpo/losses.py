@@ -86,6 +86,8 @@ def preference_loss(
             anything, even NaN, and receive zero gradient.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if not float(beta) > 0:  # beta <= 0 flips or zeroes every margin (eq. 5)
+        raise ValueError(f"beta must be > 0 (the DPO scale), got {beta!r}; the paper uses 0.1")
     _check(method, pc, pr, rc, rr, mask)
     dt = torch.promote_types(pc.dtype, torch.float32)
     pc, pr, rc, rr = pc.to(dt), pr.to(dt), rc.to(dt), rr.to(dt)

@@ -2,10 +2,17 @@
 
     mass-dpo select --dataset lastfm --model smollm2 --split train --n 3 --strategy dopt [--pooling all]
                     [--beta 0.1 --gamma 0.1] [--selection-score reference] [--limit N] [--data-dir D] [--out PATH]
+    mass-dpo select --data my_prefs.jsonl --model smollm2 --n 3 [--pairs]
 
 Extraction (features and log-probs, cached: :func:`mass_dpo.extraction.extract`), then Algorithm 1's inputs
 (:func:`mass_dpo.extraction.selection_inputs`), then :func:`mass_dpo.selection.select_negatives` over every prompt.
-Writes one JSON line per prompt (id, chosen, negative texts, candidate indices, gains, logdet) and a summary JSON.
+Writes one JSON line per prompt in TRL's preference layout, so ``datasets.load_dataset("json", data_files=...)``
+and DPO trainers read it: ``prompt``, ``chosen``, ``rejected`` (the selected negatives' texts, in selection order),
+then the selection's own fields ``id``, ``target``, ``indices`` (their positions among the candidates), ``gains``
+(each pick's marginal log-det gain) and ``logdet``. ``pairs=True`` (``--pairs``) writes one row per (chosen,
+negative) pair instead: ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (0 = picked first),
+``index``, ``gain``. A summary JSON goes beside the rows. The default output folder is ``<runs root>/select/``,
+the runs root of ``mass-dpo train`` (``$MASS_DPO_RUNS``, else ``<cache>/runs``).
 ``--strategy random`` gives S-DPO's uniformly drawn negatives (seeded), ``hardest`` the top-n by plausibility under
 theta0, ``all`` every candidate. ``--selection-score`` is the reading of the preprocessing score (``docs/extraction.md``).
 """
@@ -15,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,20 +112,48 @@ def _finite(x: float) -> float | None:
 
 
 def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
+    """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks' texts, in selection order), ``id``,
+    ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring)."""
     rows = []
     for i, r in enumerate(records):
         keep = picked["indices"][i] >= 0
         idx = picked["indices"][i][keep].tolist()
         rows.append({
+            "prompt": r["prompt"],
+            "chosen": r["candidates"][int(r["target"])],
+            "rejected": [r["candidates"][j] for j in idx],
             "id": str(r["id"]),
             "target": int(r["target"]),
-            "chosen": r["candidates"][int(r["target"])],
-            "negatives": [r["candidates"][j] for j in idx],
             "indices": idx,
             "gains": [_finite(g) for g in picked["gains"][i][keep].tolist()],
             "logdet": _finite(picked["logdet"][i]),
         })
     return rows
+
+
+def pair_rows(rows: list[dict]) -> list[dict]:
+    """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, for pairwise DPO trainers:
+    ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (selection order), ``index``, ``gain``."""
+    return [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": text, "id": r["id"], "rank": k,
+         "index": r["indices"][k], "gain": r["gains"][k]}
+        for r in rows
+        for k, text in enumerate(r["rejected"])
+    ]
+
+
+def largest_pool(records: list[dict]) -> int:
+    """The most negatives any record offers (its candidates less the chosen one)."""
+    return max(len(r["candidates"]) - 1 for r in records)
+
+
+def effective_n(n: int, pool: int, strategy: str = "dopt") -> int:
+    """``n``, or ``pool`` with one warning when ``n`` asks for more negatives than the largest pool holds."""
+    if strategy != "all" and n > pool:
+        warnings.warn(f"n={n} is more than the largest negative pool ({pool} negatives): using n={pool}",
+                      stacklevel=3)
+        return pool
+    return n
 
 
 def _summary(rows, ex, picked, settings, t_extract, t_select) -> dict:
@@ -150,8 +187,14 @@ def _summary(rows, ex, picked, settings, t_extract, t_select) -> dict:
 
 
 def default_out(dataset: str, split: str, model: str, pooling: str, strategy: str, n: int) -> Path:
+    """``<runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``; the runs root is
+    ``mass-dpo train``'s: ``$MASS_DPO_RUNS``, else ``<cache>/runs``."""
+    from .params import cache_root
+
+    env = os.environ.get("MASS_DPO_RUNS")
+    root = Path(env).expanduser() if env else cache_root() / "runs"
     name = Path(str(model)).name
-    return Path("runs") / "select" / f"{dataset}-{split}-{name}-{pooling}-{strategy}-n{n}.jsonl"
+    return root / "select" / f"{dataset}-{split}-{name}-{pooling}-{strategy}-n{n}.jsonl"
 
 
 def summary_path_for(out: Path) -> Path:
@@ -164,7 +207,7 @@ def select_dataset(
     dataset: Any = "lastfm",
     model: Any = "smollm2",
     *,
-    split: str = "train",
+    split: str | None = "train",
     n: int = 3,
     strategy: str = "dopt",
     pooling: str = "all",
@@ -184,19 +227,24 @@ def select_dataset(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    pairs: bool = False,
 ) -> DatasetSelection:
     """Select ``n`` negatives for every prompt of ``dataset``/``split`` with ``model`` (the reference).
 
     Args:
         dataset: a benchmark name (``lastfm``, ``movielens``, ``medmcqa``, ``qasc``: read with
-            ``mass_dpo.data.load_benchmark(dataset, split, data_dir=, limit=, seed=)``), or records
+            ``mass_dpo.data.load_benchmark(dataset, split, data_dir=, limit=, seed=)``), a preference file
+            (``load_preferences(path, split=split)``; ``split=None``: every row), or records
             (a ``datasets.Dataset`` or a list of dicts with ``id``, ``prompt``, ``candidates``, ``target``).
+        split: ``train``, ``valid``, ``test``, or ``None`` (every row of a file or records; benchmarks: train).
         model: the reference model (name, folder or ``ModelBundle``); ``checkpoint``: theta0 (default: the model).
         n, strategy, beta, gamma, center: passed to :func:`mass_dpo.selection.select_negatives`.
         pooling: ``all`` or ``response`` (appendix C.4). selection_score: the reading of the preprocessing score
             (:func:`select_extracted`). seed: the subsample of ``limit`` and the ``random`` strategy.
-        out: the JSONL path (default ``runs/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``);
-            the summary goes beside it as ``<stem>.summary.json``. ``write=False`` writes nothing.
+        out: the JSONL path (default :func:`default_out`, under ``<runs root>/select/``); the summary goes beside it
+            as ``<stem>.summary.json``. ``write=False`` writes nothing. pairs: one row per (chosen, negative) pair
+            (:func:`pair_rows`) instead of one per prompt; ``result.rows`` are then the pairs.
+        n: more than the largest pool holds warns once and selects the pool size (the output is named by it).
     """
     from .extraction import DEFAULT_BATCH_TOKENS
 
@@ -208,19 +256,30 @@ def select_dataset(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     check_selection_score(selection_score)
 
-    if isinstance(dataset, str):
+    from .data.preferences import is_preference_file, load_preferences, resolve_path
+
+    if is_preference_file(dataset):
+        from .data import apply_limit
+
+        path = resolve_path(dataset)
+        name = path.stem
+        ds = apply_limit(load_preferences(path, split=split), limit, seed, key=f"{path.name}:{split}")
+        split = split or "all"
+        key = f"{path.resolve()}/{split}/limit={limit}/seed={seed}"
+    elif isinstance(dataset, str):
         from .data import load_benchmark
 
-        name = dataset
+        name, split = dataset, split or "train"
         ds = load_benchmark(dataset, split, data_dir=data_dir, limit=limit, seed=seed)
         key = f"{dataset}/{split}/limit={limit}/seed={seed}"
     else:
-        name, ds, key = "records", dataset, None
+        name, ds, key, split = "records", dataset, None, split or "all"
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds)))) if hasattr(ds, "select") else list(ds)[:limit]
     records = ds.to_list() if hasattr(ds, "to_list") else [dict(r) for r in ds]
     if not records:
         raise ValueError(f"no records in {name}/{split}")
+    n = effective_n(int(n), largest_pool(records), strategy)
 
     t0 = time.time()
     ex = extract(
@@ -246,9 +305,15 @@ def select_dataset(
     }
     rows = _rows(records, ex, picked)
     summary = _summary(rows, ex, picked, settings, t_extract, t_select)
+    if pairs:
+        rows = pair_rows(rows)
+        summary["pairs"] = len(rows)
     result = DatasetSelection(rows, summary)
     if write:
-        out = Path(out) if out is not None else default_out(name, split, str(model_name), pooling, strategy, n)
+        if out is None:
+            out = default_out(name, split, str(model_name), pooling, strategy, n)
+            out = out.with_name(out.stem + "-pairs.jsonl") if pairs else out
+        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for row in rows:
@@ -261,25 +326,36 @@ def select_dataset(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import positive_float, positive_int
+
     add = parser.add_argument
-    add("--dataset", required=True, help="lastfm, movielens, medmcqa or qasc")
-    add("--model", default="smollm2", help="params/models/<name>.yaml or a saved folder (default smollm2)")
-    add("--split", default="train", help="train, valid or test (default train)")
-    add("--n", type=int, default=3, help="negatives per prompt (default 3)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help="a benchmark: lastfm, movielens, medmcqa or qasc")
+    what.add_argument("--data", metavar="FILE",
+                      help="your own JSON-lines/JSON/Parquet file of prompt, chosen, rejected (a list); TRL's "
+                           "standard or conversational form")
+    add("--model", default="smollm2", help="params/models/<name>.yaml or a saved folder")
+    add("--split", default=None,
+        help="train, valid or test (default: train for a benchmark; every row of a --data file, whose held-out "
+             "splits are its 'split' column or carved by a fixed seed, see mass_dpo.data.preferences)")
+    add("--n", type=positive_int, default=3, help="negatives per prompt")
     add("--strategy", default="dopt", choices=STRATEGIES, help="dopt (MASS-DPO), random (S-DPO), hardest, all")
     add("--pooling", default="all", choices=POOLINGS, help="mean-pool prompt+response (all) or response tokens")
-    add("--beta", type=float, default=0.1, help="DPO scale (default 0.1)")
-    add("--gamma", type=float, default=0.1, help="ridge of H(S) (default 0.1)")
+    add("--beta", type=positive_float, default=0.1, help="DPO scale, > 0")
+    add("--gamma", type=positive_float, default=0.1, help="ridge of H(S), > 0")
     add("--selection-score", default=DEFAULT_SELECTION_SCORE, choices=SELECTION_SCORES,
         help=f"reading of the preprocessing score s_i (docs/extraction.md; default {DEFAULT_SELECTION_SCORE})")
     add("--no-center", dest="center", action="store_false", help="ablation: no weighted centering")
     add("--limit", type=int, default=None, help="subsample this many prompts (seeded)")
-    add("--seed", type=int, default=0, help="subsample and random-strategy seed (default 0)")
+    add("--seed", type=int, default=0, help="subsample and random-strategy seed")
     add("--data-dir", default=None,
         help="data folder (default $MASS_DPO_DATA, else the cache); 'samples' = the shipped samples")
     add("--checkpoint", default=None, help="preprocessing checkpoint theta0 (default: the model itself)")
     add("--out", default=None,
-        help="JSONL output (default runs/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl)")
+        help="JSONL output (default: <runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl; "
+             "runs root: $MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
+    add("--pairs", action="store_true",
+        help="one row per (chosen, negative) pair instead of one per prompt (pairwise trainers)")
     add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else ~/.cache/mass_dpo)")
     add("--no-cache", dest="use_cache", action="store_false", help="neither read nor write the extraction cache")
     add("--batch-tokens", type=int, default=None, help="bound on rows x longest row per forward")
@@ -289,13 +365,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import UsageError, check_model
+
+    check_model(args.model)
+    if args.data is not None:
+        from .data.preferences import resolve_path
+
+        if not resolve_path(args.data).is_file():
+            raise UsageError(f"--data {args.data}: no such file; give the path of a JSON-lines/JSON/Parquet file "
+                             "of prompt, chosen, rejected")
     result = select_dataset(
-        args.dataset, args.model, split=args.split, n=args.n, strategy=args.strategy, pooling=args.pooling,
+        args.data if args.data is not None else args.dataset, args.model, split=args.split, n=args.n, strategy=args.strategy, pooling=args.pooling,
         beta=args.beta, gamma=args.gamma, selection_score=args.selection_score, center=args.center, limit=args.limit,
         seed=args.seed,
         data_dir=args.data_dir, checkpoint=args.checkpoint, out=args.out, cache_dir=args.cache_dir,
         use_cache=args.use_cache, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
-        progress=args.progress,
+        progress=args.progress, pairs=args.pairs,
     )
     s = result.summary
     print(
@@ -304,5 +389,5 @@ def run(args: argparse.Namespace) -> int:
         f"extraction {s['extraction_seconds']:.1f} s{' (cached)' if s['cache_hit'] else ''}, "
         f"selection {s['selection_seconds']:.2f} s"
     )
-    print(f"wrote {result.out} and {result.summary_path}")
+    print(f"wrote {result.out}{f' ({len(result.rows)} pairs)' if args.pairs else ''} and {result.summary_path}")
     return 0

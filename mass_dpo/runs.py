@@ -73,6 +73,13 @@ def world_size() -> int:
 
 
 def _data_location(config: TrainConfig) -> str:
+    """The data folder, or for a preference file given as the dataset its path and content hash."""
+    from .data.preferences import is_preference_file, resolve_path
+
+    if is_preference_file(config.dataset):
+        path = resolve_path(config.dataset)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        return f"{path.resolve()}#sha256={digest}"
     try:
         from .data import resolve_data_dir
 
@@ -94,8 +101,11 @@ def config_hash(config: TrainConfig, *, world: int | None = None) -> str:
 
 
 def run_name(config: TrainConfig, *, world: int | None = None) -> str:
+    from .data.preferences import is_preference_file
+
     model = Path(str(config.model)).name or "model"
-    base = f"{config.dataset}_{model}_{config.method}_n{config.n}_{config.regime}_s{config.seed}"
+    dataset = Path(str(config.dataset)).stem if is_preference_file(config.dataset) else config.dataset
+    base = f"{dataset}_{model}_{config.method}_n{config.n}_{config.regime}_s{config.seed}"
     base = re.sub(r"[^A-Za-z0-9_.=-]+", "-", base)
     return f"{base}_{config_hash(config, world=world)[:12]}"
 
@@ -158,6 +168,38 @@ def _write_config(path: Path, config: TrainConfig, world: int) -> None:
                "data": _data_location(config), "format": RUN_FORMAT}
     _write_json(path / "config.json", payload)
     (path / "config.yaml").write_text(yaml.safe_dump(payload, sort_keys=False))
+
+
+# ---------------------------------------------------------------- console progress
+
+
+def progress_callback():
+    """A ``TrainerCallback`` drawing a tqdm bar of the optimizer steps on the console (``mass-dpo train``; the
+    notebooks do not pass it, so executed notebooks hold no per-step lines). It starts at the resumed step."""
+    from tqdm import tqdm
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return ProgressBar()
 
 
 # ---------------------------------------------------------------- data
@@ -286,6 +328,7 @@ def train_run(
     _barrier(state)
 
     handler = None
+    checkpoints = path / "checkpoints"
     if main:
         handler = logging.FileHandler(path / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -295,7 +338,6 @@ def train_run(
         t0 = time.time()
         run_data = data(cfg) if callable(data) else data if data is not None else prepare_data(cfg)
         t_data = time.time() - t0
-        checkpoints = path / "checkpoints"
         trainer = build_trainer(
             cfg, run_data.policy, run_data.train, run_data.eval, output_dir=checkpoints,
             callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
@@ -304,6 +346,8 @@ def train_run(
         logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train),
                     getattr(trainer.args.optim, "value", trainer.args.optim),
                     f", resuming from {resume}" if resume else "")
+        if resume and main:
+            print(f"resuming {path.name} from {Path(resume).name}", flush=True)
         t1 = time.time()
         if resume is None and run_data.eval is not None:
             trainer.evaluate()  # the step-0 point of the training curves (Figures 2-3)
@@ -334,6 +378,11 @@ def train_run(
             if not keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
         _barrier(state)
+    except BaseException:
+        # a failed run leaves no folder that looks like a run; one with checkpoints stays, to be resumed
+        if main and not any(checkpoints.glob("checkpoint-*")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     finally:
         if handler is not None:
             logging.getLogger("mass_dpo").removeHandler(handler)

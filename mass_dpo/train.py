@@ -1,10 +1,17 @@
 """``mass-dpo train``: one training run and its test metrics (see :func:`mass_dpo.runs.train_run`).
 
     mass-dpo train --dataset lastfm --model smollm2 --method mass_dpo --n 3 --regime loglinear --seed 0
+    mass-dpo train --data my_prefs.jsonl --model smollm2 --method mass_dpo --n 3
     accelerate launch -m mass_dpo.train --dataset lastfm --model llama3 --method sdpo --regime full
 
 Options left out take their value from ``params/training.yaml`` (``defaults``, the regime's section, then
-``--profile``'s). The run folder is printed; a finished run with the same resolved config is reused.
+``--profile``'s). The run folder is printed; a finished run with the same resolved config is reused. Run folders
+live under the runs root (``--out``/``--runs-root``, else ``$MASS_DPO_RUNS``, else ``<cache>/runs``), where
+``mass-dpo select`` writes its output too (``select/``). ``--data FILE`` trains on your own preference file
+(:func:`mass_dpo.data.load_preferences`: train/valid/test from its ``split`` column, or carved by a fixed seed).
+
+Settings are checked before any work (known dataset and model, data present, beta > 0, gamma > 0, n >= 1); an
+``n`` larger than the largest negative pool warns once and the run uses, and is named by, the pool size.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from .training import REGIMES
 
 #: Options forwarded to the config as they are (flag -> TrainConfig field, type).
 _OPTIONS = {
-    "dataset": str, "model": str, "method": str, "n": int, "beta": float, "regime": str, "seed": int,
+    "dataset": str, "model": str, "method": str, "n": int, "beta": float, "gamma": float, "regime": str, "seed": int,
     "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
@@ -28,12 +35,18 @@ _OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import positive_float, positive_int
+
     g = parser.add_argument_group("run")
-    g.add_argument("--dataset", help="lastfm, movielens, medmcqa or qasc")
+    what = g.add_mutually_exclusive_group()
+    what.add_argument("--dataset", help="a benchmark: lastfm, movielens, medmcqa or qasc")
+    what.add_argument("--data", metavar="FILE", help="your own JSON-lines/JSON/Parquet file of prompt, chosen, "
+                      "rejected (a list), TRL's standard or conversational form, instead of --dataset")
     g.add_argument("--model", help="tiny, smollm2, llama3, qwen3, smollm3, or a saved model folder")
     g.add_argument("--method", choices=METHODS)
-    g.add_argument("--n", type=int, help="negatives per prompt (dpo: always 1)")
-    g.add_argument("--beta", type=float)
+    g.add_argument("--n", type=positive_int, help="negatives per prompt (dpo: always 1)")
+    g.add_argument("--beta", type=positive_float, help="DPO scale, > 0")
+    g.add_argument("--gamma", type=positive_float, help="ridge of the D-optimal design matrix H(S), > 0")
     g.add_argument("--regime", choices=REGIMES)
     g.add_argument("--seed", type=int)
     g.add_argument("--profile", help="a profile of params/training.yaml (cpu, smoke, paper)")
@@ -58,29 +71,108 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("evaluation")
     e.add_argument("--score", choices=("logp", "reward"), help="test ranking score")
     r = parser.add_argument_group("run folder")
-    r.add_argument("--runs-root", dest="runs_root", help="default: $MASS_DPO_RUNS or <cache>/runs")
+    r.add_argument("--out", "--runs-root", dest="runs_root",
+                   help="runs root (default: $MASS_DPO_RUNS, else <cache>/runs; mass-dpo select writes there too)")
     r.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
     r.add_argument("--keep-checkpoints", action="store_true")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, train nothing")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _show_config_defaults(parser)
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append to each config option's help its default: ``params/training.yaml``'s ``defaults`` with the default
+    regime's section (and what the other regimes change), else the :class:`TrainConfig` default."""
+    import dataclasses
+
+    from .params import load_params
+    from .training import TrainConfig
+
+    params = load_params("training")
+    base = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    base.update(params.get("defaults") or {})
+    regimes = params.get("regimes") or {}
+    regime = base.get("regime", TrainConfig.regime)
+    shown = {**base, **(regimes.get(regime) or {})}
+    for action in parser._actions:
+        if (action.dest not in shown or action.default is not None or action.nargs == 0 or not action.option_strings
+                or "default" in (action.help or "")):
+            continue
+        if shown[action.dest] is None and action.dest != "limit":
+            continue
+        others = [f"{r}: {v}" for r, sec in regimes.items() if r != regime
+                  for v in [(sec or {}).get(action.dest, base.get(action.dest))] if v != shown[action.dest]]
+        note = f"default: {'all' if shown[action.dest] is None else shown[action.dest]}" + (f"; {', '.join(others)}" if others else "")
+        action.help = f"{action.help} ({note})" if action.help else note
+    parser.epilog = ("Defaults are params/training.yaml's (its `defaults`, then the regime's section); a --profile "
+                     "overrides them, and the options given here override everything.")
+
+
+def _pool_size(dataset: str, data_dir: str | None) -> int:
+    """The most negatives a training prompt offers: a file's largest pool, a benchmark's candidate cap less one."""
+    from .data import benchmark_sizes, is_preference_file, load_preferences
+
+    if is_preference_file(dataset):
+        return max(len(r) for r in load_preferences(dataset, split="train")["rejected"])
+    return benchmark_sizes(dataset)["candidates"] - 1
+
+
+def check_settings(options: dict):
+    """The resolved config after the checks of the module docstring (:class:`mass_dpo.cli.UsageError` on a bad
+    one); an ``n`` above the pool size is lowered to it (in ``options`` too) with one warning."""
+    import warnings
+
+    from .cli import UsageError, check_model
+    from .data import BENCHMARKS, is_preference_file, locate
+    from .data.preferences import resolve_path
+    from .training import resolve_config
+
+    cfg = resolve_config(**options)
+    check_model(cfg.model)
+    if is_preference_file(cfg.dataset):
+        if not resolve_path(cfg.dataset).is_file():
+            raise UsageError(f"--data {cfg.dataset}: no such file; give the path of a JSON-lines/JSON/Parquet file "
+                             "of prompt, chosen, rejected")
+    elif cfg.dataset not in BENCHMARKS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(BENCHMARKS)}, or give your own "
+                         "preference file with --data FILE")
+    else:
+        for split in ("train", "valid", "test"):
+            locate(cfg.dataset, split, cfg.data_dir)  # FileNotFoundError naming the folder and the fix
+    for name in ("beta", "gamma", "learning_rate"):
+        if not float(getattr(cfg, name)) > 0:
+            raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)} (from a --profile or "
+                             f"params/training.yaml); pass --{name.replace('_', '-')} with a positive value")
+    pool = _pool_size(cfg.dataset, cfg.data_dir)
+    if cfg.method != "dpo" and cfg.n > pool:
+        warnings.warn(f"n={cfg.n} is more than the largest negative pool ({pool} negatives): training with n={pool}")
+        options["n"] = pool
+        cfg = resolve_config(**options)
+    return cfg
 
 
 def _config_args(args: argparse.Namespace) -> dict:
     out = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k, None) is not None}
+    if getattr(args, "data", None) is not None:
+        from .data.preferences import resolve_path
+
+        out["dataset"] = str(resolve_path(args.data).resolve())
     if getattr(args, "profile", None):
         out["profile"] = args.profile
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runs import run_dir, train_run
-    from .training import resolve_config
+    from .runs import progress_callback, run_dir, train_run
 
     options = _config_args(args)
+    cfg = check_settings(options)
     if args.dry_run:
-        cfg = resolve_config(**options)
         print(json.dumps({"run_dir": str(run_dir(cfg, root=args.runs_root)), "config": cfg.to_dict()}, indent=2))
         return 0
-    result = train_run(force=args.force, root=args.runs_root, keep_checkpoints=args.keep_checkpoints, **options)
+    callbacks = [progress_callback()] if getattr(args, "progress", True) else []
+    result = train_run(force=args.force, root=args.runs_root, keep_checkpoints=args.keep_checkpoints,
+                       callbacks=callbacks, **options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}{' (cached)' if result.cached else ''}")
         m = result.metrics
@@ -91,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mass-dpo train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import json
 import datasets
 import pytest
 
-from mass_dpo.data import BASE_COLUMNS, RecordError, load_preferences
+from mass_dpo.data import BASE_COLUMNS, RecordError, load_benchmark, load_preferences
+from mass_dpo.data.records import stable_fraction
 
 ROWS = [
     {"prompt": "Q1? Answer:", "chosen": "yes", "rejected": "no"},
@@ -50,7 +51,7 @@ def test_bad_rows_reported_by_line(tmp_path):
         {"prompt": "Q? Answer:", "chosen": "a"},  # line 2: missing field
         {"prompt": "Q? Answer:", "chosen": "a", "rejected": []},  # line 3: empty pool
         {"prompt": "Q? Answer:", "chosen": "a", "rejected": ["b", "a"]},  # line 4: chosen among rejected
-        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"},  # line 5: conversational
+        {"prompt": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"},  # line 5: empty message
         ROWS[1],
     ]
     path = _jsonl(tmp_path / "bad.jsonl", rows)
@@ -61,7 +62,7 @@ def test_bad_rows_reported_by_line(tmp_path):
     assert "line 2" in msg and "missing field 'rejected'" in msg
     assert "line 3" in msg and "empty negative pool" in msg
     assert "line 4" in msg and "chosen text is among the rejected" in msg
-    assert "line 5" in msg and "conversational" in msg
+    assert "line 5" in msg and "a message of 'prompt' has no text content" in msg
     assert "line 1 " not in msg and "line 6" not in msg
     with pytest.warns(UserWarning, match="dropped"):
         ds = load_preferences(path, on_error="drop")
@@ -77,3 +78,64 @@ def test_repeated_negative_kept_once_with_warning():
 def test_rows_reported_by_row_for_tables():
     with pytest.raises(RecordError, match=r"row 1 \(id pref-000001\): missing or empty 'chosen'"):
         load_preferences(datasets.Dataset.from_list([ROWS[0], {"prompt": "p", "chosen": "", "rejected": "x"}]))
+
+
+def test_conversational_form_reads_as_text(tmp_path):
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [
+        {"prompt": user("Q1? Answer:"), "chosen": bot("yes"), "rejected": bot("no")},  # one negative
+        {"prompt": user("Q2? Answer:"), "chosen": bot("red"), "rejected": [bot("blue"), bot("green"), bot("pink")]},
+    ]
+    _check(load_preferences(_jsonl(tmp_path / "conv.jsonl", rows)))
+    ds = load_preferences([{"prompt": [{"role": "system", "content": "Be brief."}, *user("Q?")], "chosen": bot("a"),
+                            "rejected": [bot("b")]}])
+    assert list(ds["prompt"]) == ["System: Be brief.\nUser: Q?"]
+
+
+def test_held_out_splits_carved_by_a_fixed_seed(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"Q{i}?", "chosen": "a", "rejected": ["b", "c"]} for i in range(40)]
+    path = _jsonl(tmp_path / "forty.jsonl", rows)
+    parts = {s: list(load_preferences(path, split=s)["id"]) for s in ("train", "valid", "test")}
+    assert (len(parts["train"]), len(parts["valid"]), len(parts["test"])) == (32, 4, 4)  # 10% test, 10% valid
+    assert sorted(sum(parts.values(), [])) == sorted(r["id"] for r in rows)  # a partition
+    for ids in parts.values():  # file order kept within a split
+        assert ids == sorted(ids, key=lambda i: int(i[1:]))
+    # the rule of the docstring, by hand: ids ordered by their SHA-256 fraction; first 4 test, next 4 valid
+    order = sorted((r["id"] for r in rows), key=lambda i: stable_fraction(i, "preferences-split/0"))
+    assert set(parts["test"]) == set(order[:4]) and set(parts["valid"]) == set(order[4:8])
+    # independent of the file order; another seed carves another split
+    _jsonl(tmp_path / "reversed.jsonl", rows[::-1])
+    assert set(load_preferences(tmp_path / "reversed.jsonl", split="test")["id"]) == set(parts["test"])
+    assert set(load_preferences(path, split="test", split_seed=1)["id"]) != set(parts["test"])
+    assert len(load_preferences(path)) == 40  # split=None: every row
+
+
+def test_split_column_is_used_when_present(tmp_path):
+    rows = [{"prompt": f"Q{i}?", "chosen": "a", "rejected": ["b"], "split": s}
+            for i, s in enumerate(["train", "train", "validation", "test"])]
+    path = _jsonl(tmp_path / "own.jsonl", rows)
+    assert list(load_preferences(path, split="train")["prompt"]) == ["Q0?", "Q1?"]
+    assert list(load_preferences(path, split="valid")["prompt"]) == ["Q2?"]
+    assert list(load_preferences(path, split="test")["prompt"]) == ["Q3?"]
+    with pytest.raises(RecordError, match="some rows have a 'split'"):
+        load_preferences(rows[:2] + [{k: v for k, v in rows[2].items() if k != "split"}], split="train")
+    with pytest.raises(ValueError, match="at least 3"):
+        load_preferences(ROWS, split="test")
+
+
+def test_relative_path_resolves_from_the_repository(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # e.g. a JupyterLab kernel started in notebooks/
+    ds = load_preferences("notebooks/data/quickstart_preferences.jsonl")
+    assert len(ds) == 48
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_preferences("notebooks/data/absent.jsonl")
+
+
+def test_load_benchmark_dispatches_a_file(tmp_path):
+    rows = [{"id": f"r{i}", "prompt": f"Q{i}?", "chosen": "a", "rejected": ["b", "c"]} for i in range(20)]
+    path = _jsonl(tmp_path / "mine.jsonl", rows)
+    test = load_benchmark(str(path), "test")
+    assert list(test["id"]) == list(load_preferences(path, split="test")["id"]) and len(test) == 2
+    with pytest.raises(ValueError, match="--data FILE"):
+        load_benchmark("mine", "train")

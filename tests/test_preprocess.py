@@ -66,8 +66,9 @@ def test_every_strategy_end_to_end(records, tiny, cache, tmp_path, strategy):
         assert row["target"] == rec["target"] and row["chosen"] == rec["chosen"]
         assert len(row["indices"]) == k == len(set(row["indices"])) == len(row["gains"])
         assert rec["target"] not in row["indices"]
-        assert row["negatives"] == [rec["candidates"][i] for i in row["indices"]]
-        assert all(n in rec["rejected"] for n in row["negatives"])
+        assert row["prompt"] == rec["prompt"]
+        assert row["rejected"] == [rec["candidates"][i] for i in row["indices"]]  # TRL's name, selection order
+        assert all(n in rec["rejected"] for n in row["rejected"])
         assert np.isfinite(row["logdet"]) and all(g >= 0 for g in row["gains"])
     s = json.loads(res.summary_path.read_text())
     assert res.summary_path.name == f"{strategy}.summary.json"

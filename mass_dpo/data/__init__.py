@@ -22,7 +22,7 @@ from .benchmarks import (
     locate,
     resolve_data_dir,
 )
-from .preferences import load_preferences
+from .preferences import carve_splits, is_preference_file, load_preferences
 from .records import BASE_COLUMNS, RecordError, check_records
 
 __all__ = [
@@ -35,8 +35,10 @@ __all__ = [
     "apply_limit",
     "benchmark_sizes",
     "cache_dir",
+    "carve_splits",
     "check_records",
     "dataset_settings",
+    "is_preference_file",
     "load_benchmark",
     "load_preferences",
     "locate",

@@ -80,7 +80,10 @@ def _module(name: str):
     try:
         return BENCHMARKS[name]
     except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
+        raise ValueError(
+            f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}, or give a preference file "
+            f"(.jsonl/.json/.parquet with prompt, chosen, rejected; on the command line: --data FILE)"
+        ) from None
 
 
 def _split(split: str) -> str:
@@ -195,7 +198,13 @@ def load_benchmark(
     ``name``: lastfm, movielens, medmcqa or qasc; ``split``: train, valid or test. ``limit=None`` returns the
     whole split in source order; ``limit=n`` a subset of ``n`` rows seeded by ``seed`` (source order kept).
     ``source="hub"`` reads MedMCQA / QASC from the Hugging Face hub instead of ``data_dir`` (network needed).
+    A preference file given as ``name`` (a path, or a name ending in .jsonl/.json/.parquet) is read with
+    :func:`mass_dpo.data.preferences.load_preferences` (``split``: its ``split`` column, or carved by a fixed seed).
     """
+    from .preferences import is_preference_file, load_preferences
+
+    if is_preference_file(name):
+        return apply_limit(load_preferences(name, split=split), limit, seed, key=f"{Path(name).name}:{split}")
     mod = _module(name)
     split = _split(split)
     settings_json = json.dumps(dataset_settings(name), sort_keys=True)

@@ -1,11 +1,27 @@
 """``load_preferences``: a user's own preference data (TRL's ``prompt`` / ``chosen`` / ``rejected``) as records.
 
 Accepted: a JSONL file (a JSON list works too), a Parquet file, a ``datasets.Dataset``, or a list of dicts, with
-text columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one text or a list of texts (the
-negative pool). An ``id`` column, when present, gives the record ids; otherwise they are ``<file stem>-<row>``.
+columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one response or a list of responses (the
+negative pool). Both of TRL's forms are read:
+
+- standard: plain text (``"prompt": "...", "chosen": "...", "rejected": ["...", "..."]``);
+- conversational: message lists (``"prompt": [{"role": "user", "content": "..."}]``, ``"chosen": [{"role":
+  "assistant", "content": "..."}]``, ``"rejected"``: one such list or a list of them). A prompt of one message
+  becomes its content; a longer one becomes ``"<Role>: <content>"`` lines. A response becomes the content of its
+  messages, joined by newlines. The chat template is applied later, by the model's tokenizer.
+
+An ``id`` column, when present, gives the record ids; otherwise they are ``<file stem>-<row>``. A relative file
+path that does not exist from the current folder is looked up from the repository root (so a notebook finds
+``notebooks/data/...`` whether its kernel starts in the root or in ``notebooks/``).
+
+Held-out splits (``split="train" | "valid" | "test"``; ``None``: every row): a ``split`` column, when the file has
+one, decides (``val``/``validation``/``dev`` mean ``valid``). Otherwise the splits are carved by a fixed seed
+(:func:`carve_splits`): the rows are ordered by ``stable_fraction(id, "preferences-split/<seed>")`` (SHA-256 of
+the id: the same on every machine, independent of file order); the first ``max(1, round(0.1 N))`` are ``test``, the
+next ``max(1, round(0.1 N))`` ``valid``, the rest ``train``; each split keeps the file order. A file needs 3 rows.
 
 The records have ``candidates = [chosen, *rejected]`` and ``target = 0``. Problems (a missing or empty field, an
-empty pool, the chosen text among the rejected, a conversational message list instead of text, a repeated id)
+empty pool, the chosen text among the rejected, a message list without content, a repeated id)
 are reported by row number ("line N" of a JSONL file, 1-based; "row N" of a table, 0-based); nothing is dropped
 silently: ``on_error="raise"`` (default) raises, ``on_error="drop"`` drops those rows with a warning listing them.
 A negative repeated within one pool is kept once, with a warning.
@@ -18,17 +34,53 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, read_json_rows, summarize, to_dataset
+from .records import RecordError, make_record, read_json_rows, stable_fraction, summarize, to_dataset
 
 FIELDS = ("prompt", "chosen", "rejected")
+
+#: File types :func:`load_preferences` reads (and that ``load_benchmark`` / ``--data`` take for a preference file).
+SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
+
+#: Share of the rows carved out for each held-out split when the file has no ``split`` column.
+HELD_OUT = {"test": 0.1, "valid": 0.1}
+
+_SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "dev": "valid",
+                "eval": "valid", "test": "test"}
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (the folder above ``mass_dpo/``)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def is_preference_file(name: Any) -> bool:
+    """True when ``name`` names a preference file (a path, or a name ending in .jsonl/.json/.ndjson/.parquet)
+    rather than a benchmark."""
+    if isinstance(name, os.PathLike):
+        return True
+    if not isinstance(name, str):
+        return False
+    return name.lower().endswith(SUFFIXES) or "/" in name or os.sep in name
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` as given when it exists (absolute or from the current folder), else from the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = repo_root() / p
+    return alt if alt.exists() else p
 
 
 def _read(source) -> tuple[list[dict[str, Any]], str, str, str]:
     """(rows, description for messages, id prefix, row label style)."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = resolve_path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"preference file {path} not found")
+            raise FileNotFoundError(
+                f"preference file {source} not found (looked in {Path.cwd()} and {repo_root()}); give the path of a "
+                f"JSON-lines/JSON/Parquet file with prompt, chosen, rejected"
+            )
         suffix = path.suffix.lower()
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -54,22 +106,70 @@ def _read(source) -> tuple[list[dict[str, Any]], str, str, str]:
     raise TypeError(f"load_preferences takes a file path, a datasets.Dataset or a list of dicts, not {type(source)}")
 
 
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _messages_text(messages: list[dict], prompt: bool) -> str | None:
+    """A conversational message list as text (see the module docstring); None when a message has no content."""
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # multimodal-style content parts: keep the text ones
+            content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+        if not isinstance(content, str) or not content.strip():
+            return None
+        parts.append((str(m.get("role", "user")), content))
+    if not prompt or len(parts) == 1:
+        return "\n".join(c for _, c in parts)
+    return "\n".join(f"{role.capitalize()}: {c}" for role, c in parts)
+
+
 def _text(value: Any, field: str) -> tuple[str | None, str | None]:
+    if _is_messages(value):
+        text = _messages_text(value, prompt=field == "prompt")
+        return (text, None) if text else (None, f"a message of '{field}' has no text content")
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, f"missing or empty '{field}'"
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return None, f"'{field}' is a conversational message list; give plain text (apply the chat template later)"
     if not isinstance(value, str):
         return None, f"'{field}' is {type(value).__name__}, not text"
     return value, None
 
 
-def load_preferences(path_or_dataset, *, on_error: str = "raise"):
-    """Preference rows as records (``id``, ``prompt``, ``candidates``, ``target``, ``chosen``, ``rejected``)."""
+def _split_name(value: Any) -> str | None:
+    return _SPLIT_NAMES.get(str(value).strip().lower()) if value not in (None, "") else None
+
+
+def carve_splits(ids: list[str], seed: int = 0) -> list[str]:
+    """The held-out split of each id (``train``, ``valid`` or ``test``) for a file without a ``split`` column: ids
+    ordered by ``stable_fraction(id, f"preferences-split/{seed}")``; the first ``max(1, round(0.1 N))`` are test, the
+    next ``max(1, round(0.1 N))`` valid, the rest train (:data:`HELD_OUT`)."""
+    n = len(ids)
+    if n < 3:
+        raise ValueError(f"{n} preference row(s): carving train/valid/test needs at least 3; add rows, or a 'split' "
+                         "column (train/valid/test) to choose the held-out rows yourself")
+    n_test = max(1, round(HELD_OUT["test"] * n))
+    n_valid = max(1, round(HELD_OUT["valid"] * n))
+    order = sorted(range(n), key=lambda i: (stable_fraction(ids[i], f"preferences-split/{seed}"), i))
+    out = ["train"] * n
+    for rank, i in enumerate(order[: n_test + n_valid]):
+        out[i] = "test" if rank < n_test else "valid"
+    return out
+
+
+def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: int = 0, on_error: str = "raise"):
+    """Preference rows as records (``id``, ``prompt``, ``candidates``, ``target``, ``chosen``, ``rejected``).
+
+    ``split``: ``None`` (every row), or ``train`` / ``valid`` / ``test``: the file's ``split`` column when it has
+    one, else the split carved by ``split_seed`` (:func:`carve_splits`; see the module docstring)."""
     if on_error not in ("raise", "drop"):
         raise ValueError(f"on_error must be 'raise' or 'drop', not {on_error!r}")
+    want = None if split is None else _split_name(split)
+    if split is not None and want is None:
+        raise ValueError(f"unknown split {split!r}; choose one of train, valid, test")
     rows, where, prefix, style = _read(path_or_dataset)
     records, problems, repeats, ids = [], [], [], {}
+    splits: list[str | None] = []
     for i, row in enumerate(rows):
         label = f"line {i + 1}" if style == "line" else f"row {i}"
         if row is None:
@@ -84,12 +184,12 @@ def load_preferences(path_or_dataset, *, on_error: str = "raise"):
         pool: list[str] = []
         if "rejected" in row:
             rej = row["rejected"]
-            if isinstance(rej, str):
-                rej = [rej]
+            if isinstance(rej, str) or _is_messages(rej):
+                rej = [rej]  # one negative
+            if isinstance(rej, list):  # conversational negatives -> text (None marks one without content)
+                rej = [(_messages_text(r, prompt=False) if _is_messages(r) else r) for r in rej]
             if rej is None or (isinstance(rej, list) and not rej):
                 errs.append("empty negative pool ('rejected')")
-            elif isinstance(rej, list) and rej and isinstance(rej[0], dict):
-                errs.append("'rejected' is a conversational message list; give plain text")
             elif not isinstance(rej, list):
                 errs.append(f"'rejected' is {type(rej).__name__}, not text or a list of texts")
             else:
@@ -111,7 +211,12 @@ def load_preferences(path_or_dataset, *, on_error: str = "raise"):
         if errs:
             problems.append(f"{label} (id {rid}): " + "; ".join(errs))
             continue
+        own = row.get("split")
+        if own not in (None, "") and _split_name(own) is None:
+            problems.append(f"{label} (id {rid}): unknown split {own!r} (train, valid or test)")
+            continue
         records.append(make_record(rid, prompt, [chosen, *pool], 0))
+        splits.append(_split_name(own))
     if problems:
         head = f"{len(problems)} unusable preference row(s) in {where}"
         if on_error == "raise":
@@ -125,4 +230,14 @@ def load_preferences(path_or_dataset, *, on_error: str = "raise"):
         )
     if not records:
         raise RecordError(f"no usable preference rows in {where}")
+    if want is not None:
+        if any(splits):
+            if not all(splits):
+                raise RecordError(f"{where}: some rows have a 'split' and some do not; give every row one, or none")
+        else:
+            splits = carve_splits([r["id"] for r in records], split_seed)
+        records = [r for r, s in zip(records, splits) if s == want]
+        if not records:
+            raise RecordError(f"{where}: no rows with split {want!r}; its 'split' column has "
+                              f"{', '.join(sorted(set(splits)))}")
     return to_dataset(records, "preferences", where)

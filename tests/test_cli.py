@@ -1,0 +1,274 @@
+"""The ``mass-dpo`` command as a user meets it: own data through ``select`` and ``train``, output that ``datasets``
+reads, one-line errors with status 2, defaults in ``--help``, a fast top-level ``--help``; the README's Python lines."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mass_dpo.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "notebooks" / "data" / "quickstart_preferences.jsonl"
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Runs root and cache in a temporary folder."""
+    monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _prefs(path: Path, rows: int = 12, negatives: int = 3) -> Path:
+    """A small TRL-style file: ``rows`` prompts, each with ``negatives`` rejected answers (conversational rows too)."""
+    lines = []
+    for i in range(rows):
+        rejected = [f"wrong answer {i}.{j}" for j in range(negatives)]
+        if i % 2:  # conversational form
+            lines.append({"prompt": [{"role": "user", "content": f"Question {i}? Answer:"}],
+                          "chosen": [{"role": "assistant", "content": f"right answer {i}"}],
+                          "rejected": [[{"role": "assistant", "content": r}] for r in rejected]})
+        else:
+            lines.append({"prompt": f"Question {i}? Answer:", "chosen": f"right answer {i}", "rejected": rejected})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def _error(capsys, argv) -> str:
+    """Run ``argv``; assert status 2 and exactly one line on stderr; return it."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- errors: one line, status 2
+
+
+def test_unknown_dataset_and_model(capsys, isolated):
+    line = _error(capsys, ["select", "--dataset", "my_prefs", "--model", "tiny"])
+    assert "unknown benchmark 'my_prefs'" in line and "--data FILE" in line
+    line = _error(capsys, ["train", "--dataset", "my_prefs", "--dry-run"])
+    assert "unknown dataset 'my_prefs'" in line and "--data FILE" in line
+    line = _error(capsys, ["select", "--dataset", "qasc", "--model", "gpt9"])
+    assert "unknown model 'gpt9'" in line and "tiny" in line
+    line = _error(capsys, ["train", "--dataset", "qasc", "--model", "gpt9", "--dry-run"])
+    assert "unknown model 'gpt9'" in line
+
+
+def test_missing_data(capsys, isolated):
+    line = _error(capsys, ["select", "--data", str(isolated / "absent.jsonl"), "--model", "tiny"])
+    assert "absent.jsonl: no such file" in line
+    line = _error(capsys, ["train", "--data", str(isolated / "absent.jsonl"), "--dry-run"])
+    assert "absent.jsonl: no such file" in line
+    line = _error(capsys, ["train", "--dataset", "qasc", "--data-dir", str(isolated), "--dry-run"])
+    assert "data files not found" in line and "MASS_DPO_DATA" in line
+    _error(capsys, ["select", "--model", "tiny"])  # neither --dataset nor --data
+
+
+def test_bad_rows_are_one_line_and_debug_shows_the_traceback(capsys, isolated):
+    bad = isolated / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a"}\n{"prompt": "q", "chosen": "b", "rejected": []}\n'
+                   '{"prompt": "r", "chosen": "c", "rejected": ["c"]}\n')
+    line = _error(capsys, ["select", "--data", str(bad), "--model", "tiny", "--no-progress"])
+    assert "3 unusable preference row(s)" in line and "line 1" in line and "--debug" in line
+    with pytest.raises(ValueError, match="unusable preference row"):
+        main(["select", "--data", str(bad), "--model", "tiny", "--no-progress", "--debug"])
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        main(["--debug", "select", "--dataset", "nope", "--model", "tiny"])
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--beta", "-1", "argument --beta: must be > 0"),
+    ("--beta", "0", "argument --beta: must be > 0"),
+    ("--gamma", "0", "argument --gamma: must be > 0"),
+    ("--n", "0", "argument --n: must be an integer >= 1"),
+    ("--n", "three", "argument --n: expected an integer >= 1"),
+])
+@pytest.mark.parametrize("command", ["select", "train"])
+def test_bad_values_are_refused_before_any_work(capsys, isolated, command, option, value, says):
+    what = ["--dataset", "qasc"] if command == "select" else ["--dataset", "qasc", "--dry-run"]
+    line = _error(capsys, [command, *what, option, value])
+    assert says in line and f"mass-dpo {command} --help" in line
+
+
+def test_a_bad_value_from_a_profile_is_refused_too(capsys, isolated, monkeypatch):
+    import mass_dpo.training as training
+
+    resolve = training.resolve_config  # check_settings imports it at call time: a profile giving beta 0
+    monkeypatch.setattr(training, "resolve_config", lambda *a, **k: _with(resolve(*a, **k), beta=0.0))
+    line = _error(capsys, ["train", "--dataset", "qasc", "--data-dir", "samples", "--dry-run"])
+    assert "beta must be > 0" in line and "--beta" in line
+
+
+def _with(cfg, **changes):
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_preference_loss_rejects_beta_not_positive():
+    import torch
+
+    from mass_dpo.losses import preference_loss
+
+    pc, rc = torch.zeros(2), torch.zeros(2)
+    pr, rr = torch.zeros(2, 3), torch.zeros(2, 3)
+    for beta in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            preference_loss("sdpo", pc, pr, rc, rr, beta=beta)
+    assert preference_loss("sdpo", pc, pr, rc, rr, beta=0.1).loss.shape == (2,)
+
+
+# ---------------------------------------------------------------- help, version, speed
+
+
+def test_version_and_defaults_in_every_help(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"mass-dpo {version('mass-dpo')}"
+    helps = {}
+    for command in ("select", "train", "reproduce"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "--n N negatives per prompt (default: 3)" in helps["select"]
+    assert "--beta BETA DPO scale, > 0 (default: 0.1)" in helps["select"]
+    assert "--data FILE" in helps["select"] and "--pairs" in helps["select"]
+    # train: the defaults of params/training.yaml (the default regime's section, and what another regime changes)
+    assert "--beta BETA DPO scale, > 0 (default: 0.1)" in helps["train"]
+    assert re.search(r"--learning-rate .*default: 0\.1; full: 1e-05, lora: 0\.0001", helps["train"])
+    assert "--data FILE" in helps["train"] and "--out RUNS_ROOT" in helps["train"]
+    assert "(default:" in helps["reproduce"]
+
+
+def test_top_level_help_imports_no_subcommand():
+    """``mass-dpo --help`` builds no subcommand parser, so it imports neither torch nor transformers."""
+    code = ("import sys, time; t = time.perf_counter(); from mass_dpo.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert "select" in out and "train" in out
+    assert lines[-2] == "[]"
+    assert float(lines[-1]) < 1.0
+
+
+# ---------------------------------------------------------------- own data through select and train
+
+
+def test_select_own_file_output_loads_with_datasets(capsys, isolated):
+    import datasets
+
+    from mass_dpo.data import load_preferences
+
+    data = _prefs(isolated / "mine.jsonl", rows=6, negatives=4)
+    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--no-progress"]) == 0
+    out = isolated / "runs" / "select" / "mine-all-tiny-all-dopt-n2.jsonl"  # the documented place
+    assert f"wrote {out}" in capsys.readouterr().out
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]
+    assert {"id", "indices", "gains", "logdet"} <= set(ds.column_names)
+    recs = load_preferences(data)
+    assert list(ds["prompt"]) == list(recs["prompt"]) and list(ds["chosen"]) == list(recs["chosen"])
+    for row, rec in zip(ds, recs):
+        assert len(row["rejected"]) == 2
+        assert row["rejected"] == [rec["candidates"][i] for i in row["indices"]]  # in selection order
+        assert all(r in rec["rejected"] for r in row["rejected"])
+        assert row["gains"][0] >= row["gains"][1]  # greedy: marginal gains do not increase
+
+    pairs = isolated / "pairs.jsonl"
+    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--pairs", "--out", str(pairs),
+                 "--no-progress"]) == 0
+    pds = datasets.load_dataset("json", data_files=str(pairs), split="train")
+    assert pds.column_names[:3] == ["prompt", "chosen", "rejected"] and len(pds) == 6 * 2
+    assert list(pds["rejected"]) == [r for row in ds for r in row["rejected"]]
+    assert list(pds["rank"]) == [0, 1] * 6 and list(pds["prompt"]) == [p for p in ds["prompt"] for _ in range(2)]
+
+
+def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, isolated):
+    data = _prefs(isolated / "small.jsonl", rows=4, negatives=3)
+    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "50", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "n=50 is more than the largest negative pool (3 negatives)" in err
+    summary = json.loads((isolated / "runs" / "select" / "small-all-tiny-all-dopt-n3.summary.json").read_text())
+    assert summary["n"] == 3 and summary["negatives_mean"] == 3
+    assert main(["train", "--data", str(data), "--model", "tiny", "--n", "50", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("warning") == 1 and "(3 negatives)" in out.err
+    plan = json.loads(out.out)
+    assert plan["config"]["n"] == 3 and "_n3_" in Path(plan["run_dir"]).name
+    assert Path(plan["run_dir"]).name.startswith("small_tiny_mass_dpo_n3_")
+
+
+def test_train_own_file_end_to_end(capsys, isolated):
+    data = _prefs(isolated / "mine.jsonl", rows=20, negatives=3)
+    argv = ["train", "--data", str(data), "--model", "tiny", "--method", "mass_dpo", "--n", "2", "--regime",
+            "loglinear", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    folder = Path(re.search(r"run folder: (\S+)", out).group(1))
+    assert folder.parent == isolated / "runs" and folder.name.startswith("mine_tiny_mass_dpo_n2_loglinear_s0_")
+    metrics = json.loads((folder / "metrics.json").read_text())["test"]
+    assert metrics["prompts"] == 2  # the carved test split: 10% of 20
+    assert 0.0 <= metrics["recall@1"] <= 1.0
+    assert main(argv) == 0 and "(cached)" in capsys.readouterr().out
+
+
+def test_a_failed_run_leaves_no_run_folder(isolated):
+    from mass_dpo.runs import run_dir, train_run
+    from mass_dpo.training import resolve_config
+
+    def broken(cfg):
+        raise RuntimeError("data preparation failed")
+
+    cfg = resolve_config(dataset="qasc", model="tiny", max_steps=1)
+    with pytest.raises(RuntimeError, match="data preparation failed"):
+        train_run(cfg, root=isolated / "runs", data=broken)
+    assert not run_dir(cfg, root=isolated / "runs").exists()
+
+
+def test_progress_bar_follows_the_global_step(capsys):
+    from mass_dpo.runs import progress_callback
+
+    bar = progress_callback()
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=10, global_step=0)
+    bar.on_train_begin(None, state, None)
+    state.global_step = 4  # e.g. resumed at step 3, one more step done
+    bar.on_step_end(None, state, None)
+    assert bar.bar.n == 4 and bar.bar.total == 10
+    bar.on_train_end(None, state, None)
+    assert bar.bar is None and "4/10" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the README's Python lines
+
+
+def test_readme_own_data_lines_run_with_the_tiny_model(isolated, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    lines = [line for line in code.splitlines() if line.strip()]
+    assert len(lines) == 4 and lines[0].startswith("from mass_dpo")  # imports, then load, select, train
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(code.replace('"smollm2"', '"tiny"'), scope)
+    picked, run = scope["picked"], scope["run"]
+    assert len(picked.rows) == 48 and all(len(r["rejected"]) == 3 for r in picked.rows)
+    assert picked.out.parent == isolated / "runs" / "select"
+    assert run.run_dir.parent == isolated / "runs" and run.metrics["prompts"] == 5  # 10% of 48, rounded
+    assert "recall@1" in run.metrics
