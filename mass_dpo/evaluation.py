@@ -1,14 +1,17 @@
 """Ranking evaluation of a trained policy on the test prompts (Section 6, Tables 1, 2, 5, 6, 8).
 
-Every candidate of every test prompt (up to 20; 8 for QASC) is scored by the policy's sequence log-prob
-``log pi_theta(y | x)`` (``score="logp"``, the default) or by the implicit reward ``beta * (log pi_theta(y | x) -
-log pi_ref(y | x))`` (``score="reward"``). From the scores ``[P, C]``, through :mod:`mass_dpo.metrics`:
+Every candidate of every test prompt (up to 20; 8 for QASC) is scored two ways: by the implicit reward
+``beta * (log pi_theta(y | x) - log pi_ref(y | x))`` and by the policy's sequence log-prob ``log pi_theta(y | x)``;
+``TrainConfig.score`` names the one whose metrics are unprefixed (the other's carry ``reward_`` / ``logp_``).
+From the scores ``[P, C]``, through :mod:`mass_dpo.metrics` (ties broken at random in expectation):
 
-- Accuracy and Margin (:func:`mass_dpo.metrics.preference_metrics`) against a fixed set of 3 negatives per prompt,
-  drawn once by :func:`fixed_negatives` from the prompt id and a seed, so every method is scored against the same
-  negatives whatever negatives it trained on;
-- Recall@k, NDCG@k (k = 1, 3, 5) and MRR (:func:`mass_dpo.metrics.ranking_metrics`) against the whole pool.
+- Accuracy: top-1 over the whole pool, as the paper's Table 1 (generation-based HitRatio@1 for a causal LM, the
+  top-1 of the score in the log-linear regime);
+- Recall@k, NDCG@k (k = 1, 3, 5) and MRR against the whole pool;
+- pairwise accuracy and margin against a fixed set of 3 negatives per prompt, drawn once by :func:`fixed_negatives`
+  from the prompt id and a seed, so every method is scored against the same negatives.
 
+The untrained policy (:func:`reference_policy`) scored the same way is every table's ``reference`` row.
 Definitions are in ``docs/training.md``; every metric comes with its standard error.
 """
 
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from .loglinear import LogLinearPolicy
-from .metrics import preference_metrics, ranking_metrics
+from .metrics import mean_se, per_prompt_ranking, preference_metrics, ranking_metrics
 
 
 def fixed_negatives(ids: Sequence[str], mask, target, k: int = 3, *, seed: int = 0) -> torch.Tensor:
@@ -116,40 +119,114 @@ def score_candidates(
     return torch.where(mask, scores, torch.zeros_like(scores))
 
 
+SCORES = ("reward", "logp")
+
+
+def _score_metrics(scores, target, *, negatives, mask, ks) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Metrics of one score over the whole pool (expected ties) and against the fixed negatives, with the
+    per-prompt values: ``recall@k, ndcg@k, mrr, pairwise_accuracy, margin`` (and ``_se``)."""
+    rows = torch.arange(scores.shape[0])
+    neg_mask = negatives >= 0
+    chosen = scores[rows, target]
+    rejected = torch.gather(scores, 1, negatives.clamp_min(0))
+    per = per_prompt_ranking(scores, target, ks=tuple(ks), mask=mask)
+    lost = torch.where(neg_mask, chosen[:, None] < rejected, torch.zeros_like(neg_mask)).any(-1)
+    tied = torch.where(neg_mask, chosen[:, None] == rejected, torch.zeros_like(neg_mask)).sum(-1).double()
+    per["pairwise_accuracy"] = torch.where(lost, torch.zeros_like(tied), 1.0 / (tied + 1.0))
+    finite = torch.where(neg_mask, rejected, torch.zeros_like(rejected))
+    per["margin"] = (chosen - finite.sum(-1) / neg_mask.sum(-1).clamp_min(1)).double()
+    out: dict[str, float] = {}
+    for name, values in per.items():
+        out[name], out[f"{name}_se"] = mean_se(values)
+    return out, per
+
+
 def evaluate(
     policy: nn.Module,
     data,
     *,
     pools=None,
-    score: str = "logp",
+    score: str = "reward",
     beta: float = 0.1,
     ks: Sequence[int] = (1, 3, 5),
     num_negatives: int = 3,
     seed: int = 0,
     forward: Callable | None = None,
     pooling: str = "all",
+    records: Sequence[dict] | None = None,
+    tokenizer=None,
+    max_new_tokens: int = 20,
+    per_prompt=None,
     return_scores: bool = False,
 ) -> dict[str, Any]:
-    """Score every candidate of every test prompt and compute Accuracy, Margin, Recall@k, NDCG@k, MRR (with SEs).
+    """Score every candidate of every test prompt; Accuracy, Recall@k, NDCG@k, MRR, pairwise accuracy and margin.
+
+    Both scores are computed: ``score`` (``"reward"``: the implicit reward ``beta * (log pi - log ref)``, or
+    ``"logp"``: the policy's sequence log-prob) gives the unprefixed metrics, the other one the same metrics prefixed
+    ``"logp_"`` or ``"reward_"``. Ties break at random in expectation (:mod:`mass_dpo.metrics`), so a constant score
+    is at chance.
+
+    ``accuracy`` is a top-1 measure over the whole pool, as the paper's Table 1 (within ~4 points of its R@1): for a
+    causal LM with ``records`` and ``tokenizer`` given, the generation-based HitRatio@1 of the S-DPO line of work
+    (:func:`mass_dpo.generation.hit_ratio`: greedy decoding, a hit when the output names exactly the target among the
+    candidates; ``valid_ratio`` beside it); otherwise (the log-linear regime) ``recall@1`` of ``score``
+    (``accuracy_kind`` says which). ``pairwise_accuracy``: the chosen response beats each of ``num_negatives`` fixed
+    negatives (:func:`fixed_negatives`, shared by every method).
 
     Args:
         policy: the trained policy (:class:`LogLinearPolicy` or a causal LM, peft-wrapped or not).
         data: the test split's ``Extracted`` (``ids``, ``features``, ``ref_logps``, ``mask``, ``target``).
         pools: tokenized pools for a causal LM, aligned with ``data.ids``.
-        score: ``"logp"`` (sequence log-prob) or ``"reward"`` (``beta * (log pi - log ref)``).
-        num_negatives, seed: the fixed negatives of Accuracy and Margin (:func:`fixed_negatives`).
-        return_scores: also return ``scores`` ``[P, C]`` and ``negatives`` ``[P, k]`` (tensors).
+        records, tokenizer: the test records and tokenizer, for the generation-based accuracy of a causal LM.
+        per_prompt: a CSV path: one row per test prompt with every per-prompt value (paired comparisons).
+        return_scores: also return ``scores`` ``[P, C]`` (of ``score``) and ``negatives`` ``[P, k]`` (tensors).
     """
-    if score not in ("logp", "reward"):
-        raise ValueError(f"score must be 'logp' or 'reward', got {score!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be 'reward' or 'logp', got {score!r}")
     mask = torch.as_tensor(data.mask).bool()
     target = torch.as_tensor(data.target).long()
     logps = score_candidates(policy, data, pools=pools, forward=forward, pooling=pooling)
-    scores = logps if score == "logp" else beta * (logps - torch.as_tensor(data.ref_logps).float())
-    scores = scores.masked_fill(~mask, float("-inf"))
     negatives = fixed_negatives(list(data.ids), mask, target, num_negatives, seed=seed)
-    out: dict[str, Any] = metrics_from_scores(scores, target, negatives=negatives, mask=mask, ks=ks)
+    by_score = {
+        "logp": logps,
+        "reward": beta * (logps - torch.as_tensor(data.ref_logps).float()),
+    }
+    out: dict[str, Any] = {}
+    table: dict[str, Any] = {"id": [str(i) for i in data.ids]}
+    for name in (score, *[s for s in SCORES if s != score]):
+        scores = by_score[name].to(torch.float64).masked_fill(~mask, float("-inf"))
+        metrics, per = _score_metrics(scores, target, negatives=negatives, mask=mask, ks=ks)
+        prefix = "" if name == score else f"{name}_"
+        out.update({prefix + k: v for k, v in metrics.items()})
+        table.update({prefix + k: v.tolist() for k, v in per.items()})
+    if not isinstance(policy, LogLinearPolicy) and records is not None and tokenizer is not None:
+        from .generation import hit_ratio
+
+        gen = hit_ratio(policy, tokenizer, records, max_new_tokens=max_new_tokens)
+        out["accuracy"], out["accuracy_se"] = gen["hit_ratio"], gen["hit_ratio_se"]
+        out["valid_ratio"], out["valid_ratio_se"] = gen["valid_ratio"], gen["valid_ratio_se"]
+        out["accuracy_kind"] = "hit_ratio@1"
+        table["accuracy"] = [float(h) for h in gen["hits"]]
+        table["valid"] = [float(v) for v in gen["valid"]]
+    else:
+        out["accuracy"], out["accuracy_se"] = out["recall@1"], out["recall@1_se"]
+        out["accuracy_kind"] = "top1"
+        table["accuracy"] = table["recall@1"]
+    out["prompts"] = int(mask.shape[0])
     out["score"] = score
+    if per_prompt is not None:
+        import pandas as pd
+
+        pd.DataFrame(table).to_csv(per_prompt, index=False)
     if return_scores:
-        out["scores"], out["negatives"] = scores, negatives
+        out["scores"] = by_score[score].masked_fill(~mask, float("-inf"))
+        out["negatives"] = negatives
     return out
+
+
+def reference_policy(policy: nn.Module) -> nn.Module:
+    """The untrained policy of a regime for the ``reference`` row: a log-linear policy with theta = 0 (so its
+    implicit reward is 0 for every candidate and its log-prob is the reference model's)."""
+    if isinstance(policy, LogLinearPolicy):
+        return LogLinearPolicy(policy.dim)
+    return policy

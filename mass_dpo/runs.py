@@ -215,6 +215,8 @@ class RunData:
         test: the test split's ``Extracted`` (ids, features, ref_logps, mask, target).
         test_pools: tokenized pools of the test prompts (LM regimes), aligned with ``test.ids``.
         forward: the per-pool forward of the LM regimes (``None``: ``shared_prefix_forward``).
+        test_records: the test records (``prompt``, ``candidates``, ``target``), for the generation-based accuracy of
+            the LM regimes; tokenizer: the model's tokenizer (LM regimes).
     """
 
     policy: torch.nn.Module
@@ -223,6 +225,8 @@ class RunData:
     test: Any
     test_pools: list | None = None
     forward: Callable | None = None
+    test_records: list | None = None
+    tokenizer: Any = None
 
 
 def _device():
@@ -230,28 +234,56 @@ def _device():
     return None if state is None else state.device
 
 
+#: In-process memo of the log-linear regime's frozen inputs (its reference model is never trained): a notebook that
+#: trains hundreds of exact fits loads the model and reads each split's extraction once.
+_BUNDLES: dict = {}
+_EXTRACTED: dict = {}
+
+
+def _model(name, lm: bool):
+    """The model bundle: loaded afresh for the LM regimes (training changes it), shared in-process otherwise."""
+    from .models import load_model
+
+    if lm:
+        return load_model(name, device=_device())
+    key = (str(name), str(_device()))
+    if key not in _BUNDLES:
+        _BUNDLES[key] = load_model(name, device=_device())
+    return _BUNDLES[key]
+
+
 def prepare_data(config: TrainConfig) -> RunData:
     """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits."""
     from .data import load_benchmark
     from .data.formatting import encode_pool
     from .extraction import extract
-    from .models import load_model
 
-    bundle = load_model(config.model, device=_device())
+    lm = config.regime != "loglinear"
+    bundle = _model(config.model, lm)
     limits = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}
     records, extracted = {}, {}
     for split, limit in limits.items():
         if split == "valid" and limit == 0:
             continue
+        if split == "test" and config.test_split == "valid":  # tuning: the final metrics are the validation split's
+            if "valid" not in records:
+                raise ValueError("test_split='valid' needs validation prompts: set eval_limit > 0")
+            records["test"], extracted["test"] = records["valid"], extracted["valid"]
+            continue
         t0 = time.time()
+        key = f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
+        memo = (str(config.model), _data_location(config), key, config.pooling)
+        if not lm and memo in _EXTRACTED:  # the log-linear runs of one process share their frozen features
+            records[split], extracted[split] = _EXTRACTED[memo]
+            continue
         records[split] = load_benchmark(
             config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
         )
-        key = f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
         extracted[split] = extract(records[split], bundle, dataset_key=key, pooling=config.pooling)
+        if not lm:
+            _EXTRACTED[memo] = (records[split], extracted[split])
         logger.info("%s: %d prompts extracted in %.1f s", split, len(extracted[split]), time.time() - t0)
 
-    lm = config.regime != "loglinear"
     pools = {s: [encode_pool(r, bundle.tokenizer) for r in records[s]] for s in records} if lm else {}
 
     def records_of(split: str) -> PreferenceDataset:
@@ -266,8 +298,8 @@ def prepare_data(config: TrainConfig) -> RunData:
         policy = build_policy(config, bundle.model)
     else:
         policy = build_policy(config, dim=int(extracted["train"].features.shape[-1]))
-        del bundle
-    return RunData(policy, train, eval_, extracted["test"], pools.get("test"))
+    return RunData(policy, train, eval_, extracted["test"], pools.get("test"),
+                   test_records=records["test"] if lm else None, tokenizer=bundle.tokenizer if lm else None)
 
 
 # ---------------------------------------------------------------- the run
@@ -285,6 +317,104 @@ def _state():
 def _barrier(state) -> None:
     if state is not None:
         state.wait_for_everyone()
+
+
+def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpoints: Path, callbacks, main: bool):
+    """The Trainer path (LM regimes; the log-linear regime with ``fit="adam"``): ``(policy, train summary, last
+    online-eval metrics, optimizer name, seconds)``; resumes from the newest complete checkpoint."""
+    trainer = build_trainer(
+        cfg, run_data.policy, run_data.train, run_data.eval, output_dir=checkpoints,
+        callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
+    )
+    resume = last_checkpoint(checkpoints, discard_incomplete=main)  # skips (and reports) a half-written one
+    optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+    logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train), optim,
+                f", resuming from {resume}" if resume else "")
+    if resume and main:
+        print(f"resuming {path.name} from {Path(resume).name}", flush=True)
+    t1 = time.time()
+    if resume is None and run_data.eval is not None:
+        trainer.evaluate()  # the step-0 point of the training curves (Figures 2-3)
+    out = trainer.train(resume_from_checkpoint=resume)
+    t_train = time.time() - t1
+    trainer.save_model(str(path / "final"))
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    info = {**out.metrics, "global_step": trainer.state.global_step, "resumed_from": resume and Path(resume).name}
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    return policy, info, (evals[-1] if evals else {}), optim, t_train
+
+
+def _records_tensors(records: PreferenceDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features [P, 1+n, d], mask [P, 1+n])`` of log-linear training records (column 0 the chosen response)."""
+    cand = records.candidates
+    rows = torch.arange(cand.shape[0])[:, None]
+    feats = records.features[rows, cand.clamp_min(0)].float()
+    mask = cand >= 0
+    return feats * mask[..., None], mask
+
+
+def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
+    """The log-linear regime's exact fit (:func:`mass_dpo.loglinear.fit_loglinear`): theta_hat minimises the
+    ridge-regularised objective over all training prompts. Every L-BFGS iterate is logged to ``log.csv`` (train loss;
+    online-eval loss, margin, accuracy and chosen reward: the curves of Figures 2-3, with the iteration as step), and
+    the iterate half-way along the path and the final theta are saved as ``snapshots/{mid,final}.pt`` (Table 4)."""
+    import csv
+
+    from safetensors.torch import save_file
+
+    from .loglinear import fit_loglinear, loglinear_objective
+    from .losses import preference_loss
+
+    X, M = _records_tensors(run_data.train)
+    evalset = _records_tensors(run_data.eval) if run_data.eval is not None else None
+    rows = []
+
+    def stats(split, it, theta, feats, mask):
+        z = feats.double() @ theta.double()
+        zero = torch.zeros_like(z)
+        out = preference_loss(cfg.method, z[:, 0], z[:, 1:], zero[:, 0], zero[:, 1:], beta=cfg.beta, mask=mask[:, 1:])
+        neg = mask[:, 1:]
+        rej = (out.rejected_rewards * neg).sum(-1) / neg.sum(-1).clamp_min(1)
+        rows.append({"step": it, "epoch": None, "split": split, "loss": float(out.loss.mean()),
+                     "margin": float(out.margins.mean()), "accuracy": float(out.accuracy.mean()),
+                     "chosen_rewards": float(out.chosen_rewards.mean()), "rejected_rewards": float(rej.mean()),
+                     "learning_rate": None, "grad_norm": None})
+
+    def on_iterate(it, theta):
+        stats("train", it, theta, X, M)
+        if evalset is not None:
+            stats("eval", it, theta, *evalset)
+
+    logger.info("run %s: %d training prompts, exact fit (L-BFGS, ridge %g, tol %g)", path.name, len(run_data.train),
+                cfg.ridge, cfg.fit_tol)
+    t1 = time.time()
+    fit = fit_loglinear(X, M, method=cfg.method, beta=cfg.beta, ridge=cfg.ridge, tol=cfg.fit_tol,
+                        max_iter=cfg.fit_max_iter, callback=on_iterate)
+    t_train = time.time() - t1
+    if not fit.converged:
+        logger.warning("exact fit stopped at gradient norm %.3g > tol %g after %d iterations", fit.grad_norm,
+                       cfg.fit_tol, fit.iterations)
+    policy = run_data.policy
+    with torch.no_grad():
+        policy.theta.copy_(fit.theta.to(policy.theta.dtype))
+    (path / "final").mkdir(parents=True, exist_ok=True)
+    save_file({"theta": policy.theta.detach().cpu().contiguous()}, str(path / "final" / "theta.safetensors"))
+    snaps = path / "snapshots"
+    snaps.mkdir(exist_ok=True)
+    mid_it, mid_theta = fit.path[len(fit.path) // 2]
+    torch.save({"theta": mid_theta, "step": int(mid_it)}, snaps / "mid.pt")
+    torch.save({"theta": fit.theta.clone(), "step": int(fit.iterations)}, snaps / "final.pt")
+    with open(path / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSVLogCallback.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    objective = float(loglinear_objective(fit.theta.double(), X.double(), M, method=cfg.method, beta=cfg.beta,
+                                          ridge=cfg.ridge))
+    info = {"fit": "exact", "iterations": fit.iterations, "grad_norm": fit.grad_norm, "converged": fit.converged,
+            "objective": objective, "ridge": cfg.ridge, "global_step": fit.iterations,
+            "theta_norm": float(fit.theta.norm())}
+    online = {f"eval_{k}": v for k, v in rows[-1].items() if k in ("loss", "margin", "accuracy")} if evalset else {}
+    return policy, info, online, "lbfgs", t_train
 
 
 def train_run(
@@ -338,37 +468,23 @@ def train_run(
         t0 = time.time()
         run_data = data(cfg) if callable(data) else data if data is not None else prepare_data(cfg)
         t_data = time.time() - t0
-        trainer = build_trainer(
-            cfg, run_data.policy, run_data.train, run_data.eval, output_dir=checkpoints,
-            callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
-        )
-        resume = last_checkpoint(checkpoints)
-        logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train),
-                    getattr(trainer.args.optim, "value", trainer.args.optim),
-                    f", resuming from {resume}" if resume else "")
-        if resume and main:
-            print(f"resuming {path.name} from {Path(resume).name}", flush=True)
-        t1 = time.time()
-        if resume is None and run_data.eval is not None:
-            trainer.evaluate()  # the step-0 point of the training curves (Figures 2-3)
-        out = trainer.train(resume_from_checkpoint=resume)
-        t_train = time.time() - t1
-        trainer.save_model(str(path / "final"))
-        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-        online = evals[-1] if evals else {}
+        if cfg.regime == "loglinear" and cfg.fit == "exact":
+            policy, train_info, online, optim, t_train = _train_exact(cfg, run_data, path)
+        else:
+            policy, train_info, online, optim, t_train = _train_with_trainer(
+                cfg, run_data, path, checkpoints, callbacks, main)
         if main:
             t2 = time.time()
-            policy = trainer.accelerator.unwrap_model(trainer.model)
             test = evaluate(
                 policy, run_data.test, pools=run_data.test_pools, score=cfg.score, beta=cfg.beta, ks=cfg.ks,
                 num_negatives=cfg.eval_negatives, seed=cfg.eval_seed, forward=run_data.forward, pooling=cfg.pooling,
+                records=run_data.test_records, tokenizer=run_data.tokenizer, per_prompt=path / "test_per_prompt.csv",
             )
             summary = {
                 "test": test,
-                "train": {**out.metrics, "global_step": trainer.state.global_step,
-                          "resumed_from": resume and Path(resume).name},
+                "train": train_info,
                 "online_eval": online,
-                "optim": getattr(trainer.args.optim, "value", trainer.args.optim),
+                "optim": optim,
                 "seconds": {"data": round(t_data, 3), "train": round(t_train, 3), "test": round(time.time() - t2, 3)},
                 "hash": config_hash(cfg, world=world),
             }
@@ -387,6 +503,58 @@ def train_run(
         if handler is not None:
             logging.getLogger("mass_dpo").removeHandler(handler)
             handler.close()
+    result = load_run(path)
+    result.cached = False
+    return result
+
+
+# ---------------------------------------------------------------- the reference row
+
+
+#: Config fields a reference evaluation does not depend on (the untrained policy is the same for every method).
+REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_iter", "learning_rate",
+                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit")
+
+
+def reference_run(config: TrainConfig | dict | None = None, *, root=None, **overrides) -> RunResult:
+    """The untrained policy (theta = 0 in the log-linear regime, the pretrained model in the LM regimes) evaluated
+    exactly like a trained run on the same test prompts: every table's ``reference`` row. Cached in
+    ``<runs root>/reference_<dataset>_<model>_<regime>_<hash>/`` (``metrics.json``, ``test_per_prompt.csv``);
+    the hash leaves out what cannot change an untrained policy (:data:`REFERENCE_FREE`)."""
+    from .evaluation import evaluate, reference_policy
+
+    cfg = resolve_config(config, **overrides)
+    base = TrainConfig(**{**cfg.to_dict(), "method": "sdpo"})
+    payload = hash_payload(base, world=1)
+    payload["config"] = {k: v for k, v in payload["config"].items() if k not in REFERENCE_FREE}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model = Path(str(cfg.model)).name or "model"
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"reference_{cfg.dataset}_{model}_{cfg.regime}_{cfg.test_split}")
+    path = Path(root or runs_root()) / f"{name}_{digest}"
+    if is_finished(path):
+        return load_run(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_config(tmp, cfg, 1)
+        t0 = time.time()
+        data = prepare_data(TrainConfig(**{**cfg.to_dict(), "limit": 1, "eval_limit": cfg.eval_limit
+                                           if cfg.test_split == "valid" else 0}))
+        t_data = time.time() - t0
+        t1 = time.time()
+        test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
+                        beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
+                        forward=data.forward, pooling=cfg.pooling, records=data.test_records,
+                        tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv")
+        (tmp / "log.csv").write_text(",".join(CSVLogCallback.COLUMNS) + "\n")
+        _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
+                                           "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,
+                                                                      "test": round(time.time() - t1, 3)}})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     result = load_run(path)
     result.cached = False
     return result

@@ -79,8 +79,15 @@ class TrainConfig:
     eval_limit: int | None = 200  # online-eval prompts (the paper's 200)
     test_limit: int | None = 2000  # test prompts (the paper's 2,000)
     subsample_seed: int = 0  # which prompts a limit keeps: fixed, so seeds and methods share the data
+    test_split: str = "test"  # the split the final metrics are measured on ("valid" for hyperparameter tuning)
     pooling: str = "all"  # feature pooling of extraction: "all" or "response"
     gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
+    # the log-linear regime's fit: "exact" (L-BFGS to a gradient tolerance on the ridge-regularised convex objective,
+    # mass_dpo.loglinear.fit_loglinear) or "adam" (the Trainer, like the LM regimes); ignored by the LM regimes
+    fit: str = "exact"
+    ridge: float = 1e-3  # L2 weight of the exact fit (chosen on the validation split: params/training.yaml tuning)
+    fit_tol: float = 1e-6  # gradient-norm tolerance of the exact fit
+    fit_max_iter: int = 500
     selection_score: str = DEFAULT_SELECTION_SCORE  # reading of the preprocessing score: delta, reference, offset
     # optimisation
     learning_rate: float = 1e-5
@@ -117,6 +124,12 @@ class TrainConfig:
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         check_selection_score(self.selection_score)
+        if self.test_split not in ("test", "valid"):
+            raise ValueError(f"test_split must be 'test' or 'valid', got {self.test_split!r}")
+        if self.fit not in ("exact", "adam"):
+            raise ValueError(f"fit must be 'exact' or 'adam', got {self.fit!r}")
+        if float(self.ridge) <= 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if self.score not in ("logp", "reward"):
             raise ValueError(f"score must be 'logp' or 'reward', got {self.score!r}")
         if self.method == "dpo":
@@ -195,6 +208,8 @@ def resolve_config(config: TrainConfig | dict | None = None, *, profile: str | N
     cfg.bf16 = bool(cfg.bf16)
     if cfg.regime == "loglinear":
         cfg.gradient_checkpointing = False
+    else:
+        cfg.fit = "adam"  # the LM regimes always train with the Trainer
     return cfg
 
 

@@ -11,6 +11,7 @@ whose data is missing (MovieLens ships no sample) is reported once and skipped; 
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import math
 import os
@@ -65,6 +66,8 @@ class Setup:
         train_limit, eval_limit, test_limit: prompts per split (``None``: the profile's).
         options: any other :class:`mass_dpo.training.TrainConfig` field, for every run.
         root: the runs root (default ``$MASS_DPO_RUNS`` / the cache). quiet: hide the Trainer's per-step prints.
+        tune: choose the regime's hyperparameters on the validation split by the rule of ``params/training.yaml``
+            (``tuning``; :func:`tuned_options`) before each (model, dataset, method)'s runs.
         trained_world_size: the number of processes the runs were trained with, when they were trained beforehand
             under ``accelerate launch -m mass_dpo.experiments`` (the run hash covers the world size); default
             ``$MASS_DPO_TRAINED_WORLD_SIZE``. A finished run of that world size is loaded instead of retrained.
@@ -82,6 +85,7 @@ class Setup:
     options: dict[str, Any] = field(default_factory=dict)
     root: str | None = None
     quiet: bool = True
+    tune: bool = True
     trained_world_size: int | None = field(
         default_factory=lambda: int(os.environ["MASS_DPO_TRAINED_WORLD_SIZE"])
         if os.environ.get("MASS_DPO_TRAINED_WORLD_SIZE") else None)
@@ -219,7 +223,9 @@ def run_row(result, spec: dict) -> dict:
     seconds = result.info.get("seconds", {})
     row = {
         "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset, "method": cfg.method,
-        "label": method_label(cfg.method), "n": cfg.n, "beta": cfg.beta, "seed": cfg.seed,
+        "label": run_label(cfg.method, cfg.n), "n": cfg.n, "beta": cfg.beta, "seed": cfg.seed,
+        "ridge": cfg.ridge if cfg.regime == "loglinear" and cfg.fit == "exact" else None, "pooling": cfg.pooling,
+        "selection_score": getattr(cfg, "selection_score", None),
         "epochs": cfg.num_train_epochs, "max_steps": cfg.max_steps, "train_prompts": cfg.limit,
         "eval_prompts": cfg.eval_limit, "test_prompts": result.metrics.get("prompts", cfg.test_limit),
         "steps": result.info.get("train", {}).get("global_step"),
@@ -244,7 +250,9 @@ def run_grid(setup: Setup, specs: list[dict], *, echo: Callable[[str], None] | N
     start = time.perf_counter()
     for i, (model, spec) in enumerate(todo, 1):
         t0 = time.perf_counter()
-        result = run_one(replace(setup, model=model), spec, data_dir=places[spec["dataset"]], snapshots=snapshots)
+        msetup = replace(setup, model=model)
+        chosen = tuned_options(msetup, spec, data_dir=places[spec["dataset"]]) if setup.tune else {}
+        result = run_one(msetup, {**chosen, **spec}, data_dir=places[spec["dataset"]], snapshots=snapshots)
         rows.append(run_row(result, spec))
         if echo:
             what = " ".join(f"{k}={v}" for k, v in spec.items())
@@ -252,6 +260,151 @@ def run_grid(setup: Setup, specs: list[dict], *, echo: Callable[[str], None] | N
                  f"({'cached' if result.cached else f'trained in {time.perf_counter() - t0:.1f} s'})")
     if echo:
         echo(f"{len(rows)} runs ready in {time.perf_counter() - start:.1f} s")
+    return pd.DataFrame(rows)
+
+
+def run_label(method: str, n: int) -> str:
+    """The method's label; S-DPO with every negative of the pool reads ``S-DPO-all``."""
+    return "S-DPO-all" if method == "sdpo" and int(n) >= FULL_POOL else method_label(method)
+
+
+# ---------------------------------------------------------------- hyperparameters, chosen on the validation split
+
+
+def tuning_rule() -> dict[str, Any]:
+    """``params/training.yaml`` ``tuning``: the metric, the seed and the grid per regime."""
+    from ..params import load_params
+
+    return dict(load_params("training").get("tuning") or {})
+
+
+def tuning_grid(regime: str) -> list[dict[str, Any]]:
+    """Every combination of the regime's grid, in grid order (first = the most regularised)."""
+    import itertools
+
+    axes = (tuning_rule().get("grid") or {}).get(regime) or {}
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+_TUNED: dict = {}
+
+
+def tune(setup: Setup, dataset: str, method: str, *, data_dir: str | None = None) -> tuple[dict, pd.DataFrame]:
+    """Choose the hyperparameters of ``(setup.model, dataset, method)`` once, by the rule in ``params/training.yaml``:
+    every combination of the grid is trained on the training prompts (the tuning seed, the method's default n and
+    beta) and scored on the validation prompts by the rule's metric; the best wins, ties to the first in grid order.
+
+    Returns ``(chosen options, one row per combination with the validation metric)``. The test split is never read.
+    """
+    rule = tuning_rule()
+    combos = tuning_grid(setup.regime)
+    if not combos:
+        return {}, pd.DataFrame()
+    metric = rule.get("metric", "mrr")
+    rows = []
+    for combo in combos:
+        spec = {"dataset": dataset, "method": method, "seed": int(rule.get("seed", 0)), "test_split": "valid", **combo}
+        result = run_one(setup, spec, data_dir=data_dir)
+        rows.append({**combo, "dataset": dataset, "method": method, "model": setup.model, "metric": metric,
+                     "value": float(result.metrics[metric]), "se": float(result.metrics.get(f"{metric}_se", math.nan)),
+                     "prompts": result.metrics.get("prompts")})
+    table = pd.DataFrame(rows)
+    best = int(np.argmax(table["value"].to_numpy()))  # first maximum: ties go to the grid's order
+    table["chosen"] = [i == best for i in range(len(table))]
+    return dict(combos[best]), table
+
+
+def tuned_options(setup: Setup, spec: dict, *, data_dir: str | None = None) -> dict:
+    """The options :func:`tune` chose for ``spec``'s (model, dataset, method), memoised per process (the tuning runs
+    are cached on disk too); ``{}`` when the regime has no grid or ``spec`` sets one of the tuned options itself."""
+    combos = tuning_grid(setup.regime)
+    if not combos or set(combos[0]) & set(spec):
+        return {}
+    key = (setup.model, setup.regime, setup.profile, str(data_dir or setup.data_dir), setup.train_limit,
+           setup.eval_limit, spec["dataset"], spec["method"], json.dumps(setup.options, sort_keys=True, default=str))
+    if key not in _TUNED:
+        _TUNED[key] = tune(setup, spec["dataset"], spec["method"], data_dir=data_dir)
+    return dict(_TUNED[key][0])
+
+
+def tuning_table(setup: Setup) -> pd.DataFrame:
+    """Every tuning of this process for ``setup``'s models: one row per grid point, ``chosen`` marking the winner."""
+    frames = [t for k, (_, t) in _TUNED.items() if k[0] in setup.model_list() and k[1] == setup.regime and len(t)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------- the reference row and paired differences
+
+
+def reference_rows(setup: Setup, datasets, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """The untrained policy of each (model, dataset), evaluated like every run (:func:`mass_dpo.runs.reference_run`):
+    rows shaped like :func:`run_grid`'s with ``method = label = "reference"`` and seed 0 (it has no randomness)."""
+    from ..runs import reference_run
+    from ..training import resolve_config
+
+    rows = []
+    places = available(list(datasets), setup.data_dir, None)
+    for model in setup.model_list():
+        for ds in [d for d in datasets if d in places]:
+            spec = {"dataset": ds, "method": "sdpo", "seed": 0}
+            cfg = resolve_config(_config(replace(setup, model=model), spec, places[ds]))
+            with contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext():
+                result = reference_run(cfg, root=setup.root)
+            row = run_row(result, spec)
+            row.update(method="reference", label="reference", n=0, ridge=None, steps=0)
+            rows.append(row)
+    if echo:
+        echo(f"reference (untrained policy) evaluated on {len(rows)} dataset(s)")
+    return pd.DataFrame(rows)
+
+
+def per_prompt(run_dir) -> pd.DataFrame:
+    """A finished run's per-test-prompt values (``test_per_prompt.csv``), indexed by prompt id."""
+    return pd.read_csv(Path(run_dir) / "test_per_prompt.csv", dtype={"id": str}).set_index("id")
+
+
+def paired_difference(runs: pd.DataFrame, a: str, b: str, metrics, *, by=("model", "dataset"), key: str = "label",
+                      z: float = 1.96) -> pd.DataFrame:
+    """``a`` minus ``b`` per test prompt, on the same prompts: per group of ``by``, each seed of ``a`` is paired with
+    the same seed of ``b`` (or with ``b``'s only run, e.g. the reference), the per-prompt differences are averaged
+    over seeds, and the mean comes with its standard error over prompts and a ``z`` (95%) interval.
+
+    Columns: ``by``, ``metric``, ``a``, ``b``, ``diff``, ``se``, ``lo``, ``hi``, ``z_score`` (diff / se),
+    ``significant`` (the interval excludes 0), ``seeds``, ``prompts``. Metrics as fractions (x100 for percent).
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    rows = []
+    for group, grp in runs.groupby(by, sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        ra, rb = grp[grp[key] == a], grp[grp[key] == b]
+        if ra.empty or rb.empty:
+            continue
+        pairs = []
+        for r in ra.itertuples():
+            match = rb[rb["seed"] == r.seed] if len(rb) > 1 else rb
+            if len(match):
+                pairs.append((r.run_dir, match.iloc[0]["run_dir"]))
+        if not pairs:
+            continue
+        tables = [(per_prompt(x), per_prompt(y)) for x, y in pairs]
+        for metric in metrics:
+            diffs = []
+            for ta, tb in tables:
+                if metric not in ta or metric not in tb:
+                    break
+                common = ta.index.intersection(tb.index)
+                diffs.append((ta.loc[common, metric] - tb.loc[common, metric]).rename(len(diffs)))
+            if not diffs:
+                continue
+            d = pd.concat(diffs, axis=1).mean(axis=1).to_numpy(dtype=float)
+            mean = float(d.mean())
+            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+            rows.append({**dict(zip(by, group)), "metric": metric, "a": a, "b": b, "diff": mean, "se": se,
+                         "lo": mean - z * se, "hi": mean + z * se, "z_score": mean / se if se > 0 else math.nan,
+                         "significant": bool(se > 0 and abs(mean) > z * se), "seeds": len(tables),
+                         "prompts": int(len(d))})
     return pd.DataFrame(rows)
 
 
@@ -392,3 +545,47 @@ def load_split(config, split: str = "train"):
         return extract(records, load_model(config.model), dataset_key=key, pooling=config.pooling, progress=False)
 
 
+
+
+# ---------------------------------------------------------------- learning first, and sentences from the numbers
+
+
+def learning_table(runs: pd.DataFrame, metrics=("recall@1", "mrr"), *, by=("model", "dataset"),
+                   threshold: float = 3.0) -> pd.DataFrame:
+    """How far training moved each method beyond the untrained ``reference`` (rows of :func:`reference_rows` inside
+    ``runs``): the paired difference per test prompt (:func:`paired_difference`), ``learned`` when it is at least
+    ``threshold`` standard errors above 0."""
+    frames = [paired_difference(runs, label, "reference", metrics, by=by)
+              for label in dict.fromkeys(runs["label"]) if label != "reference"]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True).rename(columns={"a": "method"}).drop(columns=["b"])
+    out["learned"] = out["z_score"] >= threshold
+    return out
+
+
+def points(value: float, percent: bool = True) -> str:
+    """A signed number of percentage points (``+1.2``), or the value as is."""
+    return f"{100 * value:+.1f}" if percent else f"{value:+.3g}"
+
+
+def paired_sentence(row, *, percent: bool = True) -> str:
+    """One sentence for one row of :func:`paired_difference`: the difference, its 95% interval, and whether the
+    interval excludes zero (``inside the noise`` otherwise)."""
+    unit = " points" if percent else ""
+    verdict = ("above" if row["diff"] > 0 else "below") if row["significant"] else "inside the noise"
+    return (f"{row['a']} minus {row['b']} on {row['dataset']} ({row['metric']}): {points(row['diff'], percent)}{unit}, "
+            f"95% interval {points(row['lo'], percent)} to {points(row['hi'], percent)} over {row['prompts']} paired "
+            f"test prompts and {row['seeds']} seed(s): {verdict}.")
+
+
+def learning_sentence(learned: pd.DataFrame, method: str, metric: str = "mrr", threshold: float = 3.0) -> str:
+    """``"S-DPO-all beats the reference by >= 3 SE on 3 of 3 datasets (qasc +6.1, ...)"`` from :func:`learning_table`."""
+    part = learned[(learned["method"] == method) & (learned["metric"] == metric)]
+    if part.empty:
+        return f"{method}: no runs to compare with the reference."
+    hits = part[part["learned"]]
+    detail = ", ".join(f"{r.dataset} {points(r.diff)} ({r.z_score:.1f} SE)" for r in part.itertuples())
+    return (f"{method} beats the untrained reference by at least {threshold:g} standard errors on {metric} on "
+            f"{len(hits)} of {len(part)} dataset(s): {detail}.")

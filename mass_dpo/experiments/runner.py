@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ablations import ablation_specs
-from .core import Setup, grid, repo_root, run_grid
+from .core import Setup, grid, run_grid
 from .cost import matched_specs
 
 
@@ -13,19 +13,11 @@ from .cost import matched_specs
 
 
 def notebook_parameters(name: str, profile: str = "cpu") -> dict[str, Any]:
-    """The parameters notebook ``name`` runs with under ``profile``: its parameters cell, then the profile's values
-    for the parameters it declares (as ``mass-dpo reproduce`` passes them)."""
-    import ast
+    """The parameters notebook ``name`` runs with under ``profile`` (every declared parameter, resolved as the
+    notebook's setup cell resolves them: :func:`mass_dpo.notebook_params.resolve`)."""
+    from ..notebook_params import resolve
 
-    import nbformat
-
-    from ..reproduce import profile_parameters
-
-    nb = nbformat.read(repo_root() / "notebooks" / f"{name}.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params = {s.target.id: ast.literal_eval(s.value) for s in ast.parse(cell.source).body}
-    params.update({k: v for k, v in profile_parameters(profile, name).items() if k in params})
-    return params
+    return resolve(name, {"profile": profile}).values
 
 
 def setup_from(params: dict[str, Any]) -> Setup:

@@ -1,0 +1,103 @@
+"""Learning first: the reference row, both test scores, paired differences, the validation tuning rule."""
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from mass_dpo import experiments as E
+from mass_dpo.evaluation import evaluate, reference_policy
+from mass_dpo.loglinear import LogLinearPolicy
+from mass_dpo.metrics import ranking_metrics
+
+
+def _data(P=12, C=5, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(ids=[f"p{i}" for i in range(P)], features=torch.randn(P, C, d, generator=g),
+                           ref_logps=torch.randn(P, C, generator=g) * 3, mask=torch.ones(P, C, dtype=torch.bool),
+                           target=torch.randint(0, C, (P,), generator=g))
+
+
+def test_reference_row_is_theta_zero_scored_both_ways():
+    data = _data()
+    trained = LogLinearPolicy(4)
+    with torch.no_grad():
+        trained.theta.fill_(0.7)
+    ref = evaluate(reference_policy(trained), data, score="reward", beta=0.5)
+    assert float(reference_policy(trained).theta.detach().abs().max()) == 0.0
+    # implicit reward of theta = 0 is 0 everywhere: exactly chance with ties broken in expectation
+    assert ref["recall@1"] == pytest.approx(1 / 5)
+    # its log-prob is the reference model's: the same ranking as ranking by ref_logps
+    by_ref = ranking_metrics(data.ref_logps, data.target)
+    assert ref["logp_recall@1"] == pytest.approx(by_ref["recall@1"]) and ref["logp_mrr"] == pytest.approx(by_ref["mrr"])
+    assert ref["accuracy"] == ref["recall@1"] and ref["accuracy_kind"] == "top1"
+    # the trained policy is scored by phi . theta (reward) and ref + phi . theta (logp)
+    out = evaluate(trained, data, score="reward", beta=0.5, return_scores=True)
+    reward = 0.5 * (data.features @ trained.theta.detach())
+    assert torch.allclose(out["scores"].float(), reward, atol=1e-5)
+    assert out["mrr"] == pytest.approx(ranking_metrics(reward, data.target)["mrr"])
+    assert out["logp_mrr"] == pytest.approx(ranking_metrics(data.ref_logps + reward / 0.5, data.target)["mrr"])
+
+
+def test_per_prompt_file_holds_what_the_means_average(tmp_path):
+    data = _data()
+    policy = LogLinearPolicy(4)
+    with torch.no_grad():
+        policy.theta.normal_()
+    out = evaluate(policy, data, per_prompt=tmp_path / "pp.csv")
+    table = pd.read_csv(tmp_path / "pp.csv")
+    assert list(table["id"]) == data.ids
+    for key in ("recall@1", "mrr", "pairwise_accuracy", "logp_mrr", "accuracy"):
+        assert table[key].mean() == pytest.approx(out[key])
+
+
+def _run(tmp_path, name, label, seed, values):
+    folder = tmp_path / name
+    folder.mkdir()
+    pd.DataFrame({"id": [f"p{i}" for i in range(len(values))], "mrr": values}).to_csv(folder / "test_per_prompt.csv",
+                                                                                       index=False)
+    return {"model": "m", "dataset": "d", "label": label, "seed": seed, "run_dir": str(folder)}
+
+
+def test_paired_difference_by_hand(tmp_path):
+    rows = [_run(tmp_path, "a0", "A", 0, [1.0, 0.5, 0.0, 1.0]), _run(tmp_path, "a1", "A", 1, [1.0, 1.0, 0.0, 0.5]),
+            _run(tmp_path, "b0", "B", 0, [0.5, 0.5, 0.0, 0.0]), _run(tmp_path, "b1", "B", 1, [0.0, 0.5, 0.5, 0.5]),
+            _run(tmp_path, "r", "reference", 0, [0.25, 0.25, 0.25, 0.25])]
+    runs = pd.DataFrame(rows)
+    out = E.paired_difference(runs, "A", "B", "mrr").iloc[0]
+    d = [(0.5 + 1.0) / 2, (0.0 + 0.5) / 2, (0.0 - 0.5) / 2, (1.0 + 0.0) / 2]  # per prompt, averaged over seeds
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
+    assert out["diff"] == pytest.approx(mean) and out["se"] == pytest.approx(se)
+    assert out["lo"] == pytest.approx(mean - 1.96 * se) and out["seeds"] == 2 and out["prompts"] == 4
+    assert bool(out["significant"]) == (abs(mean) > 1.96 * se)
+    # against the single reference run, each seed of A is paired with it
+    ref = E.paired_difference(runs, "A", "reference", "mrr").iloc[0]
+    assert ref["diff"] == pytest.approx((0.625 + 0.625) / 2 - 0.25)
+    learned = E.learning_table(runs, ["mrr"], threshold=3.0)
+    assert set(learned["method"]) == {"A", "B"}
+    assert "A minus B on d (mrr)" in E.paired_sentence(out)
+
+
+def test_tuning_picks_the_best_validation_value_ties_to_the_first(monkeypatch):
+    seen = []
+
+    def fake_run_one(setup, spec, data_dir=None, snapshots=False):
+        seen.append(spec)
+        value = {0.1: 0.30, 0.01: 0.40, 0.001: 0.40, 0.0001: 0.20}[spec["ridge"]]
+        return SimpleNamespace(metrics={"mrr": value, "mrr_se": 0.01, "prompts": 10})
+
+    monkeypatch.setattr(E.core, "run_one", fake_run_one)
+    monkeypatch.setattr(E.core, "tuning_grid", lambda regime: [{"ridge": r} for r in (0.1, 0.01, 0.001, 0.0001)])
+    monkeypatch.setattr(E.core, "tuning_rule", lambda: {"metric": "mrr", "seed": 0})
+    chosen, table = E.core.tune(E.Setup(model="tiny"), "qasc", "sdpo")
+    assert chosen == {"ridge": 0.01}
+    assert all(s["test_split"] == "valid" and s["seed"] == 0 for s in seen)  # never the test split
+    assert table["chosen"].tolist() == [False, True, False, False]
+
+
+def test_the_tuning_rule_is_written_in_params():
+    rule = E.tuning_rule()
+    assert rule["metric"] and E.tuning_grid("loglinear")
