@@ -103,6 +103,31 @@ def lastfm_pools(n: int, candidates: int, data_dir: str) -> list[dict]:
     return out
 
 
+_LOADED: dict = {}
+
+
+def load(name: str, device, dtype):
+    """``mass_dpo.models.load_model``, keeping the last model loaded: the step reuses the 3B-shaped model that the
+    extraction built (a random init of 3.2 B parameters takes a while on the CPU)."""
+    from mass_dpo.models import load_model
+
+    key = (name, str(device), str(dtype))
+    if key not in _LOADED:
+        release()
+        _LOADED[key] = load_model(name, device=device, dtype=dtype)
+    return _LOADED[key]
+
+
+def release() -> None:
+    """Drop the kept model and free its memory."""
+    import gc
+
+    _LOADED.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------- 1. extraction
 
 
@@ -110,9 +135,8 @@ def bench_extraction(name: str, records: list[dict], *, device, dtype, pools_per
     """Shared prompt against one row per candidate: two table rows (``shared``, ``naive``) for model ``name``."""
     from mass_dpo.data.formatting import encode_pool
     from mass_dpo.extraction import naive_forward, shared_prefix_forward_batch
-    from mass_dpo.models import load_model
 
-    bundle = load_model(name, device=device, dtype=dtype)
+    bundle = load(name, device, dtype)
     model = bundle.model.eval()
     pools = [encode_pool(r, bundle.tokenizer) for r in records]
     scored = sum(len(p) * len(c) + sum(map(len, c)) for p, c in pools)
@@ -187,10 +211,9 @@ def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats
     and through concatenated rows; their loss and gradient agreement; peak memory of a whole AdamW step."""
     from mass_dpo.data.formatting import encode_pool
     from mass_dpo.losses import preference_loss
-    from mass_dpo.models import load_model
     from mass_dpo.training import pool_logps
 
-    bundle = load_model(name, device=device, dtype=dtype)
+    bundle = load(name, device, dtype)
     model = bundle.model
     model.config.use_cache = False
     if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5.x name
@@ -258,6 +281,7 @@ def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats
     _sync(device)
     result["adamw_step"] = {"seconds": time.perf_counter() - t0, "peak_gib": _peak_gib(device)}
     del opt, model, bundle, params
+    release()  # the weights moved: the model is not the one loaded any more
     return result
 
 
@@ -356,28 +380,41 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     if tiny and device.type == "cpu":
         print("no CUDA: running the GPU check at tiny shapes on the CPU", flush=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def done(part: str, t0: float) -> None:
+        """Record the part's time and write the record so far (a check cut short still leaves its numbers)."""
+        record.setdefault("part_seconds", {})[part] = round(time.perf_counter() - t0, 1)
+        record["seconds"] = time.perf_counter() - t_start
+        out.write_text(json.dumps(record, indent=1, default=str))
+        print(f"[gpu check] {part} done in {record['part_seconds'][part]:.0f} s "
+              f"({record['seconds']:.0f} s in all)", flush=True)
+
     if "extraction" in parts:
+        t0 = time.perf_counter()
         records = lastfm_pools(s["pools"], s["candidates"], args.data_dir)
         record["extraction"] = []
         for name in s["extraction_models"]:
             record["extraction"] += bench_extraction(name, records, device=device, dtype=dtype,
                                                      pools_per_forward=s["pools_per_forward"])
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        done("extraction", t0)
     if "step" in parts:
+        t0 = time.perf_counter()
         records = lastfm_pools(s["step_batch"], s["candidates"], args.data_dir)
         record["step"] = bench_step(s["step_model"], records, device=device, dtype=dtype, n=s["n"],
                                     repeats=s["repeats"])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        done("step", t0)
     if "run" in parts:
+        release()
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="mass-dpo-gpu-check-") as tmp:
             root = Path(args.runs_root) if args.runs_root else Path(tmp)
             record["run"] = bench_run(s, data_dir=args.data_dir, root=root, device=device)
+        done("run", t0)
     record["seconds"] = time.perf_counter() - t_start
     print(table(record), flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+    out.write_text(json.dumps(record, indent=1, default=str))
     print(f"record written to {args.json}")
     failed = [r for r in record.get("extraction", []) if not r["agree"]]
     if record.get("step") and not record["step"]["agree"]:

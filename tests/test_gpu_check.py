@@ -80,3 +80,27 @@ def test_gpu_check_runs_at_tiny_shapes_on_cpu(tmp_path):
     assert runs["sdpo"]["steps"] == runs["mass_dpo"]["steps"] == 2  # 4 prompts, batch 2, one epoch
     for line in ("extraction", "step", "reference (untrained)", "mass_dpo"):
         assert line in proc.stdout
+
+
+def test_llama3_shape_has_llama_3_2_3b_parameter_count():
+    """params/models/llama3_shape.yaml builds Llama-3.2-3B's 3,212,749,824 parameters (on the meta device), and the
+    random-init path keeps its vocabulary size rather than the tokenizer's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mass_dpo.models import _random_model, load_tokenizer
+    from mass_dpo.params import load_params
+
+    params = load_params("models/llama3_shape")
+    assert params["source"] == "random"
+    config = AutoConfig.for_model(params["architecture"], **params["config"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 3_212_749_824
+    small = dict(params, config={**params["config"], "hidden_size": 32, "intermediate_size": 64, "head_dim": 8,
+                                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    tok = load_tokenizer(params["tokenizer"])
+    built = _random_model(small, tok, torch.float32)
+    assert built.config.vocab_size == 128256 > len(tok)
+    assert built.get_input_embeddings().weight.shape == (128256, 32)
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        _random_model(dict(small, config={**small["config"], "vocab_size": 100}), tok, torch.float32)
