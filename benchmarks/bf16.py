@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     native = cpu_has_native_bf16()
     print(f"bf16 benchmark: {args.model} on CPU ({platform.machine()}, native bf16: {'yes' if native else 'no'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}); {args.pools} train pools per dataset "
-          f"({args.data_dir}), {args.batch} pools per forward, D-optimal n={args.n}")
+          f"({args.data_dir}), {args.batch} pools per forward, D-optimal n={args.n}", flush=True)
     results = {}
     for name in args.datasets:
         records = load_benchmark(name, "train", data_dir=args.data_dir, limit=args.pools).to_list()
@@ -158,10 +158,11 @@ def main(argv=None) -> int:
             f = r[p]
             print(f"  {p:9s}    feature rel. err mean {f['feature_rel_mean']:.4f} max {f['feature_rel_max']:.4f};  "
                   f"phi_i - phi* rel. err mean {f['diff_rel_mean']:.3f} max {f['diff_rel_max']:.3f};  cosine min "
-                  f"{f['cos_min']:.5f};  D-opt same set {f['same_set']:.0%}, same order {f['same_order']:.0%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"native_bf16": native, "threads": torch.get_num_threads(),
-                                               "datasets": results}, indent=1) + "\n")
+                  f"{f['cos_min']:.5f};  D-opt same set {f['same_set']:.0%}, same order {f['same_order']:.0%}",
+                  flush=True)
+        if args.json:  # after every dataset: a long run interrupted keeps what it measured
+            Path(args.json).write_text(json.dumps({"native_bf16": native, "threads": torch.get_num_threads(),
+                                                   "datasets": results}, indent=1) + "\n")
     return 0
 
 
