@@ -156,6 +156,7 @@ def evaluate(
     records: Sequence[dict] | None = None,
     tokenizer=None,
     max_new_tokens: int = 20,
+    option_labels: bool = False,
     per_prompt=None,
     return_scores: bool = False,
 ) -> dict[str, Any]:
@@ -177,7 +178,9 @@ def evaluate(
         policy: the trained policy (:class:`LogLinearPolicy` or a causal LM, peft-wrapped or not).
         data: the test split's ``Extracted`` (``ids``, ``features``, ``ref_logps``, ``mask``, ``target``).
         pools: tokenized pools for a causal LM, aligned with ``data.ids``.
-        records, tokenizer: the test records and tokenizer, for the generation-based accuracy of a causal LM.
+        records, tokenizer: the test records and tokenizer, for the generation-based accuracy of a causal LM;
+            option_labels: an option label such as "(E)" also names that candidate (the QA prompts list lettered
+            options; :func:`mass_dpo.generation.hit_ratio`).
         per_prompt: a CSV path: one row per test prompt with every per-prompt value (paired comparisons).
         return_scores: also return ``scores`` ``[P, C]`` (of ``score``) and ``negatives`` ``[P, k]`` (tensors).
     """
@@ -202,7 +205,7 @@ def evaluate(
     if not isinstance(policy, LogLinearPolicy) and records is not None and tokenizer is not None:
         from .generation import hit_ratio
 
-        gen = hit_ratio(policy, tokenizer, records, max_new_tokens=max_new_tokens)
+        gen = hit_ratio(policy, tokenizer, records, max_new_tokens=max_new_tokens, labels=option_labels)
         out["accuracy"], out["accuracy_se"] = gen["hit_ratio"], gen["hit_ratio_se"]
         out["valid_ratio"], out["valid_ratio_se"] = gen["valid_ratio"], gen["valid_ratio_se"]
         out["accuracy_kind"] = "hit_ratio@1"

@@ -219,6 +219,28 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
     return fig, axes
 
 
+def method_bars(summary: pd.DataFrame, metric: str, labels, *, ylabel: str):
+    """One panel per dataset: each method's mean (bars, with its standard error) and the paper's number (black
+    ticks), from a ``method_table`` summary (columns ``dataset, method, metric, value, se, paper``); the untrained
+    ``reference`` in grey. Returns the figure and the rows it shows."""
+    import matplotlib.pyplot as plt
+
+    shown = summary[summary["metric"] == metric]
+    datasets = [d for d in dict.fromkeys(shown["dataset"]) if d != "avg"]
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(3.2 * max(1, len(datasets)), 2.9), squeeze=False)
+    colours = {**palette([lb for lb in labels if lb != "reference"]), "reference": "0.7"}
+    for ax, ds in zip(axes[0], datasets):
+        part = shown[shown["dataset"] == ds].set_index("method").reindex(list(labels))
+        ax.bar(range(len(part)), part["value"], yerr=part["se"].fillna(0), color=[colours[m] for m in part.index])
+        ax.scatter(range(len(part)), part["paper"], color="black", marker="_", s=200, label="paper", zorder=3)
+        ax.set_xticks(range(len(part)), part.index, rotation=45, ha="right")
+        ax.set_title(ds)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, 0].legend(loc="lower right")
+    fig.tight_layout()
+    return fig, shown
+
+
 def show(fig) -> None:
     """Display ``fig`` once in a notebook as a PNG (whatever the matplotlib backend, ``Agg`` included) and close it."""
     import io

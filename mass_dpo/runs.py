@@ -289,7 +289,7 @@ def prepare_data(config: TrainConfig) -> RunData:
     def records_of(split: str) -> PreferenceDataset:
         ex = extracted[split]
         neg = select_training_negatives(ex, config.method, config.n, beta=config.beta, gamma=config.gamma,
-                                        seed=config.seed)
+                                        seed=config.seed, selection_score=config.selection_score)
         return PreferenceDataset.from_selection(ex, neg, pools=pools.get(split))
 
     train = records_of("train")
@@ -479,6 +479,7 @@ def train_run(
                 policy, run_data.test, pools=run_data.test_pools, score=cfg.score, beta=cfg.beta, ks=cfg.ks,
                 num_negatives=cfg.eval_negatives, seed=cfg.eval_seed, forward=run_data.forward, pooling=cfg.pooling,
                 records=run_data.test_records, tokenizer=run_data.tokenizer, per_prompt=path / "test_per_prompt.csv",
+                option_labels=_lettered_options(cfg.dataset),
             )
             summary = {
                 "test": test,
@@ -516,6 +517,13 @@ REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_ite
                   "num_train_epochs", "max_steps", "selection_score", "gamma", "limit")
 
 
+def _lettered_options(dataset: str) -> bool:
+    """True for the QA benchmarks, whose prompts list lettered options (an answer "(E)" names option E)."""
+    from .params import available, load_params
+
+    return dataset in available("datasets") and load_params(f"datasets/{dataset}").get("task") == "qa"
+
+
 def reference_run(config: TrainConfig | dict | None = None, *, root=None, **overrides) -> RunResult:
     """The untrained policy (theta = 0 in the log-linear regime, the pretrained model in the LM regimes) evaluated
     exactly like a trained run on the same test prompts: every table's ``reference`` row. Cached in
@@ -546,7 +554,8 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
         test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
                         beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
                         forward=data.forward, pooling=cfg.pooling, records=data.test_records,
-                        tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv")
+                        tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv",
+                        option_labels=_lettered_options(cfg.dataset))
         (tmp / "log.csv").write_text(",".join(CSVLogCallback.COLUMNS) + "\n")
         _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
                                            "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,

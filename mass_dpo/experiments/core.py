@@ -232,6 +232,8 @@ def run_row(result, spec: dict) -> dict:
         "seconds_data": seconds.get("data"), "seconds_train": seconds.get("train"), "seconds_test": seconds.get("test"),
         "cached": result.cached, "run_dir": str(result.run_dir),
     }
+    row["score"] = result.metrics.get("score")  # which score the unprefixed metrics rank by
+    row["accuracy_kind"] = result.metrics.get("accuracy_kind")
     for key, value in result.metrics.items():
         if isinstance(value, (int, float)) and key != "prompts":
             row[key] = float(value)
@@ -589,3 +591,22 @@ def learning_sentence(learned: pd.DataFrame, method: str, metric: str = "mrr", t
     detail = ", ".join(f"{r.dataset} {points(r.diff)} ({r.z_score:.1f} SE)" for r in part.itertuples())
     return (f"{method} beats the untrained reference by at least {threshold:g} standard errors on {metric} on "
             f"{len(hits)} of {len(part)} dataset(s): {detail}.")
+
+
+SCORE_TEXT = {"reward": "the implicit reward beta * (log pi - log pi_ref)", "logp": "the policy's sequence log-prob"}
+ACCURACY_TEXT = {"top1": "the top-1 of that score over the whole pool (= Recall@1)",
+                 "hit_ratio@1": "the generation-based HitRatio@1 (greedy decoding names exactly the target)"}
+
+
+def scoring_note(runs: pd.DataFrame) -> str:
+    """One sentence saying what the runs' unprefixed test metrics rank by and what their accuracy is."""
+    trained = runs[runs["label"] != "reference"] if "label" in runs else runs
+    if trained.empty or "score" not in trained:
+        return "No runs."
+    scores = sorted(set(trained["score"].dropna()))
+    kinds = sorted(set(trained["accuracy_kind"].dropna()))
+    other = [s for s in SCORE_TEXT if s not in scores]
+    return (f"Test metrics rank every candidate of the pool by {' / '.join(SCORE_TEXT.get(s, s) for s in scores)}"
+            f" (the columns prefixed {', '.join(o + '_' for o in other)} rank by {', '.join(SCORE_TEXT[o] for o in other)});"
+            f" accuracy is {' / '.join(ACCURACY_TEXT.get(k, k) for k in kinds)}; ties are broken at random in"
+            f" expectation, so a constant score sits at chance.")

@@ -41,7 +41,8 @@ def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seed
             splits = [load_split(cfg, s) for s in ("train", "valid", "test") if s != "valid" or cfg.eval_limit != 0]
             extraction = sum(float(ex.meta.get("seconds", math.nan)) for ex in splits)
             t0 = time.perf_counter()
-            select_extracted(splits[0], n, strategy="dopt", beta=beta, gamma=cfg.gamma)
+            select_extracted(splits[0], n, strategy="dopt", beta=beta, gamma=cfg.gamma,
+                             selection_score=cfg.selection_score)
             selection = time.perf_counter() - t0
             prompts = sum(len(ex) for ex in splits)
             for comp, sec in (("extraction", extraction), ("selection", selection),

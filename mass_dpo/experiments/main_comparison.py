@@ -9,13 +9,17 @@ from .core import DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
 
 
 def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average: bool = False) -> pd.DataFrame:
-    """Tables 1, 2, 5, 6: per model, method and dataset, our mean/SE over seeds beside the paper."""
-    by = ["model", "method", "dataset"]
+    """Tables 1, 2, 5, 6: per model, method and dataset, our mean/SE over seeds beside the paper.
+
+    Methods are told apart by their label (so S-DPO at n = 3 and S-DPO-all are two rows); the untrained
+    ``reference`` rows (:func:`mass_dpo.experiments.core.reference_rows`), when ``runs`` holds them, come first."""
+    by = ["model", "label", "dataset"]
     summary = summarize(runs, by, metrics)
     if average:
         summary = with_average(summary, runs, by, metrics)
+    summary = summary.rename(columns={"label": "method"})
     out = beside_paper(summary, table, ["method", "dataset", "metric"], model=model)
-    order = {m: i for i, m in enumerate(METHOD_LABELS.values())}
+    order = {m: i for i, m in enumerate(["reference", *METHOD_LABELS.values(), "S-DPO-all"])}
     dorder = {d: i for i, d in enumerate((*DATASETS, "avg"))}
     out = out.sort_values(["model", "method", "dataset", "metric"],
                           key=lambda s: s.map(order) if s.name == "method" else

@@ -88,7 +88,8 @@ def quickstart_train(ex, *, methods=("mass_dpo", "sdpo"), n: int = 3, test_fract
                              data_dir=f"quickstart-{ex.meta.get('key', 'data')}")  # the hash follows the data
 
         def data(c, method=method):
-            neg = select_training_negatives(train_ex, method, n, beta=c.beta, gamma=c.gamma, seed=c.seed)
+            neg = select_training_negatives(train_ex, method, n, beta=c.beta, gamma=c.gamma, seed=c.seed,
+                                            selection_score=c.selection_score)
             train = PreferenceDataset.from_selection(train_ex, neg)
             return RunData(build_policy(c, dim=int(ex.features.shape[-1])), train, None, test_ex)
 
