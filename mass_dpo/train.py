@@ -182,6 +182,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_methods(data, methods=("mass_dpo", "sdpo"), *, model: str = "smollm2", n: int = 3,
+                    regime: str = "loglinear", seed: int = 0, steps: int = 30, root=None, **options):
+    """Train each method on a preference file's train split (what ``mass-dpo train --data FILE`` runs) and evaluate
+    it on the file's test split (:func:`mass_dpo.data.load_preferences`: its ``split`` column, or carved by a fixed
+    seed). ``steps`` optimizer steps of 4 prompts (the log-linear regime's exact fit ignores them); ``options`` go
+    to :func:`mass_dpo.runs.train_run`. One row per method: method, regime, n, steps, train/test prompt counts and
+    the test metrics (accuracy, recall@k, ndcg@k, mrr, margin, each ``_se``). Progress output is kept out (one line
+    per run in a notebook, none per update)."""
+    import contextlib
+    import io
+
+    import pandas as pd
+
+    from .data.preferences import load_preferences, resolve_path
+    from .experiments.core import method_label
+    from .runs import train_run
+
+    path = str(resolve_path(data).resolve())
+    train_prompts = len(load_preferences(path, split="train"))
+    rows = []
+    for method in methods:
+        run_options = dict(dataset=path, model=model, method=method, n=n, regime=regime, seed=seed, max_steps=steps,
+                           eval_limit=0, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                           save_steps=steps)
+        run_options.update(options)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            res = train_run(root=root, **run_options)
+        rows.append({
+            "method": method_label(method), "regime": res.config.regime, "n": res.config.n, "steps": steps,
+            "train_prompts": train_prompts, "test_prompts": int(res.metrics.get("prompts", 0)),
+            **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and k != "prompts"},
+        })
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import main as cli_main
 

@@ -272,3 +272,31 @@ def test_readme_own_data_lines_run_with_the_tiny_model(isolated, monkeypatch):
     assert picked.out.parent == isolated / "runs" / "select"
     assert run.run_dir.parent == isolated / "runs" and run.metrics["prompts"] == 5  # 10% of 48, rounded
     assert "recall@1" in run.metrics
+
+
+# ---------------------------------------------------------------- the quickstart from JupyterLab's folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regime", ["loglinear", "lora"])
+def test_quickstart_runs_from_the_notebooks_folder(isolated, regime):
+    """papermill with the kernel started in notebooks/ (as JupyterLab does): the default data path resolves from the
+    repository, the smoke profile fills the parameters left at None, and ``regime`` is the regime that trained."""
+    import pandas as pd
+    import papermill as pm
+
+    out = isolated / "figures"
+    executed = isolated / "quickstart.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / "quickstart.ipynb"), str(executed), cwd=str(REPO / "notebooks"),
+                        parameters={"profile": "smoke", "regime": regime, "out_dir": str(out)},
+                        kernel_name="python3", progress_bar=False)
+    text = executed.read_text()
+    assert "Setup: quickstart: profile smoke (-p / given)" in text and "model='tiny'" in text
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["method"]) == ["MASS-DPO", "S-DPO"] and set(results["regime"]) == {regime}
+    assert (results["train_prompts"] == 38).all() and (results["test_prompts"] == 5).all()  # 48 rows: 38/5/5
+    assert results["mrr"].between(0, 1).all()
+    run_folders = [p for p in (isolated / "runs").iterdir() if p.is_dir() and p.name != "select"]
+    assert {p.name.split("_n3_")[0] for p in run_folders} == {f"quickstart_preferences_tiny_{m}"
+                                                              for m in ("mass_dpo", "sdpo")}
+    assert all(f"_n3_{regime}_" in p.name for p in run_folders)
