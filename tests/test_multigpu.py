@@ -30,6 +30,7 @@ def test_accelerate_configs_are_the_papers_layout(name, kind):
         assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
         assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpoints hold model weights + optimizer.bin
         assert fsdp["fsdp_activation_checkpointing"] is False  # the Trainer's gradient checkpointing does it
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # every process extracts with the real weights
     text = (REPO / "docs" / "reproduce.md").read_text()
     assert f"--config_file params/accelerate/{name}.yaml" in text
 
