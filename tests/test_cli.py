@@ -229,6 +229,24 @@ def test_train_own_file_end_to_end(capsys, isolated):
     assert main(argv) == 0 and "(cached)" in capsys.readouterr().out
 
 
+def test_train_prints_when_it_resumes(capsys, isolated):
+    import shutil
+
+    data = _prefs(isolated / "mine.jsonl", rows=20, negatives=3)
+    argv = ["train", "--data", str(data), "--model", "tiny", "--regime", "lora", "--max-steps", "4", "--save-steps",
+            "2", "--eval-limit", "0", "--keep-checkpoints", "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    folder = Path(re.search(r"run folder: (\S+)", first).group(1))
+    assert "resuming" not in first
+    # as if interrupted after step 2: the later checkpoint and the marks of a finished run gone
+    shutil.rmtree(folder / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(folder / "final")
+    (folder / "metrics.json").unlink()
+    assert main(argv) == 0
+    assert f"resuming {folder.name} from checkpoint-2" in capsys.readouterr().out
+
+
 def test_a_failed_run_leaves_no_run_folder(isolated):
     from mass_dpo.runs import run_dir, train_run
     from mass_dpo.training import resolve_config
