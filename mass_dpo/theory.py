@@ -65,8 +65,10 @@ METHODS = (("dopt", True), ("label_blind", True), ("dopt", False), ("random", Tr
 #: The methods of the regime sweep (:func:`regime_sweep`).
 REGIME_METHODS = (("dopt", True), ("label_blind", True), ("random", True))
 DTYPE = torch.float64
+#: The k sweep's extra estimator: label-blind subsets, fitted only on the prompts whose ``y*`` the greedy picked.
+KEPT_LABEL = "label-blind, only prompts with y* picked"
 #: Bump when a change to this module changes any cached record (:func:`cached_records`).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def method_label(strategy: str, center: bool) -> str:
@@ -579,6 +581,26 @@ def n_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
     return {"n": records, "coverage": coverage, "fits": fits}
 
 
+def label_blind_kept(phi, logits, n: int, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order [P, n], kept [P])``: the label-blind subsets and whether ``y*`` was among the greedy's first ``n + 1``.
+
+    The label-blind greedy (``select_negatives(strategy="label_blind")``) orders all ``N + 1`` responses without the
+    label. On the prompts where ``y*`` is among the first ``n + 1`` (``kept``), the choice set ``S + {y*}`` is exactly
+    those ``n + 1`` responses, fixed before the label is seen; given that event, ``y*`` is a Plackett-Luce draw from
+    the set (Luce's choice axiom), so the subset loss over the kept prompts is an unbiased likelihood. On the other
+    prompts the set is the top ``n`` plus ``y*``, which singles ``y*`` out: the one dependence on the label left.
+    """
+    phi, logits = phi.to(DTYPE), logits.to(DTYPE)
+    P, N, d = phi.shape
+    full = torch.cat([phi, torch.zeros(P, 1, d, dtype=DTYPE)], 1)  # y* last, at phi = 0 and logit 0
+    full_logits = torch.cat([logits, torch.zeros(P, 1, dtype=DTYPE)], 1)
+    full, full_logits = full - full.mean(1, keepdim=True), full_logits - full_logits.mean(1, keepdim=True)
+    top = select_negatives(full, full_logits, n + 1, beta=beta, gamma=gamma, strategy="dopt").indices  # [P, n + 1]
+    kept = (top == N).any(-1)
+    order = select_negatives(phi, logits, n, beta=beta, gamma=gamma, strategy="label_blind").indices
+    return order, kept
+
+
 def k_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
     """Theorem 5.2: ``||theta_hat_{k,n} - theta_*||_{Sigma_{k,n}}`` against the number of prompts ``k`` (``n`` fixed).
 
@@ -586,14 +608,18 @@ def k_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
     ``theta_true`` is measured in the same norm. ``c_min`` (Assumption C.2) is the smallest
     ``beta^2 (1 - sigmoid(Z_C(theta)))`` over the prompts at ``theta0``, ``theta_*`` and ``theta_hat``, and ``bound``
     is eq. 16 at ``delta = 0.05`` (``nan`` where ``c_min k >= gamma`` leaves it undefined).
+
+    ``"k_kept"``: the label-blind subsets fitted only on the prompts among the first ``k`` whose ``y*`` the greedy
+    picked (:func:`label_blind_kept`; ``kept`` of them, errors ``nan`` where none), with ``Sigma`` averaged over them.
     """
     N, n = cfg.pool_size, cfg.k_sweep_n
     k_values = sorted(set(cfg.k_grid))
     gen, theta_true, pools, theta0, pilot_fit, _ = _problem(cfg, shape, seed, "k_sweep", max(k_values), N)
     logits = pools.phi @ theta0 + pools.b
     orders = _orders(cfg, pools, logits, n, gen)
+    kept_order, kept_all = label_blind_kept(pools.phi, logits, n, cfg.beta, cfg.gamma)
     base = dict(shape=shape, seed=seed, theta0=cfg.theta0)
-    records, fits = [], []
+    records, kept_records, fits = [], [], []
     for k in k_values:
         phi, b = pools.phi[:k], pools.b[:k]
         star = fit_ridge(phi, b, cfg.beta, cfg.gamma, tol=cfg.tol, max_iter=cfg.max_iter)
@@ -613,7 +639,19 @@ def k_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
                 c_min=c_min, bound=batch_error_bound(k, cfg.d, c_min, cfg.gamma),
                 converged=fit.converged,
             ))
-    return {"k": records, "fits": fits}
+        keep = kept_all[:k]
+        rec = dict(base, method=KEPT_LABEL, strategy="label_blind_kept", center=True, k=k, n=n, kept=int(keep.sum()),
+                   sigma_err_star=float("nan"), sigma_err_true=float("nan"), converged=True)
+        if keep.any():
+            phi_k, b_k, mask = phi[keep], b[keep], prefix_mask(kept_order[:k][keep], n, N)
+            fit = fit_ridge(phi_k, b_k, cfg.beta, cfg.gamma, mask, theta_init=star.theta, tol=cfg.tol,
+                            max_iter=cfg.max_iter)
+            fits.append(_fit_record(fit, **base, fit="theta_hat_k,n", method=KEPT_LABEL, n=n, k=k))
+            sigma = sigma_matrix(star.theta, phi_k, b_k, cfg.beta, cfg.gamma, mask)
+            rec.update(sigma_err_star=float(sigma_norm(fit.theta - star.theta, sigma)),
+                       sigma_err_true=float(sigma_norm(fit.theta - theta_true, sigma)), converged=fit.converged)
+        kept_records.append(rec)
+    return {"k": records, "k_kept": kept_records, "fits": fits}
 
 
 def exact_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
@@ -691,14 +729,14 @@ def cached_records(name: str, params: dict, compute, *, cache: bool = True):
 
 def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1,
             cache: bool = True) -> dict[str, list[dict]]:
-    """Every sweep for every (theta0, shape, seed): ``{"n", "coverage", "k", "exact", "fits"}`` lists of records.
+    """Every sweep for every (theta0, shape, seed): ``{"n", "coverage", "k", "k_kept", "exact", "fits"}`` records.
 
     ``theta0_kinds`` (default ``[cfg.theta0]``) repeats everything at several preprocessing points. The tensors are
     tiny (``d x d`` solves over a few hundred prompts), so torch runs single-threaded by default: intra-op threads
     only add synchronisation, which made the sweeps 10x slower on a busy 2-core machine. Each (sweep, theta0, shape,
     seed) is cached by :func:`cached_records` unless ``cache=False``.
     """
-    out: dict[str, list[dict]] = {key: [] for key in ("n", "coverage", "k", "exact", "fits")}
+    out: dict[str, list[dict]] = {key: [] for key in ("n", "coverage", "k", "k_kept", "exact", "fits")}
     with torch_threads(threads):
         for kind in theta0_kinds or [cfg.theta0]:
             c = replace(cfg, theta0=kind)

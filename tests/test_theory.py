@@ -1,6 +1,7 @@
 """mass_dpo.theory against straightforward references."""
 
 import itertools
+import json
 import math
 from dataclasses import replace
 
@@ -320,10 +321,11 @@ def test_run_all_from_the_cache_equals_a_fresh_run(tmp_path, monkeypatch):
     fresh = theory.run_all(cfg, ["clustered"], [0], cache=False)
     cold = theory.run_all(cfg, ["clustered"], [0])
     warm = theory.run_all(cfg, ["clustered"], [0])
-    assert fresh == cold == warm
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN == NaN here
+    assert same(fresh, cold) and same(cold, warm)
     assert len(list((tmp_path / "toy").glob("*.json"))) == 3  # n, k and exact sweeps of one (theta0, shape, seed)
     other = theory.run_all(replace(cfg, gamma=0.2), ["clustered"], [0])
-    assert other != warm and len(list((tmp_path / "toy").glob("*.json"))) == 6
+    assert not same(other, warm) and len(list((tmp_path / "toy").glob("*.json"))) == 6
 
 
 # ---------------------------------------------------------------- regime sweep
@@ -362,3 +364,29 @@ def test_regime_sweep_dopt_is_top_gii_when_the_gram_is_small():
         assert rec["D-optimal (centred)"]["gii_median"] == pytest.approx(g, rel=0.5)
     # log det(I + G_SS) ~ trace G_SS for small G: the greedy is top-n by G_ii; not so once G_ii >> 1
     assert share[1e-4] >= 0.95 and share[1e3] < 0.8
+
+
+def test_label_blind_kept_marks_the_prompts_whose_winner_was_picked():
+    _, pools = _pools("clustered", P=30, N=8, d=4, seed=9)
+    logits = pools.phi @ torch.ones(4, dtype=DT)
+    order, kept = theory.label_blind_kept(pools.phi, logits, 3, 0.1, 0.1)
+    assert torch.equal(order, select_negatives(pools.phi, logits, 3, strategy="label_blind").indices)
+    for p in range(30):  # reference: the greedy over the 8 + 1 responses, y* (index 8) among its first 4 picks?
+        full = torch.cat([pools.phi[p], torch.zeros(1, 4, dtype=DT)])
+        full_logits = torch.cat([logits[p], torch.zeros(1, dtype=DT)])
+        top = select_negatives(full - full.mean(0), full_logits - full_logits.mean(), 4).indices.tolist()
+        assert bool(kept[p]) == (8 in top)
+        if kept[p]:  # then the subset is exactly the other three of those four
+            assert sorted(order[p].tolist()) == sorted(i for i in top if i != 8)
+    assert 0 < int(kept.sum()) < 30
+
+
+def test_k_sweep_fits_the_kept_prompts_only():
+    cfg = _smoke_config(theta0="zero")
+    out = theory.k_sweep(cfg, "isotropic", 0)
+    kept = out["k_kept"]
+    assert [r["k"] for r in kept] == sorted(cfg.k_grid)
+    for r in kept:
+        assert 0 <= r["kept"] <= r["k"] and r["method"] == theory.KEPT_LABEL
+        assert math.isnan(r["sigma_err_star"]) == (r["kept"] == 0)
+    assert any(r["kept"] > 0 for r in kept)
