@@ -10,7 +10,7 @@ pool, both poolings), so that the noise of a shared machine hits both. Printed p
 - features (each pooling): relative error ``||phi_bf16 - phi_fp32|| / ||phi_fp32||`` per candidate, the same for the
   differences ``phi_i - phi*`` that Algorithm 1 reads, and the cosine between ``phi_bf16`` and ``phi_fp32``;
 - log-probs: ``|log pi_bf16 - log pi_fp32|`` (mean, max), the share of pools whose top-1 candidate by log-prob is the
-  same, and the share whose whole order by log-prob is the same;
+  same, the share whose whole order by log-prob is the same, and the mean Spearman correlation per pool;
 - selected subsets (each pooling): ``select_extracted(ex, n, strategy="dopt")`` on both extractions; the share of
   prompts with the same set of n negatives and with the same order.
 
@@ -75,6 +75,13 @@ def as_extracted(records, lp, feats, mask, lengths, pooling):
                      {"pooling": pooling}, lengths)
 
 
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation of two 1D tensors (ties broken by position)."""
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
+
+
 def compare(records, a, b, n: int) -> dict:
     """Agreement of extraction ``b`` (bf16) with ``a`` (fp32), both outputs of :func:`extract_both`."""
     from mass_dpo.extraction import POOLINGS
@@ -99,6 +106,7 @@ def compare(records, a, b, n: int) -> dict:
     res["same_top1"] = float((la.argmax(1) == lb.argmax(1)).float().mean())
     res["same_order"] = float((la.argsort(dim=1, descending=True, stable=True)
                                == lb.argsort(dim=1, descending=True, stable=True)).all(1).float().mean())
+    res["spearman_mean"] = statistics.mean(spearman(lp_a[i][mask[i]], lp_b[i][mask[i]]) for i in range(P))
     for p in POOLINGS:
         fa, fb = ft_a[p], ft_b[p]
         rel = ((fb - fa).norm(dim=-1) / fa.norm(dim=-1).clamp_min(1e-12))[mask]
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
               f"(median {r['bf16_s_median']:.3f})   fp32/bf16 {r['time_ratio']:.2f}x (medians "
               f"{r['time_ratio_median']:.2f}x)")
         print(f"  log-probs    |diff| mean {r['logp_abs_mean']:.3f} max {r['logp_abs_max']:.3f};  same top-1 "
-              f"{r['same_top1']:.0%}, same order {r['same_order']:.0%} of pools")
+              f"{r['same_top1']:.0%}, same order {r['same_order']:.0%} of pools; Spearman mean {r['spearman_mean']:.3f}")
         for p in POOLINGS:
             f = r[p]
             print(f"  {p:9s}    feature rel. err mean {f['feature_rel_mean']:.4f} max {f['feature_rel_max']:.4f};  "
