@@ -1,14 +1,32 @@
-"""Table 3: MASS-DPO's beta and n ablations (``notebooks/table3.ipynb``)."""
+"""Table 3: MASS-DPO's beta and n ablations, each against S-DPO at the same setting; the preprocessing score's readings
+panel; Algorithm 1's design diagnostics (``notebooks/table3.ipynb``).
+
+    table3_specs(...)  ->  run_grid (+ reference_rows)  ->  with_arms  ->
+        ablation_table (beside the paper), arm_learning (each setting against the untrained reference),
+        sdpo_pairs (MASS-DPO minus S-DPO per test prompt, same n and beta, same seeds), readings_panel
+    design_table(setup, datasets, ...)  ->  design_sentence (does the design degenerate to "top-n by G_ii"?)
+
+An *arm* is one trained setting: ``"MASS-DPO[reference] n=3 beta=0.1"``, ``"S-DPO n=3 beta=0.1"`` or
+``"reference"``; paired differences are taken between arms on the same test prompts and seeds.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-from .core import beside_paper, grid, summarize
+
+from ..extraction import DEFAULT_SELECTION_SCORE, SELECTION_SCORES
+from .core import (_config, available, beside_paper, grid, learning_table, load_split, paired_difference,
+                   summarize)
+
+MASS, SDPO = "MASS-DPO", "S-DPO"
 
 
-# ---------------------------------------------------------------- Table 3
+# ---------------------------------------------------------------- what to run
 
 
 def ablation_specs(datasets, seeds, *, betas=(0.1, 0.5, 1.0), ns=(1, 3, 5), n: int = 3, beta: float = 0.1
@@ -19,25 +37,189 @@ def ablation_specs(datasets, seeds, *, betas=(0.1, 0.5, 1.0), ns=(1, 3, 5), n: i
     return specs
 
 
+def readings_specs(datasets, seeds, *, readings=SELECTION_SCORES, betas=(0.1, 0.5, 1.0), n: int = 3,
+                   default: str = DEFAULT_SELECTION_SCORE) -> list[dict]:
+    """MASS-DPO runs of the readings panel: each reading of the preprocessing score (``selection_score``) x ``betas``
+    at ``n``. The ``default`` reading is left out: its runs are :func:`ablation_specs`' beta axis (same hash)."""
+    return [dict(s, selection_score=r) for r in readings if r != default
+            for s in grid(datasets, ["mass_dpo"], seeds, n=n, beta=list(betas))]
+
+
+def table3_specs(datasets, seeds, *, betas=(0.1, 0.5, 1.0), ns=(1, 3, 5), n: int = 3, beta: float = 0.1,
+                 readings=SELECTION_SCORES) -> list[dict]:
+    """Every run of the Table 3 notebook: :func:`ablation_specs`, S-DPO at each of those (n, beta) (random negatives:
+    no reading), and :func:`readings_specs`. The untrained reference comes from :func:`core.reference_rows`."""
+    mass = ablation_specs(datasets, seeds, betas=betas, ns=ns, n=n, beta=beta)
+    sdpo = [dict(s, method="sdpo") for s in mass]
+    return mass + sdpo + readings_specs(datasets, seeds, readings=readings, betas=betas, n=n)
+
+
+# ---------------------------------------------------------------- arms
+
+
+def arm_label(label: str, n, beta, selection_score=None) -> str:
+    """``"MASS-DPO[reference] n=3 beta=0.1"``; S-DPO (random negatives) carries no reading; ``"reference"`` as is."""
+    if label == "reference":
+        return label
+    reading = f"[{selection_score}]" if label == MASS and isinstance(selection_score, str) else ""
+    return f"{label}{reading} n={int(n)} beta={float(beta):g}"
+
+
+def with_arms(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` plus an ``arm`` column (:func:`arm_label`) naming each run's setting."""
+    if runs.empty:
+        return runs.assign(arm=pd.Series(dtype=str))
+    reading = runs["selection_score"] if "selection_score" in runs else pd.Series([None] * len(runs), index=runs.index)
+    arms = [arm_label(lb, n, b, r) for lb, n, b, r in zip(runs["label"], runs["n"], runs["beta"], reading)]
+    return runs.assign(arm=arms)
+
+
+def arm_learning(runs: pd.DataFrame, metrics=("recall@1", "mrr"), *, threshold: float = 3.0) -> pd.DataFrame:
+    """Each arm against the untrained reference (:func:`core.learning_table`, per test prompt, paired): ``method``
+    is the arm; ``learned`` where the gain is at least ``threshold`` standard errors."""
+    armed = with_arms(runs)
+    if armed.empty or "reference" not in set(armed["arm"]):
+        return pd.DataFrame()
+    return learning_table(armed.assign(label=armed["arm"]), list(metrics), threshold=threshold)
+
+
+def learning_summary(learned: pd.DataFrame, metric: str = "mrr") -> pd.DataFrame:
+    """Per arm: on how many datasets it learned (:func:`arm_learning`) and the smallest and largest gain in SE."""
+    part = learned[learned["metric"] == metric] if len(learned) else learned
+    if part.empty:
+        return pd.DataFrame(columns=["arm", "metric", "learned", "datasets", "z_min", "z_max"])
+    out = part.groupby("method", sort=False).agg(learned=("learned", "sum"), datasets=("dataset", "nunique"),
+                                                 z_min=("z_score", "min"), z_max=("z_score", "max"))
+    return out.reset_index().rename(columns={"method": "arm"}).assign(metric=metric)
+
+
+def sdpo_pairs(runs: pd.DataFrame, metrics=("accuracy", "mrr"), *, z: float = 1.96) -> pd.DataFrame:
+    """MASS-DPO minus S-DPO at the same (n, beta), per test prompt on the same prompts and seeds
+    (:func:`core.paired_difference`), for every MASS-DPO arm of ``runs`` (each reading).
+
+    Columns: :func:`core.paired_difference`'s plus ``n``, ``beta``, ``selection_score``."""
+    armed = with_arms(runs)
+    if armed.empty:
+        return pd.DataFrame()
+    mass = armed[armed["label"] == MASS]
+    frames = []
+    for (n, beta, reading), _ in mass.groupby(["n", "beta", "selection_score"], sort=False):
+        a, b = arm_label(MASS, n, beta, reading), arm_label(SDPO, n, beta)
+        pair = paired_difference(armed, a, b, list(metrics), key="arm", z=z)
+        if len(pair):
+            frames.append(pair.assign(n=int(n), beta=float(beta), selection_score=reading))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def ablation_pairs(pairs: pd.DataFrame, *, betas, ns, n: int, beta: float,
+                   selection_score: str = DEFAULT_SELECTION_SCORE) -> pd.DataFrame:
+    """The rows of :func:`sdpo_pairs` that belong to Table 3's two axes (``ablation`` = beta at ``n``, n at
+    ``beta``) under the notebook's reading; the (n, beta) of both axes appears under each."""
+    if pairs.empty:
+        return pairs
+    own = pairs[pairs["selection_score"] == selection_score]
+    b = own[(own["n"] == n) & own["beta"].isin([float(x) for x in betas])].assign(ablation="beta")
+    m = own[np.isclose(own["beta"], beta) & own["n"].isin([int(x) for x in ns])].assign(ablation="n")
+    return pd.concat([b, m], ignore_index=True)
+
+
+def readings_panel(pairs: pd.DataFrame, *, n: int, betas, metric: str = "accuracy", percent: bool = True
+                   ) -> pd.DataFrame:
+    """The readings panel: MASS-DPO minus S-DPO on ``metric`` per (model, dataset, reading, beta) at ``n``, one cell
+    ``"+1.2 [-0.5, +2.9]"`` (points, 95% interval) per beta column."""
+    if pairs.empty:
+        return pd.DataFrame()
+    part = pairs[(pairs["n"] == n) & pairs["beta"].isin([float(x) for x in betas]) & (pairs["metric"] == metric)]
+    scale = 100.0 if percent else 1.0
+    part = part.assign(cell=[f"{scale * d:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]" + ("*" if s else "")
+                             for d, lo, hi, s in zip(part["diff"], part["lo"], part["hi"], part["significant"])],
+                       column=[f"beta={b:g}" for b in part["beta"]])
+    out = part.pivot_table(index=["model", "dataset", "selection_score"], columns="column", values="cell",
+                           aggfunc="first", sort=False)
+    return out.reset_index().rename_axis(columns=None)
+
+
+def pairs_sentence(pairs: pd.DataFrame, metric: str = "accuracy") -> str:
+    """How many MASS-DPO minus S-DPO comparisons on ``metric`` are significantly above, below, or in the noise."""
+    part = pairs[pairs["metric"] == metric] if len(pairs) else pairs
+    if part.empty:
+        return f"No MASS-DPO / S-DPO pairs on {metric}."
+    up = int((part["significant"] & (part["diff"] > 0)).sum())
+    down = int((part["significant"] & (part["diff"] < 0)).sum())
+    return (f"MASS-DPO minus S-DPO at the same (n, beta) on {metric}: significantly above in {up}, below in {down}, "
+            f"inside the noise in {len(part) - up - down} of {len(part)} (dataset, setting) comparisons; differences "
+            f"range from {100 * part['diff'].min():+.1f} to {100 * part['diff'].max():+.1f} points.")
+
+
+# ---------------------------------------------------------------- Table 3 beside the paper
+
+
+def ablation_runs(runs: pd.DataFrame, selection_score: str = DEFAULT_SELECTION_SCORE,
+                  methods=(MASS, SDPO)) -> pd.DataFrame:
+    """The runs of ``methods`` (labels) in ``runs``, MASS-DPO's only under ``selection_score`` (the other readings are
+    the panel's); runs without a ``label`` are MASS-DPO's."""
+    runs = runs if "label" in runs else runs.assign(label=MASS)
+    keep = runs["label"].isin(list(methods))
+    if "selection_score" in runs:
+        keep &= (runs["label"] != MASS) | (runs["selection_score"] == selection_score)
+    return runs[keep]
+
+
 def ablation_table(runs: pd.DataFrame, *, model: str, betas=(0.1, 0.5, 1.0), ns=(1, 3, 5), n: int = 3,
-                   beta: float = 0.1) -> pd.DataFrame:
-    """Table 3: accuracy of MASS-DPO along the beta axis (at ``n``) and the n axis (at ``beta``)."""
+                   beta: float = 0.1, selection_score: str = DEFAULT_SELECTION_SCORE, methods=(MASS,)
+                   ) -> pd.DataFrame:
+    """Table 3: accuracy along the beta axis (at ``n``) and the n axis (at ``beta``), per ``method`` of ``methods``
+    (labels: MASS-DPO under ``selection_score``, S-DPO at the same settings, and ``"reference"``, the untrained
+    policy, as one row with ``ablation = "reference"``). The paper's numbers (MASS-DPO only) sit beside the MASS-DPO
+    rows. Runs without a ``label`` are MASS-DPO's."""
+    runs = ablation_runs(runs, selection_score, methods).drop(columns=["method"], errors="ignore")
+    runs = runs.rename(columns={"label": "method"})
+    trained = runs[runs["method"] != "reference"]
     parts = []
-    b = runs[(runs["n"] == n) & runs["beta"].isin(betas)].assign(ablation="beta", setting=lambda d: d["beta"])
-    m = runs[(runs["beta"] == beta) & runs["n"].isin(ns)].assign(ablation="n", setting=lambda d: d["n"])
+    b = trained[(trained["n"] == n) & trained["beta"].isin(betas)].assign(ablation="beta", setting=lambda d: d["beta"])
+    m = trained[(trained["beta"] == beta) & trained["n"].isin(ns)].assign(ablation="n", setting=lambda d: d["n"])
     for part in (b, m):
         if not part.empty:
             part = part.assign(setting=part["setting"].map(lambda v: f"{float(v):g}"))
-            parts.append(summarize(part, ["model", "ablation", "setting", "dataset"], ["accuracy"]))
+            parts.append(summarize(part, ["model", "method", "ablation", "setting", "dataset"], ["accuracy"]))
+    ref = runs[runs["method"] == "reference"]
+    if not ref.empty:
+        parts.insert(0, summarize(ref.assign(ablation="reference", setting="theta=0"),
+                                  ["model", "method", "ablation", "setting", "dataset"], ["accuracy"]))
     if not parts:
         return pd.DataFrame()
-    return beside_paper(pd.concat(parts, ignore_index=True), "table3", ["ablation", "setting", "dataset", "metric"],
-                        model=model)
+    out = beside_paper(pd.concat(parts, ignore_index=True), "table3", ["ablation", "setting", "dataset", "metric"],
+                       model=model)
+    papers = [c for c in out.columns if c.startswith("paper")] + ["diff"]
+    out.loc[out["method"] != MASS, papers] = math.nan  # the paper's Table 3 is MASS-DPO's
+    return out
+
+
+def axis_sentence(table3: pd.DataFrame, dataset: str, *, model: str | None = None) -> str:
+    """One line per dataset from :func:`ablation_table` (``methods`` with the reference): the reference's accuracy,
+    then each method's accuracy along each axis, MASS-DPO's with the paper's beside it."""
+    part = table3[(table3["dataset"] == dataset) & (table3["metric"] == "accuracy")]
+    if model is not None:
+        part = part[part["model"] == model]
+    if part.empty:
+        return f"{dataset}: no Table 3 rows."
+    bits = []
+    for method, grp in part.groupby("method", sort=False):
+        if method == "reference":
+            bits.append(f"reference {grp['value'].iloc[0]:.1f}")
+            continue
+        for axis, line in grp.groupby("ablation", sort=False):
+            line = line.assign(x=line["setting"].astype(float)).sort_values("x")
+            vals = "/".join(f"{v:.1f}" for v in line["value"])
+            paper = line["paper"].astype(float)
+            ref = f" (paper {'/'.join(f'{p:.1f}' for p in paper)})" if paper.notna().all() else ""
+            bits.append(f"{method} {axis} {'/'.join(line['setting'].astype(str))}: {vals}{ref}")
+    return f"accuracy (%) on {dataset}: " + "; ".join(bits) + "."
 
 
 def best_setting(table3: pd.DataFrame) -> pd.DataFrame:
-    """Per model, ablation and dataset: our best setting and the paper's (from :func:`ablation_table`); several
-    settings within rounding of the best read ``"tie 0.1/0.5"``."""
+    """Per model, method, ablation and dataset: our best setting and the paper's (from :func:`ablation_table`);
+    several settings within rounding of the best read ``"tie 0.1/0.5"``."""
     def best(grp, col):
         vals = grp[col].astype(float)
         if not vals.notna().any():
@@ -45,10 +227,71 @@ def best_setting(table3: pd.DataFrame) -> pd.DataFrame:
         top = grp.loc[np.isclose(vals, vals.max()), "setting"].drop_duplicates()
         return str(top.iloc[0]) if len(top) == 1 else "tie " + "/".join(top.astype(str))
 
+    keys = [k for k in ("model", "method", "ablation", "dataset") if k in table3]
     rows = []
-    for key, grp in table3.groupby(["model", "ablation", "dataset"], sort=False):
-        rows.append(dict(zip(["model", "ablation", "dataset"], key), ours_best=best(grp, "value"),
-                         paper_best=best(grp, "paper")))
+    trained = table3[table3["ablation"] != "reference"] if "ablation" in table3 else table3
+    for key, grp in trained.groupby(keys, sort=False):
+        rows.append(dict(zip(keys, key), ours_best=best(grp, "value"), paper_best=best(grp, "paper")))
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------- design diagnostics (issue 11)
+
+
+def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.1, readings=SELECTION_SCORES,
+                 echo: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Algorithm 1's design on each dataset's training split (the runs' own extraction, :func:`core.load_split`), per
+    model, reading and beta: one :func:`mass_dpo.diagnostics.design_diagnostics` row each, plus ``degenerate``
+    (:func:`mass_dpo.diagnostics.degenerate`: the greedy picks are the top-n by ``G_ii`` in >= 95% of prompts)."""
+    from ..diagnostics import degenerate, design_diagnostics
+    from ..training import resolve_config
+
+    rows = []
+    places = available(list(datasets), setup.data_dir, echo)
+    for model in setup.model_list():
+        for ds in [d for d in datasets if d in places]:
+            spec = {"dataset": ds, "method": "mass_dpo", "seed": 0}
+            cfg = resolve_config(_config(replace(setup, model=model), spec, places[ds]))
+            ex = load_split(cfg, "train")
+            for b in dict.fromkeys(float(x) for x in betas):
+                for reading in readings:
+                    row = design_diagnostics(ex, n, beta=b, gamma=gamma, selection_score=reading, seed=0)
+                    rows.append({"model": model, "dataset": ds, **row, "degenerate": degenerate(row)})
+    return pd.DataFrame(rows)
+
+
+def _span(values, digits: int) -> str:
+    """``"0.66"`` or ``"0.66-0.80"``: the range of ``values`` at ``digits`` decimals."""
+    lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, model: str | None = None) -> str:
+    """One sentence per dataset from :func:`design_table` at ``beta``: whether the design degenerates under each
+    reading, the Gram scale, how much the D-optimal picks overlap the longest negatives, and their lengths."""
+    part = table[(table["dataset"] == dataset) & np.isclose(table["beta"].astype(float), beta)]
+    if model is not None:
+        part = part[part["model"] == model]
+    if part.empty:
+        return f"{dataset}: no design diagnostics at beta = {beta:g}."
+    first = part.iloc[0]
+    shares = ", ".join(f"{100 * r.greedy_is_top_diag:.0f}% ({r.selection_score})" for r in part.itertuples())
+    deg = list(part.loc[part["degenerate"], "selection_score"])
+    verdict = ("the design degenerates to \"top-n by G_ii\" under every reading" if len(deg) == len(part) else
+               "the design does not degenerate under any reading" if not deg else
+               f"the design degenerates under {', '.join(deg)} only")
+    ovr, hard = _span(part["overlap_longest"].astype(float), 2), _span(part["overlap_hardest"].astype(float), 2)
+    ld = _span(part["length_dopt"].astype(float), 1)
+    others = table[(table["dataset"] == dataset) & ~np.isclose(table["beta"].astype(float), beta)]
+    if model is not None:
+        others = others[others["model"] == model]
+    elsewhere = "".join(
+        f" At beta = {b:g}: {_span(100 * g['greedy_is_top_diag'].astype(float), 0)}% of the prompts, degenerate "
+        f"under {int(g['degenerate'].sum())} of {len(g)} readings." for b, g in others.groupby("beta", sort=True))
+    return (f"{dataset} (n = {int(first['n'])}, beta = {beta:g}, gamma = {float(first['gamma']):g}, "
+            f"{int(first['prompts'])} training prompts): the greedy's picks equal the top-n by G_ii in {shares} of "
+            f"the prompts, so {verdict} (median G_ii {part['g_diag_median'].median():.2g}, largest |G_ij| "
+            f"{part['g_offdiag_max'].max():.2g}). The D-optimal picks overlap the {int(first['n'])} longest negatives "
+            f"by {ovr} (the {int(first['n'])} hardest by {hard}) and are {ld} tokens long on average, against "
+            f"{float(first['length_random']):.1f} for "
+            f"random picks and {float(first['length_negatives']):.1f} for all negatives." + elsewhere)
