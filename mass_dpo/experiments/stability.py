@@ -13,6 +13,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
+
 from .core import Setup, _config, available, beside_paper, grid, load_split, run_grid, summarize
 
 
