@@ -85,19 +85,56 @@ def save_csv(df: pd.DataFrame, name: str, out_dir) -> Path:
     return path
 
 
+def figure_fingerprint(fig, data: pd.DataFrame) -> str:
+    """sha256 of what a figure shows: its numbers (``data``), size, and every axes' texts, lines, bars and points.
+    Two figures with the same fingerprint draw the same picture (the rendering itself is deterministic)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(data.to_csv(index=False).encode())
+    h.update(repr((tuple(fig.get_size_inches()), fig.dpi, matplotlib.__version__)).encode())
+    for ax in fig.axes:
+        h.update(repr((ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_xlim(), ax.get_ylim(),
+                       ax.get_xscale(), ax.get_yscale(), [t.get_text() for t in ax.get_xticklabels()],
+                       [t.get_text() for t in ax.get_yticklabels()], len(ax.patches))).encode())
+        for line in ax.get_lines():
+            h.update(repr((line.get_color(), line.get_linestyle(), line.get_marker(), line.get_label())).encode())
+            h.update(np.asarray(line.get_xydata(), dtype=float).tobytes())
+        for patch in ax.patches:
+            h.update(repr((patch.get_facecolor(), patch.get_bbox().bounds)).encode())
+        for coll in ax.collections:
+            h.update(np.asarray(coll.get_offsets(), dtype=float).tobytes())
+            h.update(np.asarray(coll.get_facecolor(), dtype=float).tobytes())
+        legend = ax.get_legend()
+        if legend is not None:
+            h.update(repr([t.get_text() for t in legend.get_texts()]).encode())
+    return h.hexdigest()
+
+
 def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.pdf``, ``.png`` and ``.csv`` (``data``: the plotted numbers) with deterministic bytes.
 
-    Returns ``{"pdf": path, "png": path, "csv": path}``.
+    When the PDF and PNG on disk were drawn from a figure with the same :func:`figure_fingerprint` (kept in
+    ``<name>.fig.sha256``), they are left as they are and nothing is rendered: a warm rerun draws no figure twice
+    (``MASS_DPO_REDRAW=1`` redraws anyway). Returns ``{"pdf": path, "png": path, "csv": path}``.
     """
+    import os
+
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be the pandas DataFrame behind the figure, got {type(data).__name__}")
     out = resolve_out_dir(out_dir)
     paths = {"pdf": out / f"{name}.pdf", "png": out / f"{name}.png", "csv": out / f"{name}.csv"}
-    with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
-        fig.savefig(paths["pdf"], format="pdf", metadata=PDF_METADATA)
-        fig.savefig(paths["png"], format="png", metadata=PNG_METADATA)
+    stamp = out / f"{name}.fig.sha256"
+    key = figure_fingerprint(fig, data)
+    fresh = (stamp.is_file() and stamp.read_text().strip() == key and paths["pdf"].is_file()
+             and paths["png"].is_file() and os.environ.get("MASS_DPO_REDRAW", "") in ("", "0"))
+    if not fresh:
+        with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
+            fig.savefig(paths["pdf"], format="pdf", metadata=PDF_METADATA)
+            fig.savefig(paths["png"], format="png", metadata=PNG_METADATA)
+        stamp.write_text(key + "\n")
     _write_csv(data, paths["csv"])
+    fig._mass_dpo_png = paths["png"]  # show() displays this file instead of rendering again
     return paths
 
 
@@ -245,11 +282,16 @@ def show(fig) -> None:
     """Display ``fig`` once in a notebook as a PNG (whatever the matplotlib backend, ``Agg`` included) and close it."""
     import io
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata=PNG_METADATA)
+    saved = getattr(fig, "_mass_dpo_png", None)
+    if saved is not None and Path(saved).is_file():
+        png = Path(saved).read_bytes()
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata=PNG_METADATA)
+        png = buf.getvalue()
     plt.close(fig)
     try:
         from IPython.display import Image, display
     except ImportError:  # pragma: no cover - plain Python without IPython
         return
-    display(Image(data=buf.getvalue(), format="png"))
+    display(Image(data=png, format="png"))

@@ -25,7 +25,7 @@ COMMON = {
     "smoke": dict(model="tiny", models=None, regime="loglinear", data_dir="samples", seeds=[0], train_limit=16,
                   eval_limit=8, test_limit=8),
     "cpu": dict(model="smollm2", models=None, regime="loglinear", data_dir="samples", seeds=[0, 1, 2],
-                train_limit=200, eval_limit=50, test_limit=100),
+                train_limit=1000, eval_limit=200, test_limit=500),
     "paper": dict(model="llama3", models=["llama3", "qwen3", "smollm3"], regime="full", data_dir=None, seeds=[0],
                   train_limit=20000, eval_limit=200, test_limit=2000),
 }

@@ -108,3 +108,29 @@ def test_show_displays_png(monkeypatch):
     plotting.show(fig)
     assert len(shown) == 1 and shown[0].data[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
+
+
+def test_an_unchanged_figure_is_not_drawn_again(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from mass_dpo import plotting
+
+    def figure(y):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2], y)
+        ax.set_title("t")
+        return fig
+
+    data = pd.DataFrame({"y": [1, 2, 3]})
+    paths = plotting.save_figure(figure([1, 2, 3]), "f", data, tmp_path)
+    first = paths["png"].stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: calls.append(a))
+    plotting.save_figure(figure([1, 2, 3]), "f", data, tmp_path)
+    assert calls == [] and paths["png"].stat().st_mtime_ns == first  # same picture: nothing rendered
+    plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)
+    assert len(calls) == 2  # a changed line redraws the PDF and the PNG
+    monkeypatch.setenv("MASS_DPO_REDRAW", "1")
+    plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)
+    assert len(calls) == 4

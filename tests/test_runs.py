@@ -77,7 +77,7 @@ def fake_module(tmp_path_factory):
 
 
 def small(**kw):
-    base = dict(method="sdpo", regime="loglinear", max_steps=8, per_device_train_batch_size=2,
+    base = dict(method="sdpo", regime="loglinear", fit="adam", max_steps=8, per_device_train_batch_size=2,
                 gradient_accumulation_steps=2, logging_steps=1, eval_steps=2, save_steps=2, learning_rate=0.05,
                 test_limit=20, eval_limit=6, limit=16)
     base.update(kw)
@@ -194,7 +194,7 @@ SCRIPT = textwrap.dedent(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # 16 prompts, 8 per optimizer step in both layouts: one process x batch 4 x accumulation 2,
     # or two processes x batch 2 x accumulation 2.
-    res = train_run(dict(method="sdpo", regime="loglinear", max_steps=6, per_device_train_batch_size=4 // world,
+    res = train_run(dict(method="sdpo", regime="loglinear", fit="adam", max_steps=6, per_device_train_batch_size=4 // world,
                          gradient_accumulation_steps=2, logging_steps=1, eval_steps=3, save_steps=3,
                          learning_rate=0.05, test_limit=20, eval_limit=6, limit=16),
                     root=sys.argv[2], data=fake_pipeline.make_data)

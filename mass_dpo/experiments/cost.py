@@ -1,41 +1,75 @@
-"""Tables 7-8: wall-clock cost and the matched-compute comparison (``notebooks/table7.ipynb``, ``table8``)."""
+"""Tables 7-8: wall-clock cost and the matched-compute comparison (``notebooks/table7.ipynb``, ``table8``).
+
+Under the log-linear regime's exact fit (``fit="exact"``: L-BFGS on the ridge-regularised convex objective) there are
+no epochs: "training" is one fit to a gradient tolerance, and a budget is a number of L-BFGS iterations
+(``fit_max_iter``), each one a full pass over the training prompts. The Trainer's epochs remain for the LM regimes.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Callable
 
 import pandas as pd
-from .core import FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, run_grid, summarize
+from .core import (FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, reference_rows, run_grid,
+                   summarize)
 
 
-# ---------------------------------------------------------------- Tables 7-8
+def exact_fit(setup: Setup) -> bool:
+    """True when ``setup``'s runs train by the exact log-linear fit (the loglinear regime's default ``fit``)."""
+    from ..training import resolve_config
+
+    if setup.regime != "loglinear":
+        return False
+    return resolve_config({"regime": "loglinear", "profile": setup.profile, **setup.options}).fit == "exact"
+
+
+def method_key(method: str, n: int) -> str:
+    """``mass_dpo_5``, ``sdpo_19``: a method at its number of negatives (Table 7's row names)."""
+    return f"{'mass_dpo' if method == 'mass_dpo' else 'sdpo'}_{int(n)}"
+
+
+# ---------------------------------------------------------------- Table 7
+
+
+def cost_specs(datasets, seeds, *, n: int = 5, full: int = FULL_POOL, beta: float = 0.1) -> list[dict]:
+    """Table 7's runs: MASS-DPO-n and S-DPO with the full pool, every dataset and seed."""
+    return grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta) + grid(datasets, ["sdpo"], seeds, n=full, beta=beta)
 
 
 def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seeds=None, beta: float = 0.1,
-              echo: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Table 7: extraction, selection and training-per-epoch seconds for MASS-DPO-n and S-DPO with the full pool.
+              repeats: int = 0, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Table 7: extraction, selection and training seconds for MASS-DPO-n and S-DPO with the full pool.
 
-    Extraction: the seconds the extraction manifests recorded when the splits were first extracted (train, valid
-    and test). Selection: Algorithm 1 over the training prompts, timed now. Training: each run's recorded training
-    seconds over its epochs. One row per (model, dataset, seed, component)."""
+    Extraction: the seconds the extraction manifests recorded when the train, valid and test splits were first
+    extracted. Selection: Algorithm 1 over the training prompts, timed now. Training: under the exact fit, each run's
+    recorded fit seconds (component ``fit_<method>_<n>``, with its L-BFGS ``iterations``); with ``repeats > 0`` the two
+    methods' fits of each (dataset, seed) are also re-run now, alternately, ``repeats`` times each
+    (:func:`mass_dpo.experiments.main_comparison.refit`), and the median kept (``refit_<method>_<n>``): both measured
+    in the same process under the same load. Under the Trainer (LM regimes): seconds per epoch
+    (``train_epoch_<method>_<n>``). One row per (model, dataset, seed, component)."""
     from ..preprocess import select_extracted
     from ..runs import load_run
 
     seeds = list(seeds if seeds is not None else setup.seeds)
-    specs = grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta) + grid(datasets, ["sdpo"], seeds, n=full, beta=beta)
-    runs = run_grid(setup, specs, echo=echo)
+    runs = run_grid(setup, cost_specs(datasets, seeds, n=n, full=full, beta=beta), echo=echo)
     rows = []
     timed: set = set()
     for row in runs.itertuples():
         cfg = load_run(row.run_dir).config
-        per_epoch = float(row.seconds_train) / max(float(cfg.num_train_epochs), 1e-9)
-        if cfg.max_steps and cfg.max_steps > 0:
-            per_epoch = float(row.seconds_train)  # smoke: a fixed number of steps, "per epoch" = the whole run
-        rows.append({"model": row.model, "dataset": row.dataset, "seed": row.seed,
-                     "component": f"train_epoch_{'mass_dpo' if row.method == 'mass_dpo' else 'sdpo'}_{row.n}",
-                     "seconds": per_epoch, "steps": row.steps})
+        exact = cfg.regime == "loglinear" and cfg.fit == "exact"
+        key = method_key(row.method, row.n)
+        base = {"model": row.model, "dataset": row.dataset, "seed": row.seed}
+        if exact:
+            its = int(row.steps or 0)
+            rows.append({**base, "component": f"fit_{key}", "seconds": float(row.seconds_train), "iterations": its,
+                         "seconds_per_iteration": float(row.seconds_train) / max(its, 1)})
+        else:
+            epochs = float(cfg.num_train_epochs) if not (cfg.max_steps and cfg.max_steps > 0) else 1.0
+            rows.append({**base, "component": f"train_epoch_{key}", "seconds": float(row.seconds_train) / epochs,
+                         "iterations": row.steps, "seconds_per_iteration": math.nan})
         if row.method == "mass_dpo" and (row.model, row.dataset) not in timed:
             timed.add((row.model, row.dataset))
             splits = [load_split(cfg, s) for s in ("train", "valid", "test") if s != "valid" or cfg.eval_limit != 0]
@@ -48,52 +82,198 @@ def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seed
             for comp, sec in (("extraction", extraction), ("selection", selection),
                               ("selection_total", extraction + selection)):
                 rows.append({"model": row.model, "dataset": row.dataset, "seed": None, "component": comp,
-                             "seconds": sec, "steps": None, "prompts": prompts if comp != "selection" else len(splits[0])})
+                             "seconds": sec, "prompts": prompts if comp != "selection" else len(splits[0])})
+    if repeats > 0 and exact_fit(setup):
+        rows += refit_timing(runs, repeats=repeats)
     return pd.DataFrame(rows)
 
 
+def refit_timing(runs: pd.DataFrame, *, repeats: int = 3) -> list[dict]:
+    """The fits of ``runs`` (exact log-linear) re-run now, ``repeats`` rounds in which every run of a (model, dataset,
+    seed) is fitted once in turn, so the methods share the machine's load; the median seconds per run
+    (component ``refit_<method>_<n>``). The data come from the cache: only the fit is timed."""
+    from .main_comparison import refit
+
+    rows = []
+    for (model, dataset, seed), grp in runs.groupby(["model", "dataset", "seed"], sort=False):
+        times: dict = {r.run_dir: [] for r in grp.itertuples()}
+        iters: dict = {}
+        for _ in range(int(repeats)):
+            for r in grp.itertuples():
+                fit, seconds, _ = refit(r.run_dir)
+                times[r.run_dir].append(seconds)
+                iters[r.run_dir] = fit.iterations
+        for r in grp.itertuples():
+            med = statistics.median(times[r.run_dir])
+            rows.append({"model": model, "dataset": dataset, "seed": seed, "component": f"refit_{method_key(r.method, r.n)}",
+                         "seconds": med, "iterations": iters[r.run_dir],
+                         "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
+    return rows
+
+
 def wallclock_table(clock: pd.DataFrame, *, n: int = 5, full: int = FULL_POOL) -> pd.DataFrame:
-    """Table 7 beside the paper (minutes on 4x H100, Llama3 MovieLens): our seconds (mean, SE over seeds), the
-    share of the selection in the one-time cost, and the per-epoch ratio S-DPO-full / MASS-DPO-n against 1.85."""
+    """Table 7 beside the paper (minutes on 4x H100, Llama3 MovieLens): per (model, dataset) and component our mean
+    seconds (SE over seeds), iterations and seconds per iteration, then the ratios S-DPO-full / MASS-DPO-n of the fit
+    (or epoch) seconds and of the seconds per iteration, per seed and averaged (``ratio_*`` rows; the paper's per-epoch
+    ratio 612.6 / 331.2 = 1.85 beside them). The paper's minutes are per epoch of GPU training: not comparable with a
+    CPU fit's seconds, only printed for the record."""
     if clock.empty:
         return pd.DataFrame()
     rows = []
     ref = paper_reference("table7").set_index("component")["minutes"]
-    paper_key = {f"train_epoch_mass_dpo_{n}": "train_epoch_mass_dpo_5", f"train_epoch_sdpo_{full}": "train_epoch_sdpo_19"}
+    paper_ratio = ref["train_epoch_sdpo_19"] / ref["train_epoch_mass_dpo_5"]
+    a_key, b_key = method_key("sdpo", full), method_key("mass_dpo", n)
+    paper_key = {b_key: "train_epoch_mass_dpo_5", a_key: "train_epoch_sdpo_19"}
     for (model, dataset), grp in clock.groupby(["model", "dataset"], sort=False):
         for comp, g in grp.groupby("component", sort=False):
             vals = g["seconds"].to_numpy(dtype=float)
             se = float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else math.nan
-            rows.append({"model": model, "dataset": dataset, "component": comp, "seconds": float(vals.mean()),
-                         "se": se, "paper_minutes": ref.get(paper_key.get(comp, comp), math.nan)})
-        per = grp.groupby("component")["seconds"].mean()
-        a, b = per.get(f"train_epoch_sdpo_{full}"), per.get(f"train_epoch_mass_dpo_{n}")
-        if a is not None and b is not None and b > 0:
-            rows.append({"model": model, "dataset": dataset, "component": f"ratio_sdpo_{full}_over_mass_dpo_{n}",
-                         "seconds": a / b, "se": math.nan,
-                         "paper_minutes": ref["train_epoch_sdpo_19"] / ref["train_epoch_mass_dpo_5"]})
-    out = pd.DataFrame(rows)
+            its = g["iterations"].astype(float).mean() if "iterations" in g else math.nan
+            per = g["seconds_per_iteration"].astype(float).mean() if "seconds_per_iteration" in g else math.nan
+            method = comp.split("_", 1)[1] if comp.startswith(("fit_", "refit_")) else comp.replace("train_epoch_", "")
+            rows.append({"model": model, "dataset": dataset, "component": comp, "seconds": float(vals.mean()), "se": se,
+                         "iterations": its, "seconds_per_iteration": per,
+                         "paper_minutes": ref.get(paper_key.get(method, comp), math.nan)})
+        for kind in ("fit", "refit", "train_epoch"):
+            ga, gb = grp[grp["component"] == f"{kind}_{a_key}"], grp[grp["component"] == f"{kind}_{b_key}"]
+            if ga.empty or gb.empty:
+                continue
+            pair = ga.merge(gb, on="seed", suffixes=("_a", "_b"))
+            for what, col in (("", "seconds"), ("_per_iteration", "seconds_per_iteration")):
+                if f"{col}_a" not in pair or pair[f"{col}_a"].isna().all():
+                    continue
+                ratio = (pair[f"{col}_a"].astype(float) / pair[f"{col}_b"].astype(float)).to_numpy()
+                se = float(ratio.std(ddof=1) / math.sqrt(len(ratio))) if len(ratio) > 1 else math.nan
+                rows.append({"model": model, "dataset": dataset, "component": f"ratio_{kind}{what}_{a_key}_over_{b_key}",
+                             "seconds": float(ratio.mean()), "se": se, "iterations": math.nan,
+                             "seconds_per_iteration": math.nan, "paper_minutes": paper_ratio})
+    return pd.DataFrame(rows)
+
+
+def wallclock_sentences(table: pd.DataFrame, *, n: int = 5, full: int = FULL_POOL) -> list[str]:
+    """What Table 7 says, one sentence per dataset, from :func:`wallclock_table`."""
+    out = []
+    a_key, b_key = method_key("sdpo", full), method_key("mass_dpo", n)
+    for (model, dataset), grp in table.groupby(["model", "dataset"], sort=False):
+        get = grp.set_index("component")
+        parts = []
+        if {"extraction", "selection"} <= set(get.index):
+            ext, sel = float(get.loc["extraction", "seconds"]), float(get.loc["selection", "seconds"])
+            parts.append(f"extraction {ext:.1f} s and Algorithm 1 {sel:.3f} s (selection is "
+                         f"{100 * sel / (ext + sel):.2f}% of the one-time cost; paper 3.5 of 45.5 min)")
+        for kind, what in (("fit", "recorded fit"), ("refit", "fit re-timed now"), ("train_epoch", "epoch")):
+            fa, fb = f"{kind}_{a_key}", f"{kind}_{b_key}"
+            if fa in get.index and fb in get.index:
+                r = get.loc[f"ratio_{kind}_{a_key}_over_{b_key}", "seconds"]
+                its = ""
+                if kind != "train_epoch":
+                    its = (f" after {get.loc[fa, 'iterations']:.0f} and {get.loc[fb, 'iterations']:.0f} L-BFGS "
+                           f"iterations")
+                    rp = f"ratio_{kind}_per_iteration_{a_key}_over_{b_key}"
+                    per = f", per iteration {get.loc[rp, 'seconds']:.2f}" if rp in get.index else ""
+                else:
+                    per = ""
+                paper = get.loc[f"ratio_{kind}_{a_key}_over_{b_key}", "paper_minutes"]
+                parts.append(f"{what}: S-DPO-{full} {get.loc[fa, 'seconds']:.2f} s, MASS-DPO-{n} "
+                             f"{get.loc[fb, 'seconds']:.2f} s{its}, ratio {r:.2f}{per} (the paper's per-epoch GPU "
+                             f"ratio {paper:.2f} is not comparable)")
+        out.append(f"{dataset} ({model}): " + "; ".join(parts) + ".")
     return out
+
+
+# ---------------------------------------------------------------- Table 8
 
 
 TABLE8_METRICS = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr", "margin")
 
 
-def matched_specs(datasets, seeds, *, n: int = 5, full: int = FULL_POOL, epochs=(2, 1), beta: float = 0.1
-                  ) -> list[dict]:
-    """Table 8's runs: MASS-DPO-n for ``epochs[0]`` epochs and S-DPO with the full pool for ``epochs[1]``."""
-    return (grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta, num_train_epochs=float(epochs[0]))
-            + grid(datasets, ["sdpo"], seeds, n=full, beta=beta, num_train_epochs=float(epochs[1])))
+def matched_plan(datasets, seeds, *, n: int = 5, full: int = FULL_POOL, epochs=(2, 1), beta: float = 0.1,
+                 exact: bool = False, iterations_per_epoch: int = 5) -> dict[str, list[dict]]:
+    """Table 8's runs by setting: ``{setting: specs}``.
+
+    Trainer (``exact=False``): MASS-DPO-n for ``epochs[0]`` epochs and S-DPO with the full pool for ``epochs[1]``
+    (the paper's; setting ``"epochs 2/1"``). Exact fit (no epochs): (1) both fitted to convergence (setting
+    ``"converged"``), and (2) an iteration budget in the paper's 2 : 1 proportion: one L-BFGS iteration reads every
+    training prompt once (plus its line search), the closest thing to an epoch, and each paper epoch stands for
+    ``iterations_per_epoch`` iterations (``fit_max_iter = epochs[i] * iterations_per_epoch``; setting
+    ``"iterations 10/5"`` at the default)."""
+    if not exact:
+        return {f"epochs {epochs[0]:g}/{epochs[1]:g}":
+                grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta, num_train_epochs=float(epochs[0]))
+                + grid(datasets, ["sdpo"], seeds, n=full, beta=beta, num_train_epochs=float(epochs[1]))}
+    budget = [int(round(e * iterations_per_epoch)) for e in epochs]
+    return {"converged": cost_specs(datasets, seeds, n=n, full=full, beta=beta),
+            f"iterations {budget[0]}/{budget[1]}":
+                grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta, fit_max_iter=budget[0])
+                + grid(datasets, ["sdpo"], seeds, n=full, beta=beta, fit_max_iter=budget[1])}
+
+
+def matched_specs(datasets, seeds, *, n: int = 5, full: int = FULL_POOL, epochs=(2, 1), beta: float = 0.1,
+                  exact: bool = False, iterations_per_epoch: int = 5) -> list[dict]:
+    """Every run of :func:`matched_plan`, settings concatenated (the specs :func:`run_grid` takes)."""
+    plan = matched_plan(datasets, seeds, n=n, full=full, epochs=epochs, beta=beta, exact=exact,
+                        iterations_per_epoch=iterations_per_epoch)
+    return [spec for specs in plan.values() for spec in specs]
+
+
+def matched_runs(setup: Setup, datasets, seeds, *, n: int = 5, full: int = FULL_POOL, epochs=(2, 1),
+                 beta: float = 0.1, iterations_per_epoch: int = 5, echo: Callable[[str], None] | None = print
+                 ) -> pd.DataFrame:
+    """Every run of Table 8 (:func:`matched_plan`, exact or not as ``setup`` trains) with its ``setting`` column,
+    ``budget`` (the iteration budget, NaN when none) and ``hit_budget`` (the fit stopped at the budget, not at the
+    gradient tolerance), and the untrained ``reference`` rows repeated under each setting so that paired
+    differences group by it."""
+    plan = matched_plan(datasets, seeds, n=n, full=full, epochs=epochs, beta=beta, exact=exact_fit(setup),
+                        iterations_per_epoch=iterations_per_epoch)
+    frames = [run_grid(setup, specs, echo=echo).assign(setting=tag) for tag, specs in plan.items()]
+    ref = reference_rows(setup, datasets, echo=echo)
+    frames += [ref.assign(setting=tag) for tag in plan] if len(ref) else []
+    runs = pd.concat(frames, ignore_index=True)
+    budget = runs["spec_fit_max_iter"] if "spec_fit_max_iter" in runs else pd.Series(float("nan"), index=runs.index)
+    runs["budget"] = budget.astype(float)
+    runs["hit_budget"] = runs["steps"].astype(float) >= runs["budget"]  # stopped by the budget, not the tolerance
+    return runs
 
 
 def matched_table(runs: pd.DataFrame, *, model: str) -> pd.DataFrame:
-    """Table 8 beside the paper (fractions, MovieLens + Llama3): every metric and the training seconds."""
+    """Table 8 beside the paper (fractions; the paper's are MovieLens + Llama3): per setting, the reference,
+    MASS-DPO-n and S-DPO-all with every metric, the training seconds and the L-BFGS iterations (or steps)."""
     if runs.empty:
         return pd.DataFrame()
-    runs = runs.assign(runtime_s=runs["seconds_train"].astype(float))
-    summary = summarize(runs, ["model", "method", "n", "epochs", "dataset"], [*TABLE8_METRICS, "runtime_s"],
-                        percent=())
-    summary["method"] = summary["method"].map({"mass_dpo": "MASS-DPO", "sdpo": "S-DPO-all"})
+    runs = runs.assign(runtime_s=runs["seconds_train"].astype(float), iterations=runs["steps"].astype(float))
+    by = ["model", *(["setting"] if "setting" in runs else []), "label", "dataset"]
+    summary = summarize(runs, by, [*TABLE8_METRICS, "runtime_s", "iterations"], percent=())
+    summary = summary.rename(columns={"label": "method"})
     return beside_paper(summary, "table8", ["method", "dataset", "metric"], model=model)
 
 
+def matched_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, *, metric: str = "mrr",
+                      runs: pd.DataFrame | None = None) -> list[str]:
+    """What Table 8 says, from :func:`matched_table`'s summary and the paired differences MASS-DPO minus S-DPO-all
+    (:func:`mass_dpo.experiments.core.paired_difference` grouped by setting): per (setting, dataset) the metric of
+    the reference and both methods, their iterations and seconds, whether an iteration budget stopped the fits
+    (``runs`` from :func:`matched_runs`), then the paired difference with its interval."""
+    from .core import paired_sentence
+
+    out = []
+    part = summary[summary["metric"].isin([metric, "iterations", "runtime_s"])]
+    for (setting, dataset), grp in part.groupby(["setting", "dataset"], sort=False):
+        cells = []
+        for method, g in grp.groupby("method", sort=False):
+            v = g.set_index("metric")["value"]
+            extra = "" if method == "reference" else (f" ({v.get('iterations', math.nan):.0f} iterations, "
+                                                      f"{v.get('runtime_s', math.nan):.2f} s)")
+            cells.append(f"{method} {v.get(metric, math.nan):.3f}{extra}")
+        line = f"{setting}, {dataset}, {metric}: " + ", ".join(cells)
+        if runs is not None and "hit_budget" in runs:
+            mine = runs[(runs["setting"] == setting) & (runs["dataset"] == dataset) & runs["budget"].notna()]
+            if len(mine):
+                bound = int(mine["hit_budget"].sum())
+                line += (f" [the iteration budget stopped {bound} of {len(mine)} fits; the others converged first]"
+                         if bound < len(mine) else " [every fit was stopped by its iteration budget]")
+        hit = pairs[(pairs["setting"] == setting) & (pairs["dataset"] == dataset) & (pairs["metric"] == metric)] \
+            if len(pairs) else pairs
+        if len(hit):
+            line += ". " + paired_sentence(hit.iloc[0])
+        out.append(line)
+    return out
