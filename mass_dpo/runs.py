@@ -240,6 +240,13 @@ _BUNDLES: dict = {}
 _EXTRACTED: dict = {}
 
 
+def _console() -> bool:
+    """True when stderr is a terminal (``mass-dpo train`` by hand), False in a notebook kernel or a log file."""
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def _model(name, lm: bool):
     """The model bundle: loaded afresh for the LM regimes (training changes it), shared in-process otherwise."""
     from .models import load_model
@@ -279,7 +286,9 @@ def prepare_data(config: TrainConfig) -> RunData:
         records[split] = load_benchmark(
             config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
         )
-        extracted[split] = extract(records[split], bundle, dataset_key=key, pooling=config.pooling)
+        # a progress bar on a console only: an executed notebook keeps one line per run (experiments.run_grid)
+        extracted[split] = extract(records[split], bundle, dataset_key=key, pooling=config.pooling,
+                                   progress=_console())
         if not lm:
             _EXTRACTED[memo] = (records[split], extracted[split])
         logger.info("%s: %d prompts extracted in %.1f s", split, len(extracted[split]), time.time() - t0)

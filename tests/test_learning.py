@@ -101,3 +101,17 @@ def test_tuning_picks_the_best_validation_value_ties_to_the_first(monkeypatch):
 def test_the_tuning_rule_is_written_in_params():
     rule = E.tuning_rule()
     assert rule["metric"] and E.tuning_grid("loglinear")
+
+
+def test_a_preference_file_runs_as_a_dataset_of_the_notebooks(tmp_path, monkeypatch):
+    """A user's TRL-style file given in a notebook's `datasets`: carved splits, a reference row, a run."""
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    data = "notebooks/data/quickstart_preferences.jsonl"
+    setup = E.Setup(model="tiny", regime="loglinear", profile="smoke", data_dir="samples", seeds=[0],
+                    root=str(tmp_path / "runs"), tune=False)
+    runs = E.run_grid(setup, E.grid([data], ["sdpo"], [0], n=2), echo=None)
+    ref = E.reference_rows(setup, [data], echo=None)
+    assert len(runs) == 1 and len(ref) == 1
+    assert runs.iloc[0]["test_prompts"] == ref.iloc[0]["test_prompts"] > 0
+    missing = E.available(["no/such/file.jsonl"], "samples", echo=None)
+    assert missing == {}

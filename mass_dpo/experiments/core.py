@@ -106,7 +106,11 @@ def dataset_location(name: str, data_dir: str | None, splits: Iterable[str] = ("
 
     ``data_dir="samples"`` falls back to ``$MASS_DPO_DATA`` for a dataset with no shipped sample (MovieLens)."""
     from ..data.benchmarks import locate
+    from ..data.preferences import is_preference_file, resolve_path
 
+    if is_preference_file(name):  # a user's own preference file given as a dataset (held-out splits carved)
+        path = resolve_path(name)
+        return (data_dir, "") if path.is_file() else (None, f"{name}: no such preference file ({path})")
     tried = [data_dir]
     if data_dir == "samples" and os.environ.get("MASS_DPO_DATA"):
         tried.append(os.environ["MASS_DPO_DATA"])

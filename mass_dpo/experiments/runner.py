@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ablations import ablation_specs
-from .core import Setup, grid, run_grid
+from ..extraction import SELECTION_SCORES
+from .ablations import table3_specs
+from .core import FULL_POOL, Setup, grid, run_grid
 from .cost import matched_specs
 
 
@@ -32,10 +33,14 @@ def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
     ds, seeds = p["datasets"], p["seeds"]
     if name == "training_dynamics":
         return grid(ds, ["sdpo", "mass_dpo"], seeds, n=p["n"], beta=p["beta"])
-    if name in ("table1", "table2", "table5", "table6"):
+    if name == "table1":  # the five methods and S-DPO with every negative of the pool
+        return (grid(ds, p["methods"], seeds, n=p["n"], beta=p["beta"])
+                + grid(ds, ["sdpo"], seeds, n=FULL_POOL, beta=p["beta"]))
+    if name in ("table2", "table5", "table6"):
         return grid(ds, p["methods"], seeds, n=p["n"], beta=p["beta"])
     if name == "table3":
-        return ablation_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"])
+        return table3_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"],
+                            readings=p.get("readings") or SELECTION_SCORES)
     if name == "table4":
         return grid(ds, ["mass_dpo"], seeds, n=list(p["ns"]), beta=p["beta"])
     if name == "table7":
