@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from .core import method_label
 
 
 # ---------------------------------------------------------------- the quickstart
@@ -67,37 +66,3 @@ def pool_projection(ex, prompt: int) -> pd.DataFrame:
     explained = float((s[:2] ** 2).sum() / (s**2).sum()) if float((s**2).sum()) > 0 else math.nan
     return pd.DataFrame({"candidate": idx.tolist(), "pc1": coords[:, 0].tolist(), "pc2": coords[:, 1].tolist(),
                          "explained": explained})
-
-
-def quickstart_train(ex, *, methods=("mass_dpo", "sdpo"), n: int = 3, test_fraction: float = 0.25,
-                     steps: int = 30, seed: int = 0, root=None, model: str = "smollm2") -> pd.DataFrame:
-    """Train each method for ``steps`` steps in the loglinear regime on the first prompts of ``ex`` and evaluate on
-    the last ``test_fraction``; one row per method with the test metrics (accuracy, recall@1, mrr, margin...)."""
-    from ..runs import RunData, train_run
-    from ..training import PreferenceDataset, build_policy, resolve_config, select_training_negatives
-    from ..preprocess import _slice
-
-    P = len(ex)
-    cut = max(1, min(P - 1, int(round(P * (1 - test_fraction)))))
-    train_ex, test_ex = _slice(ex, 0, cut), _slice(ex, cut, P)
-    rows = []
-    for method in methods:
-        cfg = resolve_config(dataset="quickstart", model=model, method=method, n=n, seed=seed, regime="loglinear",
-                             max_steps=steps, eval_limit=0, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=1, logging_steps=5, eval_steps=5, save_steps=steps,
-                             data_dir=f"quickstart-{ex.meta.get('key', 'data')}")  # the hash follows the data
-
-        def data(c, method=method):
-            neg = select_training_negatives(train_ex, method, n, beta=c.beta, gamma=c.gamma, seed=c.seed,
-                                            selection_score=c.selection_score)
-            train = PreferenceDataset.from_selection(train_ex, neg)
-            return RunData(build_policy(c, dim=int(ex.features.shape[-1])), train, None, test_ex)
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = train_run(cfg, root=root, data=data)
-        rows.append({"method": method_label(method), "n": cfg.n, "steps": steps, "train_prompts": cut,
-                     "test_prompts": P - cut,
-                     **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and k != "prompts"}})
-    return pd.DataFrame(rows)
-
-
