@@ -150,18 +150,6 @@ def test_stability_table_compares_final_checkpoint_with_the_paper():
     assert t[t["checkpoint"] == "mid"]["paper"].isna().all()
 
 
-def test_wallclock_table_ratio():
-    clock = pd.DataFrame([
-        {"model": "m", "dataset": "d", "seed": 0, "component": "train_epoch_mass_dpo_5", "seconds": 2.0},
-        {"model": "m", "dataset": "d", "seed": 0, "component": "train_epoch_sdpo_19", "seconds": 3.0},
-        {"model": "m", "dataset": "d", "seed": None, "component": "extraction", "seconds": 10.0},
-    ])
-    t = E.wallclock_table(clock).set_index("component")
-    assert t.loc["ratio_sdpo_19_over_mass_dpo_5", "seconds"] == pytest.approx(1.5)
-    assert t.loc["ratio_sdpo_19_over_mass_dpo_5", "paper_minutes"] == pytest.approx(612.6 / 331.2)
-    assert t.loc["extraction", "paper_minutes"] == 42.0
-
-
 def test_grid_crosses_every_axis():
     g = E.grid(["a", "b"], ["sdpo", "mass_dpo"], [0, 1], n=[1, 3], beta=0.1)
     assert len(g) == 16 and all(s["beta"] == 0.1 for s in g)
@@ -226,9 +214,10 @@ def test_every_paper_notebook_runs_in_the_reproduce_order():
 def test_notebook_specs_match_the_notebook_parameters():
     p = E.notebook_parameters("table1", "smoke")
     assert p["model"] == "tiny" and p["datasets"] == ["qasc", "lastfm", "movielens"]
-    assert len(E.notebook_specs("table1", p)) == 5 * 3
+    assert len(E.notebook_specs("table1", p)) == 6 * 3  # five methods and S-DPO-all
     p3 = E.notebook_parameters("table3", "cpu")
-    assert len(E.notebook_specs("table3", p3)) == 5 * len(p3["datasets"]) * len(p3["seeds"])
+    # MASS-DPO at 5 (n, beta) settings, S-DPO at the same, and the readings panel's 6 other (reading, beta) runs
+    assert len(E.notebook_specs("table3", p3)) == 16 * len(p3["datasets"]) * len(p3["seeds"])
     p8 = E.notebook_parameters("table8", "cpu")
     epochs = {(s["method"], s["num_train_epochs"]) for s in E.notebook_specs("table8", p8)}
     assert epochs == {("mass_dpo", 2.0), ("sdpo", 1.0)}
@@ -271,3 +260,74 @@ def test_best_setting_reports_ties():
                       "value": [20.0, 20.0, 10.0], "paper": [3.0, 2.0, 1.0]})
     best = E.best_setting(t).iloc[0]
     assert best["ours_best"] == "tie 0.1/0.5" and best["paper_best"] == "0.1"
+
+
+# ---------------------------------------------------------------- Figures 2-3: own and common negatives
+
+
+def test_pool_curve_point_on_a_hand_built_pool():
+    # prompt 0: phi . theta = [2, 1, 0], target 0; prompt 1: [1, 3, (padding)], target 0; beta 0.5
+    feats = torch.tensor([[[2.0, 5.0], [1.0, 5.0], [0.0, 5.0]], [[1.0, 0.0], [3.0, 0.0], [9.0, 0.0]]])  # [2, 3, 2]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    target = torch.tensor([0, 0])
+    p = E.pool_curve_point(torch.tensor([1.0, 0.0]), feats, mask, target, beta=0.5)
+    # rewards [1, .5, 0] and [.5, 1.5]: margins 1 - .25 = .75 and .5 - 1.5 = -1; ranks 1 and 2
+    assert p["margin"] == pytest.approx((0.75 - 1.0) / 2)
+    assert p["accuracy"] == pytest.approx(0.5) and p["mrr"] == pytest.approx(0.75)
+    assert p["chosen_rewards"] == pytest.approx(0.75)
+    zero = E.pool_curve_point(torch.zeros(2), feats, mask, target, beta=0.5)
+    # theta = 0 (the reference): every reward ties, the chosen one is first with chance 1 / pool size
+    assert zero["accuracy"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert zero["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3) / 3 + (1 + 1 / 2) / 2) / 2)
+    assert zero["margin"] == 0 and zero["chosen_rewards"] == 0
+
+
+def test_hold_last_and_final_gap_by_kind_of_negatives():
+    rows = []
+    for label, last in (("MASS-DPO", 3), ("S-DPO", 1)):
+        for neg, value in (("own", 1.0), ("common", 0.5)):
+            for step in range(last + 1):
+                rows.append({"dataset": "d", "label": label, "seed": 0, "negatives": neg, "metric": "accuracy",
+                             "step": step, "value": value * step / last if label == "MASS-DPO" else 0.2 * step})
+    df = pd.DataFrame(rows)
+    held = E.hold_last(df)
+    sdpo = held[(held["label"] == "S-DPO") & (held["negatives"] == "own")].sort_values("step")
+    assert list(sdpo["step"]) == [0, 1, 2, 3] and list(sdpo["value"]) == pytest.approx([0, 0.2, 0.2, 0.2])
+    gap = E.final_gap(df).set_index("negatives")
+    assert gap.loc["own", "diff"] == pytest.approx(1.0 - 0.2) and gap.loc["common", "diff"] == pytest.approx(0.5 - 0.2)
+    summary = E.curve_summary(df)
+    assert set(summary["negatives"]) == {"own", "common"} and summary["step"].max() == 3
+
+
+@pytest.mark.slow
+def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    # a weak ridge: theta moves far enough that the run's float32 test scores (log ref + phi . theta, then minus
+    # log ref) rank like the exact ones
+    setup = E.Setup(model="tiny", profile="smoke", seeds=[0], train_limit=12, eval_limit=6, test_limit=6,
+                    root=str(tmp_path / "runs"), options={"ridge": 1e-4}, tune=False)
+    runs = pd.concat([E.reference_rows(setup, ["qasc"], echo=None),
+                      E.run_grid(setup, E.grid(["qasc"], ["sdpo", "mass_dpo"], [0], n=3), echo=None)],
+                     ignore_index=True)
+    assert E.curve_axis(runs[runs["label"] != "reference"]) == "L-BFGS iteration"
+    own = E.curves(runs)
+    common = E.common_curves(runs, split="test")  # scored on the test pools: its last iterate is the run's test
+    ref = runs[runs["label"] == "reference"].iloc[0]
+    for _, row in runs[runs["label"] != "reference"].iterrows():
+        mine = common[common["label"] == row["label"]].pivot_table(index="step", columns="metric", values="value")
+        assert list(mine.index) == sorted(own[own["label"] == row["label"]]["step"].unique())  # the same iterates
+        assert mine.index[-1] == row["steps"]
+        assert mine.iloc[0]["accuracy"] == pytest.approx(ref["recall@1"])  # iteration 0 = the reference
+        assert mine.iloc[0]["mrr"] == pytest.approx(ref["mrr"])
+        assert mine.iloc[-1]["accuracy"] == pytest.approx(row["recall@1"], abs=1e-6)
+        assert mine.iloc[-1]["mrr"] == pytest.approx(row["mrr"], abs=1e-6)
+    assert set(common["negatives"]) == {"common"} and set(own["negatives"]) == {"own"}
+    # a run whose saved theta the refit does not reach is refused, not silently replaced
+    from pathlib import Path
+
+    run = Path(runs[runs["label"] == "S-DPO"].iloc[0]["run_dir"])
+    snap = torch.load(run / "snapshots" / "final.pt")
+    torch.save({**snap, "theta": snap["theta"] + 1.0}, run / "snapshots" / "final.pt")
+    with pytest.raises(RuntimeError, match="retrain"):
+        E.refit(run)
+

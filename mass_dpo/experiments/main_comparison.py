@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+
 from .core import DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
 
 
@@ -29,39 +33,159 @@ def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average
 
 # ---------------------------------------------------------------- Figures 2-3
 
+#: The quantities of Figures 2-3 (margin, reward accuracy, chosen reward) and, on the common negatives, the MRR.
+CURVE_METRICS = ("margin", "accuracy", "chosen_rewards")
+
+
+def curve_axis(runs: pd.DataFrame) -> str:
+    """The x axis of the runs' curves: ``"L-BFGS iteration"`` for the exact log-linear fit (no epochs, no learning
+    rate: one iterate per full-batch L-BFGS step, 0 = theta 0 = the reference), ``"optimiser step"`` for the Trainer's
+    Adam path (LM regimes, ``fit="adam"``)."""
+    from ..runs import load_run
+
+    fits = {load_run(r).config.fit if load_run(r).config.regime == "loglinear" else "adam" for r in runs["run_dir"]}
+    if fits == {"exact"}:
+        return "L-BFGS iteration"
+    return "optimiser step" if "exact" not in fits else "L-BFGS iteration / optimiser step"
+
 
 def curves(runs: pd.DataFrame, *, split: str = "eval") -> pd.DataFrame:
     """The online-eval logs of ``runs`` stacked: one row per (run, step), long in ``metric`` (margin, accuracy,
-    chosen_rewards), with ``dataset, method, label, seed, step``."""
+    chosen_rewards), with ``dataset, method, label, seed, step`` and ``negatives = "own"``: each run is scored on its
+    *own* fixed negatives (D-optimal for MASS-DPO, random for S-DPO), as a DPO trainer's online evaluation is. Under
+    the exact fit ``step`` is the L-BFGS iteration (0 = theta 0). The ``reference`` rows of ``runs`` are skipped."""
     from ..runs import load_run
 
     frames = []
     for row in runs.itertuples():
+        if row.label == "reference":
+            continue
         log = load_run(row.run_dir).log()
         log = log[log["split"] == split]
-        for metric in ("margin", "accuracy", "chosen_rewards"):
+        for metric in CURVE_METRICS:
             frames.append(pd.DataFrame({"dataset": row.dataset, "method": row.method, "label": row.label,
-                                        "seed": row.seed, "step": log["step"].to_numpy(), "metric": metric,
-                                        "value": log[metric].to_numpy(dtype=float)}))
+                                        "seed": row.seed, "negatives": "own", "step": log["step"].to_numpy(),
+                                        "metric": metric, "value": log[metric].to_numpy(dtype=float)}))
     if not frames:
-        return pd.DataFrame(columns=["dataset", "method", "label", "seed", "step", "metric", "value"])
+        return pd.DataFrame(columns=["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
 
 
-def curve_summary(curves_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval over seeds of each (dataset, method, metric, step)."""
+def pool_curve_point(theta: torch.Tensor, features: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+                     beta: float) -> dict[str, float]:
+    """Figures 2-3's quantities for one theta on *whole pools* (every candidate, the same for every method).
+
+    The log-linear implicit reward is ``r_c = beta * phi_c . theta`` (log pi - log pi_ref). ``margin``: the chosen
+    reward minus the mean reward of the pool's negatives; ``accuracy``: the chosen response ranked first over the
+    pool (Recall@1, ties at random in expectation, so theta = 0 sits at 1 / pool size); ``mrr``; ``chosen_rewards``.
+
+    Args:
+        theta: ``[d]``. features: ``[P, C, d]``; mask: ``[P, C]`` bool (real candidates); target: ``[P]``.
+    """
+    from ..metrics import per_prompt_ranking
+
+    reward = beta * (features.double() @ theta.double())  # [P, C]
+    chosen = reward.gather(1, target[:, None]).squeeze(1)  # [P]
+    neg = mask.clone()
+    neg[torch.arange(len(target)), target] = False
+    reward_masked = torch.where(mask, reward, torch.full_like(reward, float("-inf")))
+    ranks = per_prompt_ranking(reward_masked, target, ks=(1,), mask=mask)
+    return {"margin": float((chosen - (reward * neg).sum(-1) / neg.sum(-1).clamp_min(1)).mean()),
+            "accuracy": float(ranks["recall@1"].mean()), "mrr": float(ranks["mrr"].mean()),
+            "chosen_rewards": float(chosen.mean())}
+
+
+def refit(run_dir, *, callback=None):
+    """Fit a finished exact log-linear run again, from its saved config and the same (cached) data: the objective is
+    strictly convex and L-BFGS deterministic, so the iterates retrace the run's path. ``callback(iteration, theta)``
+    sees every iterate (0 = theta 0). Returns ``(fit, seconds, run_data)``; the fit's final theta is checked against
+    the run's saved one (a clear error where they differ: the data or code changed since the run was trained)."""
+    import time
+
+    from ..loglinear import fit_loglinear
+    from ..runs import _records_tensors, load_run, prepare_data
+
+    result = load_run(run_dir)
+    cfg = result.config
+    if cfg.regime != "loglinear" or cfg.fit != "exact":
+        raise ValueError(f"{run_dir}: refit needs an exact log-linear run (regime loglinear, fit exact); got regime "
+                         f"{cfg.regime}, fit {cfg.fit}")
+    data = prepare_data(cfg)
+    X, M = _records_tensors(data.train)  # [P, 1+n, d], [P, 1+n]
+    t0 = time.perf_counter()
+    fit = fit_loglinear(X, M, method=cfg.method, beta=cfg.beta, ridge=cfg.ridge, tol=cfg.fit_tol,
+                        max_iter=cfg.fit_max_iter, callback=callback)
+    seconds = time.perf_counter() - t0
+    saved = torch.load(Path(run_dir) / "snapshots" / "final.pt")["theta"].double()
+    gap = float((fit.theta.double() - saved).norm() / saved.norm().clamp_min(1e-12))
+    if gap > 1e-3:
+        raise RuntimeError(f"{run_dir}: the refit ends {gap:.2g} (relative) away from the run's saved theta; the data "
+                           "or the code changed since the run: retrain it (train_run(..., force=True))")
+    return fit, seconds, data
+
+
+def common_curves(runs: pd.DataFrame, *, split: str = "valid") -> pd.DataFrame:
+    """The fair version of Figures 2-3: every L-BFGS iterate of every exact log-linear run (:func:`refit`) scored on
+    the whole pools of the ``split`` prompts (the online-eval prompts by default): the same candidates for every
+    method, so no run is scored on negatives it chose. Rows like :func:`curves` with ``negatives = "common"`` and the
+    extra metric ``mrr`` (:func:`pool_curve_point`). The ``reference`` rows of ``runs`` are skipped (iteration 0 is
+    the reference)."""
+    from ..runs import load_run
+    from .core import load_split
+
+    frames = []
+    for row in runs.itertuples():
+        if row.label == "reference":
+            continue
+        cfg = load_run(row.run_dir).config
+        pools = load_split(cfg, split)
+        points = []
+
+        def score(it, theta, pools=pools, beta=cfg.beta):
+            points.append({"step": it, **pool_curve_point(theta, pools.features, pools.mask, pools.target, beta)})
+
+        refit(row.run_dir, callback=score)
+        long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
+        frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
+                                  negatives="common"))
+    cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def hold_last(curves_df: pd.DataFrame) -> pd.DataFrame:
+    """Each run's curve extended to the last step of its dataset by holding its final value (a fit that converged
+    earlier stays where it stopped), so that means over seeds and methods cover the same steps."""
+    keys = [k for k in ("dataset", "label", "seed", "negatives", "metric") if k in curves_df]
+    if curves_df.empty:
+        return curves_df
+    last = curves_df.groupby("dataset")["step"].max()
+    frames = []
+    for key, grp in curves_df.groupby(keys, sort=False):
+        grp = grp.sort_values("step")
+        steps = np.arange(int(grp["step"].min()), int(last[grp["dataset"].iloc[0]]) + 1)
+        full = grp.set_index("step").reindex(steps).ffill().reset_index().rename(columns={"index": "step"})
+        frames.append(full)
+    return pd.concat(frames, ignore_index=True)
+
+
+def curve_summary(curves_df: pd.DataFrame, *, hold: bool = True) -> pd.DataFrame:
+    """Mean and 95% t-interval over seeds of each (dataset, negatives, method, metric, step); ``hold``: each run's
+    final value held to the dataset's last step first (:func:`hold_last`)."""
     from ..plotting import mean_ci
 
-    return mean_ci(curves_df, ["dataset", "label", "metric", "step"], "value")
+    data = hold_last(curves_df) if hold else curves_df
+    by = ["dataset", *(["negatives"] if "negatives" in data else []), "label", "metric", "step"]
+    return mean_ci(data, by, "value")
 
 
 def final_gap(curves_df: pd.DataFrame, a: str = "MASS-DPO", b: str = "S-DPO") -> pd.DataFrame:
-    """The last logged value of each metric, ``a`` minus ``b``, per dataset (mean over seeds)."""
-    last = curves_df[curves_df["step"] == curves_df.groupby(["dataset", "label", "seed"])["step"].transform("max")]
-    means = last.groupby(["dataset", "metric", "label"])["value"].mean().unstack("label")
+    """The last logged value of each metric, ``a`` minus ``b``, per dataset (and per kind of ``negatives``: own or
+    common), mean over seeds."""
+    group = ["dataset", *(["negatives"] if "negatives" in curves_df else []), "metric"]
+    run = ["dataset", *(["negatives"] if "negatives" in curves_df else []), "label", "seed"]
+    last = curves_df[curves_df["step"] == curves_df.groupby(run)["step"].transform("max")]
+    means = last.groupby([*group, "label"])["value"].mean().unstack("label")
     if a not in means or b not in means:
-        return pd.DataFrame(columns=["dataset", "metric", a, b, "diff"])
+        return pd.DataFrame(columns=[*group, a, b, "diff"])
     means["diff"] = means[a] - means[b]
     return means[[a, b, "diff"]].reset_index()
-
-
