@@ -100,3 +100,7 @@ def test_wallclock_reports_fit_seconds_and_retimes_both_methods(tiny_setup):
     assert refits.loc["refit_sdpo_19", "iterations"] == fits.set_index("component").loc["fit_sdpo_19", "iterations"]
     t = E.wallclock_table(clock, n=3, full=19).set_index("component")
     assert math.isfinite(t.loc["ratio_refit_sdpo_19_over_mass_dpo_3", "seconds"])
+    # a warm rerun reports the timing measured together the first time, and fits nothing
+    runs = E.run_grid(tiny_setup, E.cost_specs(["qasc"], [0], n=3, full=19), echo=None)
+    again = pd.DataFrame(E.refit_timing(runs, repeats=2))
+    assert again["seconds"].tolist() == refits.loc[again["component"], "seconds"].tolist()

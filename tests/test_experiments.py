@@ -322,6 +322,7 @@ def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(t
         assert mine.iloc[-1]["accuracy"] == pytest.approx(row["recall@1"], abs=1e-6)
         assert mine.iloc[-1]["mrr"] == pytest.approx(row["mrr"], abs=1e-6)
     assert set(common["negatives"]) == {"common"} and set(own["negatives"]) == {"own"}
+    pd.testing.assert_frame_equal(E.common_curves(runs, split="test"), common)  # kept in the run folders
     # a run whose saved theta the refit does not reach is refused, not silently replaced
     from pathlib import Path
 
@@ -330,4 +331,15 @@ def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(t
     torch.save({**snap, "theta": snap["theta"] + 1.0}, run / "snapshots" / "final.pt")
     with pytest.raises(RuntimeError, match="retrain"):
         E.refit(run)
+
+
+def test_longest_share_counts_picks_among_the_longest_negatives():
+    # pool of 5, chosen = 0; negative lengths 1..4 at candidates 1..4: the 2 longest negatives are 3 and 4
+    lengths = torch.tensor([[9, 1, 2, 3, 4], [9, 1, 2, 3, 4]])
+    mask = torch.tensor([[True] * 5, [True, True, True, True, False]])  # prompt 1: candidate 4 is padding
+    cand = torch.tensor([[0, 4, 1], [0, 3, -1]])  # prompt 0 picks 4 (long) and 1 (short); prompt 1 picks 3 (long)
+    share, chance = E.longest_share(cand, lengths, mask, k=2)
+    assert share == pytest.approx(2 / 3)
+    # chance: prompt 0: 2 of 4 negatives per pick (2 picks), prompt 1: 2 of 3 (1 pick)
+    assert chance == pytest.approx((2 * 0.5 + 1 * 2 / 3) / 3)
 

@@ -88,14 +88,27 @@ def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seed
     return pd.DataFrame(rows)
 
 
-def refit_timing(runs: pd.DataFrame, *, repeats: int = 3) -> list[dict]:
+def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) -> list[dict]:
     """The fits of ``runs`` (exact log-linear) re-run now, ``repeats`` rounds in which every run of a (model, dataset,
     seed) is fitted once in turn, so the methods share the machine's load; the median seconds per run
-    (component ``refit_<method>_<n>``). The data come from the cache: only the fit is timed."""
+    (component ``refit_<method>_<n>``). The data come from the cache: only the fit is timed. ``cache``: the rows of
+    each group are kept beside its runs (``<runs root>/timings/<hash of the runs and repeats>.json``), so a warm rerun
+    reports the timing measured when they were first timed together instead of fitting again."""
+    import hashlib
+    import json
+    from pathlib import Path
+
     from .main_comparison import refit
 
     rows = []
     for (model, dataset, seed), grp in runs.groupby(["model", "dataset", "seed"], sort=False):
+        names = sorted(Path(r).name for r in grp["run_dir"])
+        digest = hashlib.sha256(json.dumps([names, int(repeats)]).encode()).hexdigest()[:16]
+        kept = Path(grp["run_dir"].iloc[0]).parent / "timings" / f"{digest}.json"
+        if cache and kept.is_file():
+            rows += json.loads(kept.read_text())
+            continue
+        first = len(rows)
         times: dict = {r.run_dir: [] for r in grp.itertuples()}
         iters: dict = {}
         for _ in range(int(repeats)):
@@ -105,9 +118,12 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3) -> list[dict]:
                 iters[r.run_dir] = fit.iterations
         for r in grp.itertuples():
             med = statistics.median(times[r.run_dir])
-            rows.append({"model": model, "dataset": dataset, "seed": seed, "component": f"refit_{method_key(r.method, r.n)}",
+            rows.append({"model": model, "dataset": dataset, "seed": int(seed), "component": f"refit_{method_key(r.method, r.n)}",
                          "seconds": med, "iterations": iters[r.run_dir],
                          "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
+        if cache:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(rows[first:], default=str))
     return rows
 
 

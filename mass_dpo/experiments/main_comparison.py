@@ -124,12 +124,13 @@ def refit(run_dir, *, callback=None):
     return fit, seconds, data
 
 
-def common_curves(runs: pd.DataFrame, *, split: str = "valid") -> pd.DataFrame:
+def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = True) -> pd.DataFrame:
     """The fair version of Figures 2-3: every L-BFGS iterate of every exact log-linear run (:func:`refit`) scored on
     the whole pools of the ``split`` prompts (the online-eval prompts by default): the same candidates for every
     method, so no run is scored on negatives it chose. Rows like :func:`curves` with ``negatives = "common"`` and the
     extra metric ``mrr`` (:func:`pool_curve_point`). The ``reference`` rows of ``runs`` are skipped (iteration 0 is
-    the reference)."""
+    the reference). ``cache``: each run's curve is kept in its folder (``common_curve_<split>.csv``; a retrained run
+    starts from an empty folder), so a warm rerun fits nothing."""
     from ..runs import load_run
     from .core import load_split
 
@@ -137,19 +138,71 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid") -> pd.DataFrame:
     for row in runs.itertuples():
         if row.label == "reference":
             continue
-        cfg = load_run(row.run_dir).config
-        pools = load_split(cfg, split)
-        points = []
+        kept = Path(row.run_dir) / f"common_curve_{split}.csv"
+        if cache and kept.is_file():
+            long = pd.read_csv(kept)
+        else:
+            cfg = load_run(row.run_dir).config
+            pools = load_split(cfg, split)
+            points = []
 
-        def score(it, theta, pools=pools, beta=cfg.beta):
-            points.append({"step": it, **pool_curve_point(theta, pools.features, pools.mask, pools.target, beta)})
+            def score(it, theta, pools=pools, beta=cfg.beta):
+                points.append({"step": it, **pool_curve_point(theta, pools.features, pools.mask, pools.target, beta)})
 
-        refit(row.run_dir, callback=score)
-        long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
+            refit(row.run_dir, callback=score)
+            long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
+            if cache:
+                long.to_csv(kept, index=False)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
     cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def longest_share(candidates: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, k: int = 3
+                  ) -> tuple[float, float]:
+    """How often the training negatives are among the ``k`` longest negatives of their pool, against chance.
+
+    Args:
+        candidates: ``[P, 1+n]`` pool indices, column 0 the chosen response, ``-1`` = none.
+        lengths: ``[P, C]`` response token counts; mask: ``[P, C]`` real candidates.
+    Returns:
+        ``(share, chance)``: the fraction of the negatives that are among the ``k`` longest negatives of their pool
+        (ties at the k-th length count as among them), and the fraction a uniform draw would give.
+    """
+    P = candidates.shape[0]
+    neg = mask.clone()
+    neg[torch.arange(P), candidates[:, 0]] = False  # the pool's negatives
+    length = torch.where(neg, lengths.double(), torch.full_like(lengths, -1, dtype=torch.float64))  # [P, C]
+    kk = torch.clamp(neg.sum(-1), max=k)  # [P]
+    kth = length.sort(-1, descending=True).values.gather(1, (kk - 1).clamp_min(0)[:, None])  # [P, 1]
+    top = neg & (length >= kth)  # [P, C]: the k longest negatives (ties included)
+    picks = candidates[:, 1:]
+    real = picks >= 0
+    hit = top.gather(1, picks.clamp_min(0)) & real  # [P, n]
+    chance = (top.sum(-1).double() / neg.sum(-1).clamp_min(1).double())  # [P]
+    return float(hit.sum() / real.sum().clamp_min(1)), float((chance * real.sum(-1)).sum() / real.sum().clamp_min(1))
+
+
+def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
+    """Per training run: the share of its training negatives among the ``k`` longest of their pool and the chance
+    share (:func:`longest_share`): D-optimal picks that favour long (most separable) negatives make a method's own
+    online-eval negatives easy. Columns ``dataset, label, seed, share, chance``."""
+    from ..runs import load_run, prepare_data
+    from .core import load_split
+
+    rows = []
+    for row in runs.itertuples():
+        if row.label == "reference":
+            continue
+        cfg = load_run(row.run_dir).config
+        lengths = load_split(cfg, "train").lengths
+        if lengths is None:
+            continue
+        train = prepare_data(cfg).train
+        share, chance = longest_share(train.candidates, lengths, load_split(cfg, "train").mask, k)
+        rows.append({"dataset": row.dataset, "label": row.label, "seed": row.seed, "share": share, "chance": chance})
+    return pd.DataFrame(rows, columns=["dataset", "label", "seed", "share", "chance"])
 
 
 def hold_last(curves_df: pd.DataFrame) -> pd.DataFrame:
