@@ -144,6 +144,8 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     if profile != "paper":  # the offline profiles never reach for the hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = ReproduceReport()
+    cold = _cache_state()
+    start = time.perf_counter()
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: running (log: {out_dir / 'executed' / (name + '.log')})")
         params = papermill_parameters(notebooks_dir / f"{name}.ipynb", profile)
@@ -159,7 +161,36 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
             echo(f"  - {r.name}: {r.error} (log: {r.log})")
     else:
         echo(f"all {len(names)} notebooks ran; figures and tables are in {out_dir}")
+    total = time.perf_counter() - start
+    if only:
+        echo(f"{total / 60:.1f} min in all ({cold} caches)")
+    else:
+        path = write_timings(report, out_dir, profile=profile, caches=cold, total=total)
+        echo(f"{total / 60:.1f} min in all ({cold} caches); timings in {path}")
     return report
+
+
+def _cache_state() -> str:
+    """``cold`` when no extraction is cached yet (``<cache>/extraction`` empty), else ``warm``."""
+    from .params import cache_root
+
+    folder = cache_root() / "extraction"
+    return "warm" if folder.is_dir() and any(folder.iterdir()) else "cold"
+
+
+def write_timings(report: ReproduceReport, out_dir: Path, *, profile: str, caches: str, total: float) -> Path:
+    """``<out_dir>/timings_<profile>_<cold|warm>.md``: seconds per notebook of this ``mass-dpo reproduce``, its total,
+    the machine's core count and whether the caches started empty (a full reproduction only: ``--only`` runs write
+    nothing, so the file always describes a whole run)."""
+    import platform
+
+    rows = "\n".join(f"| {r.name} | {'ok' if r.ok else 'FAILED'} | {r.seconds:.1f} |" for r in report.results)
+    text = (f"# `mass-dpo reproduce --profile {profile}`, {caches} caches\n\n"
+            f"Measured by the run itself on {os.cpu_count()} CPU core(s) ({platform.machine()}); total "
+            f"**{total:.0f} s ({total / 60:.1f} min)**.\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n")
+    path = Path(out_dir) / f"timings_{profile}_{caches}.md"
+    path.write_text(text)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -44,3 +44,13 @@ def test_unknown_notebook_or_profile(tmp_path):
         reproduce("smoke", ["nope"], notebooks_dir=tmp_path, echo=lambda s: None)
     with pytest.raises(FileNotFoundError, match="no profile"):
         reproduce("nope", notebooks_dir=tmp_path, echo=lambda s: None)
+
+
+def test_timings_file_of_a_whole_run(tmp_path):
+    from mass_dpo.reproduce import NotebookResult, ReproduceReport, write_timings
+
+    report = ReproduceReport([NotebookResult("table1", True, 12.5), NotebookResult("table3", False, 3.0)])
+    path = write_timings(report, tmp_path, profile="cpu", caches="cold", total=15.5)
+    text = path.read_text()
+    assert path.name == "timings_cpu_cold.md"
+    assert "| table1 | ok | 12.5 |" in text and "| table3 | FAILED | 3.0 |" in text and "**16 s (0.3 min)**" in text
