@@ -190,10 +190,12 @@ def evaluate(
     target = torch.as_tensor(data.target).long()
     logps = score_candidates(policy, data, pools=pools, forward=forward, pooling=pooling)
     negatives = fixed_negatives(list(data.ids), mask, target, num_negatives, seed=seed)
-    by_score = {
-        "logp": logps,
-        "reward": beta * (logps - torch.as_tensor(data.ref_logps).float()),
-    }
+    if isinstance(policy, LogLinearPolicy):  # the reward is beta * phi . theta exactly: no float32 cancellation
+        theta = policy.theta.detach().double().cpu()
+        reward = beta * (torch.as_tensor(data.features).double() @ theta)
+    else:
+        reward = beta * (logps.double() - torch.as_tensor(data.ref_logps).double())
+    by_score = {"logp": logps.double(), "reward": reward}
     out: dict[str, Any] = {}
     table: dict[str, Any] = {"id": [str(i) for i in data.ids]}
     for name in (score, *[s for s in SCORES if s != score]):

@@ -53,7 +53,7 @@ class DatasetSelection:
 def _slice(ex: Extracted, lo: int, hi: int) -> Extracted:
     return Extracted(
         ex.ids[lo:hi], ex.features[lo:hi], ex.ref_logps[lo:hi], ex.theta0_logps[lo:hi], ex.mask[lo:hi],
-        ex.target[lo:hi], ex.meta,
+        ex.target[lo:hi], ex.meta, None if getattr(ex, "lengths", None) is None else ex.lengths[lo:hi],
     )
 
 

@@ -251,8 +251,8 @@ def _model(name, lm: bool):
     """The model bundle: loaded afresh for the LM regimes (training changes it), shared in-process otherwise."""
     from .models import load_model
 
-    if lm:
-        return load_model(name, device=_device())
+    if lm:  # trained weights: float32 on a CPU (bf16 extraction is a CPU speed-up, not a training precision)
+        return load_model(name, device=_device(), dtype=None if torch.cuda.is_available() else "float32")
     key = (str(name), str(_device()))
     if key not in _BUNDLES:
         _BUNDLES[key] = load_model(name, device=_device())

@@ -24,19 +24,19 @@ class Pools:
 
 
 def test_metrics_on_hand_built_scores():
-    # prompt 0: target (idx 2) ranks 1st; prompt 1: target (idx 0) ranks 3rd; prompt 2: ties count against it -> rank 2
+    # prompt 0: target (idx 2) ranks 1st; prompt 1: target (idx 0) ranks 3rd; prompt 2: tied for 1st
     scores = torch.tensor([[0.1, 0.5, 0.9, 0.2, 0.0],
                            [0.3, 0.8, 0.6, 0.1, 0.0],
                            [0.4, 0.4, 0.1, 0.0, -1.0]])
     target = torch.tensor([2, 0, 0])
     negatives = torch.tensor([[0, 1, 3], [2, 3, 4], [1, 2, 3]])
     m = metrics_from_scores(scores, target, negatives=negatives)
-    ranks = torch.tensor([1.0, 3.0, 2.0])
-    assert m["recall@1"] == pytest.approx(1 / 3)
+    # prompt 2 ties with one other candidate: rank 1 or 2 with equal chance (ties broken at random in expectation)
+    assert m["recall@1"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert m["recall@3"] == pytest.approx(1.0)
-    assert m["mrr"] == pytest.approx(float((1 / ranks).mean()))
-    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(3)) / 3)
-    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + (1 + 1 / 2) / 2) / 3)
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4) + (1 + 1 / math.log2(3)) / 2) / 3)
+    assert m["ndcg@1"] == pytest.approx((1 + 0 + 0.5) / 3)
     # accuracy: beats every one of its 3 negatives strictly -> prompt 0 yes, prompt 1 no (0.6), prompt 2 no (tie 0.4)
     assert m["accuracy"] == pytest.approx(1 / 3)
     margins = [0.9 - (0.1 + 0.5 + 0.2) / 3, 0.3 - (0.6 + 0.1 + 0.0) / 3, 0.4 - (0.4 + 0.1 + 0.0) / 3]
@@ -86,16 +86,19 @@ def test_evaluate_loglinear_logp_and_reward():
     with torch.no_grad():
         policy.theta.copy_(torch.randn(d, generator=g))
     beta = 0.1
-    out = evaluate(policy, data, beta=beta, return_scores=True)
+    out = evaluate(policy, data, beta=beta, score="logp", return_scores=True)
     logp = data.ref_logps + data.features @ policy.theta.detach()
-    assert torch.allclose(out["scores"], logp, atol=1e-5)
+    assert torch.allclose(out["scores"].float(), logp, atol=1e-5)
     negatives = fixed_negatives(data.ids, data.mask, data.target, 3, seed=0)
     assert torch.equal(out["negatives"], negatives)
     expect = metrics_from_scores(logp, data.target, negatives=negatives)
-    for key in ("accuracy", "margin", "recall@1", "ndcg@5", "mrr", "mrr_se"):
+    expect["pairwise_accuracy"] = expect["accuracy"]  # no ties among random scores: the fixed-negative accuracy
+    for key in ("pairwise_accuracy", "margin", "recall@1", "ndcg@5", "mrr", "mrr_se"):
         assert out[key] == pytest.approx(expect[key], abs=1e-6)
+    assert out["accuracy"] == out["recall@1"] and out["accuracy_kind"] == "top1"  # top-1 over the pool
     reward = evaluate(policy, data, beta=beta, score="reward", return_scores=True)
-    assert torch.allclose(reward["scores"], beta * (data.features @ policy.theta.detach()), atol=1e-6)
+    assert torch.allclose(reward["scores"].float(), beta * (data.features @ policy.theta.detach()), atol=1e-6)
+    assert reward["logp_mrr"] == pytest.approx(out["mrr"]) and out["reward_mrr"] == pytest.approx(reward["mrr"])
     assert reward["mrr"] == pytest.approx(metrics_from_scores(reward["scores"], data.target, negatives=negatives)["mrr"])
     with pytest.raises(ValueError):
         evaluate(policy, data, score="probability")

@@ -115,3 +115,18 @@ def test_a_preference_file_runs_as_a_dataset_of_the_notebooks(tmp_path, monkeypa
     assert runs.iloc[0]["test_prompts"] == ref.iloc[0]["test_prompts"] > 0
     missing = E.available(["no/such/file.jsonl"], "samples", echo=None)
     assert missing == {}
+
+
+@pytest.mark.slow
+def test_lm_regime_accuracy_is_the_generation_hit_ratio(tmp_path, monkeypatch):
+    """In an LM regime the reference row's accuracy is HitRatio@1 by greedy decoding, with its valid ratio."""
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    from mass_dpo.runs import reference_run
+
+    ref = reference_run(dataset="qasc", model="tiny", regime="lora", profile="smoke", data_dir="samples", test_limit=4,
+                        root=str(tmp_path / "runs"))
+    m = ref.metrics
+    assert m["accuracy_kind"] == "hit_ratio@1" and 0 <= m["accuracy"] <= m["valid_ratio"] <= 1
+    assert m["score"] == "logp" and m["prompts"] == 4
+    table = pd.read_csv(ref.run_dir / "test_per_prompt.csv")
+    assert set(table["accuracy"]) <= {0.0, 1.0} and table["valid"].mean() == pytest.approx(m["valid_ratio"])

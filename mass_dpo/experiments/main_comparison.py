@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
+from .core import method_label, DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
 
 
 def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average: bool = False) -> pd.DataFrame:
@@ -17,6 +17,8 @@ def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average
 
     Methods are told apart by their label (so S-DPO at n = 3 and S-DPO-all are two rows); the untrained
     ``reference`` rows (:func:`mass_dpo.experiments.core.reference_rows`), when ``runs`` holds them, come first."""
+    if "label" not in runs:
+        runs = runs.assign(label=runs["method"].map(method_label))
     by = ["model", "label", "dataset"]
     summary = summarize(runs, by, metrics)
     if average:

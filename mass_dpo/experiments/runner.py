@@ -7,7 +7,7 @@ from typing import Any
 from ..extraction import SELECTION_SCORES
 from .ablations import table3_specs
 from .core import FULL_POOL, Setup, grid, run_grid
-from .cost import matched_specs
+from .cost import exact_fit, matched_specs
 
 
 # ---------------------------------------------------------------- a notebook's runs, outside the notebook
@@ -47,7 +47,8 @@ def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
         return (grid(ds, ["mass_dpo"], seeds, n=p["n_selected"], beta=p["beta"])
                 + grid(ds, ["sdpo"], seeds, n=p["full_pool"], beta=p["beta"]))
     if name == "table8":
-        return matched_specs(ds, seeds, n=p["n_selected"], full=p["full_pool"], epochs=p["epochs"], beta=p["beta"])
+        return matched_specs(ds, seeds, n=p["n_selected"], full=p["full_pool"], epochs=p["epochs"], beta=p["beta"],
+                             exact=exact_fit(setup_from(p)), iterations_per_epoch=p.get("iterations_per_epoch", 5))
     raise ValueError(f"{name!r} has no run grid")
 
 
