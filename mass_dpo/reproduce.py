@@ -166,6 +166,9 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         echo(f"{total / 60:.1f} min in all ({cold} caches)")
     else:
         path = write_timings(report, out_dir, profile=profile, caches=cold, total=total)
+        from .experiments.gallery import write_claims
+
+        echo(f"claims with paired intervals: {write_claims(out_dir)}")
         echo(f"{total / 60:.1f} min in all ({cold} caches); timings in {path}")
     return report
 

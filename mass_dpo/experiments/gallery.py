@@ -1,0 +1,85 @@
+"""The gallery's claims table, written from the notebooks' own paired-difference tables (``papers_figures/claims.md``).
+
+Every notebook that compares two methods saves the comparison as a table with the columns of
+:func:`mass_dpo.experiments.core.paired_difference` (``a``, ``b``, ``diff``, ``lo``, ``hi``, ``significant``, ...);
+the learning check saves :func:`~mass_dpo.experiments.core.learning_table`. :func:`write_claims` collects all of
+them after a ``mass-dpo reproduce``, so the claims table always states the numbers of the run that made the figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+PAIRED = {"a", "b", "diff", "lo", "hi", "significant"}
+#: Notebooks in the order the gallery lists them.
+ORDER = ("table1", "table2", "table5", "table6", "training_dynamics", "table3", "table4", "table7", "table8")
+PERCENT_METRICS = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr",
+                   "pairwise_accuracy")
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{100 * value:+.1f}" if metric in PERCENT_METRICS else f"{value:+.3g}"
+
+
+def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:
+    """``[(notebook/file, table)]``: every saved CSV under ``out_dir`` with the paired-difference columns."""
+    out = []
+    root = Path(out_dir)
+    names = [n for n in ORDER if (root / n).is_dir()]
+    for name in names:
+        for path in sorted((root / name).glob("*.csv")):
+            try:
+                table = pd.read_csv(path)
+            except (pd.errors.EmptyDataError, pd.errors.ParserError):
+                continue
+            if PAIRED <= set(table.columns) and len(table):
+                out.append((f"{name}/{path.stem}", table))
+    return out
+
+
+def claims_markdown(out_dir) -> str:
+    """The claims table as Markdown: the learning check, then each paired comparison, one row per (dataset,
+    metric, setting) with the difference, its 95% interval and the verdict (percentage points for the ranking
+    metrics)."""
+    root = Path(out_dir)
+    lines = ["# Claims, with paired intervals", "",
+             "Written by `mass-dpo reproduce` from the notebooks' own tables (`mass_dpo.experiments.gallery`); "
+             "differences per test prompt on the same prompts, averaged over seeds, 95% interval over prompts; "
+             "ranking metrics in percentage points.", ""]
+    learned = root / "table1" / "learning.csv"
+    if learned.is_file():
+        lt = pd.read_csv(learned)
+        lt = lt[lt["metric"] == "mrr"]
+        lines += ["## Learning first (Table 1 runs): each method against the untrained reference, MRR", "",
+                  "| dataset | method | gain | 95% interval | z | learned (z >= 3) |", "|---|---|---|---|---|---|"]
+        for r in lt.itertuples():
+            lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "
+                         f"{_fmt(r.hi, 'mrr')} | {r.z_score:.1f} | {'yes' if r.learned else 'no'} |")
+        lines.append("")
+    for source, table in paired_tables(root):
+        if source.endswith("/learning"):
+            continue
+        extra = [c for c in table.columns if c not in PAIRED | {"model", "dataset", "metric", "se", "z_score", "seeds",
+                                                                 "prompts", "method"} and table[c].nunique() > 1]
+        lines += [f"## `{source}`", "", "| " + " | ".join(["dataset", "metric", *extra, "a - b", "difference",
+                                                            "95% interval", "verdict"]) + " |",
+                  "|" + "---|" * (6 + len(extra))]
+        for _, r in table.iterrows():
+            verdict = ("a above b" if r["diff"] > 0 else "a below b") if bool(r["significant"]) else "inside the noise"
+            metric = str(r.get("metric", ""))
+            lines.append("| " + " | ".join([str(r.get("dataset", "")), metric, *[str(r[c]) for c in extra],
+                                            f"{r['a']} - {r['b']}", _fmt(r["diff"], metric),
+                                            f"{_fmt(r['lo'], metric)} to {_fmt(r['hi'], metric)}", verdict]) + " |")
+        sig = table[table["significant"].astype(bool)]
+        lines += ["", f"{len(sig[sig['diff'] > 0])} above, {len(sig[sig['diff'] < 0])} below, "
+                      f"{len(table) - len(sig)} inside the noise, of {len(table)}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_claims(out_dir) -> Path:
+    """Write ``<out_dir>/claims.md`` (:func:`claims_markdown`)."""
+    path = Path(out_dir) / "claims.md"
+    path.write_text(claims_markdown(out_dir))
+    return path

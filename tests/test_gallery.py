@@ -1,0 +1,24 @@
+"""The claims table is written from the notebooks' paired-difference tables."""
+
+import pandas as pd
+
+from mass_dpo.experiments.gallery import claims_markdown, write_claims
+
+
+def test_claims_from_saved_tables(tmp_path):
+    (tmp_path / "table1").mkdir()
+    pd.DataFrame([{"model": "m", "dataset": "qasc", "metric": "mrr", "method": "S-DPO-all", "diff": 0.06, "se": 0.01,
+                   "lo": 0.04, "hi": 0.08, "z_score": 6.0, "significant": True, "seeds": 3, "prompts": 500,
+                   "learned": True}]).to_csv(tmp_path / "table1" / "learning.csv", index=False)
+    pd.DataFrame([
+        {"model": "m", "dataset": "qasc", "metric": "accuracy", "a": "MASS-DPO", "b": "S-DPO", "diff": -0.03,
+         "se": 0.01, "lo": -0.05, "hi": -0.01, "z_score": -3.0, "significant": True, "seeds": 3, "prompts": 500},
+        {"model": "m", "dataset": "lastfm", "metric": "accuracy", "a": "MASS-DPO", "b": "S-DPO", "diff": 0.004,
+         "se": 0.01, "lo": -0.016, "hi": 0.024, "z_score": 0.4, "significant": False, "seeds": 3, "prompts": 500},
+    ]).to_csv(tmp_path / "table1" / "mass_dpo_minus_sdpo.csv", index=False)
+    text = claims_markdown(tmp_path)
+    assert "| qasc | S-DPO-all | +6.0 | +4.0 to +8.0 | 6.0 | yes |" in text
+    assert "| qasc | accuracy | MASS-DPO - S-DPO | -3.0 | -5.0 to -1.0 | a below b |" in text
+    assert "| lastfm | accuracy | MASS-DPO - S-DPO | +0.4 | -1.6 to +2.4 | inside the noise |" in text
+    assert "0 above, 1 below, 1 inside the noise, of 2." in text
+    assert write_claims(tmp_path).read_text() == text
