@@ -362,6 +362,20 @@ def _records_tensors(records: PreferenceDataset) -> tuple[torch.Tensor, torch.Te
     return feats * mask[..., None], mask
 
 
+#: In-process memo of exact fits by what determines them (objective, data, tolerance): MASS-DPO's selection and the
+#: fit are deterministic, so its seeds (and its tuning run at the same settings) would repeat the same fit.
+_FITS: dict = {}
+
+
+def _fit_key(cfg: TrainConfig, X: torch.Tensor, M: torch.Tensor, evalset) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.method, cfg.beta, cfg.ridge, cfg.fit_tol, cfg.fit_max_iter]).encode())
+    for t in (X, M, *(evalset or ())):
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     """The log-linear regime's exact fit (:func:`mass_dpo.loglinear.fit_loglinear`): theta_hat minimises the
     ridge-regularised objective over all training prompts. Every L-BFGS iterate is logged to ``log.csv`` (train loss;
@@ -375,7 +389,11 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     from .losses import preference_loss
 
     X, M = _records_tensors(run_data.train)
+    X = X.double()
     evalset = _records_tensors(run_data.eval) if run_data.eval is not None else None
+    if evalset is not None:
+        evalset = (evalset[0].double(), evalset[1])
+    key = _fit_key(cfg, X, M, evalset)
     rows = []
 
     def stats(split, it, theta, feats, mask):
@@ -397,9 +415,17 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     logger.info("run %s: %d training prompts, exact fit (L-BFGS, ridge %g, tol %g)", path.name, len(run_data.train),
                 cfg.ridge, cfg.fit_tol)
     t1 = time.time()
-    fit = fit_loglinear(X, M, method=cfg.method, beta=cfg.beta, ridge=cfg.ridge, tol=cfg.fit_tol,
-                        max_iter=cfg.fit_max_iter, callback=on_iterate)
-    t_train = time.time() - t1
+    if key in _FITS:  # the same objective on the same data (a deterministic selection under another seed)
+        fit, rows, t_train = _FITS[key]
+        rows = [dict(r) for r in rows]
+        logger.info("run %s: the same fit as an earlier run of this process (%.2f s then)", path.name, t_train)
+    else:
+        fit = fit_loglinear(X, M, method=cfg.method, beta=cfg.beta, ridge=cfg.ridge, tol=cfg.fit_tol,
+                            max_iter=cfg.fit_max_iter, callback=on_iterate)
+        t_train = time.time() - t1
+        _FITS[key] = (fit, [dict(r) for r in rows], t_train)
+        while len(_FITS) > 64:
+            _FITS.pop(next(iter(_FITS)))
     if not fit.converged:
         logger.warning("exact fit stopped at gradient norm %.3g > tol %g after %d iterations", fit.grad_norm,
                        cfg.fit_tol, fit.iterations)
