@@ -130,3 +130,23 @@ def test_lm_regime_accuracy_is_the_generation_hit_ratio(tmp_path, monkeypatch):
     assert m["score"] == "logp" and m["prompts"] == 4
     table = pd.read_csv(ref.run_dir / "test_per_prompt.csv")
     assert set(table["accuracy"]) <= {0.0, 1.0} and table["valid"].mean() == pytest.approx(m["valid_ratio"])
+
+
+def test_disk_memo_reuses_an_analysis_by_its_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path))
+    calls = []
+
+    @E.core.disk_memo("probe")
+    def analysis(runs, *, k=3, echo=print):
+        calls.append(k)
+        return pd.DataFrame({"k": [k], "n": [len(runs)]})
+
+    runs = pd.DataFrame({"run_dir": ["/a", "/b"]})
+    first = analysis(runs, k=3)
+    assert analysis(runs, k=3, echo=None).equals(first) and calls == [3]  # read back; echo does not count
+    analysis(runs, k=4)
+    analysis(pd.DataFrame({"run_dir": ["/a"]}), k=3)
+    assert calls == [3, 4, 3]
+    monkeypatch.setenv("MASS_DPO_NO_MEMO", "1")
+    analysis(runs, k=3)
+    assert calls == [3, 4, 3, 3]

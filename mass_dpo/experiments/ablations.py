@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..extraction import DEFAULT_SELECTION_SCORE, SELECTION_SCORES
-from .core import (_config, available, beside_paper, grid, learning_table, load_split, paired_difference,
+from .core import (disk_memo, _config, available, beside_paper, grid, learning_table, load_split, paired_difference,
                    summarize)
 
 MASS, SDPO = "MASS-DPO", "S-DPO"
@@ -238,6 +238,7 @@ def best_setting(table3: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- design diagnostics (issue 11)
 
 
+@disk_memo("design_table")
 def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.1, readings=SELECTION_SCORES,
                  echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Algorithm 1's design on each dataset's training split (the runs' own extraction, :func:`core.load_split`), per

@@ -614,3 +614,60 @@ def scoring_note(runs: pd.DataFrame) -> str:
             f" (the columns prefixed {', '.join(o + '_' for o in other)} rank by {', '.join(SCORE_TEXT[o] for o in other)});"
             f" accuracy is {' / '.join(ACCURACY_TEXT.get(k, k) for k in kinds)}; ties are broken at random in"
             f" expectation, so a constant score sits at chance.")
+
+
+# ---------------------------------------------------------------- warm reruns
+
+
+#: Bump when a memoised analysis changes what it returns for the same inputs.
+MEMO_VERSION = 1
+
+
+def _memo_part(value) -> Any:
+    """A stable description of an argument: a runs table by its run folders (content-addressed by config hash), a
+    Setup by its fields, anything else by its repr."""
+    if isinstance(value, pd.DataFrame):
+        return sorted(map(str, value["run_dir"])) if "run_dir" in value else value.to_csv(index=False)
+    if isinstance(value, Setup):
+        from dataclasses import asdict
+
+        return asdict(value)
+    if callable(value):
+        return getattr(value, "__name__", "callable")
+    return repr(value)
+
+
+def disk_memo(tag: str):
+    """Cache a notebook analysis that returns a DataFrame, by its arguments, under ``<runs root>/analyses/``.
+
+    For analyses that are deterministic functions of finished runs and their cached extractions (whose folders are
+    named by the hash of what made them): a warm ``mass-dpo reproduce`` reads the table instead of recomputing it.
+    ``MASS_DPO_NO_MEMO=1`` recomputes."""
+    import functools
+    import hashlib
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def memoised(*args, **kwargs):
+            from ..runs import runs_root
+
+            if os.environ.get("MASS_DPO_NO_MEMO", "") not in ("", "0"):
+                return fn(*args, **kwargs)
+            parts = [tag, MEMO_VERSION, [_memo_part(a) for a in args],
+                     {k: _memo_part(v) for k, v in sorted(kwargs.items()) if k != "echo"}]
+            digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+            root = args[0].root if args and isinstance(args[0], Setup) and args[0].root else None
+            path = Path(root or runs_root()) / "analyses" / f"{tag}-{digest}.pkl"
+            if path.is_file():
+                return pd.read_pickle(path)
+            out = fn(*args, **kwargs)
+            if isinstance(out, pd.DataFrame):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                out.to_pickle(tmp)
+                os.replace(tmp, path)
+            return out
+
+        return memoised
+
+    return wrap

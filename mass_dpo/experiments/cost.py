@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 import pandas as pd
-from .core import (FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, reference_rows, run_grid,
+from .core import (disk_memo, FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, reference_rows, run_grid,
                    summarize)
 
 
@@ -39,6 +39,7 @@ def cost_specs(datasets, seeds, *, n: int = 5, full: int = FULL_POOL, beta: floa
     return grid(datasets, ["mass_dpo"], seeds, n=n, beta=beta) + grid(datasets, ["sdpo"], seeds, n=full, beta=beta)
 
 
+@disk_memo("wallclock")
 def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seeds=None, beta: float = 0.1,
               repeats: int = 0, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Table 7: extraction, selection and training seconds for MASS-DPO-n and S-DPO with the full pool.

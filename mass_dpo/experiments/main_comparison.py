@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import method_label, DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
+from .core import disk_memo, method_label, DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
 
 
 def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average: bool = False) -> pd.DataFrame:
@@ -186,6 +186,7 @@ def longest_share(candidates: torch.Tensor, lengths: torch.Tensor, mask: torch.T
     return float(hit.sum() / real.sum().clamp_min(1)), float((chance * real.sum(-1)).sum() / real.sum().clamp_min(1))
 
 
+@disk_memo("length_bias")
 def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     """Per training run: the share of its training negatives among the ``k`` longest of their pool and the chance
     share (:func:`longest_share`): D-optimal picks that favour long (most separable) negatives make a method's own

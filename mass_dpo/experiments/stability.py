@@ -14,12 +14,13 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .core import Setup, _config, available, beside_paper, grid, load_split, run_grid, summarize
+from .core import disk_memo, Setup, _config, available, beside_paper, grid, load_split, run_grid, summarize
 
 
 # ---------------------------------------------------------------- Table 4
 
 
+@disk_memo("budget_table")
 def budget_table(setup: Setup, datasets, ns, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Which budgets of ``ns`` Table 4 can compare, per dataset: ``negatives_max`` (the most negatives of any training
     pool, from the runs' own extraction) and ``trivial`` (:func:`mass_dpo.stability.trivial_budgets`: ``n >=`` the
@@ -51,6 +52,7 @@ def budget_sentence(budgets: pd.DataFrame) -> str:
             f"whole pool at any checkpoint and agrees by construction: {'; '.join(parts)}.")
 
 
+@disk_memo("stability")
 def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1, gamma: float | None = None,
               budgets: pd.DataFrame | None = None, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation.
