@@ -30,20 +30,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .training import (
-    PreferenceDataset,
-    TrainConfig,
-    build_policy,
-    build_trainer,
-    last_checkpoint,
-    resolve_config,
-    select_training_negatives,
-    CSVLogCallback,
-)
+from .config import TrainConfig, resolve_config
+
+if TYPE_CHECKING:  # the Trainer side is imported when a run trains, not when one is read
+    from .training import PreferenceDataset
 
 logger = logging.getLogger("mass_dpo.runs")
 
@@ -261,6 +255,7 @@ def _model(name, lm: bool):
 
 def prepare_data(config: TrainConfig) -> RunData:
     """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits."""
+    from .training import PreferenceDataset, build_policy, select_training_negatives
     from .data import load_benchmark
     from .data.formatting import encode_pool
     from .extraction import extract
@@ -331,6 +326,7 @@ def _barrier(state) -> None:
 def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpoints: Path, callbacks, main: bool):
     """The Trainer path (LM regimes; the log-linear regime with ``fit="adam"``): ``(policy, train summary, last
     online-eval metrics, optimizer name, seconds)``; resumes from the newest complete checkpoint."""
+    from .training import CSVLogCallback, build_trainer, last_checkpoint
     trainer = build_trainer(
         cfg, run_data.policy, run_data.train, run_data.eval, output_dir=checkpoints,
         callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
@@ -381,6 +377,7 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     ridge-regularised objective over all training prompts. Every L-BFGS iterate is logged to ``log.csv`` (train loss;
     online-eval loss, margin, accuracy and chosen reward: the curves of Figures 2-3, with the iteration as step), and
     the iterate half-way along the path and the final theta are saved as ``snapshots/{mid,final}.pt`` (Table 4)."""
+    from .training import CSVLogCallback
     import csv
 
     from safetensors.torch import save_file
@@ -576,6 +573,8 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
     path = Path(root or runs_root()) / f"{name}_{digest}"
     if is_finished(path):
         return load_run(path)
+    from .training import CSVLogCallback
+
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

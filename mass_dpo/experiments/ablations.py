@@ -245,7 +245,7 @@ def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.
     model, reading and beta: one :func:`mass_dpo.diagnostics.design_diagnostics` row each, plus ``degenerate``
     (:func:`mass_dpo.diagnostics.degenerate`: the greedy picks are the top-n by ``G_ii`` in >= 95% of prompts)."""
     from ..diagnostics import degenerate, design_diagnostics
-    from ..training import resolve_config
+    from ..config import resolve_config
 
     rows = []
     places = available(list(datasets), setup.data_dir, echo)

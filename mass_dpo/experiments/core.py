@@ -23,8 +23,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 import torch
-from transformers import TrainerCallback
-
 #: The paper's datasets in its column order.
 DATASETS = ("medmcqa", "qasc", "lastfm", "movielens")
 #: The five methods of Table 1, in the paper's row order.
@@ -151,37 +149,45 @@ def grid(datasets, methods=("mass_dpo",), seeds=(0,), **axes) -> list[dict]:
 # ---------------------------------------------------------------- runs
 
 
-class ThetaSnapshots(TrainerCallback):
-    """Saves the loglinear policy's theta at mid-training and at the end, for Table 4 (``<run>/snapshots/``).
+def theta_snapshots(folder, num_epochs: float = 3.0):
+    """A ``ThetaSnapshots`` Trainer callback (built here, so that importing this module needs no transformers):
+    saves the loglinear policy's theta at mid-training and at the end of an Adam run (``fit="adam"``) for Table 4;
+    the exact fit writes the same files itself (:func:`mass_dpo.runs._train_exact`)."""
+    from transformers import TrainerCallback
 
-    Mid-training is the end of epoch 1 when training lasts two epochs or more (the paper's "epoch 1"), else half
-    of the steps. Files: ``mid.pt`` and ``final.pt`` (``{"theta": [d], "step": int}``)."""
+    class ThetaSnapshots(TrainerCallback):
+        """Saves the loglinear policy's theta at mid-training and at the end, for Table 4 (``<run>/snapshots/``).
 
-    def __init__(self, folder, num_epochs: float = 3.0):
-        self.folder = Path(folder)
-        self.num_epochs = float(num_epochs)
+        Mid-training is the end of epoch 1 when training lasts two epochs or more (the paper's "epoch 1"), else half
+        of the steps. Files: ``mid.pt`` and ``final.pt`` (``{"theta": [d], "step": int}``)."""
 
-    def _save(self, name: str, state, model) -> None:
-        theta = getattr(model, "theta", None)
-        if theta is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)},
-                   self.folder / f"{name}.pt")
+        def __init__(self, folder, num_epochs: float = 3.0):
+            self.folder = Path(folder)
+            self.num_epochs = float(num_epochs)
 
-    def mid_step(self, state) -> int:
-        total = int(state.max_steps)
-        if self.num_epochs >= 2 and state.num_train_epochs >= 2:
-            return max(1, round(total / state.num_train_epochs))
-        return max(1, total // 2)
+        def _save(self, name: str, state, model) -> None:
+            theta = getattr(model, "theta", None)
+            if theta is None:
+                return
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)},
+                       self.folder / f"{name}.pt")
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and state.global_step == self.mid_step(state):
-            self._save("mid", state, model)
+        def mid_step(self, state) -> int:
+            total = int(state.max_steps)
+            if self.num_epochs >= 2 and state.num_train_epochs >= 2:
+                return max(1, round(total / state.num_train_epochs))
+            return max(1, total // 2)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self._save("final", state, model)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and state.global_step == self.mid_step(state):
+                self._save("mid", state, model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:
+                self._save("final", state, model)
+
+    return ThetaSnapshots(folder, num_epochs)
 
 
 def has_snapshots(run_dir) -> bool:
@@ -199,10 +205,10 @@ def _config(setup: Setup, spec: dict, data_dir: str | None) -> dict:
 def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots: bool = False):
     """Train (or load) one run: ``spec`` holds ``dataset``, ``method``, ``seed`` and any TrainConfig override.
 
-    Loglinear runs save theta snapshots (:class:`ThetaSnapshots`); ``snapshots=True`` retrains a cached run that
+    Loglinear runs save theta snapshots (:func:`theta_snapshots`); ``snapshots=True`` retrains a cached run that
     has none (a run trained outside this module). Returns the :class:`mass_dpo.runs.RunResult`."""
     from ..runs import run_dir, train_run
-    from ..training import resolve_config
+    from ..config import resolve_config
 
     from ..runs import is_finished, load_run
 
@@ -212,7 +218,8 @@ def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots:
         if is_finished(trained):
             return load_run(trained)
     path = run_dir(cfg, root=setup.root)
-    callbacks = [ThetaSnapshots(path / "snapshots", cfg.num_train_epochs)] if cfg.regime == "loglinear" else []
+    adam = cfg.regime == "loglinear" and cfg.fit == "adam"
+    callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
     force = bool(snapshots and cfg.regime == "loglinear" and (path / "metrics.json").is_file()
                  and not has_snapshots(path))
     sink = io.StringIO()
@@ -347,7 +354,7 @@ def reference_rows(setup: Setup, datasets, *, echo: Callable[[str], None] | None
     """The untrained policy of each (model, dataset), evaluated like every run (:func:`mass_dpo.runs.reference_run`):
     rows shaped like :func:`run_grid`'s with ``method = label = "reference"`` and seed 0 (it has no randomness)."""
     from ..runs import reference_run
-    from ..training import resolve_config
+    from ..config import resolve_config
 
     rows = []
     places = available(list(datasets), setup.data_dir, None)

@@ -19,7 +19,7 @@ from .core import (disk_memo, FULL_POOL, Setup, beside_paper, grid, load_split, 
 
 def exact_fit(setup: Setup) -> bool:
     """True when ``setup``'s runs train by the exact log-linear fit (the loglinear regime's default ``fit``)."""
-    from ..training import resolve_config
+    from ..config import resolve_config
 
     if setup.regime != "loglinear":
         return False

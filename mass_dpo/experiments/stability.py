@@ -27,7 +27,7 @@ def budget_table(setup: Setup, datasets, ns, *, echo: Callable[[str], None] | No
     negatives of every pool, so every selection is the whole pool at any checkpoint; QASC's 7 negatives make n = 10
     trivial). Pool sizes do not depend on the model, so the setup's first model's extraction is read."""
     from .. import stability as stab
-    from ..training import resolve_config
+    from ..config import resolve_config
 
     rows = []
     places = available(list(datasets), setup.data_dir, echo)
