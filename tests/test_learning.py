@@ -134,6 +134,7 @@ def test_lm_regime_accuracy_is_the_generation_hit_ratio(tmp_path, monkeypatch):
 
 def test_disk_memo_reuses_an_analysis_by_its_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path))
+    monkeypatch.delenv("MASS_DPO_NO_MEMO", raising=False)  # conftest turns the memo off for every other test
     calls = []
 
     @E.core.disk_memo("probe")
