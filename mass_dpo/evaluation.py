@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .loglinear import LogLinearPolicy
-from .metrics import mean_se, per_prompt_ranking, preference_metrics, ranking_metrics
+from .metrics import mean_se, per_prompt_preference, per_prompt_ranking, preference_metrics, ranking_metrics
 
 
 def fixed_negatives(ids: Sequence[str], mask, target, k: int = 3, *, seed: int = 0) -> torch.Tensor:
@@ -130,11 +130,8 @@ def _score_metrics(scores, target, *, negatives, mask, ks) -> tuple[dict[str, fl
     chosen = scores[rows, target]
     rejected = torch.gather(scores, 1, negatives.clamp_min(0))
     per = per_prompt_ranking(scores, target, ks=tuple(ks), mask=mask)
-    lost = torch.where(neg_mask, chosen[:, None] < rejected, torch.zeros_like(neg_mask)).any(-1)
-    tied = torch.where(neg_mask, chosen[:, None] == rejected, torch.zeros_like(neg_mask)).sum(-1).double()
-    per["pairwise_accuracy"] = torch.where(lost, torch.zeros_like(tied), 1.0 / (tied + 1.0))
-    finite = torch.where(neg_mask, rejected, torch.zeros_like(rejected))
-    per["margin"] = (chosen - finite.sum(-1) / neg_mask.sum(-1).clamp_min(1)).double()
+    pref = per_prompt_preference(chosen, rejected, mask=neg_mask, ties="expected")
+    per["pairwise_accuracy"], per["margin"] = pref["accuracy"], pref["margin"]
     out: dict[str, float] = {}
     for name, values in per.items():
         out[name], out[f"{name}_se"] = mean_se(values)

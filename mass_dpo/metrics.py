@@ -124,18 +124,10 @@ def ranking_metrics(scores, target, *, ks=(1, 3, 5), mask=None, ties: str = "exp
     return out
 
 
-def preference_metrics(chosen_scores, rejected_scores, *, mask=None, ties: str = "pessimistic") -> dict[str, float]:
-    """Reward accuracy and reward margin with standard errors.
-
-    Args:
-        chosen_scores: ``[B]``; rejected_scores: ``[B, K]`` (a fixed set of negatives per prompt);
-        mask: ``[B, K]`` bool; ties: ``"pessimistic"`` (a tie is a loss, as DPO trainers count) or ``"expected"``
-            (no negative strictly above and ``t`` tied: the chosen one wins with probability ``1 / (t + 1)``).
-
-    Returns:
-        ``accuracy`` (chosen beats every valid negative), ``margin`` (chosen minus the mean of the
-        valid negatives), and their ``_se``.
-    """
+def per_prompt_preference(chosen_scores, rejected_scores, *, mask=None, ties: str = "pessimistic"
+                          ) -> dict[str, torch.Tensor]:
+    """``{"accuracy": [B], "margin": [B]}`` float64 per prompt (what :func:`preference_metrics` averages): 1 where the
+    chosen score beats every valid negative (ties as ``ties`` says), and the chosen score minus the negatives' mean."""
     _check_ties(ties)
     c = torch.as_tensor(chosen_scores).to(torch.float64)
     r = torch.as_tensor(rejected_scores).to(torch.float64)
@@ -150,7 +142,22 @@ def preference_metrics(chosen_scores, rejected_scores, *, mask=None, ties: str =
         tied = torch.where(m, c[:, None] == r, torch.zeros_like(m)).sum(-1).to(torch.float64)
         wins = torch.where(lost, torch.zeros_like(wins), 1.0 / (tied + 1.0))
     mean_r = torch.where(m, r, torch.zeros_like(r)).sum(-1) / m.sum(-1)
+    return {"accuracy": wins, "margin": c - mean_r}
+
+
+def preference_metrics(chosen_scores, rejected_scores, *, mask=None, ties: str = "pessimistic") -> dict[str, float]:
+    """Reward accuracy and reward margin with standard errors.
+
+    Args:
+        chosen_scores: ``[B]``; rejected_scores: ``[B, K]`` (a fixed set of negatives per prompt);
+        mask: ``[B, K]`` bool; ties: ``"pessimistic"`` (a tie is a loss, as DPO trainers count) or ``"expected"``
+            (no negative strictly above and ``t`` tied: the chosen one wins with probability ``1 / (t + 1)``).
+
+    Returns:
+        ``accuracy`` (chosen beats every valid negative), ``margin`` (chosen minus the mean of the
+        valid negatives), and their ``_se``.
+    """
     out: dict[str, float] = {}
-    out["accuracy"], out["accuracy_se"] = mean_se(wins)
-    out["margin"], out["margin_se"] = mean_se(c - mean_r)
+    for name, values in per_prompt_preference(chosen_scores, rejected_scores, mask=mask, ties=ties).items():
+        out[name], out[f"{name}_se"] = mean_se(values)
     return out

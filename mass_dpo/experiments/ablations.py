@@ -13,14 +13,13 @@ An *arm* is one trained setting: ``"MASS-DPO[reference] n=3 beta=0.1"``, ``"S-DP
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from ..extraction import DEFAULT_SELECTION_SCORE, SELECTION_SCORES
-from .core import (disk_memo, _config, available, beside_paper, grid, learning_table, load_split, paired_difference,
+from .core import (dataset_configs, disk_memo, beside_paper, grid, learning_table, load_split, paired_difference,
                    summarize)
 
 MASS, SDPO = "MASS-DPO", "S-DPO"
@@ -245,19 +244,14 @@ def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.
     model, reading and beta: one :func:`mass_dpo.diagnostics.design_diagnostics` row each, plus ``degenerate``
     (:func:`mass_dpo.diagnostics.degenerate`: the greedy picks are the top-n by ``G_ii`` in >= 95% of prompts)."""
     from ..diagnostics import degenerate, design_diagnostics
-    from ..config import resolve_config
 
     rows = []
-    places = available(list(datasets), setup.data_dir, echo)
-    for model in setup.model_list():
-        for ds in [d for d in datasets if d in places]:
-            spec = {"dataset": ds, "method": "mass_dpo", "seed": 0}
-            cfg = resolve_config(_config(replace(setup, model=model), spec, places[ds]))
-            ex = load_split(cfg, "train")
-            for b in dict.fromkeys(float(x) for x in betas):
-                for reading in readings:
-                    row = design_diagnostics(ex, n, beta=b, gamma=gamma, selection_score=reading, seed=0)
-                    rows.append({"model": model, "dataset": ds, **row, "degenerate": degenerate(row)})
+    for model, ds, cfg in dataset_configs(setup, datasets, echo=echo):
+        ex = load_split(cfg, "train")
+        for b in dict.fromkeys(float(x) for x in betas):
+            for reading in readings:
+                row = design_diagnostics(ex, n, beta=b, gamma=gamma, selection_score=reading, seed=0)
+                rows.append({"model": model, "dataset": ds, **row, "degenerate": degenerate(row)})
     return pd.DataFrame(rows)
 
 

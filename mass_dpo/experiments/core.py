@@ -350,23 +350,31 @@ def tuning_table(setup: Setup) -> pd.DataFrame:
 # ---------------------------------------------------------------- the reference row and paired differences
 
 
+def dataset_configs(setup: Setup, datasets, *, method: str = "mass_dpo", models=None,
+                    echo: Callable[[str], None] | None = print) -> list[tuple[str, str, Any]]:
+    """``[(model, dataset, resolved TrainConfig)]`` of ``method`` (seed 0) for each model of ``setup`` (or ``models``)
+    and each dataset whose data is present (the others reported through ``echo``): what the notebooks read a
+    dataset's extraction or its reference run by."""
+    from ..config import resolve_config
+
+    places = available(list(datasets), setup.data_dir, echo)
+    return [(model, ds, resolve_config(_config(replace(setup, model=model),
+                                               {"dataset": ds, "method": method, "seed": 0}, places[ds])))
+            for model in (models or setup.model_list()) for ds in datasets if ds in places]
+
+
 def reference_rows(setup: Setup, datasets, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """The untrained policy of each (model, dataset), evaluated like every run (:func:`mass_dpo.runs.reference_run`):
     rows shaped like :func:`run_grid`'s with ``method = label = "reference"`` and seed 0 (it has no randomness)."""
     from ..runs import reference_run
-    from ..config import resolve_config
 
     rows = []
-    places = available(list(datasets), setup.data_dir, None)
-    for model in setup.model_list():
-        for ds in [d for d in datasets if d in places]:
-            spec = {"dataset": ds, "method": "sdpo", "seed": 0}
-            cfg = resolve_config(_config(replace(setup, model=model), spec, places[ds]))
-            with contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext():
-                result = reference_run(cfg, root=setup.root)
-            row = run_row(result, spec)
-            row.update(method="reference", label="reference", n=0, ridge=None, steps=0)
-            rows.append(row)
+    for model, ds, cfg in dataset_configs(setup, datasets, method="sdpo", echo=None):
+        with contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext():
+            result = reference_run(cfg, root=setup.root)
+        row = run_row(result, {"dataset": ds, "method": "sdpo", "seed": 0})
+        row.update(method="reference", label="reference", n=0, ridge=None, steps=0)
+        rows.append(row)
     if echo:
         echo(f"reference (untrained policy) evaluated on {len(rows)} dataset(s)")
     return pd.DataFrame(rows)

@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 import torch
 
-from .core import disk_memo, Setup, _config, available, beside_paper, grid, load_split, run_grid, summarize
+from .core import dataset_configs, disk_memo, Setup, beside_paper, grid, load_split, run_grid, summarize
 
 
 # ---------------------------------------------------------------- Table 4
@@ -27,14 +26,9 @@ def budget_table(setup: Setup, datasets, ns, *, echo: Callable[[str], None] | No
     negatives of every pool, so every selection is the whole pool at any checkpoint; QASC's 7 negatives make n = 10
     trivial). Pool sizes do not depend on the model, so the setup's first model's extraction is read."""
     from .. import stability as stab
-    from ..config import resolve_config
 
     rows = []
-    places = available(list(datasets), setup.data_dir, echo)
-    model = setup.model_list()[0]
-    for ds in [d for d in datasets if d in places]:
-        cfg = resolve_config(_config(replace(setup, model=model), {"dataset": ds, "method": "mass_dpo", "seed": 0},
-                                     places[ds]))
+    for _, ds, cfg in dataset_configs(setup, datasets, models=setup.model_list()[:1], echo=echo):
         ex = load_split(cfg, "train")
         trivial = set(stab.trivial_budgets(ex, ns))
         most = int(stab.negatives_per_pool(ex).max()) if len(ex) else 0
