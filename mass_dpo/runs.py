@@ -21,6 +21,7 @@ notebooks asking for the same run share one folder; a finished run is loaded, no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -66,14 +67,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file, read once per (path, modification time, size): run names are computed often."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _data_location(config: TrainConfig) -> str:
     """The data folder, or for a preference file given as the dataset its path and content hash."""
     from .data.preferences import is_preference_file, resolve_path
 
     if is_preference_file(config.dataset):
         path = resolve_path(config.dataset)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-        return f"{path.resolve()}#sha256={digest}"
+        if not path.is_file():
+            return f"{path.resolve()}#sha256=missing"
+        stat = path.stat()
+        return f"{path.resolve()}#sha256={_file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)}"
     try:
         from .data import resolve_data_dir
 
