@@ -90,24 +90,40 @@ def figure_fingerprint(fig, data: pd.DataFrame) -> str:
     Two figures with the same fingerprint draw the same picture (the rendering itself is deterministic)."""
     import hashlib
 
+    def ticks(axis):
+        # automatic ticks follow from the limits, the scale and the layout (all hashed); only ticks set by hand
+        # (FixedLocator / FixedFormatter) carry information of their own. Reading the tick labels instead would
+        # lay the ticks out, which costs as much as drawing.
+        loc, fmt = axis.get_major_locator(), axis.get_major_formatter()
+        return (type(loc).__name__, list(getattr(loc, "locs", ())), type(fmt).__name__, list(getattr(fmt, "seq", ())))
+
     h = hashlib.sha256()
     h.update(data.to_csv(index=False).encode())
-    h.update(repr((tuple(fig.get_size_inches()), fig.dpi, matplotlib.__version__)).encode())
+    engine = fig.get_layout_engine()
+    h.update(repr((tuple(fig.get_size_inches()), fig.dpi, matplotlib.__version__, type(engine).__name__,
+                   fig.subplotpars.left, fig.subplotpars.bottom, fig.subplotpars.right, fig.subplotpars.top,
+                   sorted((k, repr(v)) for k, v in matplotlib.rcParams.items() if not k.startswith("backend")))).encode())
     for ax in fig.axes:
         h.update(repr((ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_xlim(), ax.get_ylim(),
-                       ax.get_xscale(), ax.get_yscale(), [t.get_text() for t in ax.get_xticklabels()],
-                       [t.get_text() for t in ax.get_yticklabels()], len(ax.patches))).encode())
+                       ax.get_xscale(), ax.get_yscale(), ticks(ax.xaxis), ticks(ax.yaxis), len(ax.patches),
+                       [(t.get_text(), t.get_position()) for t in ax.texts])).encode())
         for line in ax.get_lines():
             h.update(repr((line.get_color(), line.get_linestyle(), line.get_marker(), line.get_label())).encode())
             h.update(np.asarray(line.get_xydata(), dtype=float).tobytes())
         for patch in ax.patches:
             h.update(repr((patch.get_facecolor(), patch.get_bbox().bounds)).encode())
+        for image in ax.images:
+            h.update(np.ma.filled(np.ma.asarray(image.get_array(), dtype=float), np.nan).tobytes())
+            h.update(repr((image.get_cmap().name, image.norm.vmin, image.norm.vmax)).encode())
         for coll in ax.collections:
             h.update(np.asarray(coll.get_offsets(), dtype=float).tobytes())
             h.update(np.asarray(coll.get_facecolor(), dtype=float).tobytes())
         legend = ax.get_legend()
         if legend is not None:
             h.update(repr([t.get_text() for t in legend.get_texts()]).encode())
+    for legend in fig.legends:
+        h.update(repr([t.get_text() for t in legend.get_texts()]).encode())
+    h.update(repr([t.get_text() for t in fig.texts]).encode())
     return h.hexdigest()
 
 
@@ -129,6 +145,12 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
     fresh = (stamp.is_file() and stamp.read_text().strip() == key and paths["pdf"].is_file()
              and paths["png"].is_file() and os.environ.get("MASS_DPO_REDRAW", "") in ("", "0"))
     if not fresh:
+        if fig.get_layout_engine() is not None and not isinstance(fig.get_layout_engine(),
+                                                                  matplotlib.layout_engine.PlaceHolderLayoutEngine):
+            # lay the figure out once and keep that layout: a layout engine run again at every save moves the
+            # axes by a hair, and the second file would differ from the first
+            fig.draw_without_rendering()
+            fig.set_layout_engine("none")
         with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
             fig.savefig(paths["pdf"], format="pdf", metadata=PDF_METADATA)
             fig.savefig(paths["png"], format="png", metadata=PNG_METADATA)
@@ -219,7 +241,9 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
     row_order = [None] if row is None else (list(row_order) if row_order is not None
                                             else list(dict.fromkeys(summary[row])))
     colours = palette(hue_order)
-    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=True,
+    # constrained layout runs only when the figure is drawn, so a warm rerun that skips drawing (save_figure)
+    # pays nothing for it
+    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=True, layout="constrained",
                              figsize=(panel_size[0] * len(col_order), panel_size[1] * len(row_order)))
     for i, r in enumerate(row_order):
         for j, c in enumerate(col_order):
@@ -250,9 +274,7 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
             if j == 0:
                 ax.set_ylabel(ylabel or "")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
-    fig.tight_layout(rect=(0, 0.08 if len(row_order) == 1 else 0.05, 1, 1))
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), frameon=False)
     return fig, axes
 
 
@@ -264,7 +286,8 @@ def method_bars(summary: pd.DataFrame, metric: str, labels, *, ylabel: str):
 
     shown = summary[summary["metric"] == metric]
     datasets = [d for d in dict.fromkeys(shown["dataset"]) if d != "avg"]
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(3.2 * max(1, len(datasets)), 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(3.2 * max(1, len(datasets)), 2.9), squeeze=False,
+                             layout="constrained")
     colours = {**palette([lb for lb in labels if lb != "reference"]), "reference": "0.7"}
     for ax, ds in zip(axes[0], datasets):
         part = shown[shown["dataset"] == ds].set_index("method").reindex(list(labels))
@@ -274,7 +297,6 @@ def method_bars(summary: pd.DataFrame, metric: str, labels, *, ylabel: str):
         ax.set_title(ds)
     axes[0, 0].set_ylabel(ylabel)
     axes[0, 0].legend(loc="lower right")
-    fig.tight_layout()
     return fig, shown
 
 

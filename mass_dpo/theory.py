@@ -1,9 +1,8 @@
 """The toy log-linear model: a synthetic check of Section 5's bounds (Theorems 5.1, 5.2 and C.1).
 
-torch/numpy only. The notebook ``notebooks/toy_loglinear.ipynb`` calls the experiment drivers at the bottom
-(:func:`n_sweep`, :func:`k_sweep`, :func:`exact_sweep` through :func:`run_all`, and :func:`regime_sweep` through
-:func:`run_regime_sweep`) and only plots their records. Every driver's records are cached on disk by a hash of its
-parameters (:func:`cached_records`), so a second run of the notebook only reads them back.
+torch/numpy only: the model, its fits and the quantities the theorems bound. The experiment that runs over them
+(settings, sweeps, record cache) is :mod:`mass_dpo.toy`, which ``notebooks/toy_loglinear.ipynb`` calls; it imports
+this module only when a record has to be computed.
 
 Model (Assumption 4.1): ``pi(y | x; theta) ∝ exp(phi(x, y) . theta)`` with a uniform reference policy, so the
 offsets ``b_i = log ref(y*) - log ref(y_i)`` are all 0 (the paper has no toy setup that says otherwise).
@@ -40,51 +39,17 @@ the model one would have before training), ``"zero"`` (no prior knowledge: ``q^0
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-import os
-import tempfile
-import zlib
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .losses import loglinear_grad, loglinear_hessian, loglinear_loss
 from .selection import fisher_vectors, select_negatives
 
 SHAPES = ("isotropic", "clustered")
-THETA0_KINDS = ("pilot", "zero", "true")
-#: (strategy, center) pairs compared on every figure: Algorithm 1, its label-blind variant (the greedy over all
-#: ``N + 1`` responses without knowing which won, ``y*`` dropped afterwards), its uncentred ablation, two baselines.
-METHODS = (("dopt", True), ("label_blind", True), ("dopt", False), ("random", True), ("hardest", True))
-#: The methods of the regime sweep (:func:`regime_sweep`).
-REGIME_METHODS = (("dopt", True), ("label_blind", True), ("random", True))
 DTYPE = torch.float64
-#: The k sweep's extra estimator: label-blind subsets, fitted only on the prompts whose ``y*`` the greedy picked.
-KEPT_LABEL = "label-blind, only prompts with y* picked"
-#: Bump when a change to this module changes any cached record (:func:`cached_records`).
-CACHE_VERSION = 2
-
-
-def method_label(strategy: str, center: bool) -> str:
-    """Human-readable name of a (strategy, center) pair, used as the ``method`` column of every record."""
-    names = {"dopt": "D-optimal", "label_blind": "label-blind D-optimal", "random": "random", "hardest": "hardest"}
-    label = names.get(strategy, strategy)
-    if strategy == "dopt":
-        label += " (centred)" if center else " (uncentred)"
-    elif strategy == "label_blind" and not center:
-        label += " (uncentred)"
-    return label
-
-
-def seed_for(*parts) -> int:
-    """A stable 31-bit seed from any parts (e.g. ``seed_for("n_sweep", "clustered", 3)``)."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------- synthetic problems
@@ -441,144 +406,7 @@ def preference_accuracy(theta: torch.Tensor, phi: torch.Tensor) -> float:
     return float(((phi.to(DTYPE) @ theta.to(DTYPE)).max(-1).values < 0).to(DTYPE).mean())
 
 
-def loglog_slope(x, y) -> float:
-    """Least-squares slope of ``log y`` on ``log x`` over the points where both are positive and finite."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
-
-
-# ---------------------------------------------------------------- experiment drivers (records for the notebook)
-
-
-@dataclass
-class ToyConfig:
-    """Every setting of the toy experiments (the notebook's parameters cell; see ``params/toy_loglinear.yaml``)."""
-
-    d: int
-    pool_size: int  # N, candidates per prompt
-    n_grid: list  # subset sizes n for Theorems 5.1 / C.1
-    num_prompts: int  # prompts per fit in the n sweep
-    k_grid: list  # numbers of prompts k for Theorem 5.2
-    k_sweep_n: int  # negatives per prompt in the k sweep
-    beta: float
-    gamma: float
-    signal: float  # std of the true rewards beta phi . theta_true
-    feature_scale: float  # std of each feature coordinate
-    num_clusters: int
-    cluster_noise: float  # near-duplicate spread, relative to feature_scale
-    theta0: str  # "pilot" | "zero" | "true"
-    pilot_prompts: int
-    num_test_prompts: int
-    exact_pool_size: int  # N for the brute-force comparison
-    exact_prompts: int
-    coverage_max_n: int
-    tol: float = 1e-10
-    max_iter: int = 100
-    methods: tuple = field(default=METHODS)
-
-    def __post_init__(self):
-        if self.theta0 not in THETA0_KINDS:
-            raise ValueError(f"theta0 must be one of {', '.join(THETA0_KINDS)}, got {self.theta0!r}")
-        if max(self.n_grid) > self.pool_size or min(self.n_grid) < 1:
-            raise ValueError(f"n_grid must lie in [1, pool_size={self.pool_size}], got {self.n_grid}")
-        if not 1 <= self.k_sweep_n <= self.pool_size:
-            raise ValueError(f"k_sweep_n must lie in [1, pool_size={self.pool_size}], got {self.k_sweep_n}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _problem(cfg: ToyConfig, shape: str, seed: int, tag: str, num_prompts: int, N: int):
-    """theta_true, training pools, the preprocessing point theta0 and its fit report, for one (shape, seed)."""
-    gen = torch.Generator().manual_seed(seed_for(tag, shape, seed))
-    theta_true = make_theta_true(cfg.d, beta=cfg.beta, signal=cfg.signal, feature_scale=cfg.feature_scale,
-                                 generator=gen)
-    kw = dict(theta_true=theta_true, beta=cfg.beta, shape=shape, feature_scale=cfg.feature_scale,
-              num_clusters=cfg.num_clusters, cluster_noise=cfg.cluster_noise, generator=gen)
-    pools = make_pools(num_prompts, N, cfg.d, **kw)
-    pilot_fit = None
-    if cfg.theta0 == "pilot":
-        pilot = make_pools(cfg.pilot_prompts, N, cfg.d, **kw)
-        pilot_fit = fit_ridge(pilot.phi, pilot.b, cfg.beta, cfg.gamma, tol=cfg.tol, max_iter=cfg.max_iter)
-        theta0 = pilot_fit.theta
-    elif cfg.theta0 == "true":
-        theta0 = theta_true.clone()
-    else:
-        theta0 = torch.zeros(cfg.d, dtype=DTYPE)
-    return gen, theta_true, pools, theta0, pilot_fit, kw
-
-
-def _fit_record(report: FitReport, **labels) -> dict:
-    return dict(labels, converged=report.converged, grad_norm=report.grad_norm, iterations=report.iterations,
-                message=report.message)
-
-
-def _orders(cfg: ToyConfig, pools: Pools, logits, n_max: int, gen: torch.Generator) -> dict:
-    """Selection order per method: every strategy is nested, so the first ``n`` of ``n_max`` is its ``n``-subset."""
-    out = {}
-    for strategy, center in cfg.methods:
-        sel = select_negatives(pools.phi, logits, n_max, beta=cfg.beta, gamma=cfg.gamma, strategy=strategy,
-                               center=center, generator=gen)
-        out[(strategy, center)] = sel.indices
-    return out
-
-
-def n_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
-    """Theorems 5.1 and C.1, redundancy and test accuracy against the subset size ``n`` for one (shape, seed).
-
-    Returns ``{"n": records per (method, n), "coverage": records per (method, n <= coverage_max_n),
-    "fits": one record per fit}``. Errors are measured against ``theta_*`` (the full-pool fit on the same prompts)
-    and ``theta_true``; E_rel is averaged (``erel_*``) and maximised (``erel_*_max``) over prompts.
-    """
-    N = cfg.pool_size
-    gen, theta_true, pools, theta0, pilot_fit, kw = _problem(cfg, shape, seed, "n_sweep", cfg.num_prompts, N)
-    test = make_pools(cfg.num_test_prompts, N, cfg.d, **kw)
-    logits = pools.phi @ theta0 + pools.b
-    base = dict(shape=shape, seed=seed, theta0=cfg.theta0)
-    fits = [] if pilot_fit is None else [_fit_record(pilot_fit, **base, fit="pilot theta0", method="", n=N)]
-    star = fit_ridge(pools.phi, pools.b, cfg.beta, cfg.gamma, tol=cfg.tol, max_iter=cfg.max_iter)
-    fits.append(_fit_record(star, **base, fit="theta_*", method="", n=N))
-    n_values = sorted(set(cfg.n_grid))
-    n_max = max(max(n_values), min(cfg.coverage_max_n, N))
-    orders = _orders(cfg, pools, logits, n_max, gen)
-    acc_true, acc_star = preference_accuracy(theta_true, test.phi), preference_accuracy(star.theta, test.phi)
-    records, coverage = [], []
-    for (strategy, center), order in orders.items():
-        label = dict(base, method=method_label(strategy, center), strategy=strategy, center=center)
-        lb = leverage_bound(pools.phi, pools.b, logits, order, n_values, star.theta, cfg.beta, cfg.gamma)
-        for j, n in enumerate(n_values):
-            mask = prefix_mask(order, n, N)
-            fit = fit_ridge(pools.phi, pools.b, cfg.beta, cfg.gamma, mask, theta_init=star.theta, tol=cfg.tol,
-                            max_iter=cfg.max_iter)
-            fits.append(_fit_record(fit, **base, fit="theta_hat_n", method=label["method"], n=n))
-            sigma = sigma_matrix(star.theta, pools.phi, pools.b, cfg.beta, cfg.gamma, mask)
-            e_star = relative_logit_error(pools.phi, fit.theta - star.theta)
-            e_true = relative_logit_error(pools.phi, fit.theta - theta_true)
-            lev, bound = lb.leverage[:, j], lb.bound[:, j]
-            records.append(dict(
-                label, n=n,
-                erel_star=float(e_star.mean()), erel_star_max=float(e_star.max()),
-                erel_true=float(e_true.mean()), erel_true_max=float(e_true.max()),
-                sigma_err_star=float(sigma_norm(fit.theta - star.theta, sigma)),
-                sigma_err_true=float(sigma_norm(fit.theta - theta_true, sigma)),
-                leverage=float(lev.median()), leverage_max=float(lev.max()),
-                bound=float(bound.median()), bound_holds=float((lev <= bound * (1 + 1e-9)).to(DTYPE).mean()),
-                kappa=float(lb.kappa[:, j].median()), rho=float(lb.rho[:, j].median()),
-                q_min=float(lb.q_min.median()), alpha0=float(lb.alpha0.median()), L_v=float(lb.L_v.median()),
-                logdet_gain=float(logdet_gain(pools.phi, logits, order[:, :n], cfg.beta, cfg.gamma).mean()),
-                test_accuracy=preference_accuracy(fit.theta, test.phi),
-                test_accuracy_star=acc_star, test_accuracy_true=acc_true,
-                converged=fit.converged,
-            ))
-        if shape == "clustered":
-            for n in range(1, min(cfg.coverage_max_n, N) + 1):
-                cov = cluster_coverage(order[:, :n], pools.clusters).to(DTYPE)
-                coverage.append(dict(label, n=n, clusters_covered=float(cov.mean()),
-                                     clusters_present=float(pools.clusters_present.to(DTYPE).mean())))
-    return {"n": records, "coverage": coverage, "fits": fits}
+# ---------------------------------------------------------------- label-blind subsets (section 8 of the notebook)
 
 
 def label_blind_kept(phi, logits, n: int, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,167 +429,7 @@ def label_blind_kept(phi, logits, n: int, beta: float, gamma: float) -> tuple[to
     return order, kept
 
 
-def k_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
-    """Theorem 5.2: ``||theta_hat_{k,n} - theta_*||_{Sigma_{k,n}}`` against the number of prompts ``k`` (``n`` fixed).
-
-    ``theta_*`` is the full-pool fit on the same ``k`` prompts (``theta_{*,k}`` of Theorem A.2); the error against
-    ``theta_true`` is measured in the same norm. ``c_min`` (Assumption C.2) is the smallest
-    ``beta^2 (1 - sigmoid(Z_C(theta)))`` over the prompts at ``theta0``, ``theta_*`` and ``theta_hat``, and ``bound``
-    is eq. 16 at ``delta = 0.05`` (``nan`` where ``c_min k >= gamma`` leaves it undefined).
-
-    ``"k_kept"``: the label-blind subsets fitted only on the prompts among the first ``k`` whose ``y*`` the greedy
-    picked (:func:`label_blind_kept`; ``kept`` of them, errors ``nan`` where none), with ``Sigma`` averaged over them.
-    """
-    N, n = cfg.pool_size, cfg.k_sweep_n
-    k_values = sorted(set(cfg.k_grid))
-    gen, theta_true, pools, theta0, pilot_fit, _ = _problem(cfg, shape, seed, "k_sweep", max(k_values), N)
-    logits = pools.phi @ theta0 + pools.b
-    orders = _orders(cfg, pools, logits, n, gen)
-    kept_order, kept_all = label_blind_kept(pools.phi, logits, n, cfg.beta, cfg.gamma)
-    base = dict(shape=shape, seed=seed, theta0=cfg.theta0)
-    records, kept_records, fits = [], [], []
-    for k in k_values:
-        phi, b = pools.phi[:k], pools.b[:k]
-        star = fit_ridge(phi, b, cfg.beta, cfg.gamma, tol=cfg.tol, max_iter=cfg.max_iter)
-        fits.append(_fit_record(star, **base, fit="theta_*,k", method="", n=N, k=k))
-        for (strategy, center), order in orders.items():
-            label = dict(base, method=method_label(strategy, center), strategy=strategy, center=center)
-            mask = prefix_mask(order[:k], n, N)
-            fit = fit_ridge(phi, b, cfg.beta, cfg.gamma, mask, theta_init=star.theta, tol=cfg.tol,
-                            max_iter=cfg.max_iter)
-            fits.append(_fit_record(fit, **base, fit="theta_hat_k,n", method=label["method"], n=n, k=k))
-            sigma = sigma_matrix(star.theta, phi, b, cfg.beta, cfg.gamma, mask)
-            c_min = min(float(curvature_scale(t, phi, b, cfg.beta).min()) for t in (theta0, star.theta, fit.theta))
-            records.append(dict(
-                label, k=k, n=n,
-                sigma_err_star=float(sigma_norm(fit.theta - star.theta, sigma)),
-                sigma_err_true=float(sigma_norm(fit.theta - theta_true, sigma)),
-                c_min=c_min, bound=batch_error_bound(k, cfg.d, c_min, cfg.gamma),
-                converged=fit.converged,
-            ))
-        keep = kept_all[:k]
-        rec = dict(base, method=KEPT_LABEL, strategy="label_blind_kept", center=True, k=k, n=n, kept=int(keep.sum()),
-                   sigma_err_star=float("nan"), sigma_err_true=float("nan"), converged=True)
-        if keep.any():
-            phi_k, b_k, mask = phi[keep], b[keep], prefix_mask(kept_order[:k][keep], n, N)
-            fit = fit_ridge(phi_k, b_k, cfg.beta, cfg.gamma, mask, theta_init=star.theta, tol=cfg.tol,
-                            max_iter=cfg.max_iter)
-            fits.append(_fit_record(fit, **base, fit="theta_hat_k,n", method=KEPT_LABEL, n=n, k=k))
-            sigma = sigma_matrix(star.theta, phi_k, b_k, cfg.beta, cfg.gamma, mask)
-            rec.update(sigma_err_star=float(sigma_norm(fit.theta - star.theta, sigma)),
-                       sigma_err_true=float(sigma_norm(fit.theta - theta_true, sigma)), converged=fit.converged)
-        kept_records.append(rec)
-    return {"k": records, "k_kept": kept_records, "fits": fits}
-
-
-def exact_sweep(cfg: ToyConfig, shape: str, seed: int) -> dict[str, list[dict]]:
-    """Greedy against exact (eq. 12): each method's log-det gain over the brute-force optimum, for every ``n``.
-
-    Both criteria are reported: ``criterion="centred"`` is eq. 11 (Algorithm 1's objective) and
-    ``criterion="uncentred"`` the ``center=False`` ablation's; each greedy is guaranteed ``>= 1 - 1/e`` of the
-    optimum of its own criterion. ``fraction`` is the mean over prompts, ``fraction_min`` the worst prompt.
-    """
-    N = cfg.exact_pool_size
-    gen, _, pools, theta0, _, _ = _problem(cfg, shape, seed, "exact", cfg.exact_prompts, N)
-    logits = pools.phi @ theta0 + pools.b
-    orders = _orders(cfg, pools, logits, N, gen)
-    records = []
-    for n in range(1, N + 1):
-        for criterion, center_crit in (("centred", True), ("uncentred", False)):
-            best = exact_best_logdet_gain(pools.phi, logits, n, cfg.beta, cfg.gamma, center_crit)
-            for (strategy, center), order in orders.items():
-                gain = logdet_gain(pools.phi, logits, order[:, :n], cfg.beta, cfg.gamma, center_crit)
-                frac = gain / best
-                records.append(dict(shape=shape, seed=seed, theta0=cfg.theta0, method=method_label(strategy, center),
-                                    strategy=strategy, center=center, criterion=criterion, n=n,
-                                    fraction=float(frac.mean()), fraction_min=float(frac.min())))
-    return {"exact": records}
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run the block with ``torch.set_num_threads(n)``, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def cache_dir() -> Path:
-    """Where the toy's records are cached: ``mass_dpo.params.cache_root() / "toy"``."""
-    from .params import cache_root  # (yaml only; keeps this module's import light)
-
-    return cache_root() / "toy"
-
-
-def cache_key(name: str, **params) -> str:
-    """A stable hex digest of ``name``, :data:`CACHE_VERSION` and ``params`` (JSON-serialisable values)."""
-    blob = json.dumps(dict(params, _name=name, _version=CACHE_VERSION), sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def cached_records(name: str, params: dict, compute, *, cache: bool = True):
-    """``compute()`` (a dict of record lists), read from / written to ``cache_dir()/<name>-<hash>.json``.
-
-    The file name hashes ``name``, every entry of ``params`` and :data:`CACHE_VERSION`; the write goes to a temporary
-    file in the same folder, renamed into place, so a reader never sees half a file. ``cache=False`` always computes.
-    """
-    if not cache:
-        return compute()
-    path = cache_dir() / f"{name}-{cache_key(name, **params)}.json"
-    if path.is_file():
-        with open(path) as f:
-            return json.load(f)
-    out = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1,
-            cache: bool = True) -> dict[str, list[dict]]:
-    """Every sweep for every (theta0, shape, seed): ``{"n", "coverage", "k", "k_kept", "exact", "fits"}`` records.
-
-    ``theta0_kinds`` (default ``[cfg.theta0]``) repeats everything at several preprocessing points. The tensors are
-    tiny (``d x d`` solves over a few hundred prompts), so torch runs single-threaded by default: intra-op threads
-    only add synchronisation, which made the sweeps 10x slower on a busy 2-core machine. Each (sweep, theta0, shape,
-    seed) is cached by :func:`cached_records` unless ``cache=False``.
-    """
-    out: dict[str, list[dict]] = {key: [] for key in ("n", "coverage", "k", "k_kept", "exact", "fits")}
-    with torch_threads(threads):
-        for kind in theta0_kinds or [cfg.theta0]:
-            c = replace(cfg, theta0=kind)
-            for shape in shapes:
-                for seed in seeds:
-                    for sweep in (n_sweep, k_sweep, exact_sweep):
-                        params = dict(cfg=c.as_dict(), shape=shape, seed=seed)
-                        rows = cached_records(sweep.__name__, params, lambda: sweep(c, shape, seed), cache=cache)
-                        for key, recs in rows.items():
-                            out[key].extend(recs)
-    return out
-
-
-# ---------------------------------------------------------------- the regime sweep (feature scale x d)
-
-
-def feature_scale_for_gram(gram_scale: float, d: int, N: int, beta: float, gamma: float) -> float:
-    """The ``feature_scale`` at which the scaled Gram diagonal ``G_ii = (alpha0 / gamma) q_i ||phi_i - phibar||^2``
-    of Algorithm 1 has expectation ``gram_scale`` on isotropic pools at ``theta0 = 0``.
-
-    There ``q_i = 1/N``, ``alpha0 = beta^2 sigmoid(log N)`` and ``E ||phi_i - phibar||^2 = d s^2 (1 - 1/N)`` (``y*``'s
-    features cancel in ``phi_i - phibar``), so ``s = sqrt(gram_scale N gamma / (alpha0 d (1 - 1/N)))``.
-    """
-    alpha0 = beta**2 / (1.0 + 1.0 / N)  # beta^2 sigmoid(log N)
-    return math.sqrt(gram_scale * N * gamma / (alpha0 * d * (1.0 - 1.0 / N)))
+# ---------------------------------------------------------------- the regime sweep's comparisons (G_ii scale x d)
 
 
 def top_gram_diagonal(phi, logits, n: int, beta: float, gamma: float) -> torch.Tensor:
@@ -776,59 +444,3 @@ def same_subset(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[P]`` bool: the rows of ``a`` and ``b`` (``[P, n]`` indices) hold the same set."""
     return (a.sort(-1).values == b.sort(-1).values).all(-1)
 
-
-def regime_sweep(cfg: ToyConfig, shape: str, seed: int, gram_scale: float, d: int, n: int) -> dict[str, list[dict]]:
-    """D-optimal, label-blind D-optimal and random subsets of ``n`` negatives at one (``G_ii`` scale, ``d``).
-
-    ``cfg`` gives ``N = pool_size``, ``beta``, ``gamma``, ``signal``, the pool shape settings, ``theta0``,
-    ``num_prompts`` and ``num_test_prompts``; ``d`` and ``feature_scale`` (from ``gram_scale`` by
-    :func:`feature_scale_for_gram`) are replaced. The rewards ``beta phi . theta_true`` keep std ``signal`` whatever
-    the scale, so only how the data weigh against the ridge ``gamma`` changes. Records per method: ``erel_true``
-    (eq. 15 against ``theta_true``, mean over prompts), ``test_accuracy``, ``same_as_top_gii`` (share of prompts whose
-    subset is the top-``n`` by ``G_ii``) and the measured median ``G_ii``; fits start at 0.
-    """
-    N = cfg.pool_size
-    scale = feature_scale_for_gram(gram_scale, d, N, cfg.beta, cfg.gamma)
-    c = replace(cfg, d=d, feature_scale=scale)
-    gen, theta_true, pools, theta0, _, kw = _problem(c, shape, seed, f"regime/{gram_scale}/{d}", c.num_prompts, N)
-    test = make_pools(c.num_test_prompts, N, d, **kw)
-    logits = pools.phi @ theta0 + pools.b
-    top = top_gram_diagonal(pools.phi, logits, n, c.beta, c.gamma)
-    v, alpha0, _, _ = design_vectors(pools.phi, logits, c.beta)
-    gii = float(((alpha0 / c.gamma)[:, None] * (v * v).sum(-1)).median())
-    base = dict(shape=shape, seed=seed, theta0=c.theta0, gram_scale=gram_scale, d=d, n=n, feature_scale=scale,
-                gii_median=gii)
-    records, fits = [], []
-    for strategy, center in REGIME_METHODS:
-        order = select_negatives(pools.phi, logits, n, beta=c.beta, gamma=c.gamma, strategy=strategy, center=center,
-                                 generator=gen).indices
-        # the subset loss only sees the picked rows: fit on them alone ([P, n, d], the same objective, N/n x cheaper)
-        rows = torch.arange(pools.phi.shape[0])[:, None]
-        fit = fit_ridge(pools.phi[rows, order], pools.b[rows, order], c.beta, c.gamma, tol=c.tol, max_iter=c.max_iter)
-        label = method_label(strategy, center)
-        fits.append(_fit_record(fit, **base, fit="theta_hat_n", method=label))
-        records.append(dict(
-            base, method=label, strategy=strategy, center=center,
-            erel_true=float(relative_logit_error(pools.phi, fit.theta - theta_true).mean()),
-            test_accuracy=preference_accuracy(fit.theta, test.phi),
-            same_as_top_gii=float(same_subset(order, top).to(DTYPE).mean()),
-            converged=fit.converged,
-        ))
-    return {"regime": records, "fits": fits}
-
-
-def run_regime_sweep(cfg: ToyConfig, shapes, seeds, gram_scales, dims, n: int, *, threads: int = 1,
-                     cache: bool = True) -> dict[str, list[dict]]:
-    """:func:`regime_sweep` over every (shape, ``G_ii`` scale, ``d``, seed), cached like :func:`run_all`."""
-    out: dict[str, list[dict]] = {"regime": [], "fits": []}
-    with torch_threads(threads):
-        for shape in shapes:
-            for g in gram_scales:
-                for d in dims:
-                    for seed in seeds:
-                        params = dict(cfg=cfg.as_dict(), shape=shape, seed=seed, gram_scale=g, d=d, n=n)
-                        rows = cached_records("regime_sweep", params,
-                                              lambda: regime_sweep(cfg, shape, seed, g, d, n), cache=cache)
-                        for key, recs in rows.items():
-                            out[key].extend(recs)
-    return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mass_dpo import select_negatives, theory
+from mass_dpo import select_negatives, theory, toy
 from mass_dpo.params import load_params
 
 DT = torch.float64
@@ -17,7 +17,7 @@ DT = torch.float64
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with theory.torch_threads(1):
+    with toy.torch_threads(1):
         yield
 
 
@@ -29,13 +29,13 @@ def _pools(shape="isotropic", P=40, N=8, d=4, seed=0, **kw):
     return theta_true, pools
 
 
-def _smoke_config(**overrides) -> theory.ToyConfig:
+def _smoke_config(**overrides) -> toy.ToyConfig:
     p = load_params("toy_loglinear")["profiles"]["smoke"]
-    fields = {f for f in theory.ToyConfig.__dataclass_fields__ if f != "methods"}
+    fields = {f for f in toy.ToyConfig.__dataclass_fields__ if f != "methods"}
     kw = {k: v for k, v in p.items() if k in fields}
     kw.update(theta0=p["theta0_kinds"][0])
     kw.update(overrides)
-    return theory.ToyConfig(**kw)
+    return toy.ToyConfig(**kw)
 
 
 # ---------------------------------------------------------------- data
@@ -212,7 +212,7 @@ def test_brute_force_logdet_on_n5_and_greedy_guarantee():
 def test_selection_is_nested_so_prefixes_are_the_n_subsets():
     _, pools = _pools(P=10, N=9, d=4, seed=7)
     logits = pools.phi @ torch.ones(4, dtype=DT)
-    for strategy, center in theory.METHODS:
+    for strategy, center in toy.METHODS:
         if strategy == "random":
             continue
         full = select_negatives(pools.phi, logits, 9, strategy=strategy, center=center).indices
@@ -237,8 +237,8 @@ def test_batch_error_bound_and_slope():
     inner = (1 / 0.05 + 5 * 0.01 / 0.1) / ((1 - 0.5) ** 0.25 * 0.05)
     assert val == pytest.approx(math.sqrt(1.0 * math.log(inner)) + 2 * math.sqrt(0.1))
     n = np.array([1, 2, 4, 8])
-    assert theory.loglog_slope(n, 3.0 * n**-0.5) == pytest.approx(-0.5)
-    assert theory.loglog_slope(n, [1.0, 0.0, 0.0, 0.0]) != theory.loglog_slope(n, [1.0, 0.5, 0.25, 0.125])
+    assert toy.loglog_slope(n, 3.0 * n**-0.5) == pytest.approx(-0.5)
+    assert toy.loglog_slope(n, [1.0, 0.0, 0.0, 0.0]) != toy.loglog_slope(n, [1.0, 0.5, 0.25, 0.125])
 
 
 # ---------------------------------------------------------------- drivers
@@ -246,9 +246,9 @@ def test_batch_error_bound_and_slope():
 
 def test_n_sweep_records_are_finite_and_zero_at_the_full_pool():
     cfg = _smoke_config(theta0="pilot")
-    out = theory.n_sweep(cfg, "clustered", 0)
+    out = toy.n_sweep(cfg, "clustered", 0)
     assert all(r["converged"] for r in out["fits"])
-    methods = {theory.method_label(s, c) for s, c in theory.METHODS}
+    methods = {toy.method_label(s, c) for s, c in toy.METHODS}
     assert {r["method"] for r in out["n"]} == methods
     for r in out["n"]:
         for key in ("erel_star", "erel_true", "leverage", "bound", "kappa", "rho", "test_accuracy"):
@@ -261,8 +261,8 @@ def test_n_sweep_records_are_finite_and_zero_at_the_full_pool():
 
 def test_run_all_is_deterministic():
     cfg = _smoke_config(num_prompts=8, k_grid=[4], num_test_prompts=10, exact_prompts=2)
-    a = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
-    b = theory.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
+    a = toy.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
+    b = toy.run_all(cfg, ["isotropic"], [0], ["zero", "pilot"], cache=False)
     assert a == b
     assert {r["theta0"] for r in a["n"]} == {"zero", "pilot"}
 
@@ -299,33 +299,56 @@ def test_cached_records_reads_back_what_it_wrote(tmp_path, monkeypatch):
         calls.append(1)
         return {"n": [{"x": 0.1 + 0.2, "nan": float("nan"), "flag": True, "name": "a"}]}
 
-    first = theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
-    again = theory.cached_records("unit", {"grid": [1, 2], "a": 1}, compute)  # key order does not matter
+    first = toy.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
+    again = toy.cached_records("unit", {"grid": [1, 2], "a": 1}, compute)  # key order does not matter
     assert len(calls) == 1
     assert again["n"][0]["x"] == 0.1 + 0.2 and math.isnan(again["n"][0]["nan"]) and again["n"][0]["flag"] is True
     assert first["n"][0]["x"] == again["n"][0]["x"]
     files = list((tmp_path / "toy").iterdir())
     assert len(files) == 1 and files[0].name.startswith("unit-") and files[0].suffix == ".json"
-    theory.cached_records("unit", {"a": 2, "grid": [1, 2]}, compute)  # other parameters: another entry
+    toy.cached_records("unit", {"a": 2, "grid": [1, 2]}, compute)  # other parameters: another entry
     assert len(calls) == 2
-    monkeypatch.setattr(theory, "CACHE_VERSION", theory.CACHE_VERSION + 1)  # a version bump invalidates
-    theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
+    monkeypatch.setattr(toy, "CACHE_VERSION", toy.CACHE_VERSION + 1)  # a version bump invalidates
+    toy.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute)
     assert len(calls) == 3
-    theory.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute, cache=False)
+    toy.cached_records("unit", {"a": 1, "grid": [1, 2]}, compute, cache=False)
     assert len(calls) == 4 and len(list((tmp_path / "toy").iterdir())) == 3  # nothing half-written is left
 
 
 def test_run_all_from_the_cache_equals_a_fresh_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))
     cfg = _smoke_config(num_prompts=8, k_grid=[4], num_test_prompts=10, exact_prompts=2)
-    fresh = theory.run_all(cfg, ["clustered"], [0], cache=False)
-    cold = theory.run_all(cfg, ["clustered"], [0])
-    warm = theory.run_all(cfg, ["clustered"], [0])
+    fresh = toy.run_all(cfg, ["clustered"], [0], cache=False)
+    cold = toy.run_all(cfg, ["clustered"], [0])
+    warm = toy.run_all(cfg, ["clustered"], [0])
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN == NaN here
     assert same(fresh, cold) and same(cold, warm)
     assert len(list((tmp_path / "toy").glob("*.json"))) == 3  # n, k and exact sweeps of one (theta0, shape, seed)
-    other = theory.run_all(replace(cfg, gamma=0.2), ["clustered"], [0])
+    other = toy.run_all(replace(cfg, gamma=0.2), ["clustered"], [0])
     assert not same(other, warm) and len(list((tmp_path / "toy").glob("*.json"))) == 6
+
+
+def test_a_warm_run_reads_the_cache_without_importing_torch(tmp_path, monkeypatch):
+    # the notebook's warm run costs what its imports cost: reading cached records must not pull in torch
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))
+    cfg = _smoke_config(num_prompts=8, k_grid=[4], num_test_prompts=10, exact_prompts=2)
+    cold = toy.run_all(cfg, ["isotropic"], [0])
+    regime = toy.run_regime_sweep(cfg, ["isotropic"], [0], [0.1], [4], 2)
+    script = (
+        "import json, sys\n"
+        "from mass_dpo import toy\n"
+        f"cfg = toy.ToyConfig(**json.loads({json.dumps(json.dumps(cfg.as_dict(), default=list))}))\n"
+        "cfg.methods = tuple(tuple(m) for m in cfg.methods)\n"
+        "out = toy.run_all(cfg, ['isotropic'], [0]), toy.run_regime_sweep(cfg, ['isotropic'], [0], [0.1], [4], 2)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'out': out}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["torch"] is False
+    assert json.dumps(result["out"], sort_keys=True) == json.dumps([cold, regime], sort_keys=True)
 
 
 # ---------------------------------------------------------------- regime sweep
@@ -334,7 +357,7 @@ def test_run_all_from_the_cache_equals_a_fresh_run(tmp_path, monkeypatch):
 def test_feature_scale_for_gram_gives_the_requested_gram_diagonal():
     N, d, beta, gamma = 10, 16, 0.1, 0.1
     for g in (1e-3, 10.0):
-        s = theory.feature_scale_for_gram(g, d, N, beta, gamma)
+        s = toy.feature_scale_for_gram(g, d, N, beta, gamma)
         theta_true = torch.zeros(d, dtype=DT)
         pools = theory.make_pools(3000, N, d, theta_true=theta_true, beta=beta, feature_scale=s,
                                   generator=torch.Generator().manual_seed(0))
@@ -355,7 +378,7 @@ def test_regime_sweep_dopt_is_top_gii_when_the_gram_is_small():
     cfg = _smoke_config(theta0="zero", pool_size=10, n_grid=[3], num_prompts=60, num_test_prompts=20)
     share = {}
     for g in (1e-4, 1e3):
-        out = theory.regime_sweep(cfg, "isotropic", 0, g, 16, 3)
+        out = toy.regime_sweep(cfg, "isotropic", 0, g, 16, 3)
         rec = {r["method"]: r for r in out["regime"]}
         assert set(rec) == {"D-optimal (centred)", "label-blind D-optimal", "random"}
         assert all(f["converged"] for f in out["fits"])
@@ -383,10 +406,10 @@ def test_label_blind_kept_marks_the_prompts_whose_winner_was_picked():
 
 def test_k_sweep_fits_the_kept_prompts_only():
     cfg = _smoke_config(theta0="zero")
-    out = theory.k_sweep(cfg, "isotropic", 0)
+    out = toy.k_sweep(cfg, "isotropic", 0)
     kept = out["k_kept"]
     assert [r["k"] for r in kept] == sorted(cfg.k_grid)
     for r in kept:
-        assert 0 <= r["kept"] <= r["k"] and r["method"] == theory.KEPT_LABEL
+        assert 0 <= r["kept"] <= r["k"] and r["method"] == toy.KEPT_LABEL
         assert math.isnan(r["sigma_err_star"]) == (r["kept"] == 0)
     assert any(r["kept"] > 0 for r in kept)

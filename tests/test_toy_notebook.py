@@ -9,7 +9,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from mass_dpo import theory
+from mass_dpo import toy
 from mass_dpo.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ FIGURES = ("erel_vs_n", "leverage_vs_n", "sigma_error_vs_k", "greedy_vs_exact", 
            "erel_true_vs_n", "test_accuracy_vs_n", "regime_top_gii", "regime_map")
 TABLES = ("erel_slopes", "leverage_constants", "toy_summary", "dopt_paired_differences", "label_blind_vs_random",
           "regime_paired_differences")
-METHODS = [theory.method_label(s, c) for s, c in theory.METHODS]
+METHODS = [toy.method_label(s, c) for s, c in toy.METHODS]
 
 
 def _defaults() -> dict:
