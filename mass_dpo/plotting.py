@@ -92,10 +92,11 @@ def figure_fingerprint(fig, data: pd.DataFrame) -> str:
 
     def ticks(axis):
         # automatic ticks follow from the limits, the scale and the layout (all hashed); only ticks set by hand
-        # (FixedLocator / FixedFormatter) carry information of their own. Reading the tick labels instead would
-        # lay the ticks out, which costs as much as drawing.
+        # (a FixedLocator, labelled by any formatter) carry information of their own. Asking the axis for its tick
+        # labels instead would lay every tick out, which costs as much as drawing.
         loc, fmt = axis.get_major_locator(), axis.get_major_formatter()
-        return (type(loc).__name__, list(getattr(loc, "locs", ())), type(fmt).__name__, list(getattr(fmt, "seq", ())))
+        locs = [float(x) for x in getattr(loc, "locs", ())]
+        return type(loc).__name__, locs, type(fmt).__name__, list(fmt.format_ticks(locs)) if locs else []
 
     h = hashlib.sha256()
     h.update(data.to_csv(index=False).encode())
@@ -119,10 +120,10 @@ def figure_fingerprint(fig, data: pd.DataFrame) -> str:
             h.update(np.asarray(coll.get_offsets(), dtype=float).tobytes())
             h.update(np.asarray(coll.get_facecolor(), dtype=float).tobytes())
         legend = ax.get_legend()
-        if legend is not None:
-            h.update(repr([t.get_text() for t in legend.get_texts()]).encode())
+        if legend is not None:  # its texts and its requested place (matplotlib keeps that only as ``_loc``)
+            h.update(repr(([t.get_text() for t in legend.get_texts()], getattr(legend, "_loc", None))).encode())
     for legend in fig.legends:
-        h.update(repr([t.get_text() for t in legend.get_texts()]).encode())
+        h.update(repr(([t.get_text() for t in legend.get_texts()], getattr(legend, "_loc", None))).encode())
     h.update(repr([t.get_text() for t in fig.texts]).encode())
     return h.hexdigest()
 
@@ -296,7 +297,7 @@ def method_bars(summary: pd.DataFrame, metric: str, labels, *, ylabel: str):
         ax.set_xticks(range(len(part)), part.index, rotation=45, ha="right")
         ax.set_title(ds)
     axes[0, 0].set_ylabel(ylabel)
-    axes[0, 0].legend(loc="lower right")
+    axes[0, 0].legend(loc="best")  # the spot that hides the fewest bars and ticks
     return fig, shown
 
 

@@ -134,3 +134,39 @@ def test_an_unchanged_figure_is_not_drawn_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_REDRAW", "1")
     plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)
     assert len(calls) == 4
+
+
+def _heatmap(labels=("a", "b"), loc="upper left", cell=1.0, note="x", layout="constrained"):
+    fig, ax = plt.subplots(layout=layout)
+    ax.imshow(np.array([[0.0, cell], [2.0, 3.0]]), cmap="RdBu", vmin=-3, vmax=3)
+    ax.set_xticks([0, 1], list(labels))
+    ax.text(0, 0, note)
+    ax.plot([0, 1], [0, 1], label="line")
+    ax.legend(loc=loc)
+    return fig
+
+
+@pytest.mark.parametrize("change", [dict(labels=("a", "c")), dict(loc="lower right"), dict(cell=1.5),
+                                    dict(note="y"), dict(layout=None)])
+def test_the_fingerprint_sees_what_the_figure_shows_without_laying_it_out(change):
+    data = pd.DataFrame({"v": [1.0]})
+    base = plotting.figure_fingerprint(_heatmap(), data)
+    assert plotting.figure_fingerprint(_heatmap(), data) == base  # the same picture: the same key
+    fig = _heatmap(**change)
+    assert plotting.figure_fingerprint(fig, data) != base  # hand-set ticks, legend place, pixels, texts, layout
+    assert fig.stale  # the fingerprint did not draw (or lay out) the figure
+    plt.close("all")
+
+
+def test_facet_lines_lays_out_only_when_drawn(monkeypatch):
+    calls = []
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    original = ConstrainedLayoutEngine.execute
+    monkeypatch.setattr(ConstrainedLayoutEngine, "execute", lambda self, fig: calls.append(1) or original(self, fig))
+    fig, _, summary = _figure()
+    plotting.figure_fingerprint(fig, summary)
+    assert calls == []  # building and fingerprinting a figure costs no layout
+    fig.canvas.draw()
+    assert calls
+    plt.close(fig)
