@@ -146,9 +146,8 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
     fresh = (stamp.is_file() and stamp.read_text().strip() == key and paths["pdf"].is_file()
              and paths["png"].is_file() and os.environ.get("MASS_DPO_REDRAW", "") in ("", "0"))
     if not fresh:
-        if fig.get_layout_engine() is not None and not isinstance(fig.get_layout_engine(),
-                                                                  matplotlib.layout_engine.PlaceHolderLayoutEngine):
-            # lay the figure out once and keep that layout: a layout engine run again at every save moves the
+        if isinstance(fig.get_layout_engine(), matplotlib.layout_engine.ConstrainedLayoutEngine):
+            # lay the figure out once and keep that layout: constrained layout run again at every save moves the
             # axes by a hair, and the second file would differ from the first
             fig.draw_without_rendering()
             fig.set_layout_engine("none")

@@ -42,7 +42,6 @@ KEPT_LABEL = "label-blind, only prompts with y* picked"
 CACHE_VERSION = 2
 
 
-
 def method_label(strategy: str, center: bool) -> str:
     """Human-readable name of a (strategy, center) pair, used as the ``method`` column of every record."""
     names = {"dopt": "D-optimal", "label_blind": "label-blind D-optimal", "random": "random", "hardest": "hardest"}

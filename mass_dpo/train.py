@@ -22,7 +22,7 @@ import os
 import sys
 
 from .losses import METHODS
-from .training import REGIMES
+from .config import REGIMES
 
 #: Options forwarded to the config as they are (flag -> TrainConfig field, type).
 _OPTIONS = {
@@ -86,7 +86,7 @@ def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
     import dataclasses
 
     from .params import load_params
-    from .training import TrainConfig
+    from .config import TrainConfig
 
     params = load_params("training")
     base = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
@@ -125,7 +125,7 @@ def check_settings(options: dict):
     from .cli import UsageError, check_model
     from .data import BENCHMARKS, is_preference_file, locate
     from .data.preferences import resolve_path
-    from .training import resolve_config
+    from .config import resolve_config
 
     cfg = resolve_config(**options)
     check_model(cfg.model)

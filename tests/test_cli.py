@@ -104,10 +104,10 @@ def test_bad_values_are_refused_before_any_work(capsys, isolated, command, optio
 
 
 def test_a_bad_value_from_a_profile_is_refused_too(capsys, isolated, monkeypatch):
-    import mass_dpo.training as training
+    import mass_dpo.config as config
 
-    resolve = training.resolve_config  # check_settings imports it at call time: a profile giving beta 0
-    monkeypatch.setattr(training, "resolve_config", lambda *a, **k: _with(resolve(*a, **k), beta=0.0))
+    resolve = config.resolve_config  # check_settings imports it at call time: a profile giving beta 0
+    monkeypatch.setattr(config, "resolve_config", lambda *a, **k: _with(resolve(*a, **k), beta=0.0))
     line = _error(capsys, ["train", "--dataset", "qasc", "--data-dir", "samples", "--dry-run"])
     assert "beta must be > 0" in line and "--beta" in line
 

@@ -111,6 +111,18 @@ def test_held_out_splits_carved_by_a_fixed_seed(tmp_path):
     assert len(load_preferences(path)) == 40  # split=None: every row
 
 
+def test_rows_that_share_a_prompt_stay_in_one_split(tmp_path):
+    # pairwise data: one row per (prompt, rejected); 20 prompts x 2 rows
+    rows = [{"id": f"r{i}-{j}", "prompt": f"Q{i}?", "chosen": "a", "rejected": [f"b{j}"]}
+            for i in range(20) for j in range(2)]
+    path = _jsonl(tmp_path / "pairs.jsonl", rows)
+    prompts = {s: set(load_preferences(path, split=s)["prompt"]) for s in ("train", "valid", "test")}
+    assert not (prompts["train"] & prompts["test"]) and not (prompts["train"] & prompts["valid"])
+    assert not (prompts["valid"] & prompts["test"])
+    assert (len(prompts["train"]), len(prompts["valid"]), len(prompts["test"])) == (16, 2, 2)  # 10% of 20 prompts
+    assert len(load_preferences(path, split="test")) == 4  # both rows of each test prompt
+
+
 def test_split_column_is_used_when_present(tmp_path):
     rows = [{"prompt": f"Q{i}?", "chosen": "a", "rejected": ["b"], "split": s}
             for i, s in enumerate(["train", "train", "validation", "test"])]

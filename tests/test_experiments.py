@@ -304,6 +304,13 @@ def test_hold_last_and_final_gap_by_kind_of_negatives():
     assert set(summary["negatives"]) == {"own", "common"} and summary["step"].max() == 3
 
 
+def test_common_curves_skip_runs_without_a_path_to_retrace(tmp_path):
+    # Adam or LM-regime runs (run_row leaves ridge empty) have no deterministic path: skipped, never refitted
+    runs = pd.DataFrame([{"label": "S-DPO", "ridge": None, "run_dir": str(tmp_path / "missing"), "dataset": "qasc",
+                          "method": "sdpo", "seed": 0}])
+    assert E.common_curves(runs).empty
+
+
 @pytest.mark.slow
 def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))

@@ -341,7 +341,6 @@ def test_a_warm_run_reads_the_cache_without_importing_torch(tmp_path, monkeypatc
         "import json, sys\n"
         "from mass_dpo import toy\n"
         f"cfg = toy.ToyConfig(**json.loads({json.dumps(json.dumps(cfg.as_dict(), default=list))}))\n"
-        "cfg.methods = tuple(tuple(m) for m in cfg.methods)\n"
         "out = toy.run_all(cfg, ['isotropic'], [0]), toy.run_regime_sweep(cfg, ['isotropic'], [0], [0.1], [4], 2)\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'out': out}))\n"
     )

@@ -154,10 +154,12 @@ def download(data_dir: Path, url: str | None = None, timeout: float = TIMEOUT_S)
     try:
         for name, data in contents.items():
             (tmp / name).write_bytes(data)
-        if all((target / n).is_file() for n in SHA256):  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)  # atomic; fails if a partial target folder is in the way
+        try:
+            os.replace(tmp, target)  # atomic; fails when a folder is already there
+        except OSError:
+            if not all((target / n).is_file() for n in SHA256):  # not another process's complete download
+                raise
+            shutil.rmtree(tmp)  # another process (e.g. a rank under accelerate launch) finished first: keep its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):

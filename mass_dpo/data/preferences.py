@@ -16,9 +16,11 @@ path that does not exist from the current folder is looked up from the repositor
 
 Held-out splits (``split="train" | "valid" | "test"``; ``None``: every row): a ``split`` column, when the file has
 one, decides (``val``/``validation``/``dev`` mean ``valid``). Otherwise the splits are carved by a fixed seed
-(:func:`carve_splits`): the rows are ordered by ``stable_fraction(id, "preferences-split/<seed>")`` (SHA-256 of
-the id: the same on every machine, independent of file order); the first ``max(1, round(0.1 N))`` are ``test``, the
-next ``max(1, round(0.1 N))`` ``valid``, the rest ``train``; each split keeps the file order. A file needs 3 rows.
+(:func:`carve_splits`): rows that share a prompt stay together, and the prompts are ordered by
+the smallest ``stable_fraction(id, "preferences-split/<seed>")`` of their ids (SHA-256 of the id: the same on every
+machine, independent of file order when the file has ids); the first ``max(1, round(0.1 G))`` of the ``G`` prompts are
+``test``, the next ``max(1, round(0.1 G))`` ``valid``, the rest ``train``; each split keeps the file order. A file
+needs 3 distinct prompts.
 
 The records have ``candidates = [chosen, *rejected]`` and ``target = 0``. Problems (a missing or empty field, an
 empty pool, the chosen text among the rejected, a message list without content, a repeated id)
@@ -140,21 +142,27 @@ def _split_name(value: Any) -> str | None:
     return _SPLIT_NAMES.get(str(value).strip().lower()) if value not in (None, "") else None
 
 
-def carve_splits(ids: list[str], seed: int = 0) -> list[str]:
-    """The held-out split of each id (``train``, ``valid`` or ``test``) for a file without a ``split`` column: ids
-    ordered by ``stable_fraction(id, f"preferences-split/{seed}")``; the first ``max(1, round(0.1 N))`` are test, the
-    next ``max(1, round(0.1 N))`` valid, the rest train (:data:`HELD_OUT`)."""
-    n = len(ids)
+def carve_splits(ids: list[str], seed: int = 0, groups: list[str] | None = None) -> list[str]:
+    """The held-out split of each id (``train``, ``valid`` or ``test``) for a file without a ``split`` column.
+
+    Rows that share a ``groups`` value (the prompt) stay in one split, so no prompt is both trained and tested on
+    (pairwise files repeat a prompt once per rejected response); without ``groups`` every id is its own group. The
+    groups are ordered by the smallest ``stable_fraction(id, f"preferences-split/{seed}")`` of their ids; the first
+    ``max(1, round(0.1 G))`` of the ``G`` groups are test, the next ``max(1, round(0.1 G))`` valid, the rest train
+    (:data:`HELD_OUT`)."""
+    groups = list(ids) if groups is None else list(groups)
+    first: dict[str, tuple[float, int]] = {}
+    for i, g in enumerate(groups):
+        first[g] = min(first.get(g, (2.0, i)), (stable_fraction(ids[i], f"preferences-split/{seed}"), i))
+    n = len(first)
     if n < 3:
-        raise ValueError(f"{n} preference row(s): carving train/valid/test needs at least 3; add rows, or a 'split' "
+        raise ValueError(f"{n} distinct prompt(s): carving train/valid/test needs at least 3; add rows, or a 'split' "
                          "column (train/valid/test) to choose the held-out rows yourself")
     n_test = max(1, round(HELD_OUT["test"] * n))
     n_valid = max(1, round(HELD_OUT["valid"] * n))
-    order = sorted(range(n), key=lambda i: (stable_fraction(ids[i], f"preferences-split/{seed}"), i))
-    out = ["train"] * n
-    for rank, i in enumerate(order[: n_test + n_valid]):
-        out[i] = "test" if rank < n_test else "valid"
-    return out
+    order = sorted(first, key=first.__getitem__)
+    held = {g: "test" if rank < n_test else "valid" for rank, g in enumerate(order[: n_test + n_valid])}
+    return [held.get(g, "train") for g in groups]
 
 
 def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: int = 0, on_error: str = "raise"):
@@ -235,7 +243,7 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
             if not all(splits):
                 raise RecordError(f"{where}: some rows have a 'split' and some do not; give every row one, or none")
         else:
-            splits = carve_splits([r["id"] for r in records], split_seed)
+            splits = carve_splits([r["id"] for r in records], split_seed, [r["prompt"] for r in records])
         records = [r for r, s in zip(records, splits) if s == want]
         if not records:
             raise RecordError(f"{where}: no rows with split {want!r}; its 'split' column has "

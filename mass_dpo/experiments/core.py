@@ -414,7 +414,7 @@ def paired_difference(runs: pd.DataFrame, a: str, b: str, metrics, *, by=("model
             diffs = []
             for ta, tb in tables:
                 if metric not in ta or metric not in tb:
-                    break
+                    continue
                 common = ta.index.intersection(tb.index)
                 diffs.append((ta.loc[common, metric] - tb.loc[common, metric]).rename(len(diffs)))
             if not diffs:
@@ -424,7 +424,7 @@ def paired_difference(runs: pd.DataFrame, a: str, b: str, metrics, *, by=("model
             se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
             rows.append({**dict(zip(by, group)), "metric": metric, "a": a, "b": b, "diff": mean, "se": se,
                          "lo": mean - z * se, "hi": mean + z * se, "z_score": mean / se if se > 0 else math.nan,
-                         "significant": bool(se > 0 and abs(mean) > z * se), "seeds": len(tables),
+                         "significant": bool(se > 0 and abs(mean) > z * se), "seeds": len(diffs),
                          "prompts": int(len(d))})
     return pd.DataFrame(rows)
 
@@ -640,13 +640,19 @@ MEMO_VERSION = 1
 
 def _memo_part(value) -> Any:
     """A stable description of an argument: a runs table by its run folders (content-addressed by config hash), a
-    Setup by its fields, anything else by its repr."""
+    Setup by its fields plus what its runs' and extractions' hashes also cover (the resolved data folder,
+    ``$MASS_DPO_DATA``, the run and extraction format versions), anything else by its repr."""
     if isinstance(value, pd.DataFrame):
         return sorted(map(str, value["run_dir"])) if "run_dir" in value else value.to_csv(index=False)
     if isinstance(value, Setup):
         from dataclasses import asdict
 
-        return asdict(value)
+        from ..data import resolve_data_dir
+        from ..extraction import EXTRACTION_VERSION
+        from ..runs import RUN_FORMAT
+
+        return {**asdict(value), "_data": str(resolve_data_dir(value.data_dir)[0]),
+                "_data_env": os.environ.get("MASS_DPO_DATA"), "_formats": [RUN_FORMAT, EXTRACTION_VERSION]}
     if callable(value):
         return getattr(value, "__name__", "callable")
     return repr(value)

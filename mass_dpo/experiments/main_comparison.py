@@ -131,14 +131,15 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
     the whole pools of the ``split`` prompts (the online-eval prompts by default): the same candidates for every
     method, so no run is scored on negatives it chose. Rows like :func:`curves` with ``negatives = "common"`` and the
     extra metric ``mrr`` (:func:`pool_curve_point`). The ``reference`` rows of ``runs`` are skipped (iteration 0 is
-    the reference). ``cache``: each run's curve is kept in its folder (``common_curve_<split>.csv``; a retrained run
-    starts from an empty folder), so a warm rerun fits nothing."""
+    the reference). Runs that are not exact log-linear fits (Adam, LM regimes: no path to retrace) are skipped, so
+    under those the result is empty. ``cache``: each run's curve is kept in its folder (``common_curve_<split>.csv``; a
+    retrained run starts from an empty folder), so a warm rerun fits nothing."""
     from ..runs import load_run
     from .core import load_split
 
     frames = []
     for row in runs.itertuples():
-        if row.label == "reference":
+        if row.label == "reference" or pd.isna(row.ridge):  # run_row sets ridge only for exact log-linear runs
             continue
         kept = Path(row.run_dir) / f"common_curve_{split}.csv"
         if cache and kept.is_file():
