@@ -132,14 +132,24 @@ def fit_loglinear(features: torch.Tensor, mask: torch.Tensor, *, method: str, be
     theta = torch.zeros(d, dtype=torch.float64) if theta0 is None else theta0.detach().to(torch.float64).clone()
     theta.requires_grad_(True)
 
-    def objective(t):
-        return loglinear_objective(t, X, M, method=method, beta=beta, ridge=ridge)
+    seen: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def evaluate(t):
+        # (value, gradient) at t, remembered: L-BFGS re-evaluates, at the start of each step, the point its previous
+        # line search accepted, and the tolerance check asks for it once more; both are read back here
+        key = t.detach().numpy().tobytes()
+        if key not in seen:
+            if len(seen) >= 64:
+                seen.clear()
+            tt = t.detach().requires_grad_(True)
+            value = loglinear_objective(tt, X, M, method=method, beta=beta, ridge=ridge)
+            (g,) = torch.autograd.grad(value, tt)
+            seen[key] = (value.detach(), g)
+        return seen[key]
 
     def grad_at(t):
-        t = t.detach().requires_grad_(True)
-        value = objective(t)
-        (g,) = torch.autograd.grad(value, t)
-        return float(value.detach()), g
+        value, g = evaluate(t)
+        return float(value), g
 
     path = [(0, theta.detach().float().clone())]
     if callback:
@@ -149,9 +159,8 @@ def fit_loglinear(features: torch.Tensor, mask: torch.Tensor, *, method: str, be
                             tolerance_grad=0.0, tolerance_change=0.0)
 
     def closure():
-        opt.zero_grad()
-        value = objective(theta)
-        value.backward()
+        value, g = evaluate(theta)
+        theta.grad = g.clone()
         return value
 
     it = 0

@@ -64,3 +64,21 @@ def test_bad_input_is_refused():
         fit_loglinear(X, M, method="sdpo", beta=0.5, ridge=0.1)
     with pytest.raises(ValueError, match=r"\[P, 1\+K, d\]"):
         fit_loglinear(X[0], M[0], method="sdpo", beta=0.5, ridge=0.1)
+
+
+def test_the_fit_evaluates_each_point_once(monkeypatch):
+    # L-BFGS asks again for the point its line search accepted; the fit reads it back instead of recomputing
+    import mass_dpo.loglinear as loglinear
+
+    X, M = _problem()
+    points = []
+
+    def counted(theta, *a, **k):
+        points.append(theta.detach().clone())
+        return loglinear_objective(theta, *a, **k)
+
+    monkeypatch.setattr(loglinear, "loglinear_objective", counted)
+    fit = fit_loglinear(X, M, method="sdpo", beta=0.5, ridge=0.1, tol=1e-8)
+    assert fit.converged and fit.iterations >= 3
+    distinct = {p.numpy().tobytes() for p in points}
+    assert len(distinct) == len(points)
