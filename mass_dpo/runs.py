@@ -21,6 +21,7 @@ notebooks asking for the same run share one folder; a finished run is loaded, no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -262,6 +263,30 @@ def _model(name, lm: bool):
     return _BUNDLES[key]
 
 
+def split_key(config: TrainConfig, split: str) -> str:
+    """The extraction cache's ``dataset_key`` of one split of a config (which prompts: dataset, split, limit, seed)."""
+    limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
+    return f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
+
+
+def extracted_split(config: TrainConfig, split: str, *, progress: bool = False):
+    """``(records, Extracted)`` of one split at the frozen reference model (the log-linear regime's inputs, and the
+    features every notebook analysis reads), memoised in-process: the model loads and each split is read once."""
+    from .data import load_benchmark
+    from .extraction import extract
+
+    limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
+    key = split_key(config, split)
+    memo = (str(config.model), _data_location(config), key, config.pooling)
+    if memo in _EXTRACTED:  # served from memory: a cache hit like a read from disk (tensors shared, not copied)
+        records, ex = _EXTRACTED[memo]
+        return records, dataclasses.replace(ex, meta={**ex.meta, "cache_hit": True})
+    records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
+    _EXTRACTED[memo] = (records, extract(records, _model(config.model, False), dataset_key=key,
+                                         pooling=config.pooling, progress=progress))
+    return _EXTRACTED[memo]
+
+
 def prepare_data(config: TrainConfig) -> RunData:
     """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits."""
     from .training import PreferenceDataset, build_policy, select_training_negatives
@@ -282,20 +307,16 @@ def prepare_data(config: TrainConfig) -> RunData:
             records["test"], extracted["test"] = records["valid"], extracted["valid"]
             continue
         t0 = time.time()
-        key = f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
-        memo = (str(config.model), _data_location(config), key, config.pooling)
-        if not lm and memo in _EXTRACTED:  # the log-linear runs of one process share their frozen features
-            records[split], extracted[split] = _EXTRACTED[memo]
-            continue
-        records[split] = load_benchmark(
-            config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
-        )
         # a progress bar on a console only: an executed notebook keeps one line per run (experiments.run_grid)
-        extracted[split] = extract(records[split], bundle, dataset_key=key, pooling=config.pooling,
-                                   progress=_console())
-        if not lm:
-            _EXTRACTED[memo] = (records[split], extracted[split])
-        logger.info("%s: %d prompts extracted in %.1f s", split, len(extracted[split]), time.time() - t0)
+        if lm:  # extracted with the model this run trains (loaded afresh)
+            records[split] = load_benchmark(
+                config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
+            )
+            extracted[split] = extract(records[split], bundle, dataset_key=split_key(config, split),
+                                       pooling=config.pooling, progress=_console())
+        else:  # the log-linear runs of one process share their frozen features
+            records[split], extracted[split] = extracted_split(config, split, progress=_console())
+        logger.info("%s: %d prompts ready in %.1f s", split, len(extracted[split]), time.time() - t0)
 
     pools = {s: [encode_pool(r, bundle.tokenizer) for r in records[s]] for s in records} if lm else {}
 

@@ -548,24 +548,16 @@ def wide_table(long: pd.DataFrame, index, columns, *, value: str = "value", se: 
     return out.reset_index()
 
 
-
 # ---------------------------------------------------------------- data of a run (for Tables 4 and 7)
 
 
 def load_split(config, split: str = "train"):
-    """The cached ``Extracted`` of one split of a run's config, as :func:`mass_dpo.runs.prepare_data` made it."""
-    from ..data import load_benchmark
-    from ..extraction import extract
-    from ..models import load_model
+    """The cached ``Extracted`` of one split of a run's config, as :func:`mass_dpo.runs.prepare_data` made it (shared
+    in-process with the runs: :func:`mass_dpo.runs.extracted_split`)."""
+    from ..runs import extracted_split
 
-    limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
-    records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
-    key = f"{config.dataset}/{split}/limit={limit}/seed={config.subsample_seed}"
     with contextlib.redirect_stderr(io.StringIO()):
-        # a loaded bundle, as prepare_data passes: the cache key covers the model's identity as given
-        return extract(records, load_model(config.model), dataset_key=key, pooling=config.pooling, progress=False)
-
-
+        return extracted_split(config, split)[1]
 
 
 # ---------------------------------------------------------------- learning first, and sentences from the numbers
