@@ -290,8 +290,7 @@ def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats
 
 def bench_run(s: dict, *, data_dir: str, root: Path, device) -> list[dict]:
     """The untrained model and one epoch of each method on QASC (full fine-tuning, paper profile): test metrics."""
-    from mass_dpo.evaluation import evaluate
-    from mass_dpo.runs import prepare_data, train_run
+    from mass_dpo.runs import reference_run, train_run
     from mass_dpo.training import resolve_config
 
     common = dict(dataset="qasc", model=s["run_model"], regime="full", limit=s["train_prompts"], num_train_epochs=1,
@@ -303,15 +302,9 @@ def bench_run(s: dict, *, data_dir: str, root: Path, device) -> list[dict]:
     cfg = resolve_config(method=s["methods"][0], **common)
     t0 = time.perf_counter()
     _reset_peak(device)
-    rd = prepare_data(cfg)  # the untrained model and the same test split, scored the same way as train_run does
-    extra = {k: getattr(rd, a) for k, a in (("records", "test_records"), ("tokenizer", "tokenizer"))
-             if getattr(rd, a, None) is not None}
-    test = evaluate(rd.policy, rd.test, pools=rd.test_pools, score=cfg.score, beta=cfg.beta, ks=cfg.ks,
-                    num_negatives=cfg.eval_negatives, seed=cfg.eval_seed, forward=rd.forward, pooling=cfg.pooling,
-                    **extra)
-    rows.append({"part": "run", "model": cfg.model, "path": "reference (untrained)", "metrics": test,
+    ref = reference_run(cfg, root=root)  # the untrained model on the same test split, scored as train_run scores
+    rows.append({"part": "run", "model": cfg.model, "path": "reference (untrained)", "metrics": ref.metrics,
                  "seconds": time.perf_counter() - t0, "peak_gib": _peak_gib(device)})
-    del rd
     for method in s["methods"]:
         t0 = time.perf_counter()
         _reset_peak(device)
@@ -338,7 +331,15 @@ def table(record: dict) -> str:
         note = f"max|dlogp| {r['max_abs_logp_diff']:.2e} (rel {r['rel_logp_diff']:.1e}) {'ok' if r['agree'] else 'MISMATCH'}"
         lines.append(f"{'extraction':<11}{r['model']:<14}{r['path'] + ' ' + r['dtype']:<22}{r['tokens_per_s']:>11.0f}"
                      f"{r['tokens_fed']:>9}{r['seconds']:>8.2f}{_f(r['peak_gib'], '{:.2f}'):>10}  {note}")
+    ext = {(r["model"], r["dtype"], r["path"]): r["seconds"] for r in record.get("extraction", [])}
+    for (model, dtype, path), sec in ext.items():
+        if path == "shared" and (model, dtype, "naive") in ext:
+            lines.append(f"{'extraction':<11}{model:<14}{'naive / shared ' + dtype:<22}  time ratio "
+                         f"{ext[(model, dtype, 'naive')] / sec:.2f}x (measured in this run)")
     st = record.get("step")
+    if st and {"shared", "rows"} <= set(st["paths"]):
+        lines.append(f"{'step':<11}{st['model']:<14}{'rows / shared':<22}  time ratio "
+                     f"{st['paths']['rows']['seconds'] / st['paths']['shared']['seconds']:.2f}x (measured in this run)")
     if st:
         for path, p in st["paths"].items():
             note = (f"loss {p['loss']:.4f}" + (f"; |dloss| {st['loss_diff']:.1e}, grad cos {st['grad_cosine']:.4f}, "
