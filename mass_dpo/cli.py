@@ -80,15 +80,13 @@ def positive_int(text: str) -> int:
 
 
 def check_model(name: str) -> None:
-    """Raise :class:`UsageError` unless ``name`` is a ``params/models/*.yaml`` name or a saved model folder."""
-    from pathlib import Path
+    """:func:`mass_dpo.params.check_model` as a :class:`UsageError` (one line, exit 2)."""
+    from .params import check_model as check
 
-    from .params import available
-
-    if Path(str(name)).expanduser().is_dir() or name in available("models"):
-        return
-    raise UsageError(f"unknown model {name!r}: choose one of {', '.join(available('models'))} "
-                     "(params/models/*.yaml) or give a folder saved with save_pretrained")
+    try:
+        check(name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def one_line(err: BaseException) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .params import available, cache_root, load_params
+from .params import cache_root, check_model, load_params, saved_model_folder
 
 #: Models that need no network: the error for an unreachable hub model names them.
 OFFLINE_MODELS = ("smollm2", "tiny")
@@ -250,19 +250,15 @@ def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(str(name)).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
+    path = saved_model_folder(name)
+    if path is not None:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(path)
         return ModelBundle(model.to(dev).eval(), tok, str(path), {"name": str(path), "source": "folder"})
 
-    if name not in available("models"):
-        raise ValueError(
-            f"unknown model {name!r}: choose one of {', '.join(available('models'))} "
-            "(params/models/*.yaml) or pass a folder saved with save_pretrained"
-        )
+    check_model(name)
     params = load_params(f"models/{name}")
     dev = resolve_device(device if device is not None else params.get("device"))
     dt = resolve_dtype(dtype, dev, params)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import available, load_params, params_dir
+from .params import check_model, load_params, params_dir
 
 #: The ``profile`` value that picks ``paper`` where CUDA is available, else ``cpu``.
 AUTO = "auto"
@@ -88,17 +88,6 @@ def profile_values(profile: str, name: str) -> dict[str, Any]:
     out.update((spec.get("notebooks") or {}).get(name) or {})
     out.pop("profile", None)
     return out
-
-
-def check_model(model: str) -> None:
-    """Raise a ``ValueError`` naming the choices unless ``model`` is a params/models name or a saved folder."""
-    path = Path(str(model)).expanduser()
-    if model in available("models") or (path.is_dir() and (path / "config.json").is_file()):
-        return
-    raise ValueError(
-        f"model {model!r} is neither a params/models name ({', '.join(available('models'))}) nor a local folder "
-        "saved with save_pretrained (a folder holding config.json)"
-    )
 
 
 @dataclass

@@ -43,6 +43,21 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+def saved_model_folder(name) -> Path | None:
+    """``name`` as a folder saved with ``save_pretrained`` (it holds ``config.json``), else ``None``."""
+    path = Path(str(name)).expanduser()
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
+def check_model(name) -> None:
+    """Raise a ``ValueError`` naming the choices unless ``name`` is a ``params/models/*.yaml`` name or a folder saved
+    with ``save_pretrained``: the one check of the CLI, the notebooks' parameters and :func:`mass_dpo.models.load_model`."""
+    if name in available("models") or saved_model_folder(name) is not None:
+        return
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(available('models'))} (params/models/*.yaml) "
+                     "or give a folder saved with save_pretrained (a folder holding config.json)")
+
+
 def cache_root() -> Path:
     """Where models, features, data and runs are cached: ``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``,
     else ``~/.cache/mass_dpo``."""
