@@ -211,6 +211,22 @@ def test_every_paper_notebook_runs_in_the_reproduce_order():
 # ---------------------------------------------------------------- runs trained beforehand (multi-GPU)
 
 
+def test_table4_runner_grid_is_the_notebooks(tmp_path, monkeypatch):
+    # the runner trains what stability() asks for: an LM regime is refused before any extraction or training
+    paper = E.notebook_parameters("table4", "paper")
+    from mass_dpo.experiments import runner
+
+    monkeypatch.setattr(runner, "budget_table", lambda *a, **k: pytest.fail("budget_table read before the regime check"))
+    with pytest.raises(NotImplementedError, match="loglinear"):
+        E.notebook_specs("table4", paper)
+    # and trivial budgets are dropped, as stability() drops them
+    setup = E.Setup(model="tiny", profile="smoke", seeds=[0, 1])
+    budgets = pd.DataFrame([{"dataset": "qasc", "n": 5, "negatives_max": 7, "trivial": False},
+                            {"dataset": "qasc", "n": 10, "negatives_max": 7, "trivial": True}])
+    specs = E.stability_specs(setup, ["qasc"], ns=(5, 10), beta=0.1, budgets=budgets)
+    assert sorted((s["n"], s["seed"]) for s in specs) == [(5, 0), (5, 1)]
+
+
 def test_notebook_specs_match_the_notebook_parameters():
     p = E.notebook_parameters("table1", "smoke")
     assert p["model"] == "tiny" and p["datasets"] == ["qasc", "lastfm", "movielens"]

@@ -8,6 +8,7 @@ from ..extraction import SELECTION_SCORES
 from .ablations import table3_specs
 from .core import FULL_POOL, Setup, grid, run_grid
 from .cost import exact_fit, matched_specs
+from .stability import budget_table, check_stability_regime, stability_specs
 
 
 # ---------------------------------------------------------------- a notebook's runs, outside the notebook
@@ -41,8 +42,11 @@ def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
     if name == "table3":
         return table3_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"],
                             readings=p.get("readings") or SELECTION_SCORES)
-    if name == "table4":
-        return grid(ds, ["mass_dpo"], seeds, n=list(p["ns"]), beta=p["beta"])
+    if name == "table4":  # as the notebook asks stability() for it: trivial budgets dropped, loglinear only
+        setup = setup_from(p)
+        check_stability_regime(setup)  # before budget_table reads any extraction
+        return stability_specs(setup, ds, ns=p["ns"], seeds=seeds, beta=p["beta"],
+                               budgets=budget_table(setup, ds, p["ns"], echo=None))
     if name == "table7":
         return (grid(ds, ["mass_dpo"], seeds, n=p["n_selected"], beta=p["beta"])
                 + grid(ds, ["sdpo"], seeds, n=p["full_pool"], beta=p["beta"]))

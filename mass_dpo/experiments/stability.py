@@ -46,6 +46,26 @@ def budget_sentence(budgets: pd.DataFrame) -> str:
             f"whole pool at any checkpoint and agrees by construction: {'; '.join(parts)}.")
 
 
+def check_stability_regime(setup: Setup) -> None:
+    """Table 4 recomputes Algorithm 1 at saved thetas: the loglinear regime only."""
+    if setup.regime != "loglinear":
+        raise NotImplementedError("Table 4 on an LM regime needs checkpoints re-extracted with "
+                                  "extract(..., checkpoint=<folder>); this module covers the loglinear regime")
+
+
+def stability_specs(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1,
+                    budgets: pd.DataFrame | None = None) -> list[dict]:
+    """Table 4's run grid: MASS-DPO at every ``n`` of ``ns``, less the ``trivial`` budgets of ``budgets``
+    (:func:`budget_table`); the loglinear regime only (:func:`check_stability_regime`)."""
+    check_stability_regime(setup)
+    seeds = list(seeds if seeds is not None else setup.seeds)
+    specs = grid(datasets, ["mass_dpo"], seeds, n=list(ns), beta=beta)
+    if budgets is not None and len(budgets):
+        skip = {(r.dataset, int(r.n)) for r in budgets.itertuples() if r.trivial}
+        specs = [s for s in specs if (s["dataset"], int(s["n"])) not in skip]
+    return specs
+
+
 @disk_memo("stability")
 def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1, gamma: float | None = None,
               budgets: pd.DataFrame | None = None, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
@@ -62,14 +82,7 @@ def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0
     from .. import stability as stab
     from ..runs import load_run
 
-    if setup.regime != "loglinear":
-        raise NotImplementedError("Table 4 on an LM regime needs checkpoints re-extracted with "
-                                  "extract(..., checkpoint=<folder>); this module covers the loglinear regime")
-    seeds = list(seeds if seeds is not None else setup.seeds)
-    specs = grid(datasets, ["mass_dpo"], seeds, n=list(ns), beta=beta)
-    if budgets is not None and len(budgets):
-        skip = {(r.dataset, int(r.n)) for r in budgets.itertuples() if r.trivial}
-        specs = [s for s in specs if (s["dataset"], int(s["n"])) not in skip]
+    specs = stability_specs(setup, datasets, ns=ns, seeds=seeds, beta=beta, budgets=budgets)
     runs = run_grid(setup, specs, echo=echo, snapshots=True)
     rows = []
     for row in runs.itertuples():
