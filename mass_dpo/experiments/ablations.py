@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..extraction import DEFAULT_SELECTION_SCORE, SELECTION_SCORES
-from .core import (dataset_configs, disk_memo, beside_paper, grid, learning_table, load_split, paired_difference,
+from .core import (dataset_configs, disk_memo, beside_paper, grid, learning_table, load_split, paired_difference, span,
                    summarize)
 
 MASS, SDPO = "MASS-DPO", "S-DPO"
@@ -255,12 +255,6 @@ def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.
     return pd.DataFrame(rows)
 
 
-def _span(values, digits: int) -> str:
-    """``"0.66"`` or ``"0.66-0.80"``: the range of ``values`` at ``digits`` decimals."""
-    lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
 def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, model: str | None = None) -> str:
     """One sentence per dataset from :func:`design_table` at ``beta``: whether the design degenerates under each
     reading, the Gram scale, how much the D-optimal picks overlap the longest negatives, and their lengths."""
@@ -275,13 +269,13 @@ def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, model: st
     verdict = ("the design degenerates to \"top-n by G_ii\" under every reading" if len(deg) == len(part) else
                "the design does not degenerate under any reading" if not deg else
                f"the design degenerates under {', '.join(deg)} only")
-    ovr, hard = _span(part["overlap_longest"].astype(float), 2), _span(part["overlap_hardest"].astype(float), 2)
-    ld = _span(part["length_dopt"].astype(float), 1)
+    ovr, hard = span(part["overlap_longest"].astype(float), 2), span(part["overlap_hardest"].astype(float), 2)
+    ld = span(part["length_dopt"].astype(float), 1)
     others = table[(table["dataset"] == dataset) & ~np.isclose(table["beta"].astype(float), beta)]
     if model is not None:
         others = others[others["model"] == model]
     elsewhere = "".join(
-        f" At beta = {b:g}: {_span(100 * g['greedy_is_top_diag'].astype(float), 0)}% of the prompts, degenerate "
+        f" At beta = {b:g}: {span(100 * g['greedy_is_top_diag'].astype(float), 0)}% of the prompts, degenerate "
         f"under {int(g['degenerate'].sum())} of {len(g)} readings." for b, g in others.groupby("beta", sort=True))
     return (f"{dataset} (n = {int(first['n'])}, beta = {beta:g}, gamma = {float(first['gamma']):g}, "
             f"{int(first['prompts'])} training prompts): the greedy's picks equal the top-n by G_ii in {shares} of "

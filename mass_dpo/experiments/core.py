@@ -31,7 +31,7 @@ METHOD_LABELS = {"dpo": "DPO", "dmpo": "DMPO", "dpo_k": "DPO-k", "sdpo": "S-DPO"
 MODEL_LABELS = {"llama3": "Llama3", "qwen3": "Qwen3", "smollm3": "SmolLM3", "smollm2": "SmolLM2", "tiny": "tiny"}
 PAPER_MODELS = ("Qwen3", "SmolLM3", "Llama3")
 #: Metrics the paper prints in percent (Tables 1-3, 5 and the MRR of Table 6).
-PERCENT = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr")
+PERCENT = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr", "pairwise_accuracy")
 RANKING = ("recall@1", "recall@3", "ndcg@1", "ndcg@3")
 #: Negatives of "S-DPO with the full pool" (Tables 7-8): every negative of a 20-candidate pool.
 FULL_POOL = 19
@@ -558,6 +558,12 @@ def load_split(config, split: str = "train"):
 
     with contextlib.redirect_stderr(io.StringIO()):
         return extracted_split(config, split)[1]
+
+
+def span(values, digits: int) -> str:
+    """``"0.66"`` or ``"0.66-0.80"``: the range of ``values`` at ``digits`` decimals (for printed sentences)."""
+    lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 # ---------------------------------------------------------------- learning first, and sentences from the numbers

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from .core import PERCENT
+
 PAIRED = {"a", "b", "diff", "lo", "hi", "significant"}
 #: Notebooks in the order the gallery lists them.
 ORDER = ("table1", "table2", "table5", "table6", "training_dynamics", "table3", "table4", "table7", "table8")
-PERCENT_METRICS = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr",
-                   "pairwise_accuracy")
 
 
 def _fmt(value: float, metric: str) -> str:
-    return f"{100 * value:+.1f}" if metric in PERCENT_METRICS else f"{value:+.3g}"
+    return f"{100 * value:+.1f}" if metric in PERCENT else f"{value:+.3g}"
 
 
 def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:

@@ -13,7 +13,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .core import dataset_configs, disk_memo, Setup, beside_paper, grid, load_split, run_grid, summarize
+from .core import dataset_configs, disk_memo, Setup, beside_paper, grid, load_split, run_grid, span, summarize
 
 
 # ---------------------------------------------------------------- Table 4
@@ -117,12 +117,6 @@ def stability_table(stab: pd.DataFrame, *, model: str) -> pd.DataFrame:
 
 
 
-def _span(values, digits: int) -> str:
-    """``"0.54"`` or ``"0.54-0.60"``: the range of ``values`` at ``digits`` decimals."""
-    lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
 def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -> list[str]:
     """"What the numbers say" of Table 4, from :func:`stability_table` (and the records of :func:`stability`, for the
     reading and how far theta moved): one line per (model, dataset, n), then the conclusion."""
@@ -156,17 +150,17 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
                      "so on frozen features the recomputed selection is the initial one by construction.")
     if stab is not None and len(stab):
         norms = stab[stab["checkpoint"] == "final"]["theta_norm"].astype(float)
-        lines.append(f"theta moved from 0 to a norm of {_span(norms, 2)} at the end of the fit.")
+        lines.append(f"theta moved from 0 to a norm of {span(norms, 2)} at the end of the fit.")
     if len(keep):
         verdict = ("so re-selecting during training would gain little: the paper's conclusion holds here for the "
                    "objective" if keep.min() >= 0.99 else
                    "so the subset chosen at initialisation loses part of the information of the recomputed one: the "
                    "paper's conclusion that re-selecting gains little does not hold here")
-        lines.append(f"Objective retention at the final theta: {_span(keep, 4)} (paper {_span(paper_keep, 4)}), "
+        lines.append(f"Objective retention at the final theta: {span(keep, 4)} (paper {span(paper_keep, 4)}), "
                      f"{verdict}.")
     if len(exact):
         same = ("the subsets stay nearly identical, as in the paper" if exact.min() >= 0.95 else
                 "the subsets themselves change more than in the paper")
-        lines.append(f"Exact match at the final theta: {_span(exact, 3)} against the paper's {_span(paper_exact, 3)} "
+        lines.append(f"Exact match at the final theta: {span(exact, 3)} against the paper's {span(paper_exact, 3)} "
                      f"(MovieLens, Llama-3.2-3B): {same}.")
     return lines
