@@ -188,8 +188,10 @@ def evaluate(
     logps = score_candidates(policy, data, pools=pools, forward=forward, pooling=pooling)
     negatives = fixed_negatives(list(data.ids), mask, target, num_negatives, seed=seed)
     if isinstance(policy, LogLinearPolicy):  # the reward is beta * phi . theta exactly: no float32 cancellation
-        theta = policy.theta.detach().double().cpu()
-        reward = beta * (torch.as_tensor(data.features).double() @ theta)
+        theta, features = policy.theta.detach().double().cpu(), torch.as_tensor(data.features)
+        # in float64 a chunk at a time: a whole float64 copy of the test features is GBs at d = 3072
+        reward = beta * torch.cat([features[lo : lo + 4096].double() @ theta for lo in range(0, len(features), 4096)]
+                                  or [torch.zeros(mask.shape, dtype=torch.float64)])
     else:
         reward = beta * (logps.double() - torch.as_tensor(data.ref_logps).double())
     by_score = {"logp": logps.double(), "reward": reward}
