@@ -242,6 +242,9 @@ def _device():
 #: trains hundreds of exact fits loads the model and reads each split's extraction once.
 _BUNDLES: dict = {}
 _EXTRACTED: dict = {}
+#: The memo of extracted splits keeps at most this many bytes of features (the most recent first; the latest split is
+#: always kept): the cpu profile's splits all fit, a paper-scale split (20k prompts x 20 x 3072 floats) is read again.
+EXTRACTED_MEMO_BYTES = 4 << 30
 
 
 def _console() -> bool:
@@ -279,11 +282,13 @@ def extracted_split(config: TrainConfig, split: str, *, progress: bool = False):
     key = split_key(config, split)
     memo = (str(config.model), _data_location(config), key, config.pooling)
     if memo in _EXTRACTED:  # served from memory: a cache hit like a read from disk (tensors shared, not copied)
-        records, ex = _EXTRACTED[memo]
+        records, ex = _EXTRACTED[memo] = _EXTRACTED.pop(memo)  # now the most recent
         return records, dataclasses.replace(ex, meta={**ex.meta, "cache_hit": True})
     records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
     _EXTRACTED[memo] = (records, extract(records, _model(config.model, False), dataset_key=key,
                                          pooling=config.pooling, progress=progress))
+    while len(_EXTRACTED) > 1 and sum(e.features.nbytes for _, e in _EXTRACTED.values()) > EXTRACTED_MEMO_BYTES:
+        del _EXTRACTED[next(iter(_EXTRACTED))]  # the least recently used
     return _EXTRACTED[memo]
 
 

@@ -265,3 +265,37 @@ def test_pipeline_on_the_shipped_samples(tmp_path, monkeypatch):
     assert 0 <= metrics["test"]["recall@1"] <= metrics["test"]["recall@3"] <= metrics["test"]["recall@5"] <= 1
     assert main(args) == 0  # reused: still one folder
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_the_memo_of_extracted_splits_is_bounded_and_reads_each_split_once(monkeypatch):
+    import mass_dpo.data as data
+    import mass_dpo.extraction as extraction
+    from mass_dpo.extraction import Extracted
+
+    reads = []
+
+    def fake_extract(records, bundle, *, dataset_key, pooling, progress):
+        reads.append(dataset_key)
+        P = 10
+        return Extracted(ids=[str(i) for i in range(P)], features=torch.zeros(P, 2, 100), ref_logps=torch.zeros(P, 2),
+                         theta0_logps=torch.zeros(P, 2), mask=torch.ones(P, 2, dtype=torch.bool),
+                         target=torch.zeros(P, dtype=torch.long), meta={"cache_hit": False})
+
+    monkeypatch.setattr(data, "load_benchmark", lambda *a, **k: [])
+    monkeypatch.setattr(extraction, "extract", fake_extract)
+    monkeypatch.setattr(runs, "_model", lambda name, lm: None)
+    monkeypatch.setattr(runs, "_EXTRACTED", {})
+    monkeypatch.setattr(runs, "EXTRACTED_MEMO_BYTES", 2 * 10 * 2 * 100 * 4)  # two splits' features
+    cfg = resolve_config(dataset="qasc", model="tiny", regime="loglinear", limit=10, eval_limit=10, test_limit=10)
+    first = runs.extracted_split(cfg, "train")[1]
+    again = runs.extracted_split(cfg, "train")[1]
+    assert reads == [reads[0]] and not first.meta["cache_hit"] and again.meta["cache_hit"]  # read once
+    assert again.features is first.features  # shared, not copied
+    runs.extracted_split(cfg, "valid")
+    runs.extracted_split(cfg, "train")  # train is now the most recent, valid the least
+    runs.extracted_split(cfg, "test")  # a third split: the least recently used (valid) goes
+    assert len(runs._EXTRACTED) == 2 and len(reads) == 3
+    runs.extracted_split(cfg, "train")
+    assert len(reads) == 3  # kept
+    runs.extracted_split(cfg, "valid")
+    assert len(reads) == 4  # evicted earlier: read again
