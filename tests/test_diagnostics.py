@@ -122,8 +122,7 @@ def test_lengths_from_records_when_not_stored():
         candidate_lengths(bare)
     counted = candidate_lengths(bare, records, tiny.tokenizer)
     assert counted.shape == ex.mask.shape and counted[1, 2] == 0 and (counted[ex.mask] > 0).all()
-    if ex.lengths is not None:  # the extraction stores them: the two counts agree
-        assert torch.equal(counted, ex.lengths * ex.mask)
+    assert torch.equal(counted, ex.lengths * ex.mask)  # the extraction stores them: the two counts agree
     with pytest.raises(ValueError, match="order"):
         candidate_lengths(bare, records[::-1], tiny.tokenizer)
     d = design_diagnostics(bare, 1, records=records, tokenizer=tiny.tokenizer)

@@ -254,7 +254,7 @@ def test_hit_ratio_real_generation_on_tiny(tiny):
 
 def test_hit_ratio_peft_wrapped_equals_base(sharp_tiny, tiny):
     """A fresh LoRA adapter (B = 0) leaves the model's function unchanged: same replies through the peft wrapper."""
-    peft = pytest.importorskip("peft")
+    import peft
     import copy
 
     records = _records()[:4]

@@ -60,7 +60,7 @@ def test_exactly_one_typed_commented_parameters_cell(notebook):
 
 
 def test_papermill_parses_every_parameter(notebook):
-    papermill = pytest.importorskip("papermill")
+    import papermill
     path, nb = notebook
     source = _parameters_cells(nb)[0].source
     names = [s.target.id for s in ast.parse(source).body]

@@ -220,7 +220,7 @@ def test_reproduce_passes_profile_values_a_notebook_does_not_resolve(tmp_path):
 @pytest.mark.slow
 def test_papermill_run_takes_the_profile_and_the_given_value(tmp_path, monkeypatch):
     """One paper notebook end to end under papermill: the smoke profile applies, a -p value wins, the log says so."""
-    papermill = pytest.importorskip("papermill")
+    import papermill
     monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -33,7 +33,7 @@ def test_cpu_profile_matches_the_notebook_defaults():
 
 def _execute(tmp: Path, name: str, params: dict) -> None:
     """Run the notebook with its fit cache in ``tmp/cache`` (the kernel inherits the environment)."""
-    papermill = pytest.importorskip("papermill")
+    import papermill
     previous = os.environ.get("MASS_DPO_CACHE")
     os.environ["MASS_DPO_CACHE"] = str(tmp / "cache")
     try:
@@ -53,7 +53,6 @@ def _printed(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    pytest.importorskip("papermill")
     tmp = tmp_path_factory.mktemp("toy")
     params = dict(load_params("toy_loglinear")["profiles"]["smoke"], out_dir=str(tmp / "out"))
     _execute(tmp, "executed", params)
