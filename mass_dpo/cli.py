@@ -17,6 +17,8 @@ import importlib
 import sys
 import warnings
 
+from . import __version__
+
 SUBCOMMANDS = {
     "select": ("mass_dpo.preprocess", "select negatives for every prompt of a dataset split or of your own file"),
     "train": ("mass_dpo.train", "train one policy with one method and evaluate it"),
@@ -104,15 +106,6 @@ def one_line(err: BaseException) -> str:
     return out
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mass-dpo")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
-        return "unknown"
-
-
 def _command(argv: list[str]) -> str | None:
     """The subcommand named in ``argv`` (the first word that is not an option), or None."""
     for word in argv:
@@ -125,7 +118,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
     """The parser, with the arguments of only the subcommand ``argv`` names (imported here, lazily)."""
     parser = Parser(prog="mass-dpo", description="MASS-DPO: select informative negatives for preference data "
                     "and train on them (`mass-dpo COMMAND --help` for a command's options).")
-    parser.add_argument("--version", action="version", version=f"mass-dpo {_version()}")
+    parser.add_argument("--version", action="version", version=f"mass-dpo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}",
                                 parser_class=Parser)
