@@ -412,3 +412,44 @@ def test_k_sweep_fits_the_kept_prompts_only():
         assert 0 <= r["kept"] <= r["k"] and r["method"] == toy.KEPT_LABEL
         assert math.isnan(r["sigma_err_star"]) == (r["kept"] == 0)
     assert any(r["kept"] > 0 for r in kept)
+
+
+# ---------------------------------------------------------------- the notebook's comparisons
+
+
+def test_regime_comparison_signs_gains_and_marks_only_clear_gaps():
+    import pandas as pd
+
+    rows = []
+    for seed in range(4):
+        for method, acc, err in ((toy.DOPT, 0.60 + 0.01 * seed, 1.0), (toy.BLIND, 0.50 + 0.01 * seed, 0.5 + seed),
+                                 ("random", 0.50, 1.0 + 0.01 * (seed % 2))):
+            rows.append(dict(shape="isotropic", gram_scale=0.1, d=8, seed=seed, method=method, test_accuracy=acc,
+                             erel_true=err, same_as_top_gii=1.0 if method == toy.DOPT else 0.0))
+    rrec = pd.DataFrame(rows)
+    cmp = toy.regime_comparison(rrec).set_index(["method", "value"])
+    # D-optimal: +0.115 accuracy every seed (a clear gain); E_rel 1 vs 1.005: lower is better, gain = -(1 - 1.005)
+    assert cmp.loc[(toy.DOPT, "test_accuracy"), "gain"] == pytest.approx(0.115)
+    assert cmp.loc[(toy.DOPT, "test_accuracy"), "verdict"] == "better"
+    assert cmp.loc[(toy.DOPT, "erel_true"), "gain"] == pytest.approx(0.005)
+    # label-blind: accuracy +0.015 on average but 0.00..0.03 by seed; its E_rel is far noisier than its mean gap
+    assert cmp.loc[(toy.BLIND, "erel_true"), "verdict"] == "no clear gap"
+    assert cmp.loc[(toy.BLIND, "erel_true"), "gain"] == pytest.approx(-(2.0 - 1.005))
+    lines = toy.regime_sentences(toy.regime_comparison(rrec), rrec, cells=1, n=2, seeds=4)
+    assert lines[0].startswith("2. Top-n by G_ii: the D-optimal subset equals it on 100% of prompts")
+    assert "better in 1, worse in 0, no clear gap in 0" in lines[1]
+
+
+def test_paired_differences_pair_by_seed_and_name_the_direction():
+    import pandas as pd
+
+    methods = [toy.DOPT, toy.BLIND, toy.method_label("dopt", False), "random", "hardest"]
+    rows = [dict(theta0="zero", shape="isotropic", n=n, seed=seed, method=m,
+                 erel_star=(2.0 if m == toy.DOPT else 1.0) + 0.01 * seed, erel_true=1.0 + 0.1 * ((seed + n) % 3),
+                 test_accuracy=0.5)
+            for n in (1, 2, 4) for seed in range(3) for m in methods]
+    paired = toy.paired_differences(pd.DataFrame(rows), pool_size=4).set_index(["method", "versus", "value", "n"])
+    assert set(paired.index.get_level_values("n")) == {1, 2}  # n = N takes the whole pool: not compared
+    row = paired.loc[(toy.DOPT, "random", "erel_star", 1)]
+    assert row["mean"] == pytest.approx(1.0) and row["verdict"] == "higher"
+    assert paired.loc[(toy.BLIND, "random", "erel_star", 2), "verdict"] == "no clear gap"  # identical: 0 +- 0
