@@ -371,3 +371,20 @@ def test_longest_share_counts_picks_among_the_longest_negatives():
     # chance: prompt 0: 2 of 4 negatives per pick (2 picks), prompt 1: 2 of 3 (1 pick)
     assert chance == pytest.approx((2 * 0.5 + 1 * 2 / 3) / 3)
 
+
+
+def test_comparison_sentences_list_each_dataset_and_count_clear_gaps():
+    summary = pd.DataFrame([
+        {"dataset": "qasc", "method": "S-DPO", "metric": "mrr", "value": 40.0, "paper": float("nan")},
+        {"dataset": "qasc", "method": "MASS-DPO", "metric": "mrr", "value": 42.5, "paper": 71.0},
+        {"dataset": "qasc", "method": "S-DPO", "metric": "accuracy", "value": 9.0, "paper": 1.0}])
+    pairs = pd.DataFrame([
+        {"a": "MASS-DPO", "b": "S-DPO", "dataset": "qasc", "metric": "mrr", "diff": 0.025, "lo": 0.01, "hi": 0.04,
+         "significant": True, "prompts": 10, "seeds": 3},
+        {"a": "MASS-DPO", "b": "S-DPO", "dataset": "qasc", "metric": "margin", "diff": -0.5, "lo": -1.0, "hi": 0.1,
+         "significant": False, "prompts": 10, "seeds": 3}])
+    lines = E.comparison_sentences(summary, pairs, "mrr")
+    assert lines[0] == "mrr (%) on qasc: S-DPO 40.0, MASS-DPO 42.5 [paper 71.0]"
+    assert "+2.5 points" in lines[1] and lines[1].endswith("above.")  # mrr in points
+    assert "points" not in lines[2] and lines[2].endswith("inside the noise.")  # margin as is
+    assert lines[3].startswith("MASS-DPO is significantly above S-DPO in 1 and below it in 0 of 2")

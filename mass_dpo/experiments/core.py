@@ -589,9 +589,11 @@ def points(value: float, percent: bool = True) -> str:
     return f"{100 * value:+.1f}" if percent else f"{value:+.3g}"
 
 
-def paired_sentence(row, *, percent: bool = True) -> str:
+def paired_sentence(row, *, percent: bool | None = None) -> str:
     """One sentence for one row of :func:`paired_difference`: the difference, its 95% interval, and whether the
-    interval excludes zero (``inside the noise`` otherwise)."""
+    interval excludes zero (``inside the noise`` otherwise). ``percent``: in points (default: the metrics of
+    :data:`PERCENT`)."""
+    percent = row["metric"] in PERCENT if percent is None else percent
     unit = " points" if percent else ""
     verdict = ("above" if row["diff"] > 0 else "below") if row["significant"] else "inside the noise"
     return (f"{row['a']} minus {row['b']} on {row['dataset']} ({row['metric']}): {points(row['diff'], percent)}{unit}, "

@@ -246,3 +246,24 @@ def final_gap(curves_df: pd.DataFrame, a: str = "MASS-DPO", b: str = "S-DPO") ->
         return pd.DataFrame(columns=[*group, a, b, "diff"])
     means["diff"] = means[a] - means[b]
     return means[[a, b, "diff"]].reset_index()
+
+
+def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str) -> list[str]:
+    """The closing lines of Tables 1, 2, 5 and 6: each dataset's ``metric`` per method beside the paper's, every
+    MASS-DPO minus S-DPO paired difference (:func:`paired_difference`), and how many of them exclude 0."""
+    from .core import paired_sentence
+
+    head = summary[summary["metric"] == metric]
+    lines = []
+    for ds in dict.fromkeys(head["dataset"]):
+        part = head[head["dataset"] == ds]
+        lines.append(f"{metric} (%) on {ds}: " + ", ".join(
+            f"{r.method} {r.value:.1f}" + (f" [paper {r.paper:.1f}]" if r.paper == r.paper else "")
+            for r in part.itertuples()))
+    lines += [paired_sentence(row) for _, row in pairs.iterrows()]
+    if len(pairs):
+        wins = pairs[pairs["significant"] & (pairs["diff"] > 0)]
+        losses = pairs[pairs["significant"] & (pairs["diff"] < 0)]
+        lines.append(f"MASS-DPO is significantly above S-DPO in {len(wins)} and below it in {len(losses)} of "
+                     f"{len(pairs)} (dataset, metric) comparisons; the rest are inside the noise.")
+    return lines
