@@ -207,10 +207,8 @@ def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots:
 
     Loglinear runs save theta snapshots (:func:`theta_snapshots`); ``snapshots=True`` retrains a cached run that
     has none (a run trained outside this module). Returns the :class:`mass_dpo.runs.RunResult`."""
-    from ..runs import run_dir, train_run
     from ..config import resolve_config
-
-    from ..runs import is_finished, load_run
+    from ..runs import is_finished, load_run, run_dir, train_run
 
     cfg = resolve_config(_config(setup, spec, data_dir if data_dir is not None else setup.data_dir))
     if setup.trained_world_size:
@@ -222,8 +220,7 @@ def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots:
     callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
     force = bool(snapshots and cfg.regime == "loglinear" and (path / "metrics.json").is_file()
                  and not has_snapshots(path))
-    sink = io.StringIO()
-    quiet = contextlib.redirect_stdout(sink) if setup.quiet else contextlib.nullcontext()
+    quiet = contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext()
     with quiet:
         return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)
 

@@ -45,7 +45,8 @@ def curve_axis(runs: pd.DataFrame) -> str:
     Adam path (LM regimes, ``fit="adam"``)."""
     from ..runs import load_run
 
-    fits = {load_run(r).config.fit if load_run(r).config.regime == "loglinear" else "adam" for r in runs["run_dir"]}
+    configs = [load_run(r).config for r in runs["run_dir"]]
+    fits = {c.fit if c.regime == "loglinear" else "adam" for c in configs}
     if fits == {"exact"}:
         return "L-BFGS iteration"
     return "optimiser step" if "exact" not in fits else "L-BFGS iteration / optimiser step"
