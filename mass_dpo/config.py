@@ -16,7 +16,7 @@ import torch
 from .extraction import DEFAULT_SELECTION_SCORE, check_selection_score
 from .losses import METHODS
 
-REGIMES = ("full", "lora", "loglinear")
+REGIMES = ("full", "lora", "loglinear", "freeze")
 
 #: How each method's fixed negatives are drawn (``mass_dpo.selection`` strategies).
 METHOD_STRATEGY = {"mass_dpo": "dopt", "sdpo": "random", "dpo_k": "random", "dmpo": "random", "dpo": "random"}
@@ -79,6 +79,10 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # freeze: the top k blocks and the final norm train, on cached lower-block states (mass_dpo.frozen)
+    trainable_layers: int = 2
+    # every online evaluation also scores the whole pools of the online-eval prompts (log.csv rows split "pool")
+    pool_eval: bool = False
     # test evaluation
     score: str = "logp"  # "logp": policy sequence log-prob; "reward": beta * (log pi - log ref)
     eval_negatives: int = 3  # the fixed negatives of Accuracy and Margin
@@ -103,6 +107,8 @@ class TrainConfig:
             self.n = 1  # DPO: one random negative
         if int(self.n) < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if int(self.trainable_layers) < 1:
+            raise ValueError(f"trainable_layers must be >= 1, got {self.trainable_layers}")
         self.ks = [int(k) for k in self.ks]
         self.lora_target_modules = list(self.lora_target_modules)
 
@@ -173,8 +179,8 @@ def resolve_config(config: TrainConfig | dict | None = None, *, profile: str | N
     if cfg.bf16 == "auto":
         cfg.bf16 = bool(cfg.regime != "loglinear" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     cfg.bf16 = bool(cfg.bf16)
-    if cfg.regime == "loglinear":
+    if cfg.regime in ("loglinear", "freeze"):  # freeze: k blocks on cached states, nothing to checkpoint
         cfg.gradient_checkpointing = False
-    else:
+    if cfg.regime != "loglinear":
         cfg.fit = "adam"  # the LM regimes always train with the Trainer
     return cfg

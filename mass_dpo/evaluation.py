@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .frozen import FrozenTopPolicy
 from .loglinear import LogLinearPolicy
 from .metrics import mean_se, per_prompt_preference, per_prompt_ranking, preference_metrics, ranking_metrics
 
@@ -82,11 +83,14 @@ def score_candidates(
     forward: Callable | None = None,
     pooling: str = "all",
     batch_size: int = 8,
+    states=None,
 ) -> torch.Tensor:
     """``[P, C]`` policy sequence log-probs of every candidate (0 where ``data.mask`` is False).
 
     Args:
-        policy: a :class:`LogLinearPolicy` (scores ``data.features``) or a causal LM (scores ``pools``).
+        policy: a :class:`LogLinearPolicy` (scores ``data.features``), a :class:`FrozenTopPolicy` (its top blocks on
+            ``states``, default ``data.states``: the cached lower-block states of ``pools``) or a causal LM (scores
+            ``pools``).
         data: ``Extracted``-like: ``features [P, C, d]``, ``ref_logps [P, C]``, ``mask [P, C]``.
         pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` for a causal LM (``encode_pool``).
         forward: a per-pool forward ``(model, prompt_ids, candidate_ids, pooling=, return_features=) -> (logps [C],
@@ -100,6 +104,12 @@ def score_candidates(
         raise ValueError("scoring a causal LM needs the tokenized pools (prompt_ids, candidate_ids) of every prompt")
     if len(pools) != mask.shape[0]:
         raise ValueError(f"{len(pools)} pools for {mask.shape[0]} prompts")
+    if isinstance(policy, FrozenTopPolicy):
+        from .frozen import score_states
+
+        scores = score_states(policy, states if states is not None else getattr(data, "states", None), pools)
+        scores = _pad_columns(scores, mask.shape[1])
+        return torch.where(mask, scores, torch.zeros_like(scores))
     was_training = policy.training
     policy.eval()
     scores = torch.zeros(mask.shape, dtype=torch.float32)
@@ -117,6 +127,12 @@ def score_candidates(
             scores[p, : len(cand_ids)] = logps.float().cpu()
     policy.train(was_training)
     return torch.where(mask, scores, torch.zeros_like(scores))
+
+
+def _pad_columns(t: torch.Tensor, C: int) -> torch.Tensor:
+    out = t.new_zeros(t.shape[0], C)
+    out[:, : min(C, t.shape[1])] = t[:, :C]
+    return out
 
 
 SCORES = ("reward", "logp")
@@ -156,6 +172,7 @@ def evaluate(
     option_labels: bool = False,
     per_prompt=None,
     return_scores: bool = False,
+    states=None,
 ) -> dict[str, Any]:
     """Score every candidate of every test prompt; Accuracy, Recall@k, NDCG@k, MRR, pairwise accuracy and margin.
 
@@ -180,12 +197,15 @@ def evaluate(
             options; :func:`mass_dpo.generation.hit_ratio`).
         per_prompt: a CSV path: one row per test prompt with every per-prompt value (paired comparisons).
         return_scores: also return ``scores`` ``[P, C]`` (of ``score``) and ``negatives`` ``[P, k]`` (tensors).
+        states: a :class:`FrozenTopPolicy`'s cached lower-block states of ``pools`` (default ``data.states``). Its
+            generation runs the full model carrying its top blocks, in the base model's dtype, with the lower
+            blocks' prompt cache shared between policies (:func:`mass_dpo.frozen.hit_ratio`).
     """
     if score not in SCORES:
         raise ValueError(f"score must be 'reward' or 'logp', got {score!r}")
     mask = torch.as_tensor(data.mask).bool()
     target = torch.as_tensor(data.target).long()
-    logps = score_candidates(policy, data, pools=pools, forward=forward, pooling=pooling)
+    logps = score_candidates(policy, data, pools=pools, forward=forward, pooling=pooling, states=states)
     negatives = fixed_negatives(list(data.ids), mask, target, num_negatives, seed=seed)
     if isinstance(policy, LogLinearPolicy):  # the reward is beta * phi . theta exactly: no float32 cancellation
         theta, features = policy.theta.detach().double().cpu(), torch.as_tensor(data.features)
@@ -204,9 +224,11 @@ def evaluate(
         out.update({prefix + k: v for k, v in metrics.items()})
         table.update({prefix + k: v.tolist() for k, v in per.items()})
     if not isinstance(policy, LogLinearPolicy) and records is not None and tokenizer is not None:
-        from .generation import hit_ratio
-
-        gen = hit_ratio(policy, tokenizer, records, max_new_tokens=max_new_tokens, labels=option_labels)
+        if isinstance(policy, FrozenTopPolicy):  # the full model with its top blocks; shared lower prompt cache
+            from .frozen import hit_ratio as generation_hits
+        else:
+            from .generation import hit_ratio as generation_hits
+        gen = generation_hits(policy, tokenizer, records, max_new_tokens=max_new_tokens, labels=option_labels)
         out["accuracy"], out["accuracy_se"] = gen["hit_ratio"], gen["hit_ratio_se"]
         out["valid_ratio"], out["valid_ratio_se"] = gen["valid_ratio"], gen["valid_ratio_se"]
         out["accuracy_kind"] = "hit_ratio@1"

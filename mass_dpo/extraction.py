@@ -171,6 +171,12 @@ def shared_prefix_outputs(
         lengths [B, Cmax] int64)``; ``lengths`` counts each candidate's response tokens; padded entries are 0.
         Differentiable: no ``torch.no_grad`` inside (wrap the call for inference).
     """
+    return _shared_prefix(model, pools, poolings=poolings, pad_id=pad_id)[:4]
+
+
+def _shared_prefix(model, pools, *, poolings, pad_id, keep_layer: int | None = None):
+    """:func:`shared_prefix_outputs` plus, with ``keep_layer = j``, the hidden states ``[B, T, d]`` of the packed
+    rows at the input of decoder block ``j`` (the output of blocks ``0..j-1``; model dtype), from the same forward."""
     for pooling in poolings:
         _check_pooling(pooling)
     attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
@@ -181,20 +187,39 @@ def shared_prefix_outputs(
         )
     dtype, device = _model_dtype_device(model)
     packed = pack_pools(pools, pad_id)
-    B, T = packed["input_ids"].shape
-    clen = packed["cand_len"]
-    C = clen.shape[1]
-    mask = clen > 0
     decoder, head = _parts(model)
-    ids = packed["input_ids"].to(device)
+    extra = {} if keep_layer is None else {"output_hidden_states": int(keep_layer)}
     out = decoder(
-        input_ids=ids,
+        input_ids=packed["input_ids"].to(device),
         attention_mask=additive_mask(packed["allowed"].to(device), dtype),
         position_ids=packed["position_ids"].to(device),
         use_cache=False,
+        **extra,
     )
     h = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state  # [B, T, d]
+    states = None if keep_layer is None else out.hidden_states[int(keep_layer)]
+    return (*pool_outputs(h, head, packed, poolings=poolings), states)
 
+
+def pool_outputs(
+    h: torch.Tensor, head, packed: dict[str, torch.Tensor], *, poolings: Sequence[str] = POOLINGS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Log-probs and pooled features of packed pool rows from their final hidden states (the output of the last
+    norm): the second half of :func:`shared_prefix_outputs`, shared with the ``freeze`` regime
+    (:mod:`mass_dpo.frozen`), whose top blocks produce ``h`` from cached lower-block states.
+
+    Args:
+        h: ``[B, T, d]`` final hidden states of the rows of ``packed`` (:func:`pack_pools`).
+        head: the LM head, ``[n, d] -> [n, vocab]`` logits.
+
+    Returns:
+        ``(logps [B, C], {pooling: features [B, C, d]}, mask [B, C], lengths [B, C])`` as :func:`shared_prefix_outputs`.
+    """
+    device = h.device
+    ids = packed["input_ids"].to(device)
+    clen = packed["cand_len"]
+    B, C = clen.shape
+    mask = clen > 0
     # log-probs: candidate c's k-th token is predicted at the previous position of its own sequence, i.e. the last
     # prompt token for k = 0 and the row position just before it otherwise.
     seg = packed["segment"]
@@ -324,6 +349,9 @@ class Extracted:
         meta: the manifest (model, checkpoint, pooling, dtype, dataset key, version, timing).
         lengths: ``[P, C]`` int64, the token count of each candidate's response under the reference tokenizer
             (end-of-turn included; 0 for padding); ``None`` where not known.
+        states: the reference model's hidden states of every packed pool row at the input of one decoder block
+            (:class:`HiddenStates`, ``extract(keep_layer=...)``: the ``freeze`` regime's cached lower blocks);
+            ``None`` otherwise.
     """
 
     ids: list[str]
@@ -334,6 +362,7 @@ class Extracted:
     target: torch.Tensor
     meta: dict = field(default_factory=dict)
     lengths: torch.Tensor | None = None
+    states: "HiddenStates | None" = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -349,6 +378,60 @@ class Extracted:
         if self.lengths is not None:
             out["lengths"] = self.lengths.contiguous()
         return out
+
+
+@dataclass
+class HiddenStates:
+    """The hidden states of every token of every packed pool row ``[prompt, cand_1, ..., cand_C]`` of a split at the
+    input of decoder block ``layer`` (the output of blocks ``0..layer-1``), as the reference model computed them in
+    the shared-prefix forward of :func:`extract` (``keep_layer=layer``). Rows are ragged, so they are stored flat.
+
+    A candidate's states depend only on the prompt and itself (the block mask), so the states of any subset of a
+    pool's candidates are slices of its row (:meth:`gather`): what the ``freeze`` regime (:mod:`mass_dpo.frozen`)
+    feeds its trainable top blocks.
+
+    Attributes:
+        states: ``[N, d]`` every row's states, concatenated (the model's dtype: bf16 where extraction runs in bf16).
+        offsets: ``[P + 1]`` int64: row p is ``states[offsets[p]:offsets[p + 1]]``.
+        prompt_len: ``[P]`` int64 prompt tokens per row; cand_len: ``[P, C]`` int64 response tokens per candidate
+            (0 = no candidate), in row order.
+        ids: the record ids; layer: the block index.
+    """
+
+    states: torch.Tensor
+    offsets: torch.Tensor
+    prompt_len: torch.Tensor
+    cand_len: torch.Tensor
+    ids: list
+    layer: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, p: int) -> torch.Tensor:
+        """``[P_p + sum_c L_pc, d]``: the whole packed row of prompt ``p``."""
+        return self.states[int(self.offsets[p]) : int(self.offsets[p + 1])]
+
+    def gather(self, p: int, candidates: Sequence[int]) -> torch.Tensor:
+        """``[P_p + sum of their L, d]``: the prompt's states, then those of ``candidates`` (indices into the pool) in
+        the given order: the packed row of the sub-pool ``(prompt, [cand_i for i in candidates])``."""
+        P = int(self.prompt_len[p])
+        lens = self.cand_len[p]
+        starts = P + torch.cat([lens.new_zeros(1), lens.cumsum(0)[:-1]])
+        idx = [torch.arange(P)] + [torch.arange(int(starts[c]), int(starts[c]) + int(lens[c])) for c in candidates]
+        if any(int(lens[c]) == 0 for c in candidates):
+            raise IndexError(f"prompt {p}: candidate index out of its pool ({list(candidates)}, {int((lens > 0).sum())})")
+        return self.row(p)[torch.cat(idx)]
+
+    def check_pools(self, pools: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> None:
+        """A ``ValueError`` unless ``pools`` (``encode_pool`` output, one per record) have exactly the stored layout."""
+        if len(pools) != len(self.ids):
+            raise ValueError(f"{len(pools)} pools for {len(self.ids)} rows of cached states")
+        for p, (prompt, cands) in enumerate(pools):
+            lens = [len(c) for c in cands]
+            if len(prompt) != int(self.prompt_len[p]) or lens != self.cand_len[p, : len(lens)].tolist():
+                raise ValueError(f"record {self.ids[p]!r}: its tokenized pool does not match the cached states "
+                                 "(another tokenizer or formatting); extract again")
 
 
 #: The readings of Appendix C.4's preprocessing score ``s_i = beta (phi_i^T theta0 + b_i)``, i.e. of the relative
@@ -544,9 +627,11 @@ def save_part(folder: Path, stem: str, tensors: dict[str, torch.Tensor], manifes
     _write_atomic(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(manifest, indent=1, default=str)))
 
 
-def load_part(folder: Path, stem: str, expect: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+def load_part(folder: Path, stem: str, expect: dict, need: Sequence[str] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """Read a part written by :func:`save_part`; ``None`` when it is missing, partial, corrupt or was written for
-    other inputs (any ``expect`` entry differs from the manifest's)."""
+    other inputs (any ``expect`` entry differs from the manifest's). ``need``: the tensors it must hold, one row per
+    id of its manifest (default :data:`STORED`, an extraction part; :data:`STATES_STORED` for cached states)."""
     from safetensors.torch import load_file
 
     man_path, st = folder / f"{stem}.json", folder / f"{stem}.safetensors"
@@ -562,7 +647,7 @@ def load_part(folder: Path, stem: str, expect: dict) -> tuple[dict[str, torch.Te
     except Exception:  # unreadable manifest or tensors: recompute
         return None
     n = len(manifest.get("ids", []))
-    need = STORED
+    need = STORED if need is None else need
     if any(k not in tensors for k in need) or any(tensors[k].shape[0] != n for k in need):
         return None
     return tensors, manifest
@@ -611,14 +696,18 @@ def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int
 
 
 @torch.no_grad()
-def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=None):
+def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=None, keep_layer=None):
     """Run :func:`shared_prefix_outputs` over pools; returns ``(logps [N, C], {pooling: features [N, C, d]},
-    mask [N, C], lengths [N, C])``."""
+    mask [N, C], lengths [N, C])``, and with ``keep_layer`` a fifth element: the :func:`states_part` tensors of the
+    rows' hidden states at the input of that block."""
     C = max(len(cs) for _, cs in encoded)
-    logps, masks, lengths = [], [], []
+    logps, masks, lengths, rows = [], [], [], []
     feats: dict[str, list] = {p: [] for p in poolings}
     for idx in _batches(encoded, batch_tokens):
-        lp, ft, m, n = shared_prefix_outputs(model, [encoded[i] for i in idx], poolings=poolings, pad_id=pad_id)
+        lp, ft, m, n, st = _shared_prefix(model, [encoded[i] for i in idx], poolings=poolings, pad_id=pad_id,
+                                          keep_layer=keep_layer)
+        if keep_layer is not None:
+            rows += [st[b, : len(encoded[i][0]) + sum(len(c) for c in encoded[i][1])].cpu() for b, i in enumerate(idx)]
         logps.append(_pad_to(lp.cpu(), C))
         masks.append(_pad_to(m.cpu(), C, False))
         lengths.append(_pad_to(n.cpu(), C))
@@ -626,7 +715,39 @@ def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=N
             feats[p].append(_pad_to(ft[p].cpu(), C))
         if progress is not None:
             progress.update(len(idx))
-    return torch.cat(logps), {p: torch.cat(v) for p, v in feats.items()}, torch.cat(masks), torch.cat(lengths)
+    out = torch.cat(logps), {p: torch.cat(v) for p, v in feats.items()}, torch.cat(masks), torch.cat(lengths)
+    if keep_layer is None:
+        return out
+    return (*out, states_part(rows, encoded))  # the batches are consecutive: rows are in dataset order
+
+
+#: The per-prompt tensors of a cached-states part (:class:`HiddenStates`; ``states`` and ``offsets`` are checked by
+#: :func:`load_states`).
+STATES_STORED = ("prompt_len", "cand_len")
+
+
+def states_part(rows: list[torch.Tensor], encoded) -> dict[str, torch.Tensor]:
+    """The tensors stored for :class:`HiddenStates`: ``states [N, d]`` (rows concatenated), ``offsets [P + 1]``,
+    ``prompt_len [P]``, ``cand_len [P, C]``."""
+    C = max(len(cs) for _, cs in encoded)
+    cand_len = torch.zeros(len(encoded), C, dtype=torch.long)
+    for p, (_, cs) in enumerate(encoded):
+        cand_len[p, : len(cs)] = torch.tensor([len(c) for c in cs])
+    sizes = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+    return {"states": torch.cat(rows), "offsets": torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]),
+            "prompt_len": torch.tensor([len(p) for p, _ in encoded], dtype=torch.long), "cand_len": cand_len}
+
+
+def _merge_states(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Shards of :func:`states_part` tensors, concatenated in order."""
+    C = max(p["cand_len"].shape[1] for p in parts)
+    offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+    for p in parts:
+        offsets.append(p["offsets"][1:] + base)
+        base += int(p["offsets"][-1])
+    return {"states": torch.cat([p["states"] for p in parts]), "offsets": torch.cat(offsets),
+            "prompt_len": torch.cat([p["prompt_len"] for p in parts]),
+            "cand_len": torch.cat([_pad_to(p["cand_len"], C) for p in parts])}
 
 
 def _pad_id(tokenizer) -> int:
@@ -659,6 +780,7 @@ def extract(
     device=None,
     dtype=None,
     progress: bool = True,
+    keep_layer: int | None = None,
 ) -> Extracted:
     """Features and log-probabilities for every candidate of every record, cached on disk.
 
@@ -678,6 +800,10 @@ def extract(
         device, dtype: for models loaded by name (default: the params', or the accelerate process's device;
             ``$MASS_DPO_DTYPE`` overrides the params' dtype, see :func:`mass_dpo.models.resolve_dtype`). The model's
             dtype is part of the cache key; features and log-probs are stored as float32 whatever it is.
+        keep_layer: also keep the reference model's hidden states of every packed row at the input of this decoder
+            block (``Extracted.states``, a :class:`HiddenStates`), captured in the same forward and cached beside the
+            entry (``states<layer>.safetensors``, in the model's dtype): the ``freeze`` regime's frozen lower blocks.
+            An entry cached without them is computed again (one forward gives both).
 
     Under ``accelerate launch`` each process computes a share of the missing shards, then every process reads the
     merged result (identical on all processes, and equal to a single-process run).
@@ -704,13 +830,26 @@ def extract(
     folder = folder / key
     n_shards = (len(records) + shard_size - 1) // shard_size
     expect = {"key": key, "version": EXTRACTION_VERSION}
+    ids = [str(r["id"]) for r in records]
+    if keep_layer is not None:
+        n_layers = len(_parts(ref.model)[0].layers)
+        if not 0 <= int(keep_layer) < n_layers:
+            raise ValueError(f"keep_layer {keep_layer} is not a block of {ref.name} (0 .. {n_layers - 1})")
+    states_stem = None if keep_layer is None else f"states{int(keep_layer)}"
+    expect_states = dict(expect, layer=keep_layer)
 
     final = load_part(folder, "extracted", expect) if use_cache else None
-    if final is not None and final[1].get("ids") == [str(r["id"]) for r in records]:
-        return _to_extracted(final[0], final[1], pooling, cache_hit=True)
+    kept = load_states(folder, states_stem, expect_states) if use_cache and states_stem else None
+    if final is not None and final[1].get("ids") == ids and (states_stem is None or kept is not None
+                                                              and kept.ids == ids):
+        return _to_extracted(final[0], final[1], pooling, cache_hit=True, states=kept)
 
-    def shard_stem(s: int) -> str:
-        return f"shard-{s:05d}-of-{n_shards:05d}"
+    def shard_stem(s: int, prefix: str = "") -> str:
+        return f"{prefix}shard-{s:05d}-of-{n_shards:05d}"
+
+    def shard_done(s: int) -> bool:
+        return load_part(folder, shard_stem(s), expect) is not None and (
+            states_stem is None or load_states(folder, shard_stem(s, f"{states_stem}-"), expect_states) is not None)
 
     mine = list(range(n_shards))
     if state is not None and state.num_processes > 1:
@@ -718,9 +857,10 @@ def extract(
             raise ValueError("extraction under several processes needs use_cache=True (the shards are shared on disk)")
         mine = mine[state.process_index :: state.num_processes]  # fixed by index: no race on what is done
     if use_cache:
-        mine = [s for s in mine if load_part(folder, shard_stem(s), expect) is None]  # resume
+        mine = [s for s in mine if not shard_done(s)]  # resume
     main = state is None or state.is_main_process
     parts: dict[int, dict] = {}
+    state_parts: dict[int, dict] = {}
     pad = _pad_id(ref.tokenizer)
     n_mine = sum(min(shard_size, len(records) - s * shard_size) for s in mine)
     desc_bar = f"extract ({ref.name}, {desc['dtype'].replace('torch.', '')})"
@@ -728,9 +868,9 @@ def extract(
         for s in mine:
             recs = records[s * shard_size : (s + 1) * shard_size]
             encoded = [encode_pool(r, ref.tokenizer) for r in recs]
-            ref_lp, feats, mask, lengths = _forward_pools(
+            ref_lp, feats, mask, lengths, *kept_rows = _forward_pools(
                 ref.model, encoded, poolings=POOLINGS if theta0 is None else (), batch_tokens=batch_tokens,
-                pad_id=pad, progress=bar,
+                pad_id=pad, progress=bar, keep_layer=keep_layer,
             )
             if theta0 is None:
                 th_lp = ref_lp.clone()
@@ -747,8 +887,13 @@ def extract(
             }
             if use_cache:
                 save_part(folder, shard_stem(s), tensors, dict(expect, ids=[str(r["id"]) for r in recs], shard=s))
+                if states_stem is not None:
+                    save_part(folder, shard_stem(s, f"{states_stem}-"), kept_rows[0],
+                              dict(expect_states, ids=[str(r["id"]) for r in recs], shard=s))
             else:
                 parts[s] = tensors
+                if states_stem is not None:
+                    state_parts[s] = kept_rows[0]
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()
 
@@ -758,8 +903,15 @@ def extract(
             if got is None:
                 raise RuntimeError(f"extraction shard {s} missing or corrupt in {folder} after computing it")
             parts[s] = got[0]
+            if states_stem is not None:
+                got = load_part(folder, shard_stem(s, f"{states_stem}-"), expect_states, need=STATES_STORED)
+                if got is None:
+                    raise RuntimeError(f"states shard {s} missing or corrupt in {folder} after computing it")
+                state_parts[s] = got[0]
     merged = _merge([parts[s] for s in range(n_shards)])
     del parts
+    merged_states = None if states_stem is None else _merge_states([state_parts[s] for s in range(n_shards)])
+    del state_parts
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the shards before the main one removes them
     manifest = dict(
@@ -769,17 +921,41 @@ def extract(
         seconds=round(time.time() - t0, 3),
         shapes={k: list(v.shape) for k, v in merged.items()},
     )
+    states_manifest = dict(expect_states, ids=ids, description=desc)
     if use_cache and main:
         save_part(folder, "extracted", merged, manifest)
-        for s in range(n_shards):  # the merged file replaces the shards
-            for suffix in (".json", ".safetensors"):
-                (folder / f"{shard_stem(s)}{suffix}").unlink(missing_ok=True)
+        if states_stem is not None:
+            save_part(folder, states_stem, merged_states, states_manifest)
+        for s in range(n_shards):  # the merged files replace the shards
+            for stem in [shard_stem(s)] + ([shard_stem(s, f"{states_stem}-")] if states_stem else []):
+                for suffix in (".json", ".safetensors"):
+                    (folder / f"{stem}{suffix}").unlink(missing_ok=True)
     if state is not None and state.num_processes > 1:
         state.wait_for_everyone()
-    return _to_extracted(merged, manifest, pooling, cache_hit=False)
+    kept = None if states_stem is None else _hidden_states(merged_states, states_manifest)
+    return _to_extracted(merged, manifest, pooling, cache_hit=False, states=kept)
 
 
-def _to_extracted(tensors: dict, manifest: dict, pooling: str, *, cache_hit: bool) -> Extracted:
+def _hidden_states(tensors: dict, manifest: dict) -> HiddenStates:
+    return HiddenStates(tensors["states"], tensors["offsets"].long(), tensors["prompt_len"].long(),
+                        tensors["cand_len"].long(), list(manifest["ids"]), int(manifest["layer"]))
+
+
+def load_states(folder: Path, stem: str, expect: dict) -> HiddenStates | None:
+    """The :class:`HiddenStates` of a cached-states part, or ``None`` when it is missing, corrupt or for other
+    inputs (as :func:`load_part`), or its offsets do not cover its states."""
+    got = load_part(folder, stem, expect, need=STATES_STORED)
+    if got is None:
+        return None
+    tensors, manifest = got
+    off = tensors.get("offsets")
+    if "states" not in tensors or off is None or off.shape[0] != len(manifest["ids"]) + 1 \
+            or int(off[-1]) != tensors["states"].shape[0]:
+        return None
+    return _hidden_states(tensors, manifest)
+
+
+def _to_extracted(tensors: dict, manifest: dict, pooling: str, *, cache_hit: bool, states=None) -> Extracted:
     """The :class:`Extracted` of a cache entry, its ``features`` in ``pooling``."""
     meta = {k: v for k, v in manifest.items() if k not in ("ids",)}
     meta["cache_hit"] = cache_hit
@@ -794,6 +970,7 @@ def _to_extracted(tensors: dict, manifest: dict, pooling: str, *, cache_hit: boo
         target=tensors["target"].long(),
         meta=meta,
         lengths=tensors["lengths"].long(),
+        states=states,
     )
 
 

@@ -150,7 +150,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def generate_replies(
     model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 20, batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = False, prefill=None,
 ) -> list[str]:
     """Greedy replies (``do_sample=False``) to tokenized prompts, in their order, cut at the first end-of-turn token.
 
@@ -158,6 +158,10 @@ def generate_replies(
         model: a causal LM, plain or peft-wrapped (anything with ``generate``); its train/eval mode is restored.
         prompts: ``P`` lists of token ids (chat-formatted, ``encode_text(format_prompt(...))``).
         max_new_tokens, batch_size: generated tokens per reply; prompts per ``generate`` call (left padding).
+        prefill: ``prefill(input_ids, attention_mask) -> cache`` (or ``None``), the model's key/value cache over
+            all but the last token of a left-padded batch, computed another way (the ``freeze`` regime shares its
+            frozen lower blocks' part between policies: :class:`mass_dpo.frozen.LowerPromptCache`); ``generate``
+            continues from it. It must be the cache ``generate`` itself would build.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
@@ -177,9 +181,11 @@ def generate_replies(
             for lo in range(0, len(order), batch_size):
                 idx = order[lo : lo + batch_size]
                 ids, mask = _left_pad([prompts[i] for i in idx], pad)
+                cache = prefill(ids, mask) if prefill is not None else None
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                     do_sample=False, num_beams=1, eos_token_id=stop or None, pad_token_id=pad,
+                    **({"cache": cache} if cache is not None else {}),
                 )
                 new = out[:, ids.shape[1] :].cpu().tolist()
                 for i, toks in zip(idx, new):
@@ -207,7 +213,7 @@ def _records(records) -> list[Mapping[str, Any]]:
 
 def hit_ratio(
     model, tokenizer, records: Iterable[Mapping[str, Any]], *, max_new_tokens: int = 20, batch_size: int = 8,
-    labels: bool = False, progress: bool = False,
+    labels: bool = False, progress: bool = False, prefill=None,
 ) -> dict[str, Any]:
     """Generation-based HitRatio@1 and valid ratio (S-DPO's ``evaluate_batch.py`` rule; module docstring).
 
@@ -217,6 +223,7 @@ def hit_ratio(
         records: dicts (or a ``datasets.Dataset``) with ``prompt``, ``candidates``, ``target`` (``id`` optional).
         max_new_tokens: greedy tokens per reply (S-DPO: 20); batch_size: prompts per ``generate`` call.
         labels: also count ``"(C)"`` option labels as naming a candidate (rule 4; lettered QA prompts only).
+        prefill: passed to :func:`generate_replies` (a shared prompt cache; the ``freeze`` regime's fast path).
 
     Returns:
         ``hit_ratio``, ``hit_ratio_se``, ``valid_ratio``, ``valid_ratio_se`` (floats), ``prompts`` (int), and per
@@ -226,7 +233,8 @@ def hit_ratio(
     rows = _records(records)
     prompts = [encode_text(format_prompt(r, tokenizer), tokenizer) for r in rows]
     outputs = generate_replies(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        prefill=prefill,
     )
     judged = [judge_output(o, r["candidates"], int(r["target"]), labels=labels) for o, r in zip(outputs, rows)]
     valid = torch.tensor([v for v, _, _ in judged], dtype=torch.float64)

@@ -93,8 +93,14 @@ def _data_location(config: TrainConfig) -> str:
 
 
 def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, Any]:
-    """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format."""
+    """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format.
+    Two later options are left out where they change nothing, so that run folders made before them keep their names:
+    ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off."""
     cfg = {k: v for k, v in config.to_dict().items() if k not in NON_SEMANTIC}
+    if config.regime != "freeze":
+        cfg.pop("trainable_layers", None)
+    if not cfg.get("pool_eval"):
+        cfg.pop("pool_eval", None)
     return {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
 
 
@@ -221,6 +227,7 @@ class RunData:
         forward: the per-pool forward of the LM regimes (``None``: ``shared_prefix_forward``).
         test_records: the test records (``prompt``, ``candidates``, ``target``), for the generation-based accuracy of
             the LM regimes; tokenizer: the model's tokenizer (LM regimes).
+        pool_eval: the whole-pool statistics of every online evaluation (``TrainConfig.pool_eval``), or ``None``.
     """
 
     policy: torch.nn.Module
@@ -231,6 +238,7 @@ class RunData:
     forward: Callable | None = None
     test_records: list | None = None
     tokenizer: Any = None
+    pool_eval: Any = None
 
 
 def _device():
@@ -292,15 +300,45 @@ def extracted_split(config: TrainConfig, split: str, *, progress: bool = False):
     return _EXTRACTED[memo]
 
 
-def prepare_data(config: TrainConfig) -> RunData:
-    """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits."""
-    from .training import PreferenceDataset, build_policy, select_training_negatives
+def _lm_split(config: TrainConfig, split: str, bundle, keep_layer: int | None = None):
+    """``(records, Extracted)`` of one split extracted with ``bundle`` (cached on disk; ``keep_layer``: with the
+    states entering that block, the freeze regime's)."""
     from .data import load_benchmark
-    from .data.formatting import encode_pool
     from .extraction import extract
 
+    limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
+    records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
+    # a progress bar on a console only: an executed notebook keeps one line per run (experiments.run_grid)
+    return records, extract(records, bundle, dataset_key=split_key(config, split), pooling=config.pooling,
+                            progress=_console(), keep_layer=keep_layer)
+
+
+def _freeze_bundle(config: TrainConfig):
+    """``(bundle, first trainable block)`` of the freeze regime: the shared model in the extraction's dtype (never
+    trained: the policy copies its top blocks) and ``L - trainable_layers``."""
+    from .frozen import first_trainable_layer
+
+    bundle = _model(config.model, False)
+    return bundle, first_trainable_layer(bundle.model, config.trainable_layers)
+
+
+def prepare_data(config: TrainConfig) -> RunData:
+    """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits.
+
+    The freeze regime extracts with the shared model in its extraction dtype and keeps the states entering block
+    ``L - trainable_layers`` (``Extracted.states``, one forward with the features); its records carry those states
+    and its reference log-probs are the untrained policy's on them (:func:`mass_dpo.frozen.reference_logps`; the
+    test split's ``ref_logps`` are replaced by them too, so every implicit reward starts at 0)."""
+    from .training import PoolEval, PreferenceDataset, build_policy, select_training_negatives
+    from .data.formatting import encode_pool
+
     lm = config.regime != "loglinear"
-    bundle = _model(config.model, lm)
+    freeze = config.regime == "freeze"
+    keep = None
+    if freeze:
+        bundle, keep = _freeze_bundle(config)
+    else:
+        bundle = _model(config.model, lm)
     limits = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}
     records, extracted = {}, {}
     for split, limit in limits.items():
@@ -312,33 +350,44 @@ def prepare_data(config: TrainConfig) -> RunData:
             records["test"], extracted["test"] = records["valid"], extracted["valid"]
             continue
         t0 = time.time()
-        # a progress bar on a console only: an executed notebook keeps one line per run (experiments.run_grid)
-        if lm:  # extracted with the model this run trains (loaded afresh)
-            records[split] = load_benchmark(
-                config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
-            )
-            extracted[split] = extract(records[split], bundle, dataset_key=split_key(config, split),
-                                       pooling=config.pooling, progress=_console())
+        if lm:  # extracted with the model this run trains (loaded afresh; freeze: the shared one, with states)
+            records[split], extracted[split] = _lm_split(config, split, bundle, keep)
         else:  # the log-linear runs of one process share their frozen features
             records[split], extracted[split] = extracted_split(config, split, progress=_console())
         logger.info("%s: %d prompts ready in %.1f s", split, len(extracted[split]), time.time() - t0)
 
     pools = {s: [encode_pool(r, bundle.tokenizer) for r in records[s]] for s in records} if lm else {}
+    if lm:
+        policy = build_policy(config, bundle.model)
+    else:
+        policy = build_policy(config, dim=int(extracted["train"].features.shape[-1]))
+    if freeze:  # log pi_ref = the untrained policy on the cached states (selection reads the extraction as it is)
+        from .frozen import reference_logps
+
+        ref = {s: reference_logps(policy, extracted[s], pools[s]) for s in extracted}
+    else:
+        ref = {s: extracted[s].ref_logps for s in extracted}
 
     def records_of(split: str) -> PreferenceDataset:
         ex = extracted[split]
         neg = select_training_negatives(ex, config.method, config.n, beta=config.beta, gamma=config.gamma,
                                         seed=config.seed, selection_score=config.selection_score)
-        return PreferenceDataset.from_selection(ex, neg, pools=pools.get(split))
+        return PreferenceDataset.from_selection(ex, neg, pools=pools.get(split), ref_logps=ref[split],
+                                                states=ex.states if freeze else None)
 
     train = records_of("train")
     eval_ = records_of("valid") if "valid" in extracted else None
-    if lm:
-        policy = build_policy(config, bundle.model)
-    else:
-        policy = build_policy(config, dim=int(extracted["train"].features.shape[-1]))
-    return RunData(policy, train, eval_, extracted["test"], pools.get("test"),
-                   test_records=records["test"] if lm else None, tokenizer=bundle.tokenizer if lm else None)
+    test = dataclasses.replace(extracted["test"], ref_logps=ref["test"]) if freeze else extracted["test"]
+    pool_eval = None
+    if config.pool_eval and "valid" in extracted:
+        from .evaluation import score_candidates
+
+        valid = dataclasses.replace(extracted["valid"], ref_logps=ref["valid"])
+        pool_eval = PoolEval(lambda model: score_candidates(model, valid, pools=pools.get("valid")), valid.ref_logps,
+                             valid.mask, valid.target, beta=config.beta)
+    return RunData(policy, train, eval_, test, pools.get("test"),
+                   test_records=records["test"] if lm else None, tokenizer=bundle.tokenizer if lm else None,
+                   pool_eval=pool_eval)
 
 
 # ---------------------------------------------------------------- the run
@@ -360,11 +409,19 @@ def _barrier(state) -> None:
 
 def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpoints: Path, callbacks, main: bool):
     """The Trainer path (LM regimes; the log-linear regime with ``fit="adam"``): ``(policy, train summary, last
-    online-eval metrics, optimizer name, seconds)``; resumes from the newest complete checkpoint."""
-    from .training import CSVLogCallback, build_trainer, last_checkpoint
+    online-eval metrics, optimizer name, seconds)``; resumes from the newest complete checkpoint.
+
+    A freeze-regime policy saves only its trainable weights: ``final/`` and ``snapshots/{mid,final}/``
+    (:func:`mass_dpo.frozen.save_trainable`; ``snapshots/final`` holds hard links to ``final/``'s files)."""
+    from .frozen import FrozenTopPolicy, save_trainable
+    from .training import CSVLogCallback, SnapshotCallback, build_trainer, last_checkpoint
+
+    freeze = isinstance(run_data.policy, FrozenTopPolicy)
+    extra = [SnapshotCallback(path / "snapshots")] if freeze else []
     trainer = build_trainer(
         cfg, run_data.policy, run_data.train, run_data.eval, output_dir=checkpoints,
-        callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
+        callbacks=[CSVLogCallback(path / "log.csv"), *extra, *(callbacks or [])], forward=run_data.forward,
+        pool_eval=run_data.pool_eval,
     )
     resume = last_checkpoint(checkpoints, discard_incomplete=main)  # skips (and reports) a half-written one
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
@@ -377,11 +434,27 @@ def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpo
         trainer.evaluate()  # the step-0 point of the training curves (Figures 2-3)
     out = trainer.train(resume_from_checkpoint=resume)
     t_train = time.time() - t1
-    trainer.save_model(str(path / "final"))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if freeze:
+        if main:
+            save_trainable(policy, path / "final", step=trainer.state.global_step)
+            _link_folder(path / "final", path / "snapshots" / "final")
+    else:
+        trainer.save_model(str(path / "final"))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     info = {**out.metrics, "global_step": trainer.state.global_step, "resumed_from": resume and Path(resume).name}
-    policy = trainer.accelerator.unwrap_model(trainer.model)
     return policy, info, (evals[-1] if evals else {}), optim, t_train
+
+
+def _link_folder(src: Path, dst: Path) -> None:
+    """``dst`` with a hard link to every file of ``src`` (a copy where the file system has no hard links)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
 
 
 def _records_tensors(records: PreferenceDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,7 +654,7 @@ def train_run(
 
 #: Config fields a reference evaluation does not depend on (the untrained policy is the same for every method).
 REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_iter", "learning_rate",
-                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit")
+                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "pool_eval")
 
 
 def _lettered_options(dataset: str) -> bool:
@@ -636,3 +709,48 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
     result = load_run(path)
     result.cached = False
     return result
+
+
+# ---------------------------------------------------------------- the freeze regime: snapshots, re-extraction
+
+
+def snapshot_folder(run_dir, snapshot: str = "final") -> Path:
+    """The saved trainable weights of a freeze run: ``snapshots/<snapshot>/`` (``mid``: half-way, ``final``)."""
+    folder = Path(run_dir) / "snapshots" / snapshot
+    if not (folder / "freeze.json").is_file():
+        raise FileNotFoundError(f"{folder}: no saved snapshot {snapshot!r} (a freeze run keeps snapshots/mid and "
+                                "snapshots/final)")
+    return folder
+
+
+def load_policy(run_dir, snapshot: str = "final"):
+    """The policy of a freeze run at ``snapshot`` (``mid`` or ``final``): the shared base model
+    (:func:`_freeze_bundle`, the extraction's dtype) with that snapshot's top blocks and norm
+    (:class:`mass_dpo.frozen.FrozenTopPolicy`). Its full causal LM: :func:`mass_dpo.frozen.generation_model`."""
+    from .frozen import load_trainable
+    from .training import build_policy
+
+    cfg = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    if cfg.regime != "freeze":
+        raise ValueError(f"{run_dir} is a {cfg.regime} run; snapshots of trainable weights are the freeze regime's")
+    bundle, _ = _freeze_bundle(cfg)
+    return load_trainable(build_policy(cfg, bundle.model), snapshot_folder(run_dir, snapshot))
+
+
+def reextract_run(run_dir, split: str = "train", *, snapshot: str = "final", pooling: str | None = None):
+    """Table 4 as the paper ran it: the features (mean-pooled final hidden states, ``pooling``: default the run's)
+    and log-probs of every candidate of ``split`` under a freeze run's ``snapshot`` (``mid`` or ``final``), as an
+    :class:`~mass_dpo.extraction.Extracted` (``theta0_logps`` and ``features`` the snapshot's, ``ref_logps`` the
+    untrained policy's), so that :func:`mass_dpo.preprocess.select_extracted` recomputes the selection on it. The
+    snapshot's top blocks run on the split's cached states: seconds, no full forward."""
+    from .data.formatting import encode_pool
+    from .frozen import read_meta, reextract
+
+    policy = load_policy(run_dir, snapshot)
+    cfg = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    bundle, keep = _freeze_bundle(cfg)
+    records, ex = _lm_split(cfg, split, bundle, keep)
+    pools = [encode_pool(r, bundle.tokenizer) for r in records]
+    step = read_meta(snapshot_folder(run_dir, snapshot)).get("step")
+    return reextract(policy, ex, pools, pooling=pooling or cfg.pooling,
+                     meta={"run": Path(run_dir).name, "snapshot": snapshot, "step": step, "split": split})

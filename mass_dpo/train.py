@@ -30,7 +30,7 @@ _OPTIONS = {
     "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
-    "score": str, "optim": str,
+    "score": str, "optim": str, "trainable_layers": int, "pool_eval": bool,
 }
 
 
@@ -47,9 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=positive_int, help="negatives per prompt (dpo: always 1)")
     g.add_argument("--beta", type=positive_float, help="DPO scale, > 0")
     g.add_argument("--gamma", type=positive_float, help="ridge of the D-optimal design matrix H(S), > 0")
-    g.add_argument("--regime", choices=REGIMES)
+    g.add_argument("--regime", choices=REGIMES, help="loglinear (frozen features), freeze (the top blocks of the LM "
+                   "on cached lower-block states: the CPU LM regime), lora, full")
+    g.add_argument("--trainable-layers", dest="trainable_layers", type=positive_int,
+                   help="freeze regime: the top blocks that train (with the final norm)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--profile", help="a profile of params/training.yaml (cpu, smoke, paper)")
+    g.add_argument("--profile", help="a profile of params/training.yaml (cpu, cpu-lm, smoke, paper)")
     d = parser.add_argument_group("data")
     d.add_argument("--data-dir", dest="data_dir", help="benchmark folder ('samples': the shipped samples)")
     d.add_argument("--limit", type=int, help="training prompts")
@@ -68,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--logging-steps", dest="logging_steps", type=float)
     o.add_argument("--save-steps", dest="save_steps", type=float)
     o.add_argument("--optim", help="a transformers optimizer name (default: paged_adamw_32bit or adamw_torch)")
+    o.add_argument("--pool-eval", dest="pool_eval", action="store_true", default=None,
+                   help="every online evaluation also scores the whole pools of the online-eval prompts (log.csv "
+                        "rows with split 'pool')")
     e = parser.add_argument_group("evaluation")
     e.add_argument("--score", choices=("logp", "reward"), help="test ranking score")
     r = parser.add_argument_group("run folder")

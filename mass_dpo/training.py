@@ -9,10 +9,13 @@ Regimes (``TrainConfig.regime``):
 
 - ``full``       every weight of the causal LM (the paper's setting, Appendix C.4);
 - ``lora``       a peft LoRA adapter on the attention projections;
-- ``loglinear``  Assumption 4.1 on frozen features (:class:`mass_dpo.loglinear.LogLinearPolicy`).
+- ``loglinear``  Assumption 4.1 on frozen features (:class:`mass_dpo.loglinear.LogLinearPolicy`);
+- ``freeze``     the top k blocks and the final norm of the causal LM, on cached lower-block states
+                 (:class:`mass_dpo.frozen.FrozenTopPolicy`).
 
 In the LM regimes one forward per prompt shares the prompt across the chosen response and its negatives
-(``mass_dpo.extraction.shared_prefix_forward``: one packed row with a block mask).
+(``mass_dpo.extraction.shared_prefix_forward``: one packed row with a block mask); in ``freeze`` the records carry
+the cached states of that packed row and only the top blocks run.
 
 Distributed training, DeepSpeed and FSDP come from the Trainer and accelerate unchanged; nothing here is
 distributed code beyond gathering logged statistics through the Trainer's accelerator.
@@ -40,8 +43,10 @@ from .config import (  # noqa: F401 - re-exported: the configuration lives in ma
     default_optim,
     resolve_config,
 )
+from .frozen import FrozenTopPolicy
 from .loglinear import LogLinearPolicy
 from .losses import METHODS, preference_loss
+from .metrics import per_prompt_ranking
 
 logger = logging.getLogger("mass_dpo.training")
 
@@ -66,13 +71,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
         features: ``[P, C, d]`` frozen features (``Extracted.features``), for the ``loglinear`` regime.
         pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` (``encode_pool``), for the LM regimes.
         ids: prompt ids.
+        states: the pools' cached lower-block states (:class:`mass_dpo.extraction.HiddenStates`), for ``freeze``.
 
     An item is a dict: ``ref_logps [1+n]``, ``mask [1+n]`` (column 0 always True, absent negatives moved last), and
     either ``features [1+n, d]`` or ``prompt_ids`` (list of int) and ``candidate_ids`` (list of lists of int, chosen
-    first, one per True entry of ``mask``).
+    first, one per True entry of ``mask``); with ``states`` also ``hidden [T, d]``, the states of the packed row
+    ``[prompt, chosen, negatives...]`` in that order.
     """
 
-    def __init__(self, candidates, ref_logps, *, features=None, pools=None, ids=None):
+    def __init__(self, candidates, ref_logps, *, features=None, pools=None, ids=None, states=None):
         self.candidates = torch.as_tensor(candidates, dtype=torch.long)
         self.ref_logps = torch.as_tensor(ref_logps, dtype=torch.float32)
         self.features = None if features is None else torch.as_tensor(features)
@@ -93,6 +100,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"features {tuple(self.features.shape)} and ref_logps {tuple(self.ref_logps.shape)} disagree")
         if pools is not None and len(pools) != P:
             raise ValueError(f"{len(pools)} pools for {P} prompts")
+        if states is not None:
+            if pools is None:
+                raise ValueError("cached states need the pools (their token ids)")
+            states.check_pools(pools)
+        self.states = states
 
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
@@ -112,12 +124,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
             prompt_ids, cand_ids = self.pools[i]
             item["prompt_ids"] = list(prompt_ids)
             item["candidate_ids"] = [list(cand_ids[j]) for j in idx[mask].tolist()]
+            if self.states is not None:
+                item["hidden"] = self.states.gather(i, idx[mask].tolist())
         return item
 
     @classmethod
-    def from_selection(cls, extracted, negatives, *, pools=None, with_features: bool | None = None):
+    def from_selection(cls, extracted, negatives, *, pools=None, with_features: bool | None = None,
+                       states=None, ref_logps=None):
         """Records from an ``Extracted`` (``target``, ``ref_logps``, ``features``, ``ids``) and ``negatives`` ``[P, n]``
-        (indices into each pool, ``-1`` = none). ``with_features`` defaults to ``pools is None`` (loglinear)."""
+        (indices into each pool, ``-1`` = none). ``with_features`` defaults to ``pools is None`` (loglinear);
+        ``states`` (freeze: ``extracted.states``) and ``ref_logps`` ``[P, C]`` (default ``extracted.ref_logps``)."""
         negatives = torch.as_tensor(negatives, dtype=torch.long)
         target = torch.as_tensor(extracted.target, dtype=torch.long)
         if negatives.dim() != 2 or negatives.shape[0] != target.shape[0]:
@@ -127,10 +143,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         with_features = pools is None if with_features is None else with_features
         return cls(
             torch.cat([target[:, None], negatives], dim=1),
-            extracted.ref_logps,
+            extracted.ref_logps if ref_logps is None else ref_logps,
             features=extracted.features if with_features else None,
             pools=pools,
             ids=extracted.ids,
+            states=states,
         )
 
 
@@ -138,7 +155,8 @@ class PreferenceCollator:
     """Batches :class:`PreferenceDataset` items, padding the number of negatives (``mask`` False on padding).
 
     Output: ``ref_logps [B, 1+K]``, ``mask [B, 1+K]`` and ``features [B, 1+K, d]`` or ``prompt_ids`` (list of B
-    lists) and ``candidate_ids`` (list of B lists of candidate id lists, chosen first).
+    lists) and ``candidate_ids`` (list of B lists of candidate id lists, chosen first); with cached states also
+    ``hidden [B, T, d]`` (right-padded packed rows, the states' dtype).
     """
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -160,6 +178,12 @@ class PreferenceCollator:
         else:
             batch["prompt_ids"] = [it["prompt_ids"] for it in items]
             batch["candidate_ids"] = [it["candidate_ids"] for it in items]
+        if "hidden" in items[0]:
+            rows = [it["hidden"] for it in items]
+            hidden = rows[0].new_zeros(B, max(r.shape[0] for r in rows), rows[0].shape[-1])
+            for b, r in enumerate(rows):
+                hidden[b, : r.shape[0]] = r
+            batch["hidden"] = hidden
         return batch
 
 
@@ -253,13 +277,17 @@ def enable_pool_forward(model: nn.Module, forward: Callable | None = None) -> nn
 def policy_logps(model: nn.Module, inputs: dict[str, Any], *, forward: Callable | None = None) -> torch.Tensor:
     """``[B, 1+K]`` policy sequence log-probs of a collated batch (0 where ``mask`` is False).
 
-    Loglinear batches (``features``) go through ``model(features, ref_logps, mask)``. LM batches go through
-    ``model(prompt_ids=..., candidate_ids=..., mask=...)`` (see :func:`enable_pool_forward`), or, when ``forward`` is
-    given or the model has no pool forward, straight through :func:`pool_logps`.
+    Loglinear batches (``features``) go through ``model(features, ref_logps, mask)``; freeze batches (``hidden``)
+    through ``model(prompt_ids=..., candidate_ids=..., mask=..., hidden=...)`` (:class:`FrozenTopPolicy`). LM batches
+    go through ``model(prompt_ids=..., candidate_ids=..., mask=...)`` (see :func:`enable_pool_forward`), or, when
+    ``forward`` is given or the model has no pool forward, straight through :func:`pool_logps`.
     """
     mask = inputs["mask"]
     if "features" in inputs:
         return model(inputs["features"], inputs["ref_logps"], mask)
+    if "hidden" in inputs:
+        return model(prompt_ids=inputs["prompt_ids"], candidate_ids=inputs["candidate_ids"], mask=mask,
+                     hidden=inputs["hidden"])
     if forward is None and _has_pool_forward(model):
         return model(prompt_ids=inputs["prompt_ids"], candidate_ids=inputs["candidate_ids"], mask=mask)
     return pool_logps(model, inputs["prompt_ids"], inputs["candidate_ids"], mask, forward=forward)
@@ -294,6 +322,48 @@ def _example_stats(out, mask: torch.Tensor) -> torch.Tensor:
 _STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
+class PoolEval:
+    """Figures 2-3 on common whole pools: at every evaluation, the policy's log-prob of *every* candidate of the
+    online-eval prompts (the same candidates for every method, unlike each method's own negatives).
+
+    With the implicit reward ``r = beta (log pi - log pi_ref)`` (as :func:`mass_dpo.experiments.main_comparison.
+    pool_curve_point` defines them for the log-linear regime): ``margin`` = the chosen reward minus the mean reward of
+    the pool's negatives, ``accuracy`` = Recall@1 of the reward over the pool (ties at random in expectation: the
+    untrained policy sits at 1 / pool size), ``mrr`` = its MRR, ``logp_mrr`` = the MRR of the log-prob (the test's
+    ranking score), ``chosen_rewards``, ``rejected_rewards`` (mean over the pool's negatives); means over prompts.
+
+    Args:
+        score: ``score(model) -> [P, C]`` policy log-probs of every candidate, without gradient (the freeze
+            regime: :func:`mass_dpo.frozen.score_states` on the cached states; the others:
+            :func:`mass_dpo.evaluation.score_candidates`).
+        ref_logps, mask: ``[P, C]``; target: ``[P]``; beta: the DPO scale.
+    """
+
+    KEYS = ("margin", "accuracy", "mrr", "logp_mrr", "chosen_rewards", "rejected_rewards")
+
+    def __init__(self, score: Callable[[nn.Module], torch.Tensor], ref_logps, mask, target, *, beta: float):
+        self.score, self.beta = score, float(beta)
+        self.ref_logps = torch.as_tensor(ref_logps, dtype=torch.float64)
+        self.mask = torch.as_tensor(mask).bool()
+        self.target = torch.as_tensor(target).long()
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        logps = self.score(model).double().cpu()  # [P, C]
+        rows = torch.arange(len(self.target))
+        reward = self.beta * (logps - self.ref_logps)
+        neg = self.mask.clone()
+        neg[rows, self.target] = False
+        chosen = reward[rows, self.target]
+        rejected = (reward * neg).sum(-1) / neg.sum(-1).clamp_min(1)
+        by_reward = per_prompt_ranking(reward.masked_fill(~self.mask, float("-inf")), self.target, ks=(1,),
+                                       mask=self.mask)
+        by_logp = per_prompt_ranking(logps.masked_fill(~self.mask, float("-inf")), self.target, ks=(1,),
+                                     mask=self.mask)
+        return {"margin": float((chosen - rejected).mean()), "accuracy": float(by_reward["recall@1"].mean()),
+                "mrr": float(by_reward["mrr"].mean()), "logp_mrr": float(by_logp["mrr"].mean()),
+                "chosen_rewards": float(chosen.mean()), "rejected_rewards": float(rejected.mean())}
+
+
 # ---------------------------------------------------------------- trainer
 
 
@@ -302,16 +372,18 @@ class MultiNegativeTrainer(Trainer):
 
     Training logs add the batch means of ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
     ``rewards/accuracies`` (gathered over processes); :meth:`evaluate` reports ``eval_loss`` and the same
-    statistics over the online-eval set.
+    statistics over the online-eval set, and with ``pool_eval`` (a :class:`PoolEval`) the whole-pool statistics as
+    ``eval_pool_<name>``.
     """
 
-    def __init__(self, *args, method: str, beta: float, forward: Callable | None = None, **kwargs):
+    def __init__(self, *args, method: str, beta: float, forward: Callable | None = None,
+                 pool_eval: PoolEval | None = None, **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         kwargs.setdefault("data_collator", PreferenceCollator())
         super().__init__(*args, **kwargs)
-        self.method, self.beta, self.forward = method, float(beta), forward
-        if not isinstance(self.model, LogLinearPolicy):
+        self.method, self.beta, self.forward, self.pool_eval = method, float(beta), forward, pool_eval
+        if not isinstance(self.model, (LogLinearPolicy, FrozenTopPolicy)):
             enable_pool_forward(self.model, forward)  # one model forward per step, through any DDP/FSDP wrapper
         self.model_accepts_loss_kwargs = False  # our loss is a per-prompt mean: the Trainer scales it for accumulation
         self._train_stats: list[torch.Tensor] = []
@@ -353,10 +425,14 @@ class MultiNegativeTrainer(Trainer):
             logps = policy_logps(model, inputs)
             out = batch_loss(self.method, self.beta, logps, inputs)
             stats.append(self.accelerator.gather_for_metrics(_example_stats(out, inputs["mask"])))
+        if self.pool_eval is not None:
+            pool = self.pool_eval(self.accelerator.unwrap_model(model))
         model.train(was_training)
         allstats = torch.cat(stats).float().cpu() if stats else torch.zeros(0, len(_STAT_KEYS))
         metrics = {f"{metric_key_prefix}_{k}": float(allstats[:, i].mean()) for i, k in enumerate(_STAT_KEYS)}
         metrics[f"{metric_key_prefix}_samples"] = int(allstats.shape[0])
+        if self.pool_eval is not None:
+            metrics.update({f"{metric_key_prefix}_pool_{k}": v for k, v in pool.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -365,13 +441,14 @@ class MultiNegativeTrainer(Trainer):
 class CSVLogCallback(TrainerCallback):
     """Appends every train log and every evaluation to ``path`` (one row each; world process zero only).
 
-    Columns: ``step, epoch, split`` (``train`` or ``eval``), ``loss, margin, accuracy, chosen_rewards,
-    rejected_rewards`` (the quantities of Figures 2-3), ``learning_rate, grad_norm``. On resume, rows logged after
-    the checkpoint's step are dropped so that the log reads as one uninterrupted run.
+    Columns: ``step, epoch, split`` (``train``, ``eval``, or ``pool``: the whole pools of the online-eval prompts,
+    :class:`PoolEval`), ``loss, margin, accuracy, chosen_rewards, rejected_rewards`` (the quantities of Figures
+    2-3), ``learning_rate, grad_norm``, and on ``pool`` rows ``mrr, logp_mrr``. On resume, rows logged after the
+    checkpoint's step are dropped so that the log reads as one uninterrupted run.
     """
 
     COLUMNS = ("step", "epoch", "split", "loss", "margin", "accuracy", "chosen_rewards", "rejected_rewards",
-               "learning_rate", "grad_norm")
+               "learning_rate", "grad_norm", "mrr", "logp_mrr")
 
     def __init__(self, path):
         self.path = Path(path)
@@ -404,12 +481,31 @@ class CSVLogCallback(TrainerCallback):
             row[col] = logs.get(prefix + key)
         row["learning_rate"] = logs.get("learning_rate")
         row["grad_norm"] = logs.get("grad_norm")
+        rows = [row]
+        if split == "eval" and "eval_pool_margin" in logs:
+            rows.append({"step": state.global_step, "epoch": state.epoch, "split": "pool",
+                         **{k: logs.get(f"eval_pool_{k}") for k in PoolEval.KEYS}})
         new = not self.path.is_file()
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.COLUMNS)
             if new:
                 w.writeheader()
-            w.writerow(row)
+            w.writerows(rows)
+
+
+class SnapshotCallback(TrainerCallback):
+    """Saves a :class:`FrozenTopPolicy`'s trainable weights half-way through training to ``<folder>/mid``
+    (:func:`mass_dpo.frozen.save_trainable`, step ``max_steps // 2``, at least 1): with the final weights, the two
+    checkpoints Table 4 re-extracts from. Written before that step's checkpoint, so a resumed run has it."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from .frozen import save_trainable
+
+        if state.is_world_process_zero and state.global_step == max(1, state.max_steps // 2):
+            save_trainable(getattr(model, "module", model), self.folder / "mid", step=state.global_step)
 
 
 # ---------------------------------------------------------------- arguments, policy, trainer
@@ -469,7 +565,8 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
 
 def build_policy(config: TrainConfig, model: nn.Module | None = None, *, dim: int | None = None) -> nn.Module:
     """The trainable policy of a regime: a zero-init :class:`LogLinearPolicy` of dimension ``dim``, the causal LM
-    itself (``full``), or the LM wrapped in a peft LoRA adapter (``lora``)."""
+    itself (``full``), the LM wrapped in a peft LoRA adapter (``lora``), or its top ``trainable_layers`` blocks and
+    final norm (``freeze``: a :class:`FrozenTopPolicy`; the model itself is not changed)."""
     if config.regime == "loglinear":
         if dim is None:
             raise ValueError("the loglinear regime needs the feature dimension (dim)")
@@ -480,6 +577,8 @@ def build_policy(config: TrainConfig, model: nn.Module | None = None, *, dim: in
         model.config.use_cache = False
     if config.regime == "full":
         return model.train()
+    if config.regime == "freeze":
+        return FrozenTopPolicy(model, config.trainable_layers, name=config.model).train()
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -503,10 +602,11 @@ def build_trainer(
     output_dir,
     callbacks: list[TrainerCallback] | None = None,
     forward: Callable | None = None,
+    pool_eval: PoolEval | None = None,
     **args_overrides,
 ) -> MultiNegativeTrainer:
     """A :class:`MultiNegativeTrainer` for ``policy`` on fixed-negative records (``args_overrides`` go to
-    :func:`training_arguments`)."""
+    :func:`training_arguments`; ``pool_eval``: the whole-pool statistics of every evaluation)."""
     args = training_arguments(config, output_dir, has_eval=eval_dataset is not None, **args_overrides)
     return MultiNegativeTrainer(
         model=policy,
@@ -517,6 +617,7 @@ def build_trainer(
         method=config.method,
         beta=config.beta,
         forward=forward,
+        pool_eval=pool_eval,
     )
 
 
