@@ -392,7 +392,7 @@ class LowerPromptCache:
         out = _parts(model)[0](
             input_ids=ids[:, :-1].to(device), attention_mask=None if bool((mask == 1).all()) else att,
             position_ids=_positions(att), cache=DynamicCache(config=model.config), use_cache=True,
-            output_hidden_states=self.first,
+            output_hidden_states=[self.first],  # a list: block 0 (k = L) too
         )
         kv = [(layer.keys, layer.values) for layer in out.cache.layers[: self.first]]
         entry = (kv, out.hidden_states[self.first])
@@ -449,8 +449,14 @@ def lower_prompt_cache(policy: FrozenTopPolicy) -> LowerPromptCache:
     return _LOWER[tag]
 
 
-def hit_ratio(policy: FrozenTopPolicy, tokenizer, records, *, max_new_tokens: int = 20, batch_size: int = 8,
-              labels: bool = False, fast: bool = True, progress: bool = False) -> dict[str, Any]:
+#: Prompts per ``generate`` call of the freeze regime's evaluation: on a 2-core CPU, batch 32 decodes about twice as
+#: fast per prompt as batch 8 (``docs/benchmarks.md``); the prompts are sorted by length, so padding stays small.
+GENERATION_BATCH = 32
+
+
+def hit_ratio(policy: FrozenTopPolicy, tokenizer, records, *, max_new_tokens: int = 20,
+              batch_size: int = GENERATION_BATCH, labels: bool = False, fast: bool = True,
+              progress: bool = False) -> dict[str, Any]:
     """:func:`mass_dpo.generation.hit_ratio` of the policy's full model (:func:`generation_model`: greedy, in the
     base model's dtype). ``fast``: the lower blocks' prompt cache comes from :func:`lower_prompt_cache` (computed
     once per batch of prompts and base model), so the policy runs only its top blocks over the prompts, then
