@@ -191,9 +191,9 @@ def write_timings(report: ReproduceReport, out_dir: Path, *, profile: str, cache
     text = (f"# `mass-dpo reproduce --profile {profile}`, {caches} caches\n\n"
             f"Measured by the run itself on {os.cpu_count()} CPU core(s) ({platform.machine()}); total "
             f"**{total:.0f} s ({total / 60:.1f} min)**.\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n")
-    path = Path(out_dir) / f"timings_{profile}_{caches}.md"
-    path.write_text(text)
-    return path
+    from .files import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / f"timings_{profile}_{caches}.md", text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

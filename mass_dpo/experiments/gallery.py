@@ -80,6 +80,6 @@ def claims_markdown(out_dir) -> str:
 
 def write_claims(out_dir) -> Path:
     """Write ``<out_dir>/claims.md`` (:func:`claims_markdown`)."""
-    path = Path(out_dir) / "claims.md"
-    path.write_text(claims_markdown(out_dir))
-    return path
+    from ..files import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / "claims.md", claims_markdown(out_dir))
