@@ -796,8 +796,12 @@ def extract(
         raise ValueError("the dataset is empty")
     _check_records(records)
     root = Path(cache_dir) if cache_dir is not None else default_cache() / "extraction"
-    if use_cache:
-        check_writable(root, "extraction cache", "give a writable folder with --cache-dir or $MASS_DPO_CACHE")
+    unwritable = None  # found before the model loads; raised once an entry has to be computed (a read-only cache
+    if use_cache:      # that already holds it is fine)
+        try:
+            check_writable(root, "extraction cache", "give a writable folder with --cache-dir or $MASS_DPO_CACHE")
+        except OSError as err:
+            unwritable = err
     state = process_state()
     multi = state is not None and state.num_processes > 1
     if device is None and multi:
@@ -836,6 +840,8 @@ def extract(
         done = hit(report=False)
         if done is not None:
             return done
+    if unwritable is not None:
+        raise unwritable
     with locked(folder, f"the extraction {key} ({dataset_key or len(records)})", enabled=use_cache and main):
         if multi:
             state.wait_for_everyone()  # the other processes go on once the main one holds the lock

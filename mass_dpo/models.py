@@ -74,10 +74,20 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+_PROGRESS = {"enabled": True}
+
+
+def progress_bars() -> bool:
+    """False after ``set_progress_bars(False)`` (``--no-progress``): this package's own bars stay hidden too."""
+    return _PROGRESS["enabled"]
+
+
 def set_progress_bars(enabled: bool) -> None:
     """Show or hide the progress bars of transformers and huggingface_hub (loading weights, converting a GGUF file,
-    saving shards): ``mass-dpo ... --no-progress`` hides them with its own."""
+    saving shards) and this package's own (:func:`progress_bars`): ``mass-dpo ... --no-progress`` hides them all."""
     from transformers.utils import logging as hf_logging
+
+    _PROGRESS["enabled"] = bool(enabled)
 
     if enabled:
         hf_logging.enable_progress_bar()

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, clean_orphans
 
 #: rcParams fixed by :func:`set_theme` (on top of seaborn's theme).
 RC = {
@@ -74,6 +74,7 @@ def resolve_out_dir(out_dir) -> Path:
     if not path.is_absolute():
         path = repo_root() / path
     path.mkdir(parents=True, exist_ok=True)
+    clean_orphans(path)  # temporaries of a killed save
     return path
 
 

@@ -351,6 +351,10 @@ def select_dataset(
     from .files import locked
 
     with locked(out, f"the selection {out}", enabled=write):
+        if write:
+            from .files import clean_orphans
+
+            clean_orphans(out.parent, prefix=out.stem)  # temporaries of a killed write of this output
         return _select_and_write(records, model, name, split, n, strategy, pooling, beta, gamma, selection_score,
                                  center, limit, seed, checkpoint, key, out, write, cache_dir, use_cache, batch_tokens,
                                  device, dtype, progress, pairs, max_length, max_prompt_length)

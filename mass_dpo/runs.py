@@ -306,10 +306,13 @@ EXTRACTED_MEMO_BYTES = 4 << 30
 
 
 def _console() -> bool:
-    """True when stderr is a terminal (``mass-dpo train`` by hand), False in a notebook kernel or a log file."""
+    """True when stderr is a terminal (``mass-dpo train`` by hand) and bars are on, False in a notebook kernel, a log
+    file or under ``--no-progress`` (:func:`mass_dpo.models.set_progress_bars`)."""
     import sys
 
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    from .models import progress_bars
+
+    return progress_bars() and bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _model(name, lm: bool):
@@ -581,8 +584,7 @@ def train_run(
     multi = state is not None and state.num_processes > 1
     if not multi and is_finished(path) and not force:  # several processes decide together, below
         return load_run(path)
-    if main:
-        check_writable(path.parent, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
+    check_writable(path.parent, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
     with locked(path, f"the run {path.name}", enabled=main):
         _barrier(state)  # the other processes go on once the main one holds the lock
         if is_finished(path) and not force:  # trained by another process while this one waited
@@ -596,6 +598,8 @@ def _train_locked(cfg: TrainConfig, path: Path, world: int, state, main: bool, f
     from .evaluation import evaluate
 
     if main:
+        for folder in (path, path / "final", path / "snapshots"):  # temporaries of a killed attempt
+            clean_orphans(folder)
         if force and path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
