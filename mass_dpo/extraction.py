@@ -729,10 +729,10 @@ def truncation_warning(counts: Sequence[int], prompts: int, max_length: int | No
     parts = []
     if cut:
         source = "--max-length" if given else "the model's context; --max-length changes it"
-        parts.append(f"{cut} of {responses} responses cut to fit max_length {max_length} tokens with their prompt "
-                     f"({source}; the start is kept, as TRL does)")
+        parts.append(f"{cut} of {responses} responses to fit max_length {max_length} tokens with their prompt "
+                     f"({source}; their start is kept, as in TRL)")
     if prompts_cut:
-        parts.append(f"{prompts_cut} of {prompts} prompts cut to their last {max_prompt_length} tokens "
+        parts.append(f"{prompts_cut} of {prompts} prompts to their last {max_prompt_length} tokens "
                      "(--max-prompt-length)")
     return "truncated " + "; ".join(parts)
 

