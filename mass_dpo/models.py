@@ -102,6 +102,22 @@ def set_progress_bars(enabled: bool) -> None:
         pass
 
 
+@contextmanager
+def no_progress_bars(active: bool = True):
+    """``set_progress_bars(False)`` for the block (when ``active``), then the bars as they were."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = progress_bars() and hf_logging.is_progress_bar_enabled()
+    set_progress_bars(False)
+    try:
+        yield
+    finally:
+        set_progress_bars(before)
+
+
 #: Environment variable that overrides the params' dtype (e.g. ``MASS_DPO_DTYPE=float32`` forces fp32 everywhere).
 DTYPE_ENV = "MASS_DPO_DTYPE"
 

@@ -156,9 +156,11 @@ def resolve(name: str, given: dict[str, Any], *, defaults: dict[str, Any] | None
     for key in declared:
         expects_list = isinstance(defaults.get(key), list) or isinstance(from_profile.get(key), list)
         if expects_list and isinstance(values[key], str):
+            text = values[key].strip()
+            shown = text if text.startswith("[") else f"[{text}]"
             raise ValueError(
                 f"parameter {key} of {name} is a list, got the string {values[key]!r} (papermill's -p passes text): "
-                f"give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb -y '{key}: [{values[key]}]'")
+                f"give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb -y '{key}: {shown}'")
         if values[key] is None and key in from_profile:
             values[key], sources[key] = from_profile[key], f"profile {profile}"
     for model in ([values["model"]] if values.get("model") else []) + list(values.get("models") or []):

@@ -448,13 +448,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError, check_model
+    from .cli import check_model
+    from .models import no_progress_bars
 
     check_model(args.model)
-    if not args.progress:
-        from .models import set_progress_bars
+    with no_progress_bars(not args.progress):
+        return _run(args)
 
-        set_progress_bars(False)
+
+def _run(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+
     if args.data is not None:
         from .data.preferences import resolve_path
 

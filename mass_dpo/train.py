@@ -185,13 +185,16 @@ def _config_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .models import no_progress_bars
+
+    with no_progress_bars(not getattr(args, "progress", True)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .runs import progress_callback, run_dir, train_run
 
     options = _config_args(args)
-    if not getattr(args, "progress", True):
-        from .models import set_progress_bars
-
-        set_progress_bars(False)
     cfg = check_settings(options, runs_root=args.runs_root)
     if args.dry_run:
         print(json.dumps({"run_dir": str(run_dir(cfg, root=args.runs_root)), "config": cfg.to_dict()}, indent=2))
