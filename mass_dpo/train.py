@@ -30,7 +30,7 @@ _OPTIONS = {
     "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
-    "score": str, "optim": str,
+    "score": str, "optim": str, "ridge": float,
 }
 
 
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--logging-steps", dest="logging_steps", type=float)
     o.add_argument("--save-steps", dest="save_steps", type=float)
     o.add_argument("--optim", help="a transformers optimizer name (default: paged_adamw_32bit or adamw_torch)")
+    o.add_argument("--ridge", type=positive_float, help="L2 weight of the log-linear regime's exact fit, > 0")
     e = parser.add_argument_group("evaluation")
     e.add_argument("--score", choices=("logp", "reward"), help="test ranking score")
     r = parser.add_argument_group("run folder")
