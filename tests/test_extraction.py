@@ -228,7 +228,13 @@ def test_corrupt_cache_is_recomputed(tiny, records, tmp_path, damage):
         man.write_text(man.read_text()[:40])
     else:
         man.unlink()
-    again = extract(records, tiny, cache_dir=tmp_path, progress=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = extract(records, tiny, cache_dir=tmp_path, progress=False)
+    said = [str(w.message) for w in caught if "is damaged" in str(w.message)]
+    assert len(said) == (damage != "no_manifest")  # a damaged entry is said in one line; a missing one is not there
     assert not again.meta["cache_hit"]
     _same(ex, again)
     assert extract(records, tiny, cache_dir=tmp_path, progress=False).meta["cache_hit"]
