@@ -209,6 +209,8 @@ def test_select_own_file_output_loads_with_datasets(capsys, isolated):
     back = load_preferences(pairs)
     assert list(back["id"]) == list(ds["id"]) and list(back["prompt"]) == list(recs["prompt"])
     assert list(back["rejected"]) == [[rec["candidates"][i] for i in row["indices"]] for row, rec in zip(ds, recs)]
+    assert main(["train", "--data", str(pairs), "--model", "tiny", "--n", "2", "--dry-run"]) == 0  # train reads it
+    assert json.loads(capsys.readouterr().out)["config"]["n"] == 2
     capsys.readouterr()
     line = _error(capsys, ["select", "--data", str(data), "--model", "tiny", "--grouped", "--pairs"])
     assert "--pairs: not allowed with argument --grouped" in line  # one form or the other
