@@ -81,3 +81,11 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_select(tmp_path):
     proc = subprocess.run([venv / "bin" / "mass-dpo", "reproduce", "--only", "table1"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "runs the notebooks of a checkout" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_reproduce_without_notebooks_says_it_needs_a_checkout(tmp_path):
+    from mass_dpo.reproduce import reproduce
+
+    with pytest.raises(FileNotFoundError, match="runs the notebooks of a checkout"):
+        reproduce("smoke", notebooks_dir=tmp_path / "notebooks", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -1,8 +1,8 @@
 """``load_preferences``: a user's own preference data (TRL's ``prompt`` / ``chosen`` / ``rejected``) as records.
 
 Accepted: a JSONL file (a JSON list works too), a Parquet file, a ``datasets.Dataset``, or a list of dicts, with
-columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one response or a list of responses (the
-negative pool). Both of TRL's forms are read:
+TRL's columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one response (as in TRL) or a list of
+responses (the negative pool; TRL reads one only). Both of TRL's forms are read:
 
 - standard: plain text (``"prompt": "...", "chosen": "...", "rejected": ["...", "..."]``);
 - conversational: message lists (``"prompt": [{"role": "user", "content": "..."}]``, ``"chosen": [{"role":
