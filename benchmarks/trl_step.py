@@ -116,10 +116,10 @@ def stretch(text: str, length: int, tokenizer) -> str:
     last one); ``length <= 5`` keeps the real response."""
     if length <= 5:
         return text
-    ids: list[int] = []
+    repeats, ids = 1, []
     while len(ids) < length - 1:
-        ids = tokenizer(", ".join([text] * (len(ids) // max(1, len(tokenizer(text)["input_ids"])) + 2)),
-                        add_special_tokens=False)["input_ids"]
+        repeats *= 2
+        ids = tokenizer(", ".join([text] * repeats), add_special_tokens=False)["input_ids"]
     return tokenizer.decode(ids[: length - 1]).strip()
 
 
