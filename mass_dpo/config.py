@@ -20,6 +20,8 @@ REGIMES = ("full", "lora", "loglinear")
 
 #: How each method's fixed negatives are drawn (``mass_dpo.selection`` strategies).
 METHOD_STRATEGY = {"mass_dpo": "dopt", "sdpo": "random", "dpo_k": "random", "dmpo": "random", "dpo": "random"}
+#: Strategies a run's ``negatives`` may name (``mass_dpo.preprocess.STRATEGIES`` less ``all``, which is ``n`` = pool).
+NEGATIVES = ("dopt", "random", "hardest", "longest")
 
 # ---------------------------------------------------------------- configuration
 
@@ -47,7 +49,7 @@ class TrainConfig:
     test_limit: int | None = 2000  # test prompts (the paper's 2,000)
     subsample_seed: int = 0  # which prompts a limit keeps: fixed, so seeds and methods share the data
     test_split: str = "test"  # the split the final metrics are measured on ("valid" for hyperparameter tuning)
-    pooling: str = "all"  # feature pooling of extraction: "all" or "response"
+    pooling: str = "response"  # feature pooling of extraction: "response" (response tokens) or "all" (prompt too)
     gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
     # the log-linear regime's fit: "exact" (L-BFGS to a gradient tolerance on the ridge-regularised convex objective,
     # mass_dpo.loglinear.fit_loglinear) or "adam" (the Trainer, like the LM regimes); ignored by the LM regimes
@@ -56,6 +58,9 @@ class TrainConfig:
     fit_tol: float = 1e-6  # gradient-norm tolerance of the exact fit
     fit_max_iter: int = 500
     selection_score: str = DEFAULT_SELECTION_SCORE  # reading of the preprocessing score: delta, reference, offset
+    # how the fixed negatives are chosen: None = the method's own (METHOD_STRATEGY: D-optimal for mass_dpo, random
+    # otherwise); "hardest" (top-n by log pi_ref) or "longest" (top-n by tokens) train a method on label-blind picks
+    negatives: str | None = None
     # optimisation
     learning_rate: float = 1e-5
     num_train_epochs: float = 3.0
@@ -99,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if self.score not in ("logp", "reward"):
             raise ValueError(f"score must be 'logp' or 'reward', got {self.score!r}")
+        if self.negatives is not None and self.negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {', '.join(NEGATIVES)} (or None: "
+                             "the method's own)")
         if self.method == "dpo":
             self.n = 1  # DPO: one random negative
         if int(self.n) < 1:
@@ -108,8 +116,8 @@ class TrainConfig:
 
     @property
     def strategy(self) -> str:
-        """The selection strategy of the method's negatives."""
-        return METHOD_STRATEGY[self.method]
+        """The selection strategy of the run's negatives (``negatives``, else the method's own)."""
+        return self.negatives or METHOD_STRATEGY[self.method]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -229,10 +229,12 @@ def paired_difference(df: pd.DataFrame, by, column: str, a, b, value: str, unit:
 def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = None, row: str | None = None,
                 hue_order=None, col_order=None, row_order=None, logx: bool = False, logy: bool = False,
                 xlabel: str | None = None, ylabel: str | None = None, style: dict | None = None,
-                panel_size=(3.4, 2.6), band: bool = True):
+                panel_size=(3.4, 2.6), band: bool = True, sharex: bool | str = True):
     """One panel per (row, col); in each, a line per ``hue`` through ``mean`` with a shaded ``lo``-``hi`` band.
 
     ``style`` maps a hue value to extra ``Axes.plot`` keywords (e.g. ``{"random": {"linestyle": "--"}}``).
+    ``sharex``: matplotlib's (``"col"``: each column its own x axis, shared down the column, e.g. one per dataset
+    when their runs have different numbers of steps).
     Returns ``(fig, axes)`` with ``axes`` a 2-D array ``[rows, cols]``; a shared legend sits under the panels.
     """
     hue_order = list(hue_order) if hue_order is not None else list(dict.fromkeys(summary[hue]))
@@ -243,7 +245,7 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
     colours = palette(hue_order)
     # constrained layout runs only when the figure is drawn, so a warm rerun that skips drawing (save_figure)
     # pays nothing for it
-    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=True, layout="constrained",
+    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=sharex, layout="constrained",
                              figsize=(panel_size[0] * len(col_order), panel_size[1] * len(row_order)))
     for i, r in enumerate(row_order):
         for j, c in enumerate(col_order):

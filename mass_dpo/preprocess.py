@@ -84,21 +84,27 @@ def select_extracted(
     from (:func:`mass_dpo.extraction.selection_inputs`: ``delta``, ``reference`` or ``offset``). ``dopt`` picks under
     it; ``random`` draws uniformly; ``hardest`` takes the top-n by ``log pi_theta0(y_i) - log pi_theta0(y*)`` (the
     ``reference`` logits: the negatives the model finds most plausible) whatever the reading; ``all`` takes every
-    negative. Every strategy's subset is scored under the reading's q, so that the strategies' numbers compare.
+    negative; ``longest`` the top-n by response tokens (``ex.lengths``; ties to the lowest index). Every strategy's
+    subset is scored under the reading's q, so that the strategies' numbers compare.
 
     Returns ``indices`` ``[P, k]`` (candidate indices, ``-1`` = none), ``gains`` ``[P, k]``, ``logdet`` ``[P]``,
     ``alpha`` ``[P]`` and ``uniform`` (``[P]`` bool: every l_i is 0 under the reading, q uniform)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES + ("longest",):
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES + ('longest',))}")
+    if strategy == "longest" and ex.lengths is None:
+        raise ValueError("strategy 'longest' needs the candidates' token lengths (Extracted.lengths); extract again")
     check_selection_score(selection_score)
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[str, list] = {"indices": [], "gains": [], "logdet": [], "alpha": [], "uniform": []}
     for lo in range(0, len(ex), SELECT_CHUNK):
         chunk = _slice(ex, lo, lo + SELECT_CHUNK)
         phi, lg, mask, cand = selection_inputs(chunk, selection_score)
-        if strategy == "hardest" and selection_score != "reference":
-            _, order_by, _, _ = selection_inputs(chunk, "reference")
-            sel = select_negatives(phi.double(), order_by.double(), n, beta=beta, gamma=gamma, strategy=strategy,
+        if strategy == "longest" or (strategy == "hardest" and selection_score != "reference"):
+            if strategy == "longest":  # the negatives' token lengths, in selection_inputs' candidate order
+                order_by = torch.gather(chunk.lengths.double(), 1, cand.clamp_min(0))
+            else:
+                _, order_by, _, _ = selection_inputs(chunk, "reference")
+            sel = select_negatives(phi.double(), order_by.double(), n, beta=beta, gamma=gamma, strategy="hardest",
                                    center=center, mask=mask)
             sel = score_subset(phi.double(), lg.double(), sel.indices, beta=beta, gamma=gamma, center=center,
                                mask=mask)

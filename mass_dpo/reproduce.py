@@ -144,8 +144,9 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     unknown = [n for n in names if not (notebooks_dir / f"{n}.ipynb").is_file()]
     if unknown:
         raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}")
-    if profile != "paper":  # the offline profiles never reach for the hub
+    if profile != "paper":  # the offline profiles never reach for the hub (MovieLens from GroupLens still downloads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data_sources(profile, names, echo=echo)
     report = ReproduceReport()
     cold = _cache_state()
     start = time.perf_counter()
@@ -174,6 +175,29 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         echo(f"claims with paired intervals: {write_claims(out_dir)}")
         echo(f"{total / 60:.1f} min in all ({cold} caches); timings in {path}")
     return report
+
+
+def data_sources(profile: str, names, *, echo=print) -> dict[str, str | None]:
+    """Where each benchmark of the notebooks ``names`` under ``profile`` comes from, found (and MovieLens downloaded
+    from GroupLens into the cache when the machine is online and no data folder holds it) before any notebook runs:
+    ``{dataset: folder, or None when missing}``, one line each through ``echo``. A missing dataset is reported here
+    and skipped by the notebooks with the same note."""
+    from .data.benchmarks import BENCHMARKS, locate
+    from .experiments.core import dataset_location
+
+    wanted: dict[str, str | None] = {}
+    for name in names:
+        values = profile_values(profile, name)
+        for ds in values.get("datasets") or []:
+            if ds in BENCHMARKS:
+                wanted.setdefault(ds, values.get("data_dir"))
+    out = {}
+    for ds, data_dir in wanted.items():
+        where, why = dataset_location(ds, data_dir)
+        out[ds] = None if why else str(locate(ds, "test", where))
+        if echo:
+            echo(f"data {ds}: {out[ds]}" if not why else f"data {ds}: MISSING, the notebooks skip it ({why})")
+    return out
 
 
 def _cache_state() -> str:

@@ -328,7 +328,8 @@ def prepare_data(config: TrainConfig) -> RunData:
     def records_of(split: str) -> PreferenceDataset:
         ex = extracted[split]
         neg = select_training_negatives(ex, config.method, config.n, beta=config.beta, gamma=config.gamma,
-                                        seed=config.seed, selection_score=config.selection_score)
+                                        seed=config.seed, selection_score=config.selection_score,
+                                        strategy=config.strategy)
         return PreferenceDataset.from_selection(ex, neg, pools=pools.get(split))
 
     train = records_of("train")
@@ -492,6 +493,7 @@ def train_run(
     data: RunData | Callable[[TrainConfig], RunData] | None = None,
     keep_checkpoints: bool = False,
     callbacks: list | None = None,
+    tune: bool = False,
     **overrides,
 ) -> RunResult:
     """Train and evaluate one run, or load it when already finished.
@@ -499,6 +501,10 @@ def train_run(
     Args:
         config: a :class:`TrainConfig`, a dict of options, or ``None``; ``overrides`` (``method="sdpo"``,
             ``profile="cpu"``, ...) are applied on top (see :func:`mass_dpo.training.resolve_config`).
+        tune: first choose the regime's tuned options (``params/training.yaml`` ``tuning``: e.g. pooling and ridge
+            in the log-linear regime) on the validation split by the rule (:func:`mass_dpo.tuning.tune`), for this
+            (model, dataset, method); options given explicitly in ``config`` / ``overrides`` stay fixed. The choice
+            is printed, and saved as ``tuning.csv`` in the run folder.
         force: retrain even when a finished run exists (its folder is wiped first).
         root: the runs root (default :func:`runs_root`).
         data: the training data, or a function of the resolved config returning it (default :func:`prepare_data`).
@@ -510,6 +516,15 @@ def train_run(
     """
     from .evaluation import evaluate
 
+    if tune:
+        tuned = tune_config(config, root=root, **overrides)
+        result = train_run(tuned.config, force=force, root=root, data=data, keep_checkpoints=keep_checkpoints,
+                           callbacks=callbacks)
+        state = _state()
+        if state is None or state.is_main_process:
+            tuned.table.to_csv(result.run_dir / "tuning.csv", index=False)
+        result.info["tuning"] = tuned.options
+        return result
     cfg = resolve_config(config, **overrides)
     world = world_size()
     path = run_dir(cfg, root=root, world=world)
@@ -576,12 +591,56 @@ def train_run(
     return result
 
 
+# ---------------------------------------------------------------- tuning one run
+
+
+@dataclass
+class TunedConfig:
+    """:func:`tune_config`'s result: the resolved ``config`` with the chosen ``options``, the grid ``table``
+    (:class:`mass_dpo.tuning.Tuned`) and its one-line ``sentence``."""
+
+    config: TrainConfig
+    options: dict[str, Any]
+    table: Any
+    sentence: str
+
+
+def tune_config(config: TrainConfig | dict | None = None, *, root=None, echo: Callable[[str], None] | None = print,
+                **overrides) -> TunedConfig:
+    """The run's config with its regime's tuned options chosen on the validation split (:func:`mass_dpo.tuning.tune`,
+    the rule of ``params/training.yaml``): each grid point is a run (cached like any other) with the rule's seed and
+    ``test_split="valid"``. Axes given explicitly (in a dict ``config`` or in ``overrides``; a :class:`TrainConfig`
+    ``config`` is tuned over every axis) are held fixed. ``echo`` gets the chosen setting in one line."""
+    from .tuning import grid_axes, tune, tuning_rule
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(config, dict):  # a TrainConfig carries every field: only its overrides count as given
+        given.update({k: v for k, v in config.items() if v is not None})
+    base = resolve_config(config, **overrides)
+    rule = tuning_rule()
+    axes = grid_axes(base.regime, rule)
+    fixed = set(axes) & set(given)
+    rule = {**rule, "grid": {base.regime: {k: v for k, v in axes.items() if k not in fixed}}}
+
+    def train_point(options: dict) -> RunResult:
+        return train_run(TrainConfig(**{**base.to_dict(), **options}), root=root)
+
+    tuned = tune(train_point, base.regime, rule=rule)
+    table = tuned.table.assign(dataset=base.dataset, method=base.method, model=base.model) if len(tuned.table) else tuned.table
+    chosen = TrainConfig(**{**base.to_dict(), **tuned.options})
+    sentence = tuned.sentence() + (f"; held fixed: {', '.join(sorted(fixed))}" if fixed else "")
+    if echo:
+        echo(f"{base.dataset} {base.method}: {sentence}")
+    logger.info("%s %s: %s", base.dataset, base.method, sentence)
+    return TunedConfig(chosen, tuned.options, table, sentence)
+
+
 # ---------------------------------------------------------------- the reference row
 
 
 #: Config fields a reference evaluation does not depend on (the untrained policy is the same for every method).
 REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_iter", "learning_rate",
-                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit")
+                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "negatives")
 
 
 def _lettered_options(dataset: str) -> bool:

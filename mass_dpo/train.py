@@ -30,7 +30,7 @@ _OPTIONS = {
     "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
-    "score": str, "optim": str,
+    "score": str, "optim": str, "ridge": float,
 }
 
 
@@ -68,11 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--logging-steps", dest="logging_steps", type=float)
     o.add_argument("--save-steps", dest="save_steps", type=float)
     o.add_argument("--optim", help="a transformers optimizer name (default: paged_adamw_32bit or adamw_torch)")
+    o.add_argument("--ridge", type=positive_float, help="L2 weight of the log-linear regime's exact fit, > 0")
     e = parser.add_argument_group("evaluation")
     e.add_argument("--score", choices=("logp", "reward"), help="test ranking score")
     r = parser.add_argument_group("run folder")
     r.add_argument("--out", "--runs-root", dest="runs_root",
                    help="runs root (default: $MASS_DPO_RUNS, else <cache>/runs; mass-dpo select writes there too)")
+    r.add_argument("--tune", action="store_true",
+                   help="first choose the regime's tuned options (params/training.yaml `tuning`, e.g. pooling and "
+                        "ridge) on the validation split, for this dataset and method; options given here stay fixed")
     r.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
     r.add_argument("--keep-checkpoints", action="store_true")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, train nothing")
@@ -172,9 +176,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     callbacks = [progress_callback()] if getattr(args, "progress", True) else []
     result = train_run(force=args.force, root=args.runs_root, keep_checkpoints=args.keep_checkpoints,
-                       callbacks=callbacks, **options)
+                       callbacks=callbacks, tune=getattr(args, "tune", False), **options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}{' (cached)' if result.cached else ''}")
+        if "tuning" in result.info:
+            print(f"  tuned options {result.info['tuning']} (every grid point: {result.run_dir / 'tuning.csv'})")
         m = result.metrics
         for key in ("accuracy", "margin", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr"):
             if key in m:

@@ -168,17 +168,18 @@ class PreferenceCollator:
 
 def select_training_negatives(
     extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0,
-    selection_score: str = DEFAULT_SELECTION_SCORE,
+    selection_score: str = DEFAULT_SELECTION_SCORE, strategy: str | None = None,
 ) -> torch.Tensor:
     """``[P, n]`` fixed negatives per prompt (candidate indices), selected in memory exactly as ``mass-dpo select``
     does (:func:`mass_dpo.preprocess.select_extracted`): D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
-    for the others (one for ``dpo``), Algorithm 1's q under the reading ``selection_score`` (``TrainConfig``'s).
+    for the others (one for ``dpo``), or ``strategy`` when given (``TrainConfig.negatives``: ``hardest``,
+    ``longest``, ...), Algorithm 1's q under the reading ``selection_score`` (``TrainConfig``'s).
     The chosen candidate is never a negative; ``-1`` pads small pools."""
     from .preprocess import select_extracted
 
     n = 1 if method == "dpo" else int(n)
-    picked = select_extracted(extracted, n, strategy=METHOD_STRATEGY[method], beta=beta, gamma=gamma, seed=seed,
-                              selection_score=selection_score)
+    picked = select_extracted(extracted, n, strategy=strategy or METHOD_STRATEGY[method], beta=beta, gamma=gamma,
+                              seed=seed, selection_score=selection_score)
     return picked["indices"].long()
 
 
