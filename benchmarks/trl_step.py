@@ -28,7 +28,9 @@ repeated (``"name, name, ..."``), cut to ``L - 1`` tokens and decoded back to te
 Interleaving: for each (n, length) cell, repetition r runs the three paths on prompt r, in an order rotated at every
 repetition and cell, so that the load of a shared machine hits every path alike; a cell gets another repetition
 (another prompt) while its steps have taken less than ``--cell-seconds`` in all, up to ``--prompts``. Ratios are
-taken per repetition (same prompt, same moment) and their median reported. Time is the wall time of the step.
+taken per repetition (same prompt, same moment) and their median reported. Time is the CPU time of the process
+during the step (``time.process_time``; with one torch thread, the step's compute, which other jobs on a shared
+machine disturb far less than its wall time), the wall time beside it.
 Memory is the peak resident memory (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
 just before the step, after ``gc.collect()`` and glibc's ``malloc_trim``) above the resident memory just before the
 step: what the step adds to a process that already holds the weights, their gradients (kept allocated between
@@ -83,16 +85,16 @@ def _trim() -> None:
         pass
 
 
-def measured(step) -> tuple[float, float]:
-    """(seconds, MiB added at the peak over the resident memory just before) of ``step()``."""
+def measured(step) -> tuple[float, float, float]:
+    """(CPU seconds, wall seconds, MiB added at the peak over the resident memory just before) of ``step()``."""
     _trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident size, to the current one
     before = _status_mib("VmRSS")
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     step()
-    seconds = time.perf_counter() - t0
-    return seconds, _status_mib("VmHWM") - before
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return cpu, wall, _status_mib("VmHWM") - before
 
 
 # ---------------------------------------------------------------- data
@@ -257,7 +259,8 @@ def run(args) -> dict:
                     spent += runs[path][-1][0]
                 load.append(os.getloadavg()[0])
                 print(f"  {name} prompt {reps}: " + ", ".join(
-                    f"{p} {runs[p][-1][0]:.2f} s {runs[p][-1][1]:.0f} MiB" for p in PATHS), flush=True)
+                    f"{p} {runs[p][-1][0]:.2f} s CPU ({runs[p][-1][1]:.2f} s wall) {runs[p][-1][2]:.0f} MiB"
+                    for p in PATHS), flush=True)
                 reps += 1
             fed = [tokens_fed(cell, r) for r in range(reps)]
             results.append({
@@ -265,10 +268,13 @@ def run(args) -> dict:
                 "prompt_tokens": statistics.mean(len(cell["pools"][r][0]) for r in range(reps)),
                 "response_tokens": statistics.mean(len(x) for r in range(reps) for x in cell["pools"][r][1]),
                 "tokens": {p: statistics.mean(f[p] for f in fed) for p in PATHS},
-                "seconds": {p: [s for s, _ in runs[p]] for p in PATHS},
-                "mib": {p: [m for _, m in runs[p]] for p in PATHS},
+                "cpu_seconds": {p: [x[0] for x in runs[p]] for p in PATHS},
+                "wall_seconds": {p: [x[1] for x in runs[p]] for p in PATHS},
+                "mib": {p: [x[2] for x in runs[p]] for p in PATHS},
                 "ratio": {p: statistics.median(runs[p][r][0] / runs["shared"][r][0] for r in range(reps))
                           for p in ("rows", "trl")},
+                "wall_ratio": {p: statistics.median(runs[p][r][1] / runs["shared"][r][1] for r in range(reps))
+                               for p in ("rows", "trl")},
             })
             for c in cell["batches"].values():  # free the cell's batches
                 c.clear()
@@ -286,19 +292,21 @@ def run(args) -> dict:
 
 
 def markdown(res: dict) -> str:
-    """The table of ``docs/benchmarks.md``: per cell the median seconds and MiB per path and the median ratios."""
+    """The table of ``docs/benchmarks.md``: per cell the median CPU seconds and MiB added per path, and the median
+    ratios to the shared prompt (CPU time; wall time in parentheses)."""
     med = statistics.median
     lines = [
-        "| n | response tokens | prompts | tokens fed: shared / rows / TRL | seconds: shared / rows / TRL | "
-        "rows / shared | TRL / shared | MiB added: shared / rows / TRL |",
+        "| n | response tokens | prompts | tokens fed: shared / rows / TRL | CPU s: shared / rows / TRL | "
+        "rows / shared (wall) | TRL / shared (wall) | MiB added: shared / rows / TRL |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cells"]:
-        t, s, m = c["tokens"], c["seconds"], c["mib"]
+        t, s, m, r, w = c["tokens"], c["cpu_seconds"], c["mib"], c["ratio"], c["wall_ratio"]
         lines.append(
-            f"| {c['n']} | {c['response_tokens']:.0f} | {c['repetitions']} | {t['shared']:.0f} / {t['rows']:.0f} / {t['trl']:.0f} | "
-            f"{med(s['shared']):.2f} / {med(s['rows']):.2f} / {med(s['trl']):.2f} | {c['ratio']['rows']:.1f}x | "
-            f"{c['ratio']['trl']:.1f}x | {med(m['shared']):.0f} / {med(m['rows']):.0f} / {med(m['trl']):.0f} |")
+            f"| {c['n']} | {c['response_tokens']:.0f} | {c['repetitions']} | {t['shared']:.0f} / {t['rows']:.0f} / "
+            f"{t['trl']:.0f} | {med(s['shared']):.2f} / {med(s['rows']):.2f} / {med(s['trl']):.2f} | "
+            f"{r['rows']:.1f}x ({w['rows']:.1f}x) | {r['trl']:.1f}x ({w['trl']:.1f}x) | "
+            f"{med(m['shared']):.0f} / {med(m['rows']):.0f} / {med(m['trl']):.0f} |")
     return "\n".join(lines)
 
 
@@ -307,7 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=3, help="at most this many repetitions per cell, one prompt each")
     ap.add_argument("--cell-seconds", type=float, default=60.0,
-                    help="no further repetition of a cell once its steps took this long in all (at least one)")
+                    help="no further repetition of a cell once its steps took this many CPU seconds in all (at least "
+                         "one)")
     ap.add_argument("--ns", type=int, nargs="+", default=[3, 7, 19], help="negatives per prompt")
     ap.add_argument("--lengths", type=int, nargs="+", default=[5, 50, 200], help="response lengths in tokens")
     ap.add_argument("--data-dir", default="samples", help="LastFM data folder (default: the shipped sample)")
