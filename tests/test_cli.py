@@ -211,23 +211,21 @@ def test_select_own_file_output_loads_with_datasets(capsys, isolated):
     assert list(back["rejected"]) == [[rec["candidates"][i] for i in row["indices"]] for row, rec in zip(ds, recs)]
     assert main(["train", "--data", str(pairs), "--model", "tiny", "--n", "2", "--dry-run"]) == 0  # train reads it
     assert json.loads(capsys.readouterr().out)["config"]["n"] == 2
+
+    # a plain-text file gives plain-text pairs
+    rows = [{"prompt": f"Question {i}? Answer:", "chosen": f"right {i}", "rejected": [f"wrong {i}.{j}" for j in range(3)]}
+            for i in range(4)]
+    text = isolated / "text.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = isolated / "text-pairs.jsonl"
+    assert main(["select", "--data", str(text), "--model", "tiny", "--n", "2", "--out", str(out), "--no-progress"]) == 0
+    tds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert tds.features["prompt"].dtype == tds.features["chosen"].dtype == tds.features["rejected"].dtype == "string"
+    assert len(tds) == 8 and {(r["id"], r["rejected"]) for r in tds} <= {
+        (f"text-{i:06d}", w) for i, r in enumerate(rows) for w in r["rejected"]}
     capsys.readouterr()
     line = _error(capsys, ["select", "--data", str(data), "--model", "tiny", "--grouped", "--pairs"])
     assert "--pairs: not allowed with argument --grouped" in line  # one form or the other
-
-
-def test_select_plain_text_file_stays_text(isolated):
-    import datasets
-
-    rows = [{"prompt": f"Question {i}? Answer:", "chosen": f"right {i}", "rejected": [f"wrong {i}.{j}" for j in range(3)]}
-            for i in range(4)]
-    data = isolated / "text.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = isolated / "pairs.jsonl"
-    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--out", str(out), "--no-progress"]) == 0
-    pds = datasets.load_dataset("json", data_files=str(out), split="train")
-    assert pds.features["prompt"].dtype == pds.features["chosen"].dtype == pds.features["rejected"].dtype == "string"
-    assert {(p["id"], p["rejected"]) for p in pds} <= {(f"text-{i:06d}", w) for i, r in enumerate(rows) for w in r["rejected"]}
 
 
 def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, isolated):
