@@ -76,10 +76,21 @@ def saved_model_folder(name) -> Path | None:
     return path if path.is_dir() and (path / "config.json").is_file() else None
 
 
+def has_weights(folder: Path) -> bool:
+    """True when a saved model folder holds weights: ``*.safetensors`` / ``*.bin`` files or a shard index."""
+    return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") for f in folder.iterdir())
+
+
 def check_model(name) -> None:
     """Raise a ``ValueError`` naming the choices unless ``name`` is a ``params/models/*.yaml`` name or a folder saved
     with ``save_pretrained``: the one check of the CLI, the notebooks' parameters and :func:`mass_dpo.models.load_model`."""
-    if name in available("models") or saved_model_folder(name) is not None:
+    if name in available("models"):
+        return
+    folder = saved_model_folder(name)
+    if folder is not None:
+        if not has_weights(folder):
+            raise ValueError(f"model folder {folder} has a config.json but no weights (model.safetensors or "
+                             "pytorch_model.bin, possibly sharded): give a folder saved with save_pretrained")
         return
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(available('models'))} (params/models/*.yaml) "
                      "or give a folder saved with save_pretrained (a folder holding config.json)")

@@ -12,11 +12,15 @@ A run folder ``<runs root>/<dataset>_<model>_<method>_n<n>_<regime>_s<seed>_<has
     run.log                    the text log (optimizer used, resume point, timings)
     checkpoints/checkpoint-N/  Trainer checkpoints while training (removed once the run is finished)
     final/                     the trained policy (theta, a LoRA adapter, or the full model)
-    metrics.json               test metrics and a training summary; its presence marks the run finished
+    metrics.json               test metrics and a training summary
+    manifest.json              written last: the run's files and their sizes; a run is finished when it is there
+                               and every file it lists is (:func:`is_finished`)
 
 The runs root is ``$MASS_DPO_RUNS``, else ``<cache>/runs`` with cache = ``$MASS_DPO_CACHE`` else ``~/.cache/mass_dpo``.
 The hash covers the resolved config, the world size (it changes the effective batch) and the data folder, so two
-notebooks asking for the same run share one folder; a finished run is loaded, not retrained.
+notebooks asking for the same run share one folder; a finished run is loaded, not retrained. One process trains a
+run at a time (the folder's lock, :func:`mass_dpo.files.locked`; under ``accelerate launch`` the main process holds
+it for all of them): a second one asking for the same run waits, then loads it. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .config import TrainConfig, resolve_config
+from .files import (
+    atomic_folder, atomic_path, atomic_write_json, atomic_write_text, check_writable, clean_orphans, locked,
+)
 
 if TYPE_CHECKING:  # the Trainer side is imported when a run trains, not when one is read
     from .training import PreferenceDataset
@@ -48,6 +55,18 @@ RUN_FORMAT = 1
 
 #: Config fields that do not change a run's numbers (left out of the hash).
 NON_SEMANTIC = ("save_total_limit",)
+
+#: Config fields added after runs were first cached: left out of the hash while ``None`` (their default), so that
+#: older runs keep their names.
+OPTIONAL_FIELDS = ("max_length", "max_prompt_length")
+
+#: The file written last in a finished run folder (:func:`is_finished`).
+MANIFEST = "manifest.json"
+
+#: ``config.json``'s ``layout``: 2 = the run is finished when its manifest says so. Folders written before (no
+#: ``layout``) counted as finished once ``metrics.json`` was there; they are still read when both of their JSON
+#: files parse.
+LAYOUT = 2
 
 
 # ---------------------------------------------------------------- folders and hashes
@@ -94,7 +113,8 @@ def _data_location(config: TrainConfig) -> str:
 
 def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, Any]:
     """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format."""
-    cfg = {k: v for k, v in config.to_dict().items() if k not in NON_SEMANTIC}
+    cfg = {k: v for k, v in config.to_dict().items()
+           if k not in NON_SEMANTIC and not (k in OPTIONAL_FIELDS and v is None)}
     return {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
 
 
@@ -120,7 +140,40 @@ def run_dir(config: TrainConfig, *, root=None, world: int | None = None) -> Path
 
 
 def is_finished(path) -> bool:
-    return (Path(path) / "metrics.json").is_file()
+    """True when ``path`` holds a finished run: its manifest (written last) is there and so is every file it lists,
+    with the size it lists. A run folder of an earlier version (no manifest, no ``layout`` in its config) is
+    finished when its ``config.json`` and ``metrics.json`` both parse."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        try:
+            config = json.loads((path / "config.json").read_text())
+            json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return int(config.get("layout", 1)) < LAYOUT
+    except (OSError, ValueError):
+        return False
+    try:
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+#: Files of a run folder that may change after it is finished (left out of the manifest).
+UNLISTED = ("run.log", MANIFEST)
+
+
+def write_manifest(path: Path) -> None:
+    """Mark ``path`` finished: ``manifest.json`` with every file of the folder (but ``checkpoints/`` and
+    :data:`UNLISTED`) and its size, written atomically and last."""
+    files = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_file() and rel not in UNLISTED and not rel.startswith("checkpoints/") and "/." not in f"/{rel}":
+            files[rel] = f.stat().st_size
+    atomic_write_json(path / MANIFEST, {"format": RUN_FORMAT, "layout": LAYOUT, "files": files}, sort_keys=True)
 
 
 # ---------------------------------------------------------------- results
@@ -150,28 +203,33 @@ class RunResult:
         return pd.read_csv(self.log_path)
 
 
+def _nan_for_null(values: dict) -> dict:
+    """Metrics read back from strict JSON: ``null`` (a NaN or infinity when written) as NaN again."""
+    return {k: float("nan") if v is None else v for k, v in values.items()}
+
+
 def load_run(path) -> RunResult:
     """A finished run folder as a :class:`RunResult` (``cached=True``)."""
     path = Path(path)
     summary = json.loads((path / "metrics.json").read_text())
     cfg = json.loads((path / "config.json").read_text())["config"]
-    return RunResult(path, summary["test"], path / "log.csv", TrainConfig(**cfg), True,
-                     {k: v for k, v in summary.items() if k != "test"})
+    info = {k: v for k, v in summary.items() if k != "test"}
+    if isinstance(info.get("online_eval"), dict):
+        info["online_eval"] = _nan_for_null(info["online_eval"])
+    return RunResult(path, _nan_for_null(summary["test"]), path / "log.csv", TrainConfig(**cfg), True, info)
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _write_config(path: Path, config: TrainConfig, world: int) -> None:
     import yaml
 
     payload = {"config": config.to_dict(), "hash": config_hash(config, world=world), "world_size": world,
-               "data": _data_location(config), "format": RUN_FORMAT}
+               "data": _data_location(config), "format": RUN_FORMAT, "layout": LAYOUT}
     _write_json(path / "config.json", payload)
-    (path / "config.yaml").write_text(yaml.safe_dump(payload, sort_keys=False))
+    atomic_write_text(path / "config.yaml", yaml.safe_dump(payload, sort_keys=False))
 
 
 # ---------------------------------------------------------------- console progress
@@ -248,10 +306,13 @@ EXTRACTED_MEMO_BYTES = 4 << 30
 
 
 def _console() -> bool:
-    """True when stderr is a terminal (``mass-dpo train`` by hand), False in a notebook kernel or a log file."""
+    """True when stderr is a terminal (``mass-dpo train`` by hand) and bars are on, False in a notebook kernel, a log
+    file or under ``--no-progress`` (:func:`mass_dpo.models.set_progress_bars`)."""
     import sys
 
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    from .models import progress_bars
+
+    return progress_bars() and bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _model(name, lm: bool):
@@ -280,13 +341,14 @@ def extracted_split(config: TrainConfig, split: str, *, progress: bool = False):
 
     limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
     key = split_key(config, split)
-    memo = (str(config.model), _data_location(config), key, config.pooling)
+    memo = (str(config.model), _data_location(config), key, config.pooling, config.max_length, config.max_prompt_length)
     if memo in _EXTRACTED:  # served from memory: a cache hit like a read from disk (tensors shared, not copied)
         records, ex = _EXTRACTED[memo] = _EXTRACTED.pop(memo)  # now the most recent
         return records, dataclasses.replace(ex, meta={**ex.meta, "cache_hit": True})
     records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
     _EXTRACTED[memo] = (records, extract(records, _model(config.model, False), dataset_key=key,
-                                         pooling=config.pooling, progress=progress))
+                                         pooling=config.pooling, progress=progress, max_length=config.max_length,
+                                         max_prompt_length=config.max_prompt_length))
     while len(_EXTRACTED) > 1 and sum(e.features.nbytes for _, e in _EXTRACTED.values()) > EXTRACTED_MEMO_BYTES:
         del _EXTRACTED[next(iter(_EXTRACTED))]  # the least recently used
     return _EXTRACTED[memo]
@@ -296,8 +358,7 @@ def prepare_data(config: TrainConfig) -> RunData:
     """load_benchmark -> extract (cached) -> select negatives -> records, for the train, valid and test splits."""
     from .training import PreferenceDataset, build_policy, select_training_negatives
     from .data import load_benchmark
-    from .data.formatting import encode_pool
-    from .extraction import extract
+    from .extraction import encode_records, extract, model_context
 
     lm = config.regime != "loglinear"
     bundle = _model(config.model, lm)
@@ -318,12 +379,16 @@ def prepare_data(config: TrainConfig) -> RunData:
                 config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed
             )
             extracted[split] = extract(records[split], bundle, dataset_key=split_key(config, split),
-                                       pooling=config.pooling, progress=_console())
+                                       pooling=config.pooling, progress=_console(), max_length=config.max_length,
+                                       max_prompt_length=config.max_prompt_length)
         else:  # the log-linear runs of one process share their frozen features
             records[split], extracted[split] = extracted_split(config, split, progress=_console())
         logger.info("%s: %d prompts ready in %.1f s", split, len(extracted[split]), time.time() - t0)
 
-    pools = {s: [encode_pool(r, bundle.tokenizer) for r in records[s]] for s in records} if lm else {}
+    # the LM regimes train on the pools the extraction saw: cut the same way (TRL's truncation)
+    length = config.max_length or model_context(bundle.model)
+    pools = {s: encode_records(records[s], bundle.tokenizer, max_length=length,
+                               max_prompt_length=config.max_prompt_length)[0] for s in records} if lm else {}
 
     def records_of(split: str) -> PreferenceDataset:
         ex = extracted[split]
@@ -368,6 +433,8 @@ def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpo
         callbacks=[CSVLogCallback(path / "log.csv"), *(callbacks or [])], forward=run_data.forward,
     )
     resume = last_checkpoint(checkpoints, discard_incomplete=main)  # skips (and reports) a half-written one
+    if resume is None and main:  # a fresh start: no rows of an earlier, unfinished attempt
+        (path / "log.csv").unlink(missing_ok=True)
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
     logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train), optim,
                 f", resuming from {resume}" if resume else "")
@@ -465,14 +532,15 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     policy = run_data.policy
     with torch.no_grad():
         policy.theta.copy_(fit.theta.to(policy.theta.dtype))
-    (path / "final").mkdir(parents=True, exist_ok=True)
-    save_file({"theta": policy.theta.detach().cpu().contiguous()}, str(path / "final" / "theta.safetensors"))
+    with atomic_path(path / "final" / "theta.safetensors") as tmp:
+        save_file({"theta": policy.theta.detach().cpu().contiguous()}, str(tmp))
     snaps = path / "snapshots"
-    snaps.mkdir(exist_ok=True)
     mid_it, mid_theta = fit.path[len(fit.path) // 2]
-    torch.save({"theta": mid_theta, "step": int(mid_it)}, snaps / "mid.pt")
-    torch.save({"theta": fit.theta.clone(), "step": int(fit.iterations)}, snaps / "final.pt")
-    with open(path / "log.csv", "w", newline="") as f:
+    for name, snap in (("mid", {"theta": mid_theta, "step": int(mid_it)}),
+                       ("final", {"theta": fit.theta.clone(), "step": int(fit.iterations)})):
+        with atomic_path(snaps / f"{name}.pt") as tmp:
+            torch.save(snap, tmp)
+    with atomic_path(path / "log.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSVLogCallback.COLUMNS)
         w.writeheader()
         w.writerows(rows)
@@ -514,15 +582,14 @@ def train_run(
     Returns:
         :class:`RunResult` (``cached=True`` when a finished run was loaded).
     """
-    from .evaluation import evaluate
-
     if tune:
         tuned = tune_config(config, root=root, **overrides)
         result = train_run(tuned.config, force=force, root=root, data=data, keep_checkpoints=keep_checkpoints,
                            callbacks=callbacks)
         state = _state()
         if state is None or state.is_main_process:
-            tuned.table.to_csv(result.run_dir / "tuning.csv", index=False)
+            with atomic_path(result.run_dir / "tuning.csv") as tmp:
+                tuned.table.to_csv(tmp, index=False)
         result.info["tuning"] = tuned.options
         return result
     cfg = resolve_config(config, **overrides)
@@ -530,9 +597,25 @@ def train_run(
     path = run_dir(cfg, root=root, world=world)
     state = _state()
     main = state is None or state.is_main_process
-    if is_finished(path) and not force:
+    multi = state is not None and state.num_processes > 1
+    if not multi and is_finished(path) and not force:  # several processes decide together, below
         return load_run(path)
+    check_writable(path.parent, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
+    with locked(path, f"the run {path.name}", enabled=main):
+        _barrier(state)  # the other processes go on once the main one holds the lock
+        if is_finished(path) and not force:  # trained by another process while this one waited
+            return load_run(path)
+        return _train_locked(cfg, path, world, state, main, force, data, keep_checkpoints, callbacks)
+
+
+def _train_locked(cfg: TrainConfig, path: Path, world: int, state, main: bool, force: bool, data,
+                  keep_checkpoints: bool, callbacks) -> RunResult:
+    """:func:`train_run` once the run folder's lock is held: train, evaluate, write the files, the manifest last."""
+    from .evaluation import evaluate
+
     if main:
+        for folder in (path, path / "final", path / "snapshots"):  # temporaries of a killed attempt
+            clean_orphans(folder)
         if force and path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -576,6 +659,7 @@ def train_run(
                         ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "recall@1", "ndcg@3", "mrr") if k in test))
             if not keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
+            write_manifest(path)  # last: from now on the run is finished
         _barrier(state)
     except BaseException:
         # a failed run leaves no folder that looks like a run; one with checkpoints stays, to be resumed
@@ -669,29 +753,29 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
         return load_run(path)
     from .training import CSVLogCallback
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_config(tmp, cfg, 1)
-        t0 = time.time()
-        data = prepare_data(TrainConfig(**{**cfg.to_dict(), "limit": 1, "eval_limit": cfg.eval_limit
-                                           if cfg.test_split == "valid" else 0}))
-        t_data = time.time() - t0
-        t1 = time.time()
-        test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
-                        beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
-                        forward=data.forward, pooling=cfg.pooling, records=data.test_records,
-                        tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv",
-                        option_labels=_lettered_options(cfg.dataset))
-        (tmp / "log.csv").write_text(",".join(CSVLogCallback.COLUMNS) + "\n")
-        _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
-                                           "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,
-                                                                      "test": round(time.time() - t1, 3)}})
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_writable(path.parent, "runs root", "give a folder you can write (root=, or $MASS_DPO_RUNS)")
+    with locked(path, f"the reference row {path.name}"):
+        if is_finished(path):  # computed by another process while this one waited
+            return load_run(path)
+        clean_orphans(path.parent, prefix=path.name)
+        shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)  # the temporary of older versions
+        with atomic_folder(path) as tmp:
+            _write_config(tmp, cfg, 1)
+            t0 = time.time()
+            data = prepare_data(TrainConfig(**{**cfg.to_dict(), "limit": 1, "eval_limit": cfg.eval_limit
+                                               if cfg.test_split == "valid" else 0}))
+            t_data = time.time() - t0
+            t1 = time.time()
+            test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
+                            beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
+                            forward=data.forward, pooling=cfg.pooling, records=data.test_records,
+                            tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv",
+                            option_labels=_lettered_options(cfg.dataset))
+            atomic_write_text(tmp / "log.csv", ",".join(CSVLogCallback.COLUMNS) + "\n")
+            _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
+                                               "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,
+                                                                          "test": round(time.time() - t1, 3)}})
+            write_manifest(tmp)
     result = load_run(path)
     result.cached = False
     return result

@@ -381,12 +381,15 @@ class CSVLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
+        from .files import atomic_path
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= state.global_step]
-        with open(self.path, "w", newline="") as f:
+            with open(self.path, newline="") as f:  # a row cut by a kill (fewer fields) is dropped
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
+                        and str(r.get("step") or "").isdigit() and int(r["step"]) <= state.global_step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.COLUMNS)
             w.writeheader()
             w.writerows(rows)

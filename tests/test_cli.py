@@ -177,9 +177,12 @@ def test_select_own_file_output_loads_with_datasets(capsys, isolated):
     from mass_dpo.data import load_preferences
     from mass_dpo.data.preferences import conversation
 
+    from mass_dpo.preprocess import source_tag
+
     data = _prefs(isolated / "mine.jsonl", rows=6, negatives=4)  # text rows and conversational rows
+    tag = source_tag(str(data.resolve()))  # the input's path, hashed: two mine.jsonl in two folders never collide
     assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--grouped", "--no-progress"]) == 0
-    out = isolated / "runs" / "select" / "mine-all-tiny-all-dopt-n2-grouped.jsonl"  # the documented place
+    out = isolated / "runs" / "select" / f"mine-{tag}-all-tiny-all-dopt-n2-grouped.jsonl"  # the documented place
     assert f"wrote {out} (6 prompts, grouped)" in capsys.readouterr().out
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
     assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]
@@ -196,7 +199,7 @@ def test_select_own_file_output_loads_with_datasets(capsys, isolated):
 
     # the default: one row per (chosen, negative), TRL's form, in selection order
     assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--no-progress"]) == 0
-    pairs = isolated / "runs" / "select" / "mine-all-tiny-all-dopt-n2.jsonl"
+    pairs = isolated / "runs" / "select" / f"mine-{tag}-all-tiny-all-dopt-n2.jsonl"
     assert f"wrote {pairs} (12 pairs)" in capsys.readouterr().out
     pds = datasets.load_dataset("json", data_files=str(pairs), split="train")
     assert pds.column_names == ["prompt", "chosen", "rejected", "id", "rank", "index", "gain", "logdet"]
@@ -233,7 +236,8 @@ def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, is
     assert main(["select", "--data", str(data), "--model", "tiny", "--n", "50", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "n=50 is more than the largest negative pool (3 negatives)" in err
-    summary = json.loads((isolated / "runs" / "select" / "small-all-tiny-all-dopt-n3.summary.json").read_text())
+    (path,) = (isolated / "runs" / "select").glob("small-*-all-tiny-all-dopt-n3.summary.json")
+    summary = json.loads(path.read_text())
     assert summary["n"] == 3 and summary["negatives_mean"] == 3
     assert main(["train", "--data", str(data), "--model", "tiny", "--n", "50", "--dry-run"]) == 0
     out = capsys.readouterr()
@@ -343,7 +347,7 @@ def test_quickstart_runs_from_the_notebooks_folder(isolated, regime):
     assert list(results["method"]) == ["MASS-DPO", "S-DPO"] and set(results["regime"]) == {regime}
     assert (results["train_prompts"] == 38).all() and (results["test_prompts"] == 5).all()  # 48 rows: 38/5/5
     assert results["mrr"].between(0, 1).all()
-    run_folders = [p for p in (isolated / "runs").iterdir() if p.is_dir() and p.name != "select"]
+    run_folders = [p for p in (isolated / "runs").iterdir() if p.is_dir() and p.name not in ("select", ".locks")]
     assert {p.name.split("_n3_")[0] for p in run_folders} == {f"quickstart_preferences_tiny_{m}"
                                                               for m in ("mass_dpo", "sdpo")}
     assert all(f"_n3_{regime}_" in p.name for p in run_folders)

@@ -28,10 +28,12 @@ one, decides (``val``/``validation``/``dev`` mean ``valid``). Otherwise the spli
 the smallest ``stable_fraction(id, "preferences-split/<seed>")`` of their ids (SHA-256 of the id: the same on every
 machine, independent of file order when the file has ids); the first ``max(1, round(0.1 G))`` of the ``G`` prompts are
 ``test``, the next ``max(1, round(0.1 G))`` ``valid``, the rest ``train``; each split keeps the file order. A file
-needs 3 distinct prompts.
+needs 3 distinct prompts. A ``limit`` (:func:`limit_preferences`) draws its rows by the seed and the rows' content,
+not the file's name.
 
 The records have ``candidates = [chosen, *rejected]`` and ``target = 0``. Problems (a missing or empty field, an
-empty pool, the chosen text among the rejected, a message list without content, a repeated id)
+empty pool, the chosen text among the rejected, a message list without content, a repeated id, a row without an id
+that repeats an earlier row's prompt, chosen and rejected)
 are reported by row number ("line N" of a JSONL file, 1-based; "row N" of a table, 0-based); nothing is dropped
 silently: ``on_error="raise"`` (default) raises, ``on_error="drop"`` drops those rows with a warning listing them.
 A negative repeated within one pool is kept once, with a warning.
@@ -232,6 +234,27 @@ def conversation(record: dict) -> dict:
             "candidates": [_as_messages(c, "assistant") for c in record["candidates"]]}
 
 
+def content_key(ds) -> str:
+    """sha256 of the records' prompts and candidates, in order (not their ids, which may come from the file name)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for prompt, candidates in zip(ds["prompt"], ds["candidates"]):
+        h.update(json.dumps([prompt, list(candidates)], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def limit_preferences(ds, limit: int | None, seed: int = 0, split: str | None = None):
+    """``limit`` rows of a preference split (:func:`mass_dpo.data.apply_limit`), drawn by ``seed`` and the rows'
+    content (:func:`content_key`): a renamed or moved file keeps the same subsample."""
+    from .benchmarks import apply_limit
+
+    if limit is None or limit >= len(ds):
+        return ds
+    return apply_limit(ds, limit, seed, key=f"{content_key(ds)}:{split}")
+
+
 def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: int = 0, on_error: str = "raise"):
     """Preference rows as records (``id``, ``prompt``, ``candidates``, ``target``, ``chosen``, ``rejected``).
 
@@ -244,7 +267,7 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
         raise ValueError(f"unknown split {split!r}; choose one of train, valid, test")
     rows, where, prefix, style = _read(path_or_dataset)
     rows = group_pairs(rows)
-    records, problems, repeats, ids = [], [], [], {}
+    records, problems, repeats, ids, contents = [], [], [], {}, {}
     splits: list[str | None] = []
     for i, row in enumerate(rows):
         label = f"line {i + 1}" if style == "line" else f"row {i}"
@@ -284,10 +307,16 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
                             raw_pool.append(given)
                     if chosen is not None and any(r.strip() == chosen.strip() for r in pool):
                         errs.append("the chosen text is among the rejected")
-        rid = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{i:06d}"
+        has_id = row.get("id") not in (None, "")
+        rid = str(row["id"]) if has_id else f"{prefix}-{i:06d}"
         if rid in ids:
             errs.append(f"id {rid!r} repeats {ids[rid]}")
         ids.setdefault(rid, label)
+        if not has_id and not errs:  # a row without an id that repeats an earlier one: refused like a repeated id
+            content = (prompt.strip(), chosen.strip(), tuple(sorted(r.strip() for r in pool)))
+            if content in contents:
+                errs.append(f"repeats {contents[content]} (the same prompt, chosen and rejected)")
+            contents.setdefault(content, label)
         if errs:
             problems.append(f"{label} (id {rid}): " + "; ".join(errs))
             continue
@@ -301,7 +330,8 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
     if problems:
         head = f"{len(problems)} unusable preference row(s) in {where}"
         if on_error == "raise":
-            raise RecordError(summarize(head, problems) + "\n(on_error='drop' drops them with a warning)")
+            raise RecordError(summarize(head + ": fix or remove them", problems)
+                              + "\n(from Python, load_preferences(..., on_error='drop') drops them with a warning)")
         warnings.warn(summarize(head + "; dropped", problems), stacklevel=2)
     if repeats:
         warnings.warn(

@@ -169,9 +169,10 @@ def theta_snapshots(folder, num_epochs: float = 3.0):
             theta = getattr(model, "theta", None)
             if theta is None:
                 return
-            self.folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)},
-                       self.folder / f"{name}.pt")
+            from ..files import atomic_path
+
+            with atomic_path(self.folder / f"{name}.pt") as tmp:
+                torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)}, tmp)
 
         def mid_step(self, state) -> int:
             total = int(state.max_steps)
@@ -222,8 +223,7 @@ def run_one(setup: Setup, spec, *, data_dir: str | None = None, snapshots: bool 
     path = run_dir(cfg, root=setup.root)
     adam = cfg.regime == "loglinear" and cfg.fit == "adam"
     callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
-    force = bool(snapshots and cfg.regime == "loglinear" and (path / "metrics.json").is_file()
-                 and not has_snapshots(path))
+    force = bool(snapshots and cfg.regime == "loglinear" and is_finished(path) and not has_snapshots(path))
     quiet = contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext()
     with quiet:
         return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)
@@ -706,13 +706,19 @@ def disk_memo(tag: str):
             root = args[0].root if args and isinstance(args[0], Setup) and args[0].root else None
             path = Path(root or runs_root()) / "analyses" / f"{tag}-{digest}.pkl"
             if path.is_file():
-                return pd.read_pickle(path)
+                try:
+                    return pd.read_pickle(path)
+                except Exception as err:  # a damaged table: said in one line, computed again
+                    import warnings
+
+                    warnings.warn(f"memoised table {path} does not load ({type(err).__name__}); computing it again",
+                                  stacklevel=2)
             out = fn(*args, **kwargs)
             if isinstance(out, pd.DataFrame):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                out.to_pickle(tmp)
-                os.replace(tmp, path)
+                from ..files import atomic_path
+
+                with atomic_path(path) as tmp:
+                    out.to_pickle(tmp, compression=None)
             return out
 
         return memoised

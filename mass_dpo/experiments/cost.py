@@ -122,8 +122,9 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
                          "seconds": med, "iterations": iters[r.run_dir],
                          "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
         if cache:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(json.dumps(rows[first:], default=str))
+            from ..files import atomic_write_json
+
+            atomic_write_json(kept, rows[first:], indent=None)
     return rows
 
 

@@ -155,7 +155,10 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
             refit(row.run_dir, callback=score)
             long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
             if cache:
-                long.to_csv(kept, index=False)
+                from ..files import atomic_path
+
+                with atomic_path(kept) as tmp:
+                    long.to_csv(tmp, index=False)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
     cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
