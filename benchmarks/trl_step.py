@@ -15,7 +15,10 @@ micro-batch:
   the ``1 + n`` rows ``[prompt, response]`` in one padded forward;
 - **TRL on pairs**: what a TRL user does to train on ``n`` negatives: the ``n`` (chosen, negative) pairs in TRL's
   conversational form, tokenized by TRL (SmolLM2's chat template), as one batch: TRL's collator (``2n`` rows) and
-  ``DPOTrainer.compute_loss`` (sigmoid DPO) with ``precompute_ref_log_probs``, then the same backward and update.
+  ``DPOTrainer.compute_loss`` (sigmoid DPO) with ``precompute_ref_log_probs`` (the batch carries
+  ``ref_chosen_logps`` / ``ref_rejected_logps``: the reference log-probs of our paths, which differ from TRL's own
+  by the newline TRL scores after the end-of-turn token; the time does not depend on them), then the same backward
+  and update.
   TRL 1.16's fused LM head scores only the completion positions on CUDA/XPU (Triton) but every position, the
   prompt's included, elsewhere: ``--trl-scores completions`` (default) forces the first on the CPU, so that the
   comparison is of the layouts, as on a GPU; ``--trl-scores all`` measures TRL as it runs on a CPU.
@@ -27,7 +30,7 @@ repeated (``"name, name, ..."``), cut to ``L - 1`` tokens and decoded back to te
 
 Interleaving: for each (n, length) cell, repetition r runs the three paths on prompt r, in an order rotated at every
 repetition and cell, so that the load of a shared machine hits every path alike; a cell gets another repetition
-(another prompt) while its steps have taken less than ``--cell-seconds`` in all, up to ``--prompts``. Ratios are
+(another prompt) while its steps have taken less than ``--cell-seconds`` CPU seconds in all, up to ``--prompts``. Ratios are
 taken per repetition (same prompt, same moment) and their median reported. Time is the CPU time of the process
 during the step (``time.process_time``; with one torch thread, the step's compute, which other jobs on a shared
 machine disturb far less than its wall time), the wall time beside it.

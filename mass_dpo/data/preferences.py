@@ -173,14 +173,20 @@ def group_pairs(rows: list[Any]) -> list[Any]:
         if j == i:
             continue
         head = out[j]
-        if all(_same(head.get(k), row.get(k)) for k in ("prompt", "chosen", "split")):
-            rej = row["rejected"]
-            add = [rej] if isinstance(rej, str) or _is_messages(rej) else list(rej or [])
-            had = head["rejected"]
-            had = [had] if isinstance(had, str) or _is_messages(had) else list(had or [])
+        had, add = _as_pool(head["rejected"]), _as_pool(row["rejected"])
+        if had is not None and add is not None and all(_same(head.get(k), row.get(k))
+                                                       for k in ("prompt", "chosen", "split")):
             out[j] = {**head, "rejected": had + add}
             out[i] = None
     return out
+
+
+def _as_pool(rejected: Any) -> list | None:
+    """A ``rejected`` value as a list of negatives (one text or message list becomes a list of one); None when it
+    is neither (left for the row checks to report)."""
+    if isinstance(rejected, str) or _is_messages(rejected):
+        return [rejected]
+    return list(rejected) if isinstance(rejected, list) else None
 
 
 def _split_name(value: Any) -> str | None:
