@@ -281,10 +281,12 @@ def shared_prefix_forward(
 
 
 def naive_forward(
-    model, prompt_ids, candidate_ids, *, pooling: str = "all", pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model, prompt_ids, candidate_ids, *, pooling: str = "all", pad_id: int = 0, return_features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference: one row ``[prompt, cand_c]`` per candidate (right-padded, a 2D attention mask), through the
-    full model (``model(...).logits`` and the last of ``hidden_states``). ``(logps [C], features [C, d])``."""
+    full model (``model(...).logits`` and the last of ``hidden_states``). ``(logps [C], features [C, d])``;
+    ``features`` is None with ``return_features=False``. Differentiable: it is also the package's one-row-per-response
+    training forward (``mass_dpo.training.pool_logps(..., forward=naive_forward)``, S-DPO's layout)."""
     _check_pooling(pooling)
     p, cands = _check_pool(prompt_ids, candidate_ids)
     _, device = _model_dtype_device(model)
@@ -299,20 +301,20 @@ def naive_forward(
     out = model(
         input_ids=ids.to(device),
         attention_mask=att.to(device),
-        output_hidden_states=True,
+        output_hidden_states=return_features,
         use_cache=False,
         logits_to_keep=T - P + 1,
     )
     logprobs = out.logits.float().log_softmax(-1)  # [C, T - P + 1, V]; index j = position P - 1 + j
-    h = out.hidden_states[-1].float()  # [C, T, d]
     logps, feats = [], []
     for c, toks in enumerate(cands):
         L = len(toks)
         tgt = torch.tensor(toks, device=device)
         logps.append(logprobs[c, :L].gather(-1, tgt[:, None]).sum())
-        lo = 0 if pooling == "all" else P
-        feats.append(h[c, lo : P + L].mean(0))
-    return torch.stack(logps), torch.stack(feats)
+        if return_features:
+            lo = 0 if pooling == "all" else P
+            feats.append(out.hidden_states[-1][c, lo : P + L].float().mean(0))  # [d]
+    return torch.stack(logps), torch.stack(feats) if return_features else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,17 +2,26 @@
 
     mass-dpo select --dataset lastfm --model smollm2 --split train --n 3 --strategy dopt [--pooling all]
                     [--beta 0.1 --gamma 0.1] [--selection-score reference] [--limit N] [--data-dir D] [--out PATH]
-    mass-dpo select --data my_prefs.jsonl --model smollm2 --n 3 [--pairs]
+    mass-dpo select --data my_prefs.jsonl --model smollm2 --n 3 [--grouped]
 
 Extraction (features and log-probs, cached: :func:`mass_dpo.extraction.extract`), then Algorithm 1's inputs
 (:func:`mass_dpo.extraction.selection_inputs`), then :func:`mass_dpo.selection.select_negatives` over every prompt.
-Writes one JSON line per prompt in TRL's preference layout, so ``datasets.load_dataset("json", data_files=...)``
-and DPO trainers read it: ``prompt``, ``chosen``, ``rejected`` (the selected negatives' texts, in selection order),
-then the selection's own fields ``id``, ``target``, ``indices`` (their positions among the candidates), ``gains``
-(each pick's marginal log-det gain) and ``logdet``. ``pairs=True`` (``--pairs``) writes one row per (chosen,
-negative) pair instead: ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (0 = picked first),
-``index``, ``gain``. A summary JSON goes beside the rows. The default output folder is ``<runs root>/select/``,
-the runs root of ``mass-dpo train`` (``$MASS_DPO_RUNS``, else ``<cache>/runs``).
+
+Output, one JSON line per row:
+
+- default: one row per (chosen, selected negative), TRL's standard preference form, which ``trl.DPOTrainer`` trains
+  on unchanged (``datasets.load_dataset("json", data_files=...)``): ``prompt``, ``chosen``, ``rejected`` (one
+  response), then the selection's fields ``id`` (the prompt's), ``rank`` (0 = picked first), ``index`` (the
+  negative's position among the candidates), ``gain`` (its marginal log-det gain) and ``logdet`` (of the prompt's
+  whole subset). A conversational input file (message lists) gives conversational rows: ``prompt``, ``chosen`` and
+  ``rejected`` are message lists, the chat template is left to the trainer.
+- ``grouped=True`` (``--grouped``): one row per prompt, ``rejected`` the list of the selected negatives in selection
+  order, with ``id``, ``target``, ``indices``, ``gains``, ``logdet``. This is the multi-negative form
+  ``mass-dpo train --data`` and :func:`mass_dpo.data.load_preferences` read; TRL does not (its ``rejected`` is one
+  response). ``load_preferences`` also reads the default pairs back into one record per prompt (rows sharing an id).
+
+A summary JSON goes beside the rows. The default output folder is ``<runs root>/select/``, the runs root of
+``mass-dpo train`` (``$MASS_DPO_RUNS``, else ``<cache>/runs``).
 ``--strategy random`` gives S-DPO's uniformly drawn negatives (seeded), ``hardest`` the top-n by plausibility under
 theta0, ``all`` every candidate. ``--selection-score`` is the reading of the preprocessing score (``docs/extraction.md``).
 """
@@ -41,7 +50,8 @@ SELECT_CHUNK = 2048
 
 @dataclass
 class DatasetSelection:
-    """What :func:`select_dataset` produced: one row per prompt (as written to the JSONL file) and the summary."""
+    """What :func:`select_dataset` produced: the rows as written to the JSONL file (pairs, or one per prompt when
+    grouped) and the summary."""
 
     rows: list[dict]
     summary: dict
@@ -117,16 +127,23 @@ def _finite(x: float) -> float | None:
 
 
 def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
-    """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks' texts, in selection order), ``id``,
-    ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring)."""
+    """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks, in selection order), ``id``,
+    ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring). When any record was read from
+    conversational rows, every row is written as message lists (:func:`mass_dpo.data.preferences.conversation`),
+    so that the file has one form; otherwise as text."""
+    from .data.preferences import conversation, is_conversational
+
+    conversational = any(is_conversational(r) for r in records)
     rows = []
     for i, r in enumerate(records):
         keep = picked["indices"][i] >= 0
         idx = picked["indices"][i][keep].tolist()
+        conv = conversation(r) if conversational else None
+        cands = conv["candidates"] if conv else r["candidates"]
         rows.append({
-            "prompt": r["prompt"],
-            "chosen": r["candidates"][int(r["target"])],
-            "rejected": [r["candidates"][j] for j in idx],
+            "prompt": conv["prompt"] if conv else r["prompt"],
+            "chosen": cands[int(r["target"])],
+            "rejected": [cands[j] for j in idx],
             "id": str(r["id"]),
             "target": int(r["target"]),
             "indices": idx,
@@ -137,13 +154,14 @@ def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
 
 
 def pair_rows(rows: list[dict]) -> list[dict]:
-    """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, for pairwise DPO trainers:
-    ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (selection order), ``index``, ``gain``."""
+    """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, TRL's preference form: ``prompt``,
+    ``chosen``, ``rejected`` (one response: text or a message list), ``id``, ``rank`` (selection order), ``index``,
+    ``gain``, ``logdet`` (the prompt's subset)."""
     return [
-        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": text, "id": r["id"], "rank": k,
-         "index": r["indices"][k], "gain": r["gains"][k]}
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": negative, "id": r["id"], "rank": k,
+         "index": r["indices"][k], "gain": r["gains"][k], "logdet": r["logdet"]}
         for r in rows
-        for k, text in enumerate(r["rejected"])
+        for k, negative in enumerate(r["rejected"])
     ]
 
 
@@ -277,7 +295,7 @@ def select_dataset(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
-    pairs: bool = False,
+    grouped: bool = False,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
 ) -> DatasetSelection:
@@ -294,8 +312,10 @@ def select_dataset(
         pooling: ``all`` or ``response`` (appendix C.4). selection_score: the reading of the preprocessing score
             (:func:`select_extracted`). seed: the subsample of ``limit`` and the ``random`` strategy.
         out: the JSONL path (default :func:`default_out`, under ``<runs root>/select/``); the summary goes beside it
-            as ``<stem>.summary.json``. ``write=False`` writes nothing. pairs: one row per (chosen, negative) pair
-            (:func:`pair_rows`) instead of one per prompt; ``result.rows`` are then the pairs.
+            as ``<stem>.summary.json``. ``write=False`` writes nothing.
+        grouped: one row per prompt (``rejected`` a list; what ``mass-dpo train --data`` reads) instead of the
+            default one row per (chosen, negative) pair in TRL's form (:func:`pair_rows`); ``result.rows`` are the
+            rows written.
         n: more than the largest pool holds warns once and selects the pool size (the output is named by it).
         max_length, max_prompt_length: TRL's truncation of prompts and responses (:func:`mass_dpo.extraction.extract`;
             default: the model's context, no prompt limit).
@@ -351,7 +371,7 @@ def select_dataset(
 
             out = default_out(name, split, str(model_name), pooling, strategy, n,
                               source or source_tag(dataset_fingerprint(records)))
-            out = out.with_name(out.stem + "-pairs.jsonl") if pairs else out
+            out = out.with_name(out.stem + "-grouped.jsonl") if grouped else out
         out = Path(out).expanduser()
         _check_out(out)  # before the slow work
     from .files import locked
@@ -363,12 +383,12 @@ def select_dataset(
             clean_orphans(out.parent, prefix=out.stem)  # temporaries of a killed write of this output
         return _select_and_write(records, model, name, split, n, strategy, pooling, beta, gamma, selection_score,
                                  center, limit, seed, checkpoint, key, out, write, cache_dir, use_cache, batch_tokens,
-                                 device, dtype, progress, pairs, max_length, max_prompt_length)
+                                 device, dtype, progress, grouped, max_length, max_prompt_length)
 
 
 def _select_and_write(records, model, name, split, n, strategy, pooling, beta, gamma, selection_score, center, limit,
                       seed, checkpoint, key, out, write, cache_dir, use_cache, batch_tokens, device, dtype, progress,
-                      pairs, max_length, max_prompt_length) -> DatasetSelection:
+                      grouped, max_length, max_prompt_length) -> DatasetSelection:
     """Extraction, selection and the written output of :func:`select_dataset` (under the output's lock)."""
     from .extraction import DEFAULT_BATCH_TOKENS
 
@@ -398,7 +418,8 @@ def _select_and_write(records, model, name, split, n, strategy, pooling, beta, g
     }
     rows = _rows(records, ex, picked)
     summary = _summary(rows, ex, picked, settings, t_extract, t_select)
-    if pairs:
+    summary["form"] = "grouped" if grouped else "pairs"
+    if not grouped:
         rows = pair_rows(rows)
         summary["pairs"] = len(rows)
     result = DatasetSelection(rows, summary)
@@ -437,8 +458,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default=None,
         help="JSONL output (default: <runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl; "
              "runs root: $MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
-    add("--pairs", action="store_true",
-        help="one row per (chosen, negative) pair instead of one per prompt (pairwise trainers)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--grouped", action="store_true",
+                      help="one row per prompt, 'rejected' the list of selected negatives (what mass-dpo train --data "
+                           "reads) instead of one row per (chosen, negative) pair in TRL's form")
+    form.add_argument("--pairs", action="store_true",
+                      help="one row per (chosen, negative) pair, which trl.DPOTrainer trains on: the default")
     add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else ~/.cache/mass_dpo)")
     add("--no-cache", dest="use_cache", action="store_false", help="neither read nor write the extraction cache")
     add("--batch-tokens", type=int, default=None, help="bound on rows x longest row per forward")
@@ -477,7 +502,8 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir, checkpoint=args.checkpoint, out=args.out, cache_dir=args.cache_dir,
         use_cache=args.use_cache, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
-        progress=args.progress, pairs=args.pairs, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+        progress=args.progress, grouped=args.grouped, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
     )
     s = result.summary
     print(
@@ -486,5 +512,6 @@ def _run(args: argparse.Namespace) -> int:
         f"extraction {s['extraction_seconds']:.1f} s{' (cached)' if s['cache_hit'] else ''}, "
         f"selection {s['selection_seconds']:.2f} s"
     )
-    print(f"wrote {result.out}{f' ({len(result.rows)} pairs)' if args.pairs else ''} and {result.summary_path}")
+    what = f"{len(result.rows)} prompts, grouped" if args.grouped else f"{len(result.rows)} pairs"
+    print(f"wrote {result.out} ({what}) and {result.summary_path}")
     return 0

@@ -133,6 +133,9 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     ``profile="auto"``: ``paper`` where CUDA is available, else ``cpu``. Each notebook gets
     :func:`mass_dpo.notebook_params.papermill_parameters` (its ``profile``) and its ``out_dir``."""
     notebooks_dir = Path(notebooks_dir or repo_root() / "notebooks")
+    if not notebooks_dir.is_dir():
+        raise FileNotFoundError(f"no notebooks folder at {notebooks_dir}: mass-dpo reproduce runs the notebooks of a "
+                                "checkout; clone the repository and install it there (pip install -e .)")
     profile = auto_profile() if profile == AUTO else profile
     if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
         raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}")

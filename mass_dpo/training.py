@@ -214,7 +214,8 @@ def pool_logps(model: nn.Module, prompt_ids, candidate_ids, mask: torch.Tensor, 
 
     Default: ``mass_dpo.extraction.shared_prefix_forward_batch`` (one packed row per prompt: the prompt once, then
     every response with a block mask; one forward for the batch). ``forward(model, prompt_ids, candidate_ids,
-    return_features=False) -> (logps [C], _)`` replaces it, one call per pool (e.g. a one-row-per-response reference).
+    return_features=False) -> (logps [C], _)`` replaces it, one call per pool: ``mass_dpo.extraction.naive_forward``
+    is the one-row-per-response forward (a pool's ``[prompt, response]`` rows in one padded forward, S-DPO's layout).
     """
     if forward is None:
         from .extraction import shared_prefix_forward_batch

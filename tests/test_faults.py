@@ -182,7 +182,7 @@ def test_two_identical_select_commands_at_once_both_finish_with_one_extraction(c
         assert rc == 0, err[-3000:]
     assert sorted("(cached)" in out for _, out, _ in results) == [False, True]
     rows = [strict_loads(line) for line in (tmp_path / "sel.jsonl").read_text().splitlines()]
-    assert len(rows) == 100
+    assert len(rows) == 100 * 2  # one per (chosen, negative)
     strict_loads((tmp_path / "sel.summary.json").read_text())
     assert not [p for p in tmp_path.iterdir() if ".tmp~" in p.name]
 
@@ -508,7 +508,7 @@ def test_the_limit_subsample_depends_on_the_content_not_the_file_name(isolated):
     one = _prefs(isolated / "one.jsonl", rows=60)
     two = isolated / "renamed.jsonl"
     two.write_bytes(one.read_bytes())
-    picked = [[r["prompt"] for r in select_dataset(str(p), "tiny", split=None, limit=10, write=False,
+    picked = [[r["prompt"] for r in select_dataset(str(p), "tiny", split=None, limit=10, write=False, grouped=True,
                                                    progress=False).rows] for p in (one, two)]
     assert picked[0] == picked[1] and len(picked[0]) == 10
 

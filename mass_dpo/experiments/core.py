@@ -492,7 +492,9 @@ def with_average(summary: pd.DataFrame, runs: pd.DataFrame, by, metrics, *, data
 
 def paper_reference(table: str) -> pd.DataFrame:
     """The paper's numbers of ``table`` (``params/paper_reference/<table>.csv``, long format)."""
-    return pd.read_csv(repo_root() / "params" / "paper_reference" / f"{table}.csv")
+    from ..params import params_dir
+
+    return pd.read_csv(params_dir() / "paper_reference" / f"{table}.csv")
 
 
 def _key(value) -> str:
