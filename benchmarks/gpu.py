@@ -13,9 +13,10 @@ CPU (the ``tiny`` model, a few prompts; ``tests/test_gpu_check.py`` runs it so i
    (prompt + response for every candidate, the same numerator for both paths); "fed" is what the model read.
 2. **step**: one full fine-tuning step with the S-DPO loss at n = 3 on the Llama-3.2-3B-shaped model, bf16 weights,
    gradient checkpointing, per-device batch 2 (the paper's): forward + backward through the shared prompt
-   (``mass_dpo.training.pool_logps``, what training uses) and through concatenated rows (one row per prompt and
-   response, the whole batch in one padded forward, TRL's layout); loss and gradient agreement (cosine, relative
-   norm of the difference), then one AdamW step for the peak memory of a whole step.
+   (``mass_dpo.training.pool_logps``, what training uses) and through one row per response (``pool_logps`` with
+   ``forward=mass_dpo.extraction.naive_forward``: one ``[prompt, response]`` row per response, a pool's rows in one
+   padded forward, S-DPO's layout); loss and gradient agreement (cosine, relative norm of the difference), then one
+   AdamW step for the peak memory of a whole step.
 3. **run**: SmolLM2 full fine-tuning on 1,000 QASC prompts of the shipped sample, one epoch, paper profile
    (``mass_dpo.runs.train_run``), S-DPO and MASS-DPO, with the test metrics, and a reference row: the untrained
    model evaluated the same way (``mass_dpo.evaluation.evaluate``).
@@ -54,7 +55,7 @@ SETTINGS = {
 
 #: Agreement bounds of the bf16 paths (bf16 keeps 8 bits of mantissa: relative error ~4e-3 per rounding).
 LOGP_RTOL = 2e-2  # max |shared - naive| / max |logp| over the scored candidates
-GRAD_COSINE_MIN = 0.99  # cosine between the shared-prompt and concatenated-rows gradients
+GRAD_COSINE_MIN = 0.99  # cosine between the shared-prompt and row-per-response gradients
 GRAD_RELDIFF_MAX = 0.1  # ||g_shared - g_rows|| / ||g_rows||
 
 
@@ -174,42 +175,11 @@ def bench_extraction(name: str, records: list[dict], *, device, dtype, pools_per
 # ---------------------------------------------------------------- 2. one full fine-tuning step
 
 
-def concatenated_logps(model, prompt_ids, candidate_ids, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, W]`` sequence log-probs with one row ``[prompt, response]`` per prompt and response, the whole batch in
-    one right-padded forward (TRL's concatenated layout); the LM head only at the response positions, as in
-    ``shared_prefix_forward_batch``. Differentiable."""
-    device = next(model.parameters()).device
-    rows, spans = [], []
-    for b, (p, cands) in enumerate(zip(prompt_ids, candidate_ids)):
-        for c, toks in enumerate(cands):
-            spans.append((b, c, len(rows), len(p), len(toks)))
-            rows.append(list(p) + list(toks))
-    T = max(map(len, rows))
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    att = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        att[i, : len(r)] = 1
-    ids, att = ids.to(device), att.to(device)
-    h = model.get_decoder()(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # [R, T, d]
-    row_i, pos, tgt, out_i = [], [], [], []
-    W = mask.shape[1]
-    for b, c, r, P, L in spans:
-        row_i += [r] * L
-        pos += list(range(P - 1, P + L - 1))  # token k of the response is predicted at position P - 1 + k
-        tgt += rows[r][P:P + L]
-        out_i += [b * W + c] * L
-    row_i, pos = torch.tensor(row_i, device=device), torch.tensor(pos, device=device)
-    logits = model.get_output_embeddings()(h[row_i, pos]).float()  # [tokens, V]
-    tok = logits.log_softmax(-1).gather(-1, torch.tensor(tgt, device=device)[:, None])[:, 0]
-    out = tok.new_zeros(len(prompt_ids) * W).index_add(0, torch.tensor(out_i, device=device), tok)
-    return out.view(len(prompt_ids), W) * mask.to(device)
-
-
 def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats: int) -> dict:
     """One S-DPO step at n negatives: time, tokens/s and peak memory of forward + backward through the shared prompt
-    and through concatenated rows; their loss and gradient agreement; peak memory of a whole AdamW step."""
+    and through one row per response; their loss and gradient agreement; peak memory of a whole AdamW step."""
     from mass_dpo.data.formatting import encode_pool
+    from mass_dpo.extraction import naive_forward
     from mass_dpo.losses import preference_loss
     from mass_dpo.training import pool_logps
 
@@ -238,7 +208,7 @@ def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats
         return out.loss.mean()
 
     paths = {"shared": lambda: pool_logps(model, prompt_ids, cand_ids, mask),
-             "rows": lambda: concatenated_logps(model, prompt_ids, cand_ids, mask)}
+             "rows": lambda: pool_logps(model, prompt_ids, cand_ids, mask, forward=naive_forward)}
     params = [p for p in model.parameters() if p.requires_grad]
     result = {"part": "step", "model": name, "dtype": str(dtype).replace("torch.", ""), "batch": len(records),
               "n": n, "parameters": sum(p.numel() for p in params), "gradient_checkpointing": True, "paths": {}}
@@ -345,7 +315,7 @@ def table(record: dict) -> str:
             note = (f"loss {p['loss']:.4f}" + (f"; |dloss| {st['loss_diff']:.1e}, grad cos {st['grad_cosine']:.4f}, "
                                                f"rel diff {st['grad_rel_diff']:.1e} "
                                                f"{'ok' if st['agree'] else 'MISMATCH'}" if path == "rows" else ""))
-            label = "shared prompt" if path == "shared" else "concatenated rows"
+            label = "shared prompt" if path == "shared" else "row per response"
             lines.append(f"{'step':<11}{st['model']:<14}{label:<22}{p['tokens_per_s']:>11.0f}{p['tokens_fed']:>9}"
                          f"{p['seconds']:>8.2f}{_f(p['peak_gib'], '{:.2f}'):>10}  {note}")
         a = st["adamw_step"]

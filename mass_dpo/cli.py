@@ -6,14 +6,16 @@
     mass-dpo reproduce ...   every notebook, headless                   (mass_dpo.reproduce)
 
 Only the subcommand that runs is imported (``mass-dpo --help`` imports no torch). A user error (an unknown name, a
-missing file, a bad value) prints one line naming the problem and the fix and exits with status 2; ``--debug``
-shows the traceback instead. Warnings print as one ``mass-dpo: warning: ...`` line each.
+missing file, a bad value, a folder that cannot be written) prints one line naming the problem and the fix and exits
+with status 2; so does any other failure (its type and first line); ``--debug`` shows the traceback instead.
+Warnings print as one ``mass-dpo: warning: ...`` line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import warnings
 
@@ -33,8 +35,9 @@ class UsageError(Exception):
     """A mistake in what the user asked for (a bad option value, an unknown name, a missing file)."""
 
 
-#: Exceptions reported as user errors (one line, status 2): their messages name the problem and the fix.
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError)
+#: Exceptions reported as user errors (one line, status 2): their messages name the problem and the fix. File-system
+#: errors (a full disk, a file-size limit, a folder that cannot be written) are reported the same way.
+USER_ERRORS = (UsageError, ValueError, OSError)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,13 +63,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (beta, gamma, learning rates)."""
+    """argparse type: a finite number > 0 (beta, gamma, learning rates); ``inf`` and ``nan`` are refused."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -154,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 raise
             print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+            return USAGE_STATUS
+        except Exception as err:  # anything else: still one line, the traceback with --debug
+            if debug:
+                raise
+            print(f"{prog}: error: {type(err).__name__}: {one_line(err)} (--debug shows the traceback)",
+                  file=sys.stderr)
             return USAGE_STATUS
         except KeyboardInterrupt:
             if debug:

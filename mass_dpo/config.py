@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ REGIMES = ("full", "lora", "loglinear", "freeze")
 
 #: How each method's fixed negatives are drawn (``mass_dpo.selection`` strategies).
 METHOD_STRATEGY = {"mass_dpo": "dopt", "sdpo": "random", "dpo_k": "random", "dmpo": "random", "dpo": "random"}
+#: Strategies a run's ``negatives`` may name (``mass_dpo.preprocess.STRATEGIES`` less ``all``, which is ``n`` = pool).
+NEGATIVES = ("dopt", "random", "hardest", "longest")
 
 # ---------------------------------------------------------------- configuration
 
@@ -47,7 +50,11 @@ class TrainConfig:
     test_limit: int | None = 2000  # test prompts (the paper's 2,000)
     subsample_seed: int = 0  # which prompts a limit keeps: fixed, so seeds and methods share the data
     test_split: str = "test"  # the split the final metrics are measured on ("valid" for hyperparameter tuning)
-    pooling: str = "all"  # feature pooling of extraction: "all" or "response"
+    pooling: str = "response"  # feature pooling of extraction: "response" (response tokens) or "all" (prompt too)
+    # TRL's truncation (mass_dpo.data.formatting.truncate_pool): a prompt + response keeps its first max_length tokens
+    # (None: the model's context), a prompt its last max_prompt_length (None: no limit)
+    max_length: int | None = None
+    max_prompt_length: int | None = None
     gamma: float = 0.1  # ridge of the D-optimal design matrix (selection)
     # the log-linear regime's fit: "exact" (L-BFGS to a gradient tolerance on the ridge-regularised convex objective,
     # mass_dpo.loglinear.fit_loglinear) or "adam" (the Trainer, like the LM regimes); ignored by the LM regimes
@@ -56,6 +63,9 @@ class TrainConfig:
     fit_tol: float = 1e-6  # gradient-norm tolerance of the exact fit
     fit_max_iter: int = 500
     selection_score: str = DEFAULT_SELECTION_SCORE  # reading of the preprocessing score: delta, reference, offset
+    # how the fixed negatives are chosen: None = the method's own (METHOD_STRATEGY: D-optimal for mass_dpo, random
+    # otherwise); "hardest" (top-n by log pi_ref) or "longest" (top-n by tokens) train a method on label-blind picks
+    negatives: str | None = None
     # optimisation
     learning_rate: float = 1e-5
     num_train_epochs: float = 3.0
@@ -90,6 +100,7 @@ class TrainConfig:
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])
 
     def __post_init__(self):
+        self._check_numbers()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.regime not in REGIMES:
@@ -103,6 +114,9 @@ class TrainConfig:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if self.score not in ("logp", "reward"):
             raise ValueError(f"score must be 'logp' or 'reward', got {self.score!r}")
+        if self.negatives is not None and self.negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {', '.join(NEGATIVES)} (or None: "
+                             "the method's own)")
         if self.method == "dpo":
             self.n = 1  # DPO: one random negative
         if int(self.n) < 1:
@@ -112,10 +126,37 @@ class TrainConfig:
         self.ks = [int(k) for k in self.ks]
         self.lora_target_modules = list(self.lora_target_modules)
 
+    #: ``field: (lowest, highest, lowest allowed?)``; every float field must be finite.
+    RANGES = {
+        "beta": (0, None, False), "gamma": (0, None, False), "ridge": (0, None, False), "fit_tol": (0, None, False),
+        "learning_rate": (0, None, False), "num_train_epochs": (0, None, False), "warmup_ratio": (0, 1, True),
+        "max_grad_norm": (0, None, False), "weight_decay": (0, None, True), "eval_steps": (0, None, False),
+        "logging_steps": (0, None, False), "save_steps": (0, None, False), "lora_dropout": (0, 1, True),
+    }
+
+    def _check_numbers(self):
+        """Every float option finite and in its range (:data:`RANGES`), the lengths positive integers: a
+        ``ValueError`` naming the option before any work."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value} (--{f.name.replace('_', '-')})")
+        for name, (low, high, closed) in self.RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or (value < low if closed else value <= low) or (high is not None and value > high):
+                bound = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+                raise ValueError(f"{name} must be {bound}, got {value} (--{name.replace('_', '-')})")
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
     @property
     def strategy(self) -> str:
-        """The selection strategy of the method's negatives."""
-        return METHOD_STRATEGY[self.method]
+        """The selection strategy of the run's negatives (``negatives``, else the method's own)."""
+        return self.negatives or METHOD_STRATEGY[self.method]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -243,7 +243,10 @@ def evaluate(
     if per_prompt is not None:
         import pandas as pd
 
-        pd.DataFrame(table).to_csv(per_prompt, index=False)
+        from .files import atomic_path
+
+        with atomic_path(per_prompt) as tmp:
+            pd.DataFrame(table).to_csv(tmp, index=False)
     if return_scores:
         out["scores"] = by_score[score].masked_fill(~mask, float("-inf"))
         out["negatives"] = negatives

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_path, atomic_write_json, check_writable, clean_orphans, locked
+
 #: Bump when the extraction's numbers or stored tensors change (formatting, pooling, packing): old caches are then
 #: ignored. 2: both poolings and the response lengths in one cache entry.
 EXTRACTION_VERSION = 2
@@ -43,6 +45,10 @@ DEFAULT_BATCH_TOKENS = 4096
 
 #: Response positions sent through the LM head at once (bounds the [positions, vocab] logits).
 HEAD_CHUNK = 1024
+
+#: The most entries a packed batch's ``[B, T, T]`` attention mask may have (1 G: a 4 GB float32 mask); beyond, a
+#: one-line error instead of an allocation that cannot succeed (:func:`pack_pools`).
+MAX_MASK_ELEMENTS = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,6 +107,11 @@ def pack_pools(pools: Sequence[tuple[list[int], list[list[int]]]], pad_id: int =
     B = len(rows)
     T = max(len(p) + sum(len(c) for c in cs) for p, cs in rows)
     C = max(len(cs) for _, cs in rows)
+    if B * T * T > MAX_MASK_ELEMENTS:
+        raise ValueError(
+            f"{B} packed row(s) of {T} tokens need a {B} x {T} x {T} attention mask ({B * T * T / 2**30:.0f} G "
+            "entries): cut long prompts and responses with max_length / max_prompt_length (--max-length, "
+            "--max-prompt-length) or pass fewer pools at once")
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     seg = torch.full((B, T), -2, dtype=torch.long)
@@ -295,10 +306,12 @@ def shared_prefix_forward(
 
 
 def naive_forward(
-    model, prompt_ids, candidate_ids, *, pooling: str = "all", pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model, prompt_ids, candidate_ids, *, pooling: str = "all", pad_id: int = 0, return_features: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference: one row ``[prompt, cand_c]`` per candidate (right-padded, a 2D attention mask), through the
-    full model (``model(...).logits`` and the last of ``hidden_states``). ``(logps [C], features [C, d])``."""
+    full model (``model(...).logits`` and the last of ``hidden_states``). ``(logps [C], features [C, d])``;
+    ``features`` is None with ``return_features=False``. Differentiable: it is also the package's one-row-per-response
+    training forward (``mass_dpo.training.pool_logps(..., forward=naive_forward)``, S-DPO's layout)."""
     _check_pooling(pooling)
     p, cands = _check_pool(prompt_ids, candidate_ids)
     _, device = _model_dtype_device(model)
@@ -313,20 +326,20 @@ def naive_forward(
     out = model(
         input_ids=ids.to(device),
         attention_mask=att.to(device),
-        output_hidden_states=True,
+        output_hidden_states=return_features,
         use_cache=False,
         logits_to_keep=T - P + 1,
     )
     logprobs = out.logits.float().log_softmax(-1)  # [C, T - P + 1, V]; index j = position P - 1 + j
-    h = out.hidden_states[-1].float()  # [C, T, d]
     logps, feats = [], []
     for c, toks in enumerate(cands):
         L = len(toks)
         tgt = torch.tensor(toks, device=device)
         logps.append(logprobs[c, :L].gather(-1, tgt[:, None]).sum())
-        lo = 0 if pooling == "all" else P
-        feats.append(h[c, lo : P + L].mean(0))
-    return torch.stack(logps), torch.stack(feats)
+        if return_features:
+            lo = 0 if pooling == "all" else P
+            feats.append(out.hidden_states[-1][c, lo : P + L].float().mean(0))  # [d]
+    return torch.stack(logps), torch.stack(feats) if return_features else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -580,10 +593,13 @@ def _folder_stamp(path: Path) -> list:
 
 
 def cache_key(
-    model, checkpoint, fingerprint: str, poolings: Sequence[str], dtype: str, dataset_key: str | None = None
+    model, checkpoint, fingerprint: str, poolings: Sequence[str], dtype: str, dataset_key: str | None = None,
+    truncation: dict | None = None,
 ) -> tuple[str, dict]:
     """``(key, description)``: a sha256 prefix over everything that changes the numbers. One entry holds the
-    features of every pooling in ``poolings`` (all of :data:`POOLINGS` in :func:`extract`)."""
+    features of every pooling in ``poolings`` (all of :data:`POOLINGS` in :func:`extract`). ``truncation``: the
+    ``max_length`` / ``max_prompt_length`` given explicitly (left out of the key when none is, so that entries made
+    before these options existed, at the model's context, stay valid)."""
     desc = {
         "version": EXTRACTION_VERSION,
         "model": _model_identity(model),
@@ -593,6 +609,9 @@ def cache_key(
         "poolings": list(poolings),
         "dtype": dtype,
     }
+    truncation = {k: v for k, v in (truncation or {}).items() if v is not None}
+    if truncation:
+        desc["truncation"] = truncation
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return key, desc
 
@@ -605,16 +624,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_part(folder: Path, stem: str, tensors: dict[str, torch.Tensor], manifest: dict):
     """Write ``<stem>.safetensors`` then ``<stem>.json`` (its manifest, with the file's size and sha256), each
     atomically: a part without a valid manifest is incomplete and never read."""
@@ -622,35 +631,50 @@ def save_part(folder: Path, stem: str, tensors: dict[str, torch.Tensor], manifes
 
     folder.mkdir(parents=True, exist_ok=True)
     st = folder / f"{stem}.safetensors"
-    _write_atomic(st, lambda p: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(p)))
+    with atomic_path(st) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     manifest = dict(manifest, file=st.name, size=st.stat().st_size, sha256=_sha256(st))
-    _write_atomic(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(manifest, indent=1, default=str)))
+    atomic_write_json(folder / f"{stem}.json", manifest, indent=1)
+
+
+def read_part(folder: Path, stem: str, expect: dict, need: Sequence[str] | None = None
+              ) -> tuple[tuple[dict[str, torch.Tensor], dict] | None, str | None]:
+    """``(part, problem)``: the part written by :func:`save_part` and ``None``, or ``None`` and why it cannot be
+    used: ``None`` when it is simply not there, else a short description of the damage (a partial, corrupt or
+    mismatched manifest or tensor file)."""
+    from safetensors.torch import load_file
+
+    man_path, st = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not man_path.is_file():
+        return None, None
+    if not st.is_file():
+        return None, f"{st.name} is missing"
+    try:
+        manifest = json.loads(man_path.read_text())
+        bad = [k for k, v in expect.items() if manifest.get(k) != v]
+        if bad:
+            return None, f"its manifest was written for other inputs ({', '.join(bad)})"
+        if st.stat().st_size != manifest["size"]:
+            return None, f"{st.name} has {st.stat().st_size} bytes, its manifest says {manifest['size']}"
+        if _sha256(st) != manifest["sha256"]:
+            return None, f"{st.name} does not match its manifest's sha256"
+        tensors = load_file(str(st))
+    except Exception as err:  # unreadable manifest or tensors: recompute
+        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    n = len(manifest.get("ids", []))
+    need = STORED if need is None else need
+    if any(k not in tensors for k in need) or any(tensors[k].shape[0] != n for k in need):
+        return None, "its tensors do not match its manifest"
+    return (tensors, manifest), None
 
 
 def load_part(folder: Path, stem: str, expect: dict, need: Sequence[str] | None = None
               ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """Read a part written by :func:`save_part`; ``None`` when it is missing, partial, corrupt or was written for
-    other inputs (any ``expect`` entry differs from the manifest's). ``need``: the tensors it must hold, one row per
-    id of its manifest (default :data:`STORED`, an extraction part; :data:`STATES_STORED` for cached states)."""
-    from safetensors.torch import load_file
-
-    man_path, st = folder / f"{stem}.json", folder / f"{stem}.safetensors"
-    if not man_path.is_file() or not st.is_file():
-        return None
-    try:
-        manifest = json.loads(man_path.read_text())
-        if any(manifest.get(k) != v for k, v in expect.items()):
-            return None
-        if st.stat().st_size != manifest["size"] or _sha256(st) != manifest["sha256"]:
-            return None
-        tensors = load_file(str(st))
-    except Exception:  # unreadable manifest or tensors: recompute
-        return None
-    n = len(manifest.get("ids", []))
-    need = STORED if need is None else need
-    if any(k not in tensors for k in need) or any(tensors[k].shape[0] != n for k in need):
-        return None
-    return tensors, manifest
+    other inputs (any ``expect`` entry differs from the manifest's); :func:`read_part` says why. ``need``: the
+    tensors it must hold, one row per id of its manifest (default :data:`STORED`, an extraction part;
+    :data:`STATES_STORED` for cached states)."""
+    return read_part(folder, stem, expect, need)[0]
 
 
 def _pad_to(t: torch.Tensor, C: int, value=0) -> torch.Tensor:
@@ -695,30 +719,65 @@ def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int
     return batches
 
 
+def split_rows(encoded: list[tuple[list[int], list[list[int]]]], cap: int):
+    """Pools as packed rows of at most ``max(cap, prompt + longest candidate)`` tokens: a pool whose candidates do
+    not fit in one row is split over several, each repeating the prompt (every candidate still sees the prompt and
+    itself only, so its numbers do not change). Returns ``(rows, where)``: ``rows[j] = (prompt_ids, candidates)``
+    and ``where[j] = (pool index, index of its first candidate)``. Bounds the ``[T, T]`` attention mask of a row."""
+    rows, where = [], []
+    for i, (p, cs) in enumerate(encoded):
+        limit = max(cap, len(p) + max(len(c) for c in cs))
+        start, length = 0, len(p)
+        for c, toks in enumerate(cs):
+            if c > start and length + len(toks) > limit:
+                rows.append((p, cs[start:c]))
+                where.append((i, start))
+                start, length = c, len(p)
+            length += len(toks)
+        rows.append((p, cs[start:]))
+        where.append((i, start))
+    return rows, where
+
+
 @torch.no_grad()
 def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=None, keep_layer=None):
     """Run :func:`shared_prefix_outputs` over pools; returns ``(logps [N, C], {pooling: features [N, C, d]},
     mask [N, C], lengths [N, C])``, and with ``keep_layer`` a fifth element: the :func:`states_part` tensors of the
-    rows' hidden states at the input of that block."""
-    C = max(len(cs) for _, cs in encoded)
-    logps, masks, lengths, rows = [], [], [], []
-    feats: dict[str, list] = {p: [] for p in poolings}
-    for idx in _batches(encoded, batch_tokens):
-        lp, ft, m, n, st = _shared_prefix(model, [encoded[i] for i in idx], poolings=poolings, pad_id=pad_id,
+    pools' hidden states at the input of that block. A pool longer than ``batch_tokens`` is split over several rows
+    (:func:`split_rows`), so no row needs a mask larger than ``max(batch_tokens, prompt + longest response)``
+    squared; its states are put back together as one packed row (the prompt's from its first row, each candidate's
+    from its own: a candidate sees the prompt and itself only, so they are those of the unsplit row)."""
+    N, C = len(encoded), max(len(cs) for _, cs in encoded)
+    rows, where = split_rows(encoded, batch_tokens)
+    logps, masks, lengths = torch.zeros(N, C), torch.zeros(N, C, dtype=torch.bool), torch.zeros(N, C, dtype=torch.long)
+    feats: dict[str, torch.Tensor | None] = {p: None for p in poolings}
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(N)]
+    done = set()
+    for idx in _batches(rows, batch_tokens):
+        lp, ft, m, n, st = _shared_prefix(model, [rows[j] for j in idx], poolings=poolings, pad_id=pad_id,
                                           keep_layer=keep_layer)
-        if keep_layer is not None:
-            rows += [st[b, : len(encoded[i][0]) + sum(len(c) for c in encoded[i][1])].cpu() for b, i in enumerate(idx)]
-        logps.append(_pad_to(lp.cpu(), C))
-        masks.append(_pad_to(m.cpu(), C, False))
-        lengths.append(_pad_to(n.cpu(), C))
-        for p in poolings:
-            feats[p].append(_pad_to(ft[p].cpu(), C))
+        lp, m, n = lp.cpu(), m.cpu(), n.cpu()
+        for b, j in enumerate(idx):
+            i, lo = where[j]
+            k = len(rows[j][1])
+            logps[i, lo : lo + k], masks[i, lo : lo + k], lengths[i, lo : lo + k] = lp[b, :k], m[b, :k], n[b, :k]
+            for p in poolings:
+                f = ft[p][b, :k].cpu()
+                if feats[p] is None:
+                    feats[p] = torch.zeros(N, C, f.shape[-1])
+                feats[p][i, lo : lo + k] = f
+            if keep_layer is not None:
+                P = len(rows[j][0])
+                end = P + sum(len(c) for c in rows[j][1])
+                pieces[i].append(st[b, (0 if lo == 0 else P) : end].cpu())
         if progress is not None:
-            progress.update(len(idx))
-    out = torch.cat(logps), {p: torch.cat(v) for p, v in feats.items()}, torch.cat(masks), torch.cat(lengths)
+            new = {where[j][0] for j in idx} - done
+            done |= new
+            progress.update(len(new))
+    out = logps, {p: v for p, v in feats.items()}, masks, lengths
     if keep_layer is None:
         return out
-    return (*out, states_part(rows, encoded))  # the batches are consecutive: rows are in dataset order
+    return (*out, states_part([torch.cat(pc) for pc in pieces], encoded))  # rows in dataset order
 
 
 #: The per-prompt tensors of a cached-states part (:class:`HiddenStates`; ``states`` and ``offsets`` are checked by
@@ -766,6 +825,48 @@ def _as_bundle(model, device, dtype):
     return load_model(str(model), device=device, dtype=dtype)
 
 
+def model_context(model) -> int | None:
+    """The longest sequence a model was built for (``config.max_position_embeddings``; ``None`` when unknown)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def encode_records(records: list[dict], tokenizer, *, max_length: int | None = None,
+                   max_prompt_length: int | None = None) -> tuple[list[tuple[list[int], list[list[int]]]], list[int]]:
+    """``(pools, counts)``: each record's chat-formatted pool (:func:`mass_dpo.data.formatting.encode_pool`) cut
+    the way TRL cuts (:func:`mass_dpo.data.formatting.truncate_pool`), and ``counts = [prompts cut, responses cut,
+    responses]`` over the records (:func:`truncation_warning` turns them into one line)."""
+    from .data.formatting import encode_pool, truncate_pool
+
+    pools, counts = [], [0, 0, 0]
+    for r in records:
+        p, cs = encode_pool(r, tokenizer)
+        p, cs, prompt_cut, cut = truncate_pool(p, cs, max_length, max_prompt_length, where=f"record {r['id']!r}")
+        pools.append((p, cs))
+        counts[0] += int(prompt_cut)
+        counts[1] += cut
+        counts[2] += len(cs)
+    return pools, counts
+
+
+def truncation_warning(counts: Sequence[int], prompts: int, max_length: int | None, max_prompt_length: int | None,
+                       given: bool) -> str | None:
+    """One line counting what :func:`encode_records` cut (``None`` when nothing was)."""
+    prompts_cut, cut, responses = (int(c) for c in counts)
+    if not prompts_cut and not cut:
+        return None
+    parts = []
+    if cut:
+        source = "--max-length" if given else "the model's context; --max-length changes it"
+        parts.append(f"{cut} of {responses} responses to fit max_length {max_length} tokens with their prompt "
+                     f"({source}; their start is kept, as in TRL)")
+    if prompts_cut:
+        parts.append(f"{prompts_cut} of {prompts} prompts to their last {max_prompt_length} tokens "
+                     "(--max-prompt-length)")
+    return "truncated " + "; ".join(parts)
+
+
 def extract(
     dataset,
     model,
@@ -780,6 +881,8 @@ def extract(
     device=None,
     dtype=None,
     progress: bool = True,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
     keep_layer: int | None = None,
 ) -> Extracted:
     """Features and log-probabilities for every candidate of every record, cached on disk.
@@ -794,40 +897,59 @@ def extract(
             come from the same forward and are cached together: the other pooling is then a cache hit.
         checkpoint: the preprocessing checkpoint theta0 (name, folder or bundle); ``None`` = the reference model.
             Features come from theta0; ``ref_logps`` from the reference, ``theta0_logps`` from theta0.
-        batch_tokens: bound on rows x longest row per forward. shard_size: prompts per cache shard.
+        batch_tokens: bound on rows x longest row per forward (a longer pool is split over several rows).
+            shard_size: prompts per cache shard.
         cache_dir: where to cache (default ``<cache>/extraction``, see :func:`mass_dpo.models.cache_dir`);
             ``use_cache=False`` computes without reading or writing.
         device, dtype: for models loaded by name (default: the params', or the accelerate process's device;
             ``$MASS_DPO_DTYPE`` overrides the params' dtype, see :func:`mass_dpo.models.resolve_dtype`). The model's
             dtype is part of the cache key; features and log-probs are stored as float32 whatever it is.
+        max_length, max_prompt_length: TRL's truncation (:func:`mass_dpo.data.formatting.truncate_pool`): each
+            prompt + response keeps its first ``max_length`` tokens (default: the model's context,
+            ``config.max_position_embeddings``), a prompt its last ``max_prompt_length`` (default: no limit); one
+            warning counts what was cut; a prompt with no room left for a response is a ``ValueError``.
         keep_layer: also keep the reference model's hidden states of every packed row at the input of this decoder
             block (``Extracted.states``, a :class:`HiddenStates`), captured in the same forward and cached beside the
             entry (``states<layer>.safetensors``, in the model's dtype): the ``freeze`` regime's frozen lower blocks.
             An entry cached without them is computed again (one forward gives both).
 
-    Under ``accelerate launch`` each process computes a share of the missing shards, then every process reads the
-    merged result (identical on all processes, and equal to a single-process run).
+    One process computes an entry (under its lock, :func:`mass_dpo.files.locked`); another asking for it meanwhile
+    waits, then reads it. A damaged entry is reported in one warning line and computed again. Under
+    ``accelerate launch`` each process computes a share of the missing shards (the main one holds the lock), then
+    every process reads the merged result (identical on all processes, and equal to a single-process run).
     """
-    from tqdm.auto import tqdm
+    import warnings
 
-    from .data.formatting import encode_pool
     from .models import cache_dir as default_cache
 
     _check_pooling(pooling)
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     records = _records(dataset)
     if not records:
         raise ValueError("the dataset is empty")
     _check_records(records)
+    root = Path(cache_dir) if cache_dir is not None else default_cache() / "extraction"
+    unwritable = None  # found before the model loads; raised once an entry has to be computed (a read-only cache
+    if use_cache:      # that already holds it is fine)
+        try:
+            check_writable(root, "extraction cache", "give a writable folder with --cache-dir or $MASS_DPO_CACHE")
+        except OSError as err:
+            unwritable = err
     state = process_state()
-    if device is None and state is not None and state.num_processes > 1:
+    multi = state is not None and state.num_processes > 1
+    if device is None and multi:
         device = state.device
     t0 = time.time()
     ref = _as_bundle(model, device, dtype)
     theta0 = None if checkpoint is None else _as_bundle(checkpoint, device, dtype)
+    contexts = [c for c in (model_context(ref.model), theta0 and model_context(theta0.model)) if c]
+    limit = max_length if max_length is not None else (min(contexts) if contexts else None)
     fp = dataset_fingerprint(records)
-    key, desc = cache_key(ref, theta0, fp, POOLINGS, str(_model_dtype_device(ref.model)[0]), dataset_key)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache() / "extraction"
-    folder = folder / key
+    key, desc = cache_key(ref, theta0, fp, POOLINGS, str(_model_dtype_device(ref.model)[0]), dataset_key,
+                          {"max_length": max_length, "max_prompt_length": max_prompt_length})
+    folder = root / key
     n_shards = (len(records) + shard_size - 1) // shard_size
     expect = {"key": key, "version": EXTRACTION_VERSION}
     ids = [str(r["id"]) for r in records]
@@ -837,12 +959,52 @@ def extract(
             raise ValueError(f"keep_layer {keep_layer} is not a block of {ref.name} (0 .. {n_layers - 1})")
     states_stem = None if keep_layer is None else f"states{int(keep_layer)}"
     expect_states = dict(expect, layer=keep_layer)
+    main = state is None or state.is_main_process
 
-    final = load_part(folder, "extracted", expect) if use_cache else None
-    kept = load_states(folder, states_stem, expect_states) if use_cache and states_stem else None
-    if final is not None and final[1].get("ids") == ids and (states_stem is None or kept is not None
-                                                              and kept.ids == ids):
-        return _to_extracted(final[0], final[1], pooling, cache_hit=True, states=kept)
+    def warn_truncated(manifest: dict):
+        line = truncation_warning(manifest.get("truncated", (0, 0, 0)), len(records), limit, max_prompt_length,
+                                  max_length is not None)
+        if line and main:
+            warnings.warn(line, stacklevel=3)
+
+    def hit(report: bool):
+        part, problem = read_part(folder, "extracted", expect) if use_cache else (None, None)
+        kept = load_states(folder, states_stem, expect_states) if use_cache and states_stem else None
+        if part is not None and part[1].get("ids") == ids and (states_stem is None or kept is not None
+                                                                and kept.ids == ids):
+            warn_truncated(part[1])
+            return _to_extracted(part[0], part[1], pooling, cache_hit=True, states=kept)
+        if report and main and (problem or part is not None and part[1].get("ids") != ids):
+            warnings.warn(f"extraction cache entry {folder} is damaged ({problem or 'its ids differ'}): "
+                          "computing it again", stacklevel=3)
+        return None
+
+    if not multi:  # the common case: read without waiting for any lock (several processes decide together below)
+        done = hit(report=False)
+        if done is not None:
+            return done
+    if unwritable is not None:
+        raise unwritable
+    with locked(folder, f"the extraction {key} ({dataset_key or len(records)})", enabled=use_cache and main):
+        if multi:
+            state.wait_for_everyone()  # the other processes go on once the main one holds the lock
+        if use_cache:
+            if main:
+                clean_orphans(folder)
+            done = hit(report=True)  # computed by another process while this one waited, or damaged
+            if done is not None:
+                return done
+        return _compute(records, ref, theta0, folder, key, desc, expect, ids, n_shards, shard_size, state,
+                        use_cache, batch_tokens, progress, pooling, limit, max_prompt_length, t0, warn_truncated,
+                        keep_layer, states_stem, expect_states)
+
+
+def _compute(records, ref, theta0, folder, key, desc, expect, ids, n_shards, shard_size, state, use_cache,
+             batch_tokens, progress, pooling, max_length, max_prompt_length, t0, warn_truncated,
+             keep_layer=None, states_stem=None, expect_states=None) -> Extracted:
+    """The missing shards of an entry (this process's share of them under ``accelerate launch``), then the merged
+    entry (:func:`extract`; the caller holds the entry's lock)."""
+    from tqdm.auto import tqdm
 
     def shard_stem(s: int, prefix: str = "") -> str:
         return f"{prefix}shard-{s:05d}-of-{n_shards:05d}"
@@ -851,31 +1013,39 @@ def extract(
         return load_part(folder, shard_stem(s), expect) is not None and (
             states_stem is None or load_states(folder, shard_stem(s, f"{states_stem}-"), expect_states) is not None)
 
+    multi = state is not None and state.num_processes > 1
+    main = state is None or state.is_main_process
     mine = list(range(n_shards))
-    if state is not None and state.num_processes > 1:
+    if multi:
         if not use_cache:
             raise ValueError("extraction under several processes needs use_cache=True (the shards are shared on disk)")
         mine = mine[state.process_index :: state.num_processes]  # fixed by index: no race on what is done
     if use_cache:
         mine = [s for s in mine if not shard_done(s)]  # resume
-    main = state is None or state.is_main_process
+    # every pool this process computes, tokenized and cut first: a prompt with no room for a response is refused
+    # before any forward pass
+    todo = {s: records[s * shard_size : (s + 1) * shard_size] for s in mine}
+    encoded = {s: encode_records(recs, ref.tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+               for s, recs in todo.items()}
     parts: dict[int, dict] = {}
     state_parts: dict[int, dict] = {}
+    counts: dict[int, list[int]] = {}
     pad = _pad_id(ref.tokenizer)
-    n_mine = sum(min(shard_size, len(records) - s * shard_size) for s in mine)
+    n_mine = sum(len(recs) for recs in todo.values())
     desc_bar = f"extract ({ref.name}, {desc['dtype'].replace('torch.', '')})"
     with tqdm(total=n_mine, desc=desc_bar, unit="prompt", disable=not (progress and main)) as bar:
         for s in mine:
-            recs = records[s * shard_size : (s + 1) * shard_size]
-            encoded = [encode_pool(r, ref.tokenizer) for r in recs]
+            recs = todo[s]
+            enc, counts[s] = encoded[s]
             ref_lp, feats, mask, lengths, *kept_rows = _forward_pools(
-                ref.model, encoded, poolings=POOLINGS if theta0 is None else (), batch_tokens=batch_tokens,
+                ref.model, enc, poolings=POOLINGS if theta0 is None else (), batch_tokens=batch_tokens,
                 pad_id=pad, progress=bar, keep_layer=keep_layer,
             )
             if theta0 is None:
                 th_lp = ref_lp.clone()
             else:
-                enc0 = [encode_pool(r, theta0.tokenizer) for r in recs]
+                enc0, _ = encode_records(recs, theta0.tokenizer, max_length=max_length,
+                                         max_prompt_length=max_prompt_length)
                 th_lp, feats, _, _ = _forward_pools(
                     theta0.model, enc0, poolings=POOLINGS, batch_tokens=batch_tokens,
                     pad_id=_pad_id(theta0.tokenizer),
@@ -886,7 +1056,8 @@ def extract(
                 "target": torch.tensor([int(r["target"]) for r in recs], dtype=torch.long),
             }
             if use_cache:
-                save_part(folder, shard_stem(s), tensors, dict(expect, ids=[str(r["id"]) for r in recs], shard=s))
+                save_part(folder, shard_stem(s), tensors,
+                          dict(expect, ids=[str(r["id"]) for r in recs], shard=s, truncated=counts[s]))
                 if states_stem is not None:
                     save_part(folder, shard_stem(s, f"{states_stem}-"), kept_rows[0],
                               dict(expect_states, ids=[str(r["id"]) for r in recs], shard=s))
@@ -894,7 +1065,7 @@ def extract(
                 parts[s] = tensors
                 if states_stem is not None:
                     state_parts[s] = kept_rows[0]
-    if state is not None and state.num_processes > 1:
+    if multi:
         state.wait_for_everyone()
 
     if use_cache:
@@ -903,6 +1074,7 @@ def extract(
             if got is None:
                 raise RuntimeError(f"extraction shard {s} missing or corrupt in {folder} after computing it")
             parts[s] = got[0]
+            counts[s] = list(got[1].get("truncated", (0, 0, 0)))
             if states_stem is not None:
                 got = load_part(folder, shard_stem(s, f"{states_stem}-"), expect_states, need=STATES_STORED)
                 if got is None:
@@ -912,16 +1084,17 @@ def extract(
     del parts
     merged_states = None if states_stem is None else _merge_states([state_parts[s] for s in range(n_shards)])
     del state_parts
-    if state is not None and state.num_processes > 1:
+    if multi:
         state.wait_for_everyone()  # every process has read the shards before the main one removes them
     manifest = dict(
         expect,
-        ids=[str(r["id"]) for r in records],
+        ids=ids,
         description=desc,
         seconds=round(time.time() - t0, 3),
         shapes={k: list(v.shape) for k, v in merged.items()},
+        truncated=[sum(c[i] for c in counts.values()) for i in range(3)],
     )
-    states_manifest = dict(expect_states, ids=ids, description=desc)
+    states_manifest = dict(expect_states or {}, ids=ids, description=desc)
     if use_cache and main:
         save_part(folder, "extracted", merged, manifest)
         if states_stem is not None:
@@ -930,8 +1103,9 @@ def extract(
             for stem in [shard_stem(s)] + ([shard_stem(s, f"{states_stem}-")] if states_stem else []):
                 for suffix in (".json", ".safetensors"):
                     (folder / f"{stem}{suffix}").unlink(missing_ok=True)
-    if state is not None and state.num_processes > 1:
+    if multi:
         state.wait_for_everyone()
+    warn_truncated(manifest)
     kept = None if states_stem is None else _hidden_states(merged_states, states_manifest)
     return _to_extracted(merged, manifest, pooling, cache_hit=False, states=kept)
 

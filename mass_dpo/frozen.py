@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import atomic_path, atomic_write_json
 from .extraction import (
     DEFAULT_BATCH_TOKENS,
     POOLINGS,
@@ -52,7 +53,6 @@ from .extraction import (
     _batches,
     _pad_to,
     _parts,
-    _write_atomic,
     additive_mask,
     pack_pools,
     pool_outputs,
@@ -294,11 +294,12 @@ def save_trainable(policy: FrozenTopPolicy, folder, *, step: int | None = None) 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in policy.trainable_state_dict().items()}
-    _write_atomic(folder / TRAINABLE_FILE, lambda p: save_file(tensors, str(p)))
+    with atomic_path(folder / TRAINABLE_FILE) as tmp:
+        save_file(tensors, str(tmp))
     meta = {"model": policy.base_name, "trainable_layers": policy.k, "first_layer": policy.first,
             "num_layers": policy.num_layers, "dtype": str(policy.head_weight.dtype).replace("torch.", ""),
             "step": step, "base_weights": weights_fingerprint(policy.base)}
-    _write_atomic(folder / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write_json(folder / META_FILE, meta, indent=1)
     return folder
 
 

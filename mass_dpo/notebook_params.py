@@ -154,6 +154,13 @@ def resolve(name: str, given: dict[str, Any], *, defaults: dict[str, Any] | None
         values["models"], sources["models"] = [values["model"]], f"{GIVEN} (model)"  # not the profile's list
     from_profile = profile_values(profile, name)
     for key in declared:
+        expects_list = isinstance(defaults.get(key), list) or isinstance(from_profile.get(key), list)
+        if expects_list and isinstance(values[key], str):
+            text = values[key].strip()
+            shown = text if text.startswith("[") else f"[{text}]"
+            raise ValueError(
+                f"parameter {key} of {name} is a list, got the string {values[key]!r} (papermill's -p passes text): "
+                f"give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb -y '{key}: {shown}'")
         if values[key] is None and key in from_profile:
             values[key], sources[key] = from_profile[key], f"profile {profile}"
     for model in ([values["model"]] if values.get("model") else []) + list(values.get("models") or []):

@@ -5,6 +5,7 @@
 - :func:`save_figure` writes ``<name>.pdf``, ``<name>.png`` and ``<name>.csv`` (the plotted numbers) with no
   timestamps or software strings in the metadata; saving the same figure twice gives identical files.
 - :func:`save_table` writes ``<name>.csv``, ``<name>.md`` and ``<name>.tex``.
+- every file is written to a temporary name and renamed (:mod:`mass_dpo.files`): a reader never sees half a table.
 - :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval; :func:`facet_lines` draws
   those summaries as lines with bands, one panel per facet; :func:`show` displays a figure once in a notebook.
 """
@@ -20,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
+from .files import atomic_path, atomic_write_text, clean_orphans
 
 #: rcParams fixed by :func:`set_theme` (on top of seaborn's theme).
 RC = {
@@ -71,11 +74,13 @@ def resolve_out_dir(out_dir) -> Path:
     if not path.is_absolute():
         path = repo_root() / path
     path.mkdir(parents=True, exist_ok=True)
+    clean_orphans(path)  # temporaries of a killed save
     return path
 
 
 def _write_csv(data: pd.DataFrame, path: Path) -> None:
-    data.to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
+    with atomic_path(path) as tmp:
+        data.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
 
 
 def save_csv(df: pd.DataFrame, name: str, out_dir) -> Path:
@@ -152,9 +157,11 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
             fig.draw_without_rendering()
             fig.set_layout_engine("none")
         with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
-            fig.savefig(paths["pdf"], format="pdf", metadata=PDF_METADATA)
-            fig.savefig(paths["png"], format="png", metadata=PNG_METADATA)
-        stamp.write_text(key + "\n")
+            with atomic_path(paths["pdf"]) as tmp:
+                fig.savefig(tmp, format="pdf", metadata=PDF_METADATA)
+            with atomic_path(paths["png"]) as tmp:
+                fig.savefig(tmp, format="png", metadata=PNG_METADATA)
+        atomic_write_text(stamp, key + "\n")
     _write_csv(data, paths["csv"])
     fig._mass_dpo_png = paths["png"]  # show() displays this file instead of rendering again
     return paths
@@ -182,9 +189,9 @@ def save_table(df: pd.DataFrame, name: str, out_dir) -> dict[str, Path]:
     out = resolve_out_dir(out_dir)
     paths = {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"}
     _write_csv(df, paths["csv"])
-    paths["md"].write_text(to_markdown(df))
+    atomic_write_text(paths["md"], to_markdown(df))
     tex = df.to_latex(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
-    paths["tex"].write_text(tex)
+    atomic_write_text(paths["tex"], tex)
     return paths
 
 
@@ -229,10 +236,12 @@ def paired_difference(df: pd.DataFrame, by, column: str, a, b, value: str, unit:
 def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = None, row: str | None = None,
                 hue_order=None, col_order=None, row_order=None, logx: bool = False, logy: bool = False,
                 xlabel: str | None = None, ylabel: str | None = None, style: dict | None = None,
-                panel_size=(3.4, 2.6), band: bool = True):
+                panel_size=(3.4, 2.6), band: bool = True, sharex: bool | str = True):
     """One panel per (row, col); in each, a line per ``hue`` through ``mean`` with a shaded ``lo``-``hi`` band.
 
     ``style`` maps a hue value to extra ``Axes.plot`` keywords (e.g. ``{"random": {"linestyle": "--"}}``).
+    ``sharex``: matplotlib's (``"col"``: each column its own x axis, shared down the column, e.g. one per dataset
+    when their runs have different numbers of steps).
     Returns ``(fig, axes)`` with ``axes`` a 2-D array ``[rows, cols]``; a shared legend sits under the panels.
     """
     hue_order = list(hue_order) if hue_order is not None else list(dict.fromkeys(summary[hue]))
@@ -243,7 +252,7 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
     colours = palette(hue_order)
     # constrained layout runs only when the figure is drawn, so a warm rerun that skips drawing (save_figure)
     # pays nothing for it
-    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=True, layout="constrained",
+    fig, axes = plt.subplots(len(row_order), len(col_order), squeeze=False, sharex=sharex, layout="constrained",
                              figsize=(panel_size[0] * len(col_order), panel_size[1] * len(row_order)))
     for i, r in enumerate(row_order):
         for j, c in enumerate(col_order):

@@ -2,17 +2,26 @@
 
     mass-dpo select --dataset lastfm --model smollm2 --split train --n 3 --strategy dopt [--pooling all]
                     [--beta 0.1 --gamma 0.1] [--selection-score reference] [--limit N] [--data-dir D] [--out PATH]
-    mass-dpo select --data my_prefs.jsonl --model smollm2 --n 3 [--pairs]
+    mass-dpo select --data my_prefs.jsonl --model smollm2 --n 3 [--grouped]
 
 Extraction (features and log-probs, cached: :func:`mass_dpo.extraction.extract`), then Algorithm 1's inputs
 (:func:`mass_dpo.extraction.selection_inputs`), then :func:`mass_dpo.selection.select_negatives` over every prompt.
-Writes one JSON line per prompt in TRL's preference layout, so ``datasets.load_dataset("json", data_files=...)``
-and DPO trainers read it: ``prompt``, ``chosen``, ``rejected`` (the selected negatives' texts, in selection order),
-then the selection's own fields ``id``, ``target``, ``indices`` (their positions among the candidates), ``gains``
-(each pick's marginal log-det gain) and ``logdet``. ``pairs=True`` (``--pairs``) writes one row per (chosen,
-negative) pair instead: ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (0 = picked first),
-``index``, ``gain``. A summary JSON goes beside the rows. The default output folder is ``<runs root>/select/``,
-the runs root of ``mass-dpo train`` (``$MASS_DPO_RUNS``, else ``<cache>/runs``).
+
+Output, one JSON line per row:
+
+- default: one row per (chosen, selected negative), TRL's standard preference form, which ``trl.DPOTrainer`` trains
+  on unchanged (``datasets.load_dataset("json", data_files=...)``): ``prompt``, ``chosen``, ``rejected`` (one
+  response), then the selection's fields ``id`` (the prompt's), ``rank`` (0 = picked first), ``index`` (the
+  negative's position among the candidates), ``gain`` (its marginal log-det gain) and ``logdet`` (of the prompt's
+  whole subset). A conversational input file (message lists) gives conversational rows: ``prompt``, ``chosen`` and
+  ``rejected`` are message lists, the chat template is left to the trainer.
+- ``grouped=True`` (``--grouped``): one row per prompt, ``rejected`` the list of the selected negatives in selection
+  order, with ``id``, ``target``, ``indices``, ``gains``, ``logdet``. This is the multi-negative form
+  ``mass-dpo train --data`` and :func:`mass_dpo.data.load_preferences` read; TRL does not (its ``rejected`` is one
+  response). ``load_preferences`` also reads the default pairs back into one record per prompt (rows sharing an id).
+
+A summary JSON goes beside the rows. The default output folder is ``<runs root>/select/``, the runs root of
+``mass-dpo train`` (``$MASS_DPO_RUNS``, else ``<cache>/runs``).
 ``--strategy random`` gives S-DPO's uniformly drawn negatives (seeded), ``hardest`` the top-n by plausibility under
 theta0, ``all`` every candidate. ``--selection-score`` is the reading of the preprocessing score (``docs/extraction.md``).
 """
@@ -20,7 +29,6 @@ theta0, ``all`` every candidate. ``--selection-score`` is the reading of the pre
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -42,7 +50,8 @@ SELECT_CHUNK = 2048
 
 @dataclass
 class DatasetSelection:
-    """What :func:`select_dataset` produced: one row per prompt (as written to the JSONL file) and the summary."""
+    """What :func:`select_dataset` produced: the rows as written to the JSONL file (pairs, or one per prompt when
+    grouped) and the summary."""
 
     rows: list[dict]
     summary: dict
@@ -74,21 +83,27 @@ def select_extracted(
     from (:func:`mass_dpo.extraction.selection_inputs`: ``delta``, ``reference`` or ``offset``). ``dopt`` picks under
     it; ``random`` draws uniformly; ``hardest`` takes the top-n by ``log pi_theta0(y_i) - log pi_theta0(y*)`` (the
     ``reference`` logits: the negatives the model finds most plausible) whatever the reading; ``all`` takes every
-    negative. Every strategy's subset is scored under the reading's q, so that the strategies' numbers compare.
+    negative; ``longest`` the top-n by response tokens (``ex.lengths``; ties to the lowest index). Every strategy's
+    subset is scored under the reading's q, so that the strategies' numbers compare.
 
     Returns ``indices`` ``[P, k]`` (candidate indices, ``-1`` = none), ``gains`` ``[P, k]``, ``logdet`` ``[P]``,
     ``alpha`` ``[P]`` and ``uniform`` (``[P]`` bool: every l_i is 0 under the reading, q uniform)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in STRATEGIES + ("longest",):
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES + ('longest',))}")
+    if strategy == "longest" and ex.lengths is None:
+        raise ValueError("strategy 'longest' needs the candidates' token lengths (Extracted.lengths); extract again")
     check_selection_score(selection_score)
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[str, list] = {"indices": [], "gains": [], "logdet": [], "alpha": [], "uniform": []}
     for lo in range(0, len(ex), SELECT_CHUNK):
         chunk = _slice(ex, lo, lo + SELECT_CHUNK)
         phi, lg, mask, cand = selection_inputs(chunk, selection_score)
-        if strategy == "hardest" and selection_score != "reference":
-            _, order_by, _, _ = selection_inputs(chunk, "reference")
-            sel = select_negatives(phi.double(), order_by.double(), n, beta=beta, gamma=gamma, strategy=strategy,
+        if strategy == "longest" or (strategy == "hardest" and selection_score != "reference"):
+            if strategy == "longest":  # the negatives' token lengths, in selection_inputs' candidate order
+                order_by = torch.gather(chunk.lengths.double(), 1, cand.clamp_min(0))
+            else:
+                _, order_by, _, _ = selection_inputs(chunk, "reference")
+            sel = select_negatives(phi.double(), order_by.double(), n, beta=beta, gamma=gamma, strategy="hardest",
                                    center=center, mask=mask)
             sel = score_subset(phi.double(), lg.double(), sel.indices, beta=beta, gamma=gamma, center=center,
                                mask=mask)
@@ -112,16 +127,23 @@ def _finite(x: float) -> float | None:
 
 
 def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
-    """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks' texts, in selection order), ``id``,
-    ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring)."""
+    """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks, in selection order), ``id``,
+    ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring). When any record was read from
+    conversational rows, every row is written as message lists (:func:`mass_dpo.data.preferences.conversation`),
+    so that the file has one form; otherwise as text."""
+    from .data.preferences import conversation, is_conversational
+
+    conversational = any(is_conversational(r) for r in records)
     rows = []
     for i, r in enumerate(records):
         keep = picked["indices"][i] >= 0
         idx = picked["indices"][i][keep].tolist()
+        conv = conversation(r) if conversational else None
+        cands = conv["candidates"] if conv else r["candidates"]
         rows.append({
-            "prompt": r["prompt"],
-            "chosen": r["candidates"][int(r["target"])],
-            "rejected": [r["candidates"][j] for j in idx],
+            "prompt": conv["prompt"] if conv else r["prompt"],
+            "chosen": cands[int(r["target"])],
+            "rejected": [cands[j] for j in idx],
             "id": str(r["id"]),
             "target": int(r["target"]),
             "indices": idx,
@@ -132,13 +154,14 @@ def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
 
 
 def pair_rows(rows: list[dict]) -> list[dict]:
-    """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, for pairwise DPO trainers:
-    ``prompt``, ``chosen``, ``rejected`` (one text), ``id``, ``rank`` (selection order), ``index``, ``gain``."""
+    """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, TRL's preference form: ``prompt``,
+    ``chosen``, ``rejected`` (one response: text or a message list), ``id``, ``rank`` (selection order), ``index``,
+    ``gain``, ``logdet`` (the prompt's subset)."""
     return [
-        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": text, "id": r["id"], "rank": k,
-         "index": r["indices"][k], "gain": r["gains"][k]}
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": negative, "id": r["id"], "rank": k,
+         "index": r["indices"][k], "gain": r["gains"][k], "logdet": r["logdet"]}
         for r in rows
-        for k, text in enumerate(r["rejected"])
+        for k, negative in enumerate(r["rejected"])
     ]
 
 
@@ -186,15 +209,60 @@ def _summary(rows, ex, picked, settings, t_extract, t_select) -> dict:
     }
 
 
-def default_out(dataset: str, split: str, model: str, pooling: str, strategy: str, n: int) -> Path:
-    """``<runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``; the runs root is
-    ``mass-dpo train``'s: ``$MASS_DPO_RUNS``, else ``<cache>/runs``."""
+def default_out(dataset: str, split: str, model: str, pooling: str, strategy: str, n: int,
+                source: str | None = None) -> Path:
+    """``<runs root>/select/<dataset>-<source>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``; the runs root is
+    ``mass-dpo train``'s: ``$MASS_DPO_RUNS``, else ``<cache>/runs``. ``source``: a short hash of the input
+    (:func:`source_tag`), so that two files with the same name in different folders get different outputs."""
     from .params import cache_root
 
     env = os.environ.get("MASS_DPO_RUNS")
     root = Path(env).expanduser() if env else cache_root() / "runs"
     name = Path(str(model)).name
-    return root / "select" / f"{dataset}-{split}-{name}-{pooling}-{strategy}-n{n}.jsonl"
+    tag = f"-{source}" if source else ""
+    return root / "select" / f"{dataset}{tag}-{split}-{name}-{pooling}-{strategy}-n{n}.jsonl"
+
+
+def source_tag(text: str) -> str:
+    """8 hex digits of sha256(``text``): the resolved input path (or data folder, or records' fingerprint)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _check_number(name: str, value, *, positive: bool = True) -> float:
+    """``value`` as a float when finite (and > 0 when ``positive``), else a ``ValueError`` naming the option."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {value!r} (--{name.replace('_', '-')})")
+    if positive and not x > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r} (--{name.replace('_', '-')})")
+    return x
+
+
+def _check_out(out: Path) -> None:
+    """The output file's folder can be written and the output is not a folder (before any slow work)."""
+    from .files import check_writable
+
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file path ending in .jsonl")
+    check_writable(out.parent, "--out folder", "give --out a path in a folder you can write")
+
+
+def _write_selection(out: Path, rows: list[dict], summary: dict) -> Path:
+    """The rows (JSON lines) and the summary beside them, each written atomically as strict JSON."""
+    from .files import atomic_path, atomic_write_json, dumps_strict
+
+    summary_path = summary_path_for(out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(dumps_strict(row, ensure_ascii=False) + "\n")
+    atomic_write_json(summary_path, summary, indent=1)
+    return summary_path
 
 
 def summary_path_for(out: Path) -> Path:
@@ -227,7 +295,9 @@ def select_dataset(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
-    pairs: bool = False,
+    grouped: bool = False,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
 ) -> DatasetSelection:
     """Select ``n`` negatives for every prompt of ``dataset``/``split`` with ``model`` (the reference).
 
@@ -242,50 +312,91 @@ def select_dataset(
         pooling: ``all`` or ``response`` (appendix C.4). selection_score: the reading of the preprocessing score
             (:func:`select_extracted`). seed: the subsample of ``limit`` and the ``random`` strategy.
         out: the JSONL path (default :func:`default_out`, under ``<runs root>/select/``); the summary goes beside it
-            as ``<stem>.summary.json``. ``write=False`` writes nothing. pairs: one row per (chosen, negative) pair
-            (:func:`pair_rows`) instead of one per prompt; ``result.rows`` are then the pairs.
+            as ``<stem>.summary.json``. ``write=False`` writes nothing.
+        grouped: one row per prompt (``rejected`` a list; what ``mass-dpo train --data`` reads) instead of the
+            default one row per (chosen, negative) pair in TRL's form (:func:`pair_rows`); ``result.rows`` are the
+            rows written.
         n: more than the largest pool holds warns once and selects the pool size (the output is named by it).
-    """
-    from .extraction import DEFAULT_BATCH_TOKENS
+        max_length, max_prompt_length: TRL's truncation of prompts and responses (:func:`mass_dpo.extraction.extract`;
+            default: the model's context, no prompt limit).
 
+    Options (finite beta and gamma, the device), the output folder and the cache folder are checked before any slow
+    work. One process writes an output at a time (under its lock; a second one waits, then reads the cached
+    extraction), each file atomically.
+    """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    beta, gamma = _check_number("beta", beta), _check_number("gamma", gamma)
     check_selection_score(selection_score)
+    if isinstance(device, str):
+        from .models import resolve_device
+
+        resolve_device(device)  # CUDA asked for on a machine without it: one line before any work
 
     from .data.preferences import is_preference_file, load_preferences, resolve_path
 
     if is_preference_file(dataset):
-        from .data import apply_limit
+        from .data.preferences import limit_preferences
 
         path = resolve_path(dataset)
         name = path.stem
-        ds = apply_limit(load_preferences(path, split=split), limit, seed, key=f"{path.name}:{split}")
+        ds = limit_preferences(load_preferences(path, split=split), limit, seed, split)
         split = split or "all"
         key = f"{path.resolve()}/{split}/limit={limit}/seed={seed}"
+        source = source_tag(str(path.resolve()))
     elif isinstance(dataset, str):
-        from .data import load_benchmark
+        from .data import load_benchmark, resolve_data_dir
 
         name, split = dataset, split or "train"
         ds = load_benchmark(dataset, split, data_dir=data_dir, limit=limit, seed=seed)
         key = f"{dataset}/{split}/limit={limit}/seed={seed}"
+        source = source_tag(f"{dataset}:{Path(resolve_data_dir(data_dir)[0]).resolve()}")
     else:
         name, ds, key, split = "records", dataset, None, split or "all"
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds)))) if hasattr(ds, "select") else list(ds)[:limit]
+        source = None
     records = ds.to_list() if hasattr(ds, "to_list") else [dict(r) for r in ds]
     if not records:
         raise ValueError(f"no records in {name}/{split}")
     n = effective_n(int(n), largest_pool(records), strategy)
+    model_name = getattr(model, "name", model)
+    if write:
+        if out is None:
+            from .extraction import dataset_fingerprint
+
+            out = default_out(name, split, str(model_name), pooling, strategy, n,
+                              source or source_tag(dataset_fingerprint(records)))
+            out = out.with_name(out.stem + "-grouped.jsonl") if grouped else out
+        out = Path(out).expanduser()
+        _check_out(out)  # before the slow work
+    from .files import locked
+
+    with locked(out, f"the selection {out}", enabled=write):
+        if write:
+            from .files import clean_orphans
+
+            clean_orphans(out.parent, prefix=out.stem)  # temporaries of a killed write of this output
+        return _select_and_write(records, model, name, split, n, strategy, pooling, beta, gamma, selection_score,
+                                 center, limit, seed, checkpoint, key, out, write, cache_dir, use_cache, batch_tokens,
+                                 device, dtype, progress, grouped, max_length, max_prompt_length)
+
+
+def _select_and_write(records, model, name, split, n, strategy, pooling, beta, gamma, selection_score, center, limit,
+                      seed, checkpoint, key, out, write, cache_dir, use_cache, batch_tokens, device, dtype, progress,
+                      grouped, max_length, max_prompt_length) -> DatasetSelection:
+    """Extraction, selection and the written output of :func:`select_dataset` (under the output's lock)."""
+    from .extraction import DEFAULT_BATCH_TOKENS
 
     t0 = time.time()
     ex = extract(
         records, model, dataset_key=key, pooling=pooling, checkpoint=checkpoint,
         batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, cache_dir=cache_dir, use_cache=use_cache,
-        device=device, dtype=dtype, progress=progress,
+        device=device, dtype=dtype, progress=progress, max_length=max_length, max_prompt_length=max_prompt_length,
     )
     t_extract = time.time() - t0
     if ex.ids != [str(r["id"]) for r in records]:
@@ -302,26 +413,19 @@ def select_dataset(
         "pooling": pooling, "strategy": strategy, "n": int(n), "beta": beta, "gamma": gamma,
         "selection_score": selection_score,
         "center": center, "limit": limit, "seed": seed,
+        **({"max_length": max_length} if max_length is not None else {}),
+        **({"max_prompt_length": max_prompt_length} if max_prompt_length is not None else {}),
     }
     rows = _rows(records, ex, picked)
     summary = _summary(rows, ex, picked, settings, t_extract, t_select)
-    if pairs:
+    summary["form"] = "grouped" if grouped else "pairs"
+    if not grouped:
         rows = pair_rows(rows)
         summary["pairs"] = len(rows)
     result = DatasetSelection(rows, summary)
     if write:
-        if out is None:
-            out = default_out(name, split, str(model_name), pooling, strategy, n)
-            out = out.with_name(out.stem + "-pairs.jsonl") if pairs else out
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        summary_path = summary_path_for(out)
         summary["out"] = str(out)
-        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-        result.out, result.summary_path = out, summary_path
+        result.out, result.summary_path = out, _write_selection(out, rows, summary)
     return result
 
 
@@ -354,20 +458,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default=None,
         help="JSONL output (default: <runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl; "
              "runs root: $MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
-    add("--pairs", action="store_true",
-        help="one row per (chosen, negative) pair instead of one per prompt (pairwise trainers)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--grouped", action="store_true",
+                      help="one row per prompt, 'rejected' the list of selected negatives (what mass-dpo train --data "
+                           "reads) instead of one row per (chosen, negative) pair in TRL's form")
+    form.add_argument("--pairs", action="store_true",
+                      help="one row per (chosen, negative) pair, which trl.DPOTrainer trains on: the default")
     add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else ~/.cache/mass_dpo)")
     add("--no-cache", dest="use_cache", action="store_false", help="neither read nor write the extraction cache")
     add("--batch-tokens", type=int, default=None, help="bound on rows x longest row per forward")
+    add("--max-length", type=positive_int, default=None,
+        help="tokens of a prompt + response, the response's tail cut beyond (TRL's max_length; default: the model's "
+             "context)")
+    add("--max-prompt-length", type=positive_int, default=None,
+        help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
     add("--device", default=None, help="cpu, cuda, ... (default from the model params)")
     add("--dtype", default=None, help="float32, bfloat16, ... (default: bf16 on GPU, fp32 on CPU)")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false",
+        help="no progress bars (extraction, model conversion and loading)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError, check_model
+    from .cli import check_model
+    from .models import no_progress_bars
 
     check_model(args.model)
+    with no_progress_bars(not args.progress):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+
     if args.data is not None:
         from .data.preferences import resolve_path
 
@@ -380,7 +502,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir, checkpoint=args.checkpoint, out=args.out, cache_dir=args.cache_dir,
         use_cache=args.use_cache, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
-        progress=args.progress, pairs=args.pairs,
+        progress=args.progress, grouped=args.grouped, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
     )
     s = result.summary
     print(
@@ -389,5 +512,6 @@ def run(args: argparse.Namespace) -> int:
         f"extraction {s['extraction_seconds']:.1f} s{' (cached)' if s['cache_hit'] else ''}, "
         f"selection {s['selection_seconds']:.2f} s"
     )
-    print(f"wrote {result.out}{f' ({len(result.rows)} pairs)' if args.pairs else ''} and {result.summary_path}")
+    what = f"{len(result.rows)} prompts, grouped" if args.grouped else f"{len(result.rows)} pairs"
+    print(f"wrote {result.out} ({what}) and {result.summary_path}")
     return 0

@@ -133,18 +133,24 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     ``profile="auto"``: ``paper`` where CUDA is available, else ``cpu``. Each notebook gets
     :func:`mass_dpo.notebook_params.papermill_parameters` (its ``profile``) and its ``out_dir``."""
     notebooks_dir = Path(notebooks_dir or repo_root() / "notebooks")
-    out_dir = Path(out_dir or repo_root() / "papers_figures")
+    if not notebooks_dir.is_dir():
+        raise FileNotFoundError(f"no notebooks folder at {notebooks_dir}: mass-dpo reproduce runs the notebooks of a "
+                                "checkout; clone the repository and install it there (pip install -e .)")
     profile = auto_profile() if profile == AUTO else profile
     if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
         raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}")
-    names = list(only) if only else [n for n in NOTEBOOKS if (notebooks_dir / f"{n}.ipynb").is_file()]
+    plan = reproduce_plan(profile)
+    gallery = Path(out_dir or repo_root() / "papers_figures")
+    out_dir = gallery / plan["out_dir"] if plan["out_dir"] else gallery
+    names = list(only) if only else [n for n in plan["notebooks"] if (notebooks_dir / f"{n}.ipynb").is_file()]
     unknown = [n for n in names if not (notebooks_dir / f"{n}.ipynb").is_file()]
     if unknown:
         raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}")
-    if profile != "paper":  # the offline profiles never reach for the hub
+    if profile != "paper":  # the offline profiles never reach for the hub (MovieLens from GroupLens still downloads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data_sources(profile, names, echo=echo)
     report = ReproduceReport()
-    cold = _cache_state()
+    cold = _cache_state(profile)
     start = time.perf_counter()
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: running (log: {out_dir / 'executed' / (name + '.log')})")
@@ -168,17 +174,62 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         path = write_timings(report, out_dir, profile=profile, caches=cold, total=total)
         from .experiments.gallery import write_claims
 
-        echo(f"claims with paired intervals: {write_claims(out_dir)}")
+        echo(f"claims with paired intervals: {write_claims(gallery)}")
         echo(f"{total / 60:.1f} min in all ({cold} caches); timings in {path}")
     return report
 
 
-def _cache_state() -> str:
-    """``cold`` when no extraction is cached yet (``<cache>/extraction`` empty), else ``warm``."""
+def data_sources(profile: str, names, *, echo=print) -> dict[str, str | None]:
+    """Where each benchmark of the notebooks ``names`` under ``profile`` comes from, found (and MovieLens downloaded
+    from GroupLens into the cache when the machine is online and no data folder holds it) before any notebook runs:
+    ``{dataset: folder, or None when missing}``, one line each through ``echo``. A missing dataset is reported here
+    and skipped by the notebooks with the same note."""
+    from .data.benchmarks import BENCHMARKS, locate
+    from .experiments.core import dataset_location
+
+    wanted: dict[str, str | None] = {}
+    for name in names:
+        values = profile_values(profile, name)
+        for ds in values.get("datasets") or []:
+            if ds in BENCHMARKS:
+                wanted.setdefault(ds, values.get("data_dir"))
+    out = {}
+    for ds, data_dir in wanted.items():
+        where, why = dataset_location(ds, data_dir)
+        out[ds] = None if why else str(locate(ds, "test", where))
+        if echo:
+            echo(f"data {ds}: {out[ds]}" if not why else f"data {ds}: MISSING, the notebooks skip it ({why})")
+    return out
+
+
+def reproduce_plan(profile: str) -> dict:
+    """What ``mass-dpo reproduce --profile <profile>`` runs: the profile file's ``reproduce`` section,
+    ``notebooks`` (default: every notebook of :data:`NOTEBOOKS`, in that order) and ``out_dir`` (a folder of the
+    gallery, e.g. ``lm`` for the LM regime's profile; default: the gallery itself)."""
+    from .params import load_params
+
+    section = load_params(f"profiles/{profile}").get("reproduce") or {}
+    names = list(section.get("notebooks") or NOTEBOOKS)
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"params/profiles/{profile}.yaml: reproduce.notebooks names unknown notebook(s) "
+                         f"{', '.join(unknown)}; choose among {', '.join(NOTEBOOKS)}")
+    return {"notebooks": names, "out_dir": section.get("out_dir") or ""}
+
+
+def _cache_state(profile: str = "cpu") -> str:
+    """``cold`` when no extraction is cached yet (``<cache>/extraction`` empty) or no finished run of the profile's
+    regime exists under the runs root, else ``warm``."""
     from .params import cache_root
+    from .runs import runs_root
 
     folder = cache_root() / "extraction"
-    return "warm" if folder.is_dir() and any(folder.iterdir()) else "cold"
+    if not (folder.is_dir() and any(folder.iterdir())):
+        return "cold"
+    regime = profile_values(profile, "table1").get("regime")
+    root = runs_root()
+    runs = root.glob(f"*_{regime}_s*") if regime and root.is_dir() else iter(())
+    return "warm" if any((r / "metrics.json").is_file() for r in runs) else "cold"
 
 
 def write_timings(report: ReproduceReport, out_dir: Path, *, profile: str, caches: str, total: float) -> Path:
@@ -191,16 +242,18 @@ def write_timings(report: ReproduceReport, out_dir: Path, *, profile: str, cache
     text = (f"# `mass-dpo reproduce --profile {profile}`, {caches} caches\n\n"
             f"Measured by the run itself on {os.cpu_count()} CPU core(s) ({platform.machine()}); total "
             f"**{total:.0f} s ({total / 60:.1f} min)**.\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n")
-    path = Path(out_dir) / f"timings_{profile}_{caches}.md"
-    path.write_text(text)
-    return path
+    from .files import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / f"timings_{profile}_{caches}.md", text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="cpu",
                         help="params/profiles/<profile>.yaml: smoke, cpu, paper, or auto (paper with CUDA, else cpu)")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: papers_figures/")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="the gallery folder (default: papers_figures/); a profile may write into a folder of it "
+                             "(cpu-lm: lm/)")
 
 
 def run(args: argparse.Namespace) -> int:

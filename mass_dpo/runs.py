@@ -12,11 +12,15 @@ A run folder ``<runs root>/<dataset>_<model>_<method>_n<n>_<regime>_s<seed>_<has
     run.log                    the text log (optimizer used, resume point, timings)
     checkpoints/checkpoint-N/  Trainer checkpoints while training (removed once the run is finished)
     final/                     the trained policy (theta, a LoRA adapter, or the full model)
-    metrics.json               test metrics and a training summary; its presence marks the run finished
+    metrics.json               test metrics and a training summary
+    manifest.json              written last: the run's files and their sizes; a run is finished when it is there
+                               and every file it lists is (:func:`is_finished`)
 
 The runs root is ``$MASS_DPO_RUNS``, else ``<cache>/runs`` with cache = ``$MASS_DPO_CACHE`` else ``~/.cache/mass_dpo``.
 The hash covers the resolved config, the world size (it changes the effective batch) and the data folder, so two
-notebooks asking for the same run share one folder; a finished run is loaded, not retrained.
+notebooks asking for the same run share one folder; a finished run is loaded, not retrained. One process trains a
+run at a time (the folder's lock, :func:`mass_dpo.files.locked`; under ``accelerate launch`` the main process holds
+it for all of them): a second one asking for the same run waits, then loads it. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .config import TrainConfig, resolve_config
+from .files import (
+    atomic_folder, atomic_path, atomic_write_json, atomic_write_text, check_writable, clean_orphans, locked,
+)
 
 if TYPE_CHECKING:  # the Trainer side is imported when a run trains, not when one is read
     from .training import PreferenceDataset
@@ -48,6 +55,18 @@ RUN_FORMAT = 1
 
 #: Config fields that do not change a run's numbers (left out of the hash).
 NON_SEMANTIC = ("save_total_limit",)
+
+#: Config fields added after runs were first cached: left out of the hash while ``None`` (their default), so that
+#: older runs keep their names.
+OPTIONAL_FIELDS = ("max_length", "max_prompt_length")
+
+#: The file written last in a finished run folder (:func:`is_finished`).
+MANIFEST = "manifest.json"
+
+#: ``config.json``'s ``layout``: 2 = the run is finished when its manifest says so. Folders written before (no
+#: ``layout``) counted as finished once ``metrics.json`` was there; they are still read when both of their JSON
+#: files parse.
+LAYOUT = 2
 
 
 # ---------------------------------------------------------------- folders and hashes
@@ -94,9 +113,10 @@ def _data_location(config: TrainConfig) -> str:
 
 def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, Any]:
     """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format.
-    Two later options are left out where they change nothing, so that run folders made before them keep their names:
-    ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off."""
-    cfg = {k: v for k, v in config.to_dict().items() if k not in NON_SEMANTIC}
+    Later options are left out where they change nothing, so that run folders made before them keep their names:
+    :data:`OPTIONAL_FIELDS` when ``None``, ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off."""
+    cfg = {k: v for k, v in config.to_dict().items()
+           if k not in NON_SEMANTIC and not (k in OPTIONAL_FIELDS and v is None)}
     if config.regime != "freeze":
         cfg.pop("trainable_layers", None)
     if not cfg.get("pool_eval"):
@@ -126,7 +146,40 @@ def run_dir(config: TrainConfig, *, root=None, world: int | None = None) -> Path
 
 
 def is_finished(path) -> bool:
-    return (Path(path) / "metrics.json").is_file()
+    """True when ``path`` holds a finished run: its manifest (written last) is there and so is every file it lists,
+    with the size it lists. A run folder of an earlier version (no manifest, no ``layout`` in its config) is
+    finished when its ``config.json`` and ``metrics.json`` both parse."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        try:
+            config = json.loads((path / "config.json").read_text())
+            json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return int(config.get("layout", 1)) < LAYOUT
+    except (OSError, ValueError):
+        return False
+    try:
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, KeyError, TypeError, AttributeError):
+        return False
+
+
+#: Files of a run folder that may change after it is finished (left out of the manifest).
+UNLISTED = ("run.log", MANIFEST)
+
+
+def write_manifest(path: Path) -> None:
+    """Mark ``path`` finished: ``manifest.json`` with every file of the folder (but ``checkpoints/`` and
+    :data:`UNLISTED`) and its size, written atomically and last."""
+    files = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_file() and rel not in UNLISTED and not rel.startswith("checkpoints/") and "/." not in f"/{rel}":
+            files[rel] = f.stat().st_size
+    atomic_write_json(path / MANIFEST, {"format": RUN_FORMAT, "layout": LAYOUT, "files": files}, sort_keys=True)
 
 
 # ---------------------------------------------------------------- results
@@ -156,28 +209,33 @@ class RunResult:
         return pd.read_csv(self.log_path)
 
 
+def _nan_for_null(values: dict) -> dict:
+    """Metrics read back from strict JSON: ``null`` (a NaN or infinity when written) as NaN again."""
+    return {k: float("nan") if v is None else v for k, v in values.items()}
+
+
 def load_run(path) -> RunResult:
     """A finished run folder as a :class:`RunResult` (``cached=True``)."""
     path = Path(path)
     summary = json.loads((path / "metrics.json").read_text())
     cfg = json.loads((path / "config.json").read_text())["config"]
-    return RunResult(path, summary["test"], path / "log.csv", TrainConfig(**cfg), True,
-                     {k: v for k, v in summary.items() if k != "test"})
+    info = {k: v for k, v in summary.items() if k != "test"}
+    if isinstance(info.get("online_eval"), dict):
+        info["online_eval"] = _nan_for_null(info["online_eval"])
+    return RunResult(path, _nan_for_null(summary["test"]), path / "log.csv", TrainConfig(**cfg), True, info)
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 def _write_config(path: Path, config: TrainConfig, world: int) -> None:
     import yaml
 
     payload = {"config": config.to_dict(), "hash": config_hash(config, world=world), "world_size": world,
-               "data": _data_location(config), "format": RUN_FORMAT}
+               "data": _data_location(config), "format": RUN_FORMAT, "layout": LAYOUT}
     _write_json(path / "config.json", payload)
-    (path / "config.yaml").write_text(yaml.safe_dump(payload, sort_keys=False))
+    atomic_write_text(path / "config.yaml", yaml.safe_dump(payload, sort_keys=False))
 
 
 # ---------------------------------------------------------------- console progress
@@ -256,10 +314,13 @@ EXTRACTED_MEMO_BYTES = 4 << 30
 
 
 def _console() -> bool:
-    """True when stderr is a terminal (``mass-dpo train`` by hand), False in a notebook kernel or a log file."""
+    """True when stderr is a terminal (``mass-dpo train`` by hand) and bars are on, False in a notebook kernel, a log
+    file or under ``--no-progress`` (:func:`mass_dpo.models.set_progress_bars`)."""
     import sys
 
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    from .models import progress_bars
+
+    return progress_bars() and bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _model(name, lm: bool):
@@ -288,13 +349,14 @@ def extracted_split(config: TrainConfig, split: str, *, progress: bool = False):
 
     limit = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}[split]
     key = split_key(config, split)
-    memo = (str(config.model), _data_location(config), key, config.pooling)
+    memo = (str(config.model), _data_location(config), key, config.pooling, config.max_length, config.max_prompt_length)
     if memo in _EXTRACTED:  # served from memory: a cache hit like a read from disk (tensors shared, not copied)
         records, ex = _EXTRACTED[memo] = _EXTRACTED.pop(memo)  # now the most recent
         return records, dataclasses.replace(ex, meta={**ex.meta, "cache_hit": True})
     records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
     _EXTRACTED[memo] = (records, extract(records, _model(config.model, False), dataset_key=key,
-                                         pooling=config.pooling, progress=progress))
+                                         pooling=config.pooling, progress=progress, max_length=config.max_length,
+                                         max_prompt_length=config.max_prompt_length))
     while len(_EXTRACTED) > 1 and sum(e.features.nbytes for _, e in _EXTRACTED.values()) > EXTRACTED_MEMO_BYTES:
         del _EXTRACTED[next(iter(_EXTRACTED))]  # the least recently used
     return _EXTRACTED[memo]
@@ -310,7 +372,8 @@ def _lm_split(config: TrainConfig, split: str, bundle, keep_layer: int | None = 
     records = load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
     # a progress bar on a console only: an executed notebook keeps one line per run (experiments.run_grid)
     return records, extract(records, bundle, dataset_key=split_key(config, split), pooling=config.pooling,
-                            progress=_console(), keep_layer=keep_layer)
+                            progress=_console(), keep_layer=keep_layer, max_length=config.max_length,
+                            max_prompt_length=config.max_prompt_length)
 
 
 def _freeze_bundle(config: TrainConfig):
@@ -330,7 +393,7 @@ def prepare_data(config: TrainConfig) -> RunData:
     and its reference log-probs are the untrained policy's on them (:func:`mass_dpo.frozen.reference_logps`; the
     test split's ``ref_logps`` are replaced by them too, so every implicit reward starts at 0)."""
     from .training import PoolEval, PreferenceDataset, build_policy, select_training_negatives
-    from .data.formatting import encode_pool
+    from .extraction import encode_records, model_context
 
     lm = config.regime != "loglinear"
     freeze = config.regime == "freeze"
@@ -356,7 +419,10 @@ def prepare_data(config: TrainConfig) -> RunData:
             records[split], extracted[split] = extracted_split(config, split, progress=_console())
         logger.info("%s: %d prompts ready in %.1f s", split, len(extracted[split]), time.time() - t0)
 
-    pools = {s: [encode_pool(r, bundle.tokenizer) for r in records[s]] for s in records} if lm else {}
+    # the LM regimes train on the pools the extraction saw: cut the same way (TRL's truncation)
+    length = config.max_length or (model_context(bundle.model) if lm else None)
+    pools = {s: encode_records(records[s], bundle.tokenizer, max_length=length,
+                               max_prompt_length=config.max_prompt_length)[0] for s in records} if lm else {}
     if lm:
         policy = build_policy(config, bundle.model)
     else:
@@ -371,7 +437,8 @@ def prepare_data(config: TrainConfig) -> RunData:
     def records_of(split: str) -> PreferenceDataset:
         ex = extracted[split]
         neg = select_training_negatives(ex, config.method, config.n, beta=config.beta, gamma=config.gamma,
-                                        seed=config.seed, selection_score=config.selection_score)
+                                        seed=config.seed, selection_score=config.selection_score,
+                                        strategy=config.strategy)
         return PreferenceDataset.from_selection(ex, neg, pools=pools.get(split), ref_logps=ref[split],
                                                 states=ex.states if freeze else None)
 
@@ -424,6 +491,8 @@ def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpo
         pool_eval=run_data.pool_eval,
     )
     resume = last_checkpoint(checkpoints, discard_incomplete=main)  # skips (and reports) a half-written one
+    if resume is None and main:  # a fresh start: no rows of an earlier, unfinished attempt
+        (path / "log.csv").unlink(missing_ok=True)
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
     logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train), optim,
                 f", resuming from {resume}" if resume else "")
@@ -537,14 +606,15 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     policy = run_data.policy
     with torch.no_grad():
         policy.theta.copy_(fit.theta.to(policy.theta.dtype))
-    (path / "final").mkdir(parents=True, exist_ok=True)
-    save_file({"theta": policy.theta.detach().cpu().contiguous()}, str(path / "final" / "theta.safetensors"))
+    with atomic_path(path / "final" / "theta.safetensors") as tmp:
+        save_file({"theta": policy.theta.detach().cpu().contiguous()}, str(tmp))
     snaps = path / "snapshots"
-    snaps.mkdir(exist_ok=True)
     mid_it, mid_theta = fit.path[len(fit.path) // 2]
-    torch.save({"theta": mid_theta, "step": int(mid_it)}, snaps / "mid.pt")
-    torch.save({"theta": fit.theta.clone(), "step": int(fit.iterations)}, snaps / "final.pt")
-    with open(path / "log.csv", "w", newline="") as f:
+    for name, snap in (("mid", {"theta": mid_theta, "step": int(mid_it)}),
+                       ("final", {"theta": fit.theta.clone(), "step": int(fit.iterations)})):
+        with atomic_path(snaps / f"{name}.pt") as tmp:
+            torch.save(snap, tmp)
+    with atomic_path(path / "log.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSVLogCallback.COLUMNS)
         w.writeheader()
         w.writerows(rows)
@@ -565,6 +635,7 @@ def train_run(
     data: RunData | Callable[[TrainConfig], RunData] | None = None,
     keep_checkpoints: bool = False,
     callbacks: list | None = None,
+    tune: bool = False,
     **overrides,
 ) -> RunResult:
     """Train and evaluate one run, or load it when already finished.
@@ -572,6 +643,10 @@ def train_run(
     Args:
         config: a :class:`TrainConfig`, a dict of options, or ``None``; ``overrides`` (``method="sdpo"``,
             ``profile="cpu"``, ...) are applied on top (see :func:`mass_dpo.training.resolve_config`).
+        tune: first choose the regime's tuned options (``params/training.yaml`` ``tuning``: e.g. pooling and ridge
+            in the log-linear regime) on the validation split by the rule (:func:`mass_dpo.tuning.tune`), for this
+            (model, dataset, method); options given explicitly in ``config`` / ``overrides`` stay fixed. The choice
+            is printed, and saved as ``tuning.csv`` in the run folder.
         force: retrain even when a finished run exists (its folder is wiped first).
         root: the runs root (default :func:`runs_root`).
         data: the training data, or a function of the resolved config returning it (default :func:`prepare_data`).
@@ -581,16 +656,40 @@ def train_run(
     Returns:
         :class:`RunResult` (``cached=True`` when a finished run was loaded).
     """
-    from .evaluation import evaluate
-
+    if tune:
+        tuned = tune_config(config, root=root, **overrides)
+        result = train_run(tuned.config, force=force, root=root, data=data, keep_checkpoints=keep_checkpoints,
+                           callbacks=callbacks)
+        state = _state()
+        if state is None or state.is_main_process:
+            with atomic_path(result.run_dir / "tuning.csv") as tmp:
+                tuned.table.to_csv(tmp, index=False)
+        result.info["tuning"] = tuned.options
+        return result
     cfg = resolve_config(config, **overrides)
     world = world_size()
     path = run_dir(cfg, root=root, world=world)
     state = _state()
     main = state is None or state.is_main_process
-    if is_finished(path) and not force:
+    multi = state is not None and state.num_processes > 1
+    if not multi and is_finished(path) and not force:  # several processes decide together, below
         return load_run(path)
+    check_writable(path.parent, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
+    with locked(path, f"the run {path.name}", enabled=main):
+        _barrier(state)  # the other processes go on once the main one holds the lock
+        if is_finished(path) and not force:  # trained by another process while this one waited
+            return load_run(path)
+        return _train_locked(cfg, path, world, state, main, force, data, keep_checkpoints, callbacks)
+
+
+def _train_locked(cfg: TrainConfig, path: Path, world: int, state, main: bool, force: bool, data,
+                  keep_checkpoints: bool, callbacks) -> RunResult:
+    """:func:`train_run` once the run folder's lock is held: train, evaluate, write the files, the manifest last."""
+    from .evaluation import evaluate
+
     if main:
+        for folder in (path, path / "final", path / "snapshots"):  # temporaries of a killed attempt
+            clean_orphans(folder)
         if force and path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -634,6 +733,7 @@ def train_run(
                         ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "recall@1", "ndcg@3", "mrr") if k in test))
             if not keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
+            write_manifest(path)  # last: from now on the run is finished
         _barrier(state)
     except BaseException:
         # a failed run leaves no folder that looks like a run; one with checkpoints stays, to be resumed
@@ -649,12 +749,56 @@ def train_run(
     return result
 
 
+# ---------------------------------------------------------------- tuning one run
+
+
+@dataclass
+class TunedConfig:
+    """:func:`tune_config`'s result: the resolved ``config`` with the chosen ``options``, the grid ``table``
+    (:class:`mass_dpo.tuning.Tuned`) and its one-line ``sentence``."""
+
+    config: TrainConfig
+    options: dict[str, Any]
+    table: Any
+    sentence: str
+
+
+def tune_config(config: TrainConfig | dict | None = None, *, root=None, echo: Callable[[str], None] | None = print,
+                **overrides) -> TunedConfig:
+    """The run's config with its regime's tuned options chosen on the validation split (:func:`mass_dpo.tuning.tune`,
+    the rule of ``params/training.yaml``): each grid point is a run (cached like any other) with the rule's seed and
+    ``test_split="valid"``. Axes given explicitly (in a dict ``config`` or in ``overrides``; a :class:`TrainConfig`
+    ``config`` is tuned over every axis) are held fixed. ``echo`` gets the chosen setting in one line."""
+    from .tuning import grid_axes, tune, tuning_rule
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(config, dict):  # a TrainConfig carries every field: only its overrides count as given
+        given.update({k: v for k, v in config.items() if v is not None})
+    base = resolve_config(config, **overrides)
+    rule = tuning_rule()
+    axes = grid_axes(base.regime, rule)
+    fixed = set(axes) & set(given)
+    rule = {**rule, "grid": {base.regime: {k: v for k, v in axes.items() if k not in fixed}}}
+
+    def train_point(options: dict) -> RunResult:
+        return train_run(TrainConfig(**{**base.to_dict(), **options}), root=root)
+
+    tuned = tune(train_point, base.regime, rule=rule)
+    table = tuned.table.assign(dataset=base.dataset, method=base.method, model=base.model) if len(tuned.table) else tuned.table
+    chosen = TrainConfig(**{**base.to_dict(), **tuned.options})
+    sentence = tuned.sentence() + (f"; held fixed: {', '.join(sorted(fixed))}" if fixed else "")
+    if echo:
+        echo(f"{base.dataset} {base.method}: {sentence}")
+    logger.info("%s %s: %s", base.dataset, base.method, sentence)
+    return TunedConfig(chosen, tuned.options, table, sentence)
+
+
 # ---------------------------------------------------------------- the reference row
 
 
 #: Config fields a reference evaluation does not depend on (the untrained policy is the same for every method).
 REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_iter", "learning_rate",
-                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "pool_eval")
+                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "negatives", "pool_eval")
 
 
 def _lettered_options(dataset: str) -> bool:
@@ -683,29 +827,29 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
         return load_run(path)
     from .training import CSVLogCallback
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_config(tmp, cfg, 1)
-        t0 = time.time()
-        data = prepare_data(TrainConfig(**{**cfg.to_dict(), "limit": 1, "eval_limit": cfg.eval_limit
-                                           if cfg.test_split == "valid" else 0}))
-        t_data = time.time() - t0
-        t1 = time.time()
-        test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
-                        beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
-                        forward=data.forward, pooling=cfg.pooling, records=data.test_records,
-                        tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv",
-                        option_labels=_lettered_options(cfg.dataset))
-        (tmp / "log.csv").write_text(",".join(CSVLogCallback.COLUMNS) + "\n")
-        _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
-                                           "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,
-                                                                      "test": round(time.time() - t1, 3)}})
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_writable(path.parent, "runs root", "give a folder you can write (root=, or $MASS_DPO_RUNS)")
+    with locked(path, f"the reference row {path.name}"):
+        if is_finished(path):  # computed by another process while this one waited
+            return load_run(path)
+        clean_orphans(path.parent, prefix=path.name)
+        shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)  # the temporary of older versions
+        with atomic_folder(path) as tmp:
+            _write_config(tmp, cfg, 1)
+            t0 = time.time()
+            data = prepare_data(TrainConfig(**{**cfg.to_dict(), "limit": 1, "eval_limit": cfg.eval_limit
+                                               if cfg.test_split == "valid" else 0}))
+            t_data = time.time() - t0
+            t1 = time.time()
+            test = evaluate(reference_policy(data.policy), data.test, pools=data.test_pools, score=cfg.score,
+                            beta=cfg.beta, ks=cfg.ks, num_negatives=cfg.eval_negatives, seed=cfg.eval_seed,
+                            forward=data.forward, pooling=cfg.pooling, records=data.test_records,
+                            tokenizer=data.tokenizer, per_prompt=tmp / "test_per_prompt.csv",
+                            option_labels=_lettered_options(cfg.dataset))
+            atomic_write_text(tmp / "log.csv", ",".join(CSVLogCallback.COLUMNS) + "\n")
+            _write_json(tmp / "metrics.json", {"test": test, "train": {"reference": True}, "online_eval": {},
+                                               "optim": None, "seconds": {"data": round(t_data, 3), "train": 0.0,
+                                                                          "test": round(time.time() - t1, 3)}})
+            write_manifest(tmp)
     result = load_run(path)
     result.cached = False
     return result
@@ -724,7 +868,7 @@ def snapshot_folder(run_dir, snapshot: str = "final") -> Path:
 
 
 def load_policy(run_dir, snapshot: str = "final"):
-    """The policy of a freeze run at ``snapshot`` (``mid`` or ``final``): the shared base model
+    """The policy of a freeze run at ``snapshot`` (``init``: untrained, ``mid`` or ``final``): the shared base model
     (:func:`_freeze_bundle`, the extraction's dtype) with that snapshot's top blocks and norm
     (:class:`mass_dpo.frozen.FrozenTopPolicy`). Its full causal LM: :func:`mass_dpo.frozen.generation_model`."""
     from .frozen import load_trainable
@@ -734,23 +878,26 @@ def load_policy(run_dir, snapshot: str = "final"):
     if cfg.regime != "freeze":
         raise ValueError(f"{run_dir} is a {cfg.regime} run; snapshots of trainable weights are the freeze regime's")
     bundle, _ = _freeze_bundle(cfg)
+    if snapshot == "init":  # the run's starting point, through the same cached-states path as its snapshots
+        return build_policy(cfg, bundle.model)
     return load_trainable(build_policy(cfg, bundle.model), snapshot_folder(run_dir, snapshot))
 
 
 def reextract_run(run_dir, split: str = "train", *, snapshot: str = "final", pooling: str | None = None):
     """Table 4 as the paper ran it: the features (mean-pooled final hidden states, ``pooling``: default the run's)
-    and log-probs of every candidate of ``split`` under a freeze run's ``snapshot`` (``mid`` or ``final``), as an
+    and log-probs of every candidate of ``split`` under a freeze run's ``snapshot`` (``init``, ``mid`` or ``final``), as an
     :class:`~mass_dpo.extraction.Extracted` (``theta0_logps`` and ``features`` the snapshot's, ``ref_logps`` the
     untrained policy's), so that :func:`mass_dpo.preprocess.select_extracted` recomputes the selection on it. The
     snapshot's top blocks run on the split's cached states: seconds, no full forward."""
-    from .data.formatting import encode_pool
+    from .extraction import encode_records, model_context
     from .frozen import read_meta, reextract
 
     policy = load_policy(run_dir, snapshot)
     cfg = TrainConfig(**json.loads((Path(run_dir) / "config.json").read_text())["config"])
     bundle, keep = _freeze_bundle(cfg)
     records, ex = _lm_split(cfg, split, bundle, keep)
-    pools = [encode_pool(r, bundle.tokenizer) for r in records]
-    step = read_meta(snapshot_folder(run_dir, snapshot)).get("step")
+    pools = encode_records(records, bundle.tokenizer, max_length=cfg.max_length or model_context(bundle.model),
+                           max_prompt_length=cfg.max_prompt_length)[0]  # cut as the run's extraction was
+    step = 0 if snapshot == "init" else read_meta(snapshot_folder(run_dir, snapshot)).get("step")
     return reextract(policy, ex, pools, pooling=pooling or cfg.pooling,
                      meta={"run": Path(run_dir).name, "snapshot": snapshot, "step": step, "split": split})

@@ -115,14 +115,24 @@ def recompute(ex: Extracted, theta_old, theta_new, n: int, *, beta: float = 0.1,
     Returns the means over prompts of :func:`subset_agreement` plus ``objective_retention`` (see the module
     docstring), ``prompts`` and ``saturated`` (the share of prompts with at most ``n`` negatives: their selection is
     the whole pool at any checkpoint)."""
+    return recompute_extracted(at_checkpoint(ex, theta_old), at_checkpoint(ex, theta_new), n, beta=beta, gamma=gamma,
+                               top=top, selection_score=selection_score)
+
+
+def recompute_extracted(ex_old: Extracted, ex_new: Extracted, n: int, *, beta: float = 0.1, gamma: float = 0.1,
+                        top: int = 3, selection_score: str = DEFAULT_SELECTION_SCORE) -> dict[str, float]:
+    """:func:`recompute` between two extractions of the same prompts: Algorithm 1 at ``ex_old`` (initialisation)
+    and at ``ex_new`` (a checkpoint re-extracted: its features and its log-probs as ``theta0_logps``, the LM regimes'
+    Table 4 as the paper ran it), the old subset scored under the new design for the objective retention."""
+    if list(ex_old.ids) != list(ex_new.ids):
+        raise ValueError("the two extractions hold different prompts or another order")
     kw = dict(beta=beta, gamma=gamma, selection_score=selection_score)
-    old, _ = select(at_checkpoint(ex, theta_old), n, **kw)
-    ex_new = at_checkpoint(ex, theta_new)
+    old, _ = select(ex_old, n, **kw)
     new, gain_new = select(ex_new, n, **kw)
     gain_old = subset_gain(ex_new, old, **kw)
     out = {k: float(v.mean()) if v.numel() else math.nan for k, v in subset_agreement(old, new, top=top).items()}
     total = float(gain_new.sum())
     out["objective_retention"] = float(gain_old.sum()) / total if total > 0 else math.nan
     out["prompts"] = int(old.shape[0])
-    out["saturated"] = float((negatives_per_pool(ex) <= n).double().mean()) if len(ex) else math.nan
+    out["saturated"] = float((negatives_per_pool(ex_new) <= n).double().mean()) if len(ex_new) else math.nan
     return out

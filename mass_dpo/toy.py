@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -325,25 +323,31 @@ def cached_records(name: str, params: dict, compute, *, cache: bool = True):
     """``compute()`` (a dict of record lists), read from / written to ``cache_dir()/<name>-<hash>.json``.
 
     The file name hashes ``name``, every entry of ``params`` and :data:`CACHE_VERSION`; the write goes to a temporary
-    file in the same folder, renamed into place, so a reader never sees half a file. ``cache=False`` always computes.
+    file in the same folder, renamed into place, so a reader never sees half a file (strict JSON: a NaN is stored as
+    ``null`` and read back as NaN). ``cache=False`` always computes.
     """
     if not cache:
         return compute()
+    from .files import atomic_write_json
+
     path = cache_dir() / f"{name}-{cache_key(name, **params)}.json"
     if path.is_file():
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                return _nan_for_null(json.load(f))
+        except ValueError as err:  # a damaged file: said in one line, computed again
+            import warnings
+
+            warnings.warn(f"cached toy records {path} do not load ({err}); computing them again", stacklevel=2)
     out = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, out, indent=None)  # strict JSON: NaN is written as null, read back as NaN
     return out
+
+
+def _nan_for_null(records: dict) -> dict:
+    """Cached records as computed: the ``null`` of a NaN (strict JSON) read back as NaN."""
+    return {k: [{f: float("nan") if v is None else v for f, v in row.items()} if isinstance(row, dict) else row
+                for row in rows] if isinstance(rows, list) else rows for k, rows in records.items()}
 
 
 def run_all(cfg: ToyConfig, shapes, seeds, theta0_kinds=None, *, threads: int = 1,

@@ -10,8 +10,10 @@ live under the runs root (``--out``/``--runs-root``, else ``$MASS_DPO_RUNS``, el
 ``mass-dpo select`` writes its output too (``select/``). ``--data FILE`` trains on your own preference file
 (:func:`mass_dpo.data.load_preferences`: train/valid/test from its ``split`` column, or carved by a fixed seed).
 
-Settings are checked before any work (known dataset and model, data present, beta > 0, gamma > 0, n >= 1); an
-``n`` larger than the largest negative pool warns once and the run uses, and is named by, the pool size.
+Settings are checked before any work (known dataset and model, a model folder with weights, data present, every
+number finite and in range: beta > 0, gamma > 0, n >= 1, ...; the runs root and the cache writable); an ``n`` larger
+than the largest negative pool warns once and the run uses, and is named by, the pool size. ``--max-length`` and
+``--max-prompt-length`` cut prompts and responses the way TRL does (:func:`mass_dpo.data.formatting.truncate_pool`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _OPTIONS = {
     "data_dir": str, "limit": int, "eval_limit": int, "test_limit": int, "pooling": str, "selection_score": str,
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
-    "score": str, "optim": str, "trainable_layers": int, "pool_eval": bool,
+    "score": str, "optim": str, "ridge": float, "max_length": int, "max_prompt_length": int,
+    "trainable_layers": int, "pool_eval": bool,
 }
 
 
@@ -61,16 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--pooling", choices=("all", "response"))
     d.add_argument("--selection-score", dest="selection_score", choices=("delta", "reference", "offset"),
                    help="reading of the preprocessing score of Algorithm 1 (docs/extraction.md; default reference)")
+    d.add_argument("--max-length", dest="max_length", type=positive_int,
+                   help="tokens of a prompt + response, the response's tail cut beyond (TRL's max_length; default: "
+                        "the model's context)")
+    d.add_argument("--max-prompt-length", dest="max_prompt_length", type=positive_int,
+                   help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
     o = parser.add_argument_group("optimisation")
-    o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float)
-    o.add_argument("--epochs", dest="num_train_epochs", type=float)
+    o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=positive_float)
+    o.add_argument("--epochs", dest="num_train_epochs", type=positive_float)
     o.add_argument("--max-steps", dest="max_steps", type=int)
     o.add_argument("--batch-size", dest="per_device_train_batch_size", type=int, help="per device")
     o.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
-    o.add_argument("--eval-steps", dest="eval_steps", type=float)
-    o.add_argument("--logging-steps", dest="logging_steps", type=float)
-    o.add_argument("--save-steps", dest="save_steps", type=float)
+    o.add_argument("--eval-steps", dest="eval_steps", type=positive_float)
+    o.add_argument("--logging-steps", dest="logging_steps", type=positive_float)
+    o.add_argument("--save-steps", dest="save_steps", type=positive_float)
     o.add_argument("--optim", help="a transformers optimizer name (default: paged_adamw_32bit or adamw_torch)")
+    o.add_argument("--ridge", type=positive_float, help="L2 weight of the log-linear regime's exact fit, > 0")
     o.add_argument("--pool-eval", dest="pool_eval", action="store_true", default=None,
                    help="every online evaluation also scores the whole pools of the online-eval prompts (log.csv "
                         "rows with split 'pool')")
@@ -79,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run folder")
     r.add_argument("--out", "--runs-root", dest="runs_root",
                    help="runs root (default: $MASS_DPO_RUNS, else <cache>/runs; mass-dpo select writes there too)")
+    r.add_argument("--tune", action="store_true",
+                   help="first choose the regime's tuned options (params/training.yaml `tuning`, e.g. pooling and "
+                        "ridge) on the validation split, for this dataset and method; options given here stay fixed")
     r.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
     r.add_argument("--keep-checkpoints", action="store_true")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder, train nothing")
@@ -123,7 +135,7 @@ def _pool_size(dataset: str, data_dir: str | None) -> int:
     return benchmark_sizes(dataset)["candidates"] - 1
 
 
-def check_settings(options: dict):
+def check_settings(options: dict, *, runs_root=None):
     """The resolved config after the checks of the module docstring (:class:`mass_dpo.cli.UsageError` on a bad
     one); an ``n`` above the pool size is lowered to it (in ``options`` too) with one warning."""
     import warnings
@@ -133,8 +145,12 @@ def check_settings(options: dict):
     from .data.preferences import resolve_path
     from .config import resolve_config
 
-    cfg = resolve_config(**options)
+    try:
+        cfg = resolve_config(**options)
+    except ValueError as err:  # a value from a --profile or params/training.yaml: one line naming it
+        raise UsageError(str(err)) from None
     check_model(cfg.model)
+    _check_folders(runs_root)
     if is_preference_file(cfg.dataset):
         if not resolve_path(cfg.dataset).is_file():
             raise UsageError(f"--data {cfg.dataset}: no such file; give the path of a JSON-lines/JSON/Parquet file "
@@ -157,6 +173,17 @@ def check_settings(options: dict):
     return cfg
 
 
+def _check_folders(runs_root) -> None:
+    """The runs root and the cache can be written (before any slow work)."""
+    from .files import check_writable
+    from .params import cache_root
+    from .runs import runs_root as default_root
+
+    root = runs_root or default_root()
+    check_writable(root, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
+    check_writable(cache_root(), "cache folder ($MASS_DPO_CACHE)", "set $MASS_DPO_CACHE to a folder you can write")
+
+
 def _config_args(args: argparse.Namespace) -> dict:
     out = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k, None) is not None}
     if getattr(args, "data", None) is not None:
@@ -169,18 +196,27 @@ def _config_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .models import no_progress_bars
+
+    with no_progress_bars(not getattr(args, "progress", True)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .runs import progress_callback, run_dir, train_run
 
     options = _config_args(args)
-    cfg = check_settings(options)
+    cfg = check_settings(options, runs_root=args.runs_root)
     if args.dry_run:
         print(json.dumps({"run_dir": str(run_dir(cfg, root=args.runs_root)), "config": cfg.to_dict()}, indent=2))
         return 0
     callbacks = [progress_callback()] if getattr(args, "progress", True) else []
     result = train_run(force=args.force, root=args.runs_root, keep_checkpoints=args.keep_checkpoints,
-                       callbacks=callbacks, **options)
+                       callbacks=callbacks, tune=getattr(args, "tune", False), **options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}{' (cached)' if result.cached else ''}")
+        if "tuning" in result.info:
+            print(f"  tuned options {result.info['tuning']} (every grid point: {result.run_dir / 'tuning.csv'})")
         m = result.metrics
         for key in ("accuracy", "margin", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "ndcg@5", "mrr"):
             if key in m:

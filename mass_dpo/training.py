@@ -192,17 +192,18 @@ class PreferenceCollator:
 
 def select_training_negatives(
     extracted, method: str, n: int, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0,
-    selection_score: str = DEFAULT_SELECTION_SCORE,
+    selection_score: str = DEFAULT_SELECTION_SCORE, strategy: str | None = None,
 ) -> torch.Tensor:
     """``[P, n]`` fixed negatives per prompt (candidate indices), selected in memory exactly as ``mass-dpo select``
     does (:func:`mass_dpo.preprocess.select_extracted`): D-optimal (Algorithm 1) for ``mass_dpo``, uniform random
-    for the others (one for ``dpo``), Algorithm 1's q under the reading ``selection_score`` (``TrainConfig``'s).
+    for the others (one for ``dpo``), or ``strategy`` when given (``TrainConfig.negatives``: ``hardest``,
+    ``longest``, ...), Algorithm 1's q under the reading ``selection_score`` (``TrainConfig``'s).
     The chosen candidate is never a negative; ``-1`` pads small pools."""
     from .preprocess import select_extracted
 
     n = 1 if method == "dpo" else int(n)
-    picked = select_extracted(extracted, n, strategy=METHOD_STRATEGY[method], beta=beta, gamma=gamma, seed=seed,
-                              selection_score=selection_score)
+    picked = select_extracted(extracted, n, strategy=strategy or METHOD_STRATEGY[method], beta=beta, gamma=gamma,
+                              seed=seed, selection_score=selection_score)
     return picked["indices"].long()
 
 
@@ -237,7 +238,8 @@ def pool_logps(model: nn.Module, prompt_ids, candidate_ids, mask: torch.Tensor, 
 
     Default: ``mass_dpo.extraction.shared_prefix_forward_batch`` (one packed row per prompt: the prompt once, then
     every response with a block mask; one forward for the batch). ``forward(model, prompt_ids, candidate_ids,
-    return_features=False) -> (logps [C], _)`` replaces it, one call per pool (e.g. a one-row-per-response reference).
+    return_features=False) -> (logps [C], _)`` replaces it, one call per pool: ``mass_dpo.extraction.naive_forward``
+    is the one-row-per-response forward (a pool's ``[prompt, response]`` rows in one padded forward, S-DPO's layout).
     """
     if forward is None:
         from .extraction import shared_prefix_forward_batch
@@ -456,12 +458,15 @@ class CSVLogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
+        from .files import atomic_path
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= state.global_step]
-        with open(self.path, "w", newline="") as f:
+            with open(self.path, newline="") as f:  # a row cut by a kill (fewer fields) is dropped
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
+                        and str(r.get("step") or "").isdigit() and int(r["step"]) <= state.global_step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.COLUMNS)
             w.writeheader()
             w.writerows(rows)

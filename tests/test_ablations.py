@@ -152,15 +152,21 @@ def test_design_sentence_says_whether_the_design_degenerates():
 
 
 def test_budget_table_marks_n_at_least_every_pools_negatives(monkeypatch):
-    mask = torch.ones(4, 8, dtype=torch.bool)
-    mask[1, -3:] = False  # a pool of 5: 4 negatives; the most is 7 (QASC)
-    fake = Extracted([f"p{i}" for i in range(4)], torch.zeros(4, 8, 2), torch.zeros(4, 8), torch.zeros(4, 8), mask,
-                     torch.zeros(4, dtype=torch.long))
+    import mass_dpo.data
+
+    # pools of 8, 5, 8 and 8 candidates: at most 7 negatives (QASC)
+    fake = [{"id": f"p{i}", "candidates": ["x"] * c, "target": 0} for i, c in enumerate((8, 5, 8, 8))]
     seen = []
-    monkeypatch.setattr(ST, "load_split", lambda cfg, split: seen.append((cfg.dataset, split)) or fake)
-    setup = E.Setup(model="tiny", profile="smoke", data_dir="samples", seeds=[0])
+
+    def load(name, split, *, data_dir=None, limit=None, seed=0):
+        seen.append((name, split, limit, seed))
+        return fake
+
+    monkeypatch.setattr(mass_dpo.data, "load_benchmark", load)
+    monkeypatch.setattr(ST, "load_split", lambda *a: pytest.fail("the budgets need no extraction"))
+    setup = E.Setup(model="tiny", profile="smoke", data_dir="samples", seeds=[0], train_limit=16)
     budgets = ST.budget_table(setup, ["qasc"], [5, 7, 10], echo=None)
-    assert seen == [("qasc", "train")]
+    assert seen == [("qasc", "train", 16, 0)]  # the training prompts the runs take
     assert budgets.set_index("n")["trivial"].to_dict() == {5: False, 7: True, 10: True}
     assert (budgets["negatives_max"] == 7).all()
     text = E.budget_sentence(budgets)

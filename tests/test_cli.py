@@ -175,29 +175,60 @@ def test_select_own_file_output_loads_with_datasets(capsys, isolated):
     import datasets
 
     from mass_dpo.data import load_preferences
+    from mass_dpo.data.preferences import conversation
 
-    data = _prefs(isolated / "mine.jsonl", rows=6, negatives=4)
-    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--no-progress"]) == 0
-    out = isolated / "runs" / "select" / "mine-all-tiny-all-dopt-n2.jsonl"  # the documented place
-    assert f"wrote {out}" in capsys.readouterr().out
+    from mass_dpo.preprocess import source_tag
+
+    data = _prefs(isolated / "mine.jsonl", rows=6, negatives=4)  # text rows and conversational rows
+    tag = source_tag(str(data.resolve()))  # the input's path, hashed: two mine.jsonl in two folders never collide
+    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--grouped", "--no-progress"]) == 0
+    out = isolated / "runs" / "select" / f"mine-{tag}-all-tiny-all-dopt-n2-grouped.jsonl"  # the documented place
+    assert f"wrote {out} (6 prompts, grouped)" in capsys.readouterr().out
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
     assert ds.column_names[:3] == ["prompt", "chosen", "rejected"]
     assert {"id", "indices", "gains", "logdet"} <= set(ds.column_names)
     recs = load_preferences(data)
-    assert list(ds["prompt"]) == list(recs["prompt"]) and list(ds["chosen"]) == list(recs["chosen"])
-    for row, rec in zip(ds, recs):
+    for row, rec in zip(ds, recs):  # one form for the whole file: message lists, the text rows as user/assistant turns
+        conv = conversation(rec)
+        assert row["prompt"] == conv["prompt"] and row["chosen"] == conv["candidates"][0]
         assert len(row["rejected"]) == 2
-        assert row["rejected"] == [rec["candidates"][i] for i in row["indices"]]  # in selection order
-        assert all(r in rec["rejected"] for r in row["rejected"])
+        assert row["rejected"] == [conv["candidates"][i] for i in row["indices"]]  # in selection order
         assert row["gains"][0] >= row["gains"][1]  # greedy: marginal gains do not increase
+    assert ds[1]["prompt"] == [{"role": "user", "content": "Question 1? Answer:"}]  # as given
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "right answer 0"}]  # a text row, wrapped
 
-    pairs = isolated / "pairs.jsonl"
-    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--pairs", "--out", str(pairs),
-                 "--no-progress"]) == 0
+    # the default: one row per (chosen, negative), TRL's form, in selection order
+    assert main(["select", "--data", str(data), "--model", "tiny", "--n", "2", "--no-progress"]) == 0
+    pairs = isolated / "runs" / "select" / f"mine-{tag}-all-tiny-all-dopt-n2.jsonl"
+    assert f"wrote {pairs} (12 pairs)" in capsys.readouterr().out
     pds = datasets.load_dataset("json", data_files=str(pairs), split="train")
-    assert pds.column_names[:3] == ["prompt", "chosen", "rejected"] and len(pds) == 6 * 2
+    assert pds.column_names == ["prompt", "chosen", "rejected", "id", "rank", "index", "gain", "logdet"]
+    assert len(pds) == 6 * 2 and list(pds["rank"]) == [0, 1] * 6
     assert list(pds["rejected"]) == [r for row in ds for r in row["rejected"]]
-    assert list(pds["rank"]) == [0, 1] * 6 and list(pds["prompt"]) == [p for p in ds["prompt"] for _ in range(2)]
+    assert list(pds["prompt"]) == [p for p in ds["prompt"] for _ in range(2)]
+    assert list(pds["gain"]) == [g for row in ds for g in row["gains"]]
+    assert list(pds["index"]) == [i for row in ds for i in row["indices"]]
+    # ... which reads back as one record per prompt: the selected negatives, in selection order
+    back = load_preferences(pairs)
+    assert list(back["id"]) == list(ds["id"]) and list(back["prompt"]) == list(recs["prompt"])
+    assert list(back["rejected"]) == [[rec["candidates"][i] for i in row["indices"]] for row, rec in zip(ds, recs)]
+    assert main(["train", "--data", str(pairs), "--model", "tiny", "--n", "2", "--dry-run"]) == 0  # train reads it
+    assert json.loads(capsys.readouterr().out)["config"]["n"] == 2
+
+    # a plain-text file gives plain-text pairs
+    rows = [{"prompt": f"Question {i}? Answer:", "chosen": f"right {i}", "rejected": [f"wrong {i}.{j}" for j in range(3)]}
+            for i in range(4)]
+    text = isolated / "text.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = isolated / "text-pairs.jsonl"
+    assert main(["select", "--data", str(text), "--model", "tiny", "--n", "2", "--out", str(out), "--no-progress"]) == 0
+    tds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert tds.features["prompt"].dtype == tds.features["chosen"].dtype == tds.features["rejected"].dtype == "string"
+    assert len(tds) == 8 and {(r["id"], r["rejected"]) for r in tds} <= {
+        (f"text-{i:06d}", w) for i, r in enumerate(rows) for w in r["rejected"]}
+    capsys.readouterr()
+    line = _error(capsys, ["select", "--data", str(data), "--model", "tiny", "--grouped", "--pairs"])
+    assert "--pairs: not allowed with argument --grouped" in line  # one form or the other
 
 
 def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, isolated):
@@ -205,7 +236,8 @@ def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, is
     assert main(["select", "--data", str(data), "--model", "tiny", "--n", "50", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "n=50 is more than the largest negative pool (3 negatives)" in err
-    summary = json.loads((isolated / "runs" / "select" / "small-all-tiny-all-dopt-n3.summary.json").read_text())
+    (path,) = (isolated / "runs" / "select").glob("small-*-all-tiny-all-dopt-n3.summary.json")
+    summary = json.loads(path.read_text())
     assert summary["n"] == 3 and summary["negatives_mean"] == 3
     assert main(["train", "--data", str(data), "--model", "tiny", "--n", "50", "--dry-run"]) == 0
     out = capsys.readouterr()
@@ -286,7 +318,8 @@ def test_readme_own_data_lines_run_with_the_tiny_model(isolated, monkeypatch):
     scope: dict = {}
     exec(code.replace('"smollm2"', '"tiny"'), scope)
     picked, run = scope["picked"], scope["run"]
-    assert len(picked.rows) == 48 and all(len(r["rejected"]) == 3 for r in picked.rows)
+    assert len(picked.rows) == 48 * 3 and [r["rank"] for r in picked.rows[:3]] == [0, 1, 2]  # pairs, TRL's form
+    assert all(isinstance(r["rejected"], str) for r in picked.rows)
     assert picked.out.parent == isolated / "runs" / "select"
     assert run.run_dir.parent == isolated / "runs" and run.metrics["prompts"] == 5  # 10% of 48, rounded
     assert "recall@1" in run.metrics
@@ -314,7 +347,7 @@ def test_quickstart_runs_from_the_notebooks_folder(isolated, regime):
     assert list(results["method"]) == ["MASS-DPO", "S-DPO"] and set(results["regime"]) == {regime}
     assert (results["train_prompts"] == 38).all() and (results["test_prompts"] == 5).all()  # 48 rows: 38/5/5
     assert results["mrr"].between(0, 1).all()
-    run_folders = [p for p in (isolated / "runs").iterdir() if p.is_dir() and p.name != "select"]
+    run_folders = [p for p in (isolated / "runs").iterdir() if p.is_dir() and p.name not in ("select", ".locks")]
     assert {p.name.split("_n3_")[0] for p in run_folders} == {f"quickstart_preferences_tiny_{m}"
                                                               for m in ("mass_dpo", "sdpo")}
     assert all(f"_n3_{regime}_" in p.name for p in run_folders)

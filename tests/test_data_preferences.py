@@ -20,7 +20,7 @@ def _jsonl(path, rows):
 
 
 def _check(ds):
-    assert ds.column_names == list(BASE_COLUMNS)
+    assert ds.column_names == [*BASE_COLUMNS, "messages"]
     assert ds["candidates"] == [["yes", "no"], ["red", "blue", "green", "pink"]]
     assert ds["target"] == [0, 0]
     assert ds["chosen"] == ["yes", "red"]
@@ -151,3 +151,36 @@ def test_load_benchmark_dispatches_a_file(tmp_path):
     assert list(test["id"]) == list(load_preferences(path, split="test")["id"]) and len(test) == 2
     with pytest.raises(ValueError, match="--data FILE"):
         load_benchmark("mine", "train")
+
+
+def test_conversational_rows_keep_their_messages(tmp_path):
+    from mass_dpo.data.preferences import conversation, is_conversational
+
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}]
+    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [{"prompt": user, "chosen": bot("a"), "rejected": [bot("b"), "c", bot("b")]},  # "c": a text negative
+            {"prompt": "Q2?", "chosen": "x", "rejected": ["y"]}]
+    with pytest.warns(UserWarning, match="repeated"):
+        ds = load_preferences(_jsonl(tmp_path / "conv.jsonl", rows))
+    first, second = ds[0], ds[1]
+    assert first["candidates"] == ["a", "b", "c"] and is_conversational(first) and not is_conversational(second)
+    assert json.loads(first["messages"]) == {"prompt": user, "candidates": [bot("a"), bot("b"), bot("c")]}
+    assert second["messages"] == ""
+    assert conversation(first) == json.loads(first["messages"])
+    assert conversation(second) == {"prompt": [{"role": "user", "content": "Q2?"}], "candidates": [bot("x"), bot("y")]}
+
+
+def test_pairs_that_share_an_id_read_as_one_prompt(tmp_path):
+    """``mass-dpo select``'s default output (one row per pair) reads back as one record per prompt."""
+    rows = [{"id": "a", "prompt": "Q1?", "chosen": "yes", "rejected": "no", "rank": 0},
+            {"id": "b", "prompt": "Q2?", "chosen": "red", "rejected": "blue"},
+            {"id": "a", "prompt": "Q1?", "chosen": "yes", "rejected": "maybe", "rank": 1},
+            {"id": "b", "prompt": "Q2?", "chosen": "red", "rejected": ["green", "pink"]}]
+    ds = load_preferences(_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert ds["id"] == ["a", "b"] and ds["rejected"] == [["no", "maybe"], ["blue", "green", "pink"]]
+    # the same id with another prompt (or chosen) is not a pair of the same prompt: reported by line
+    rows.append({"id": "a", "prompt": "Q3?", "chosen": "yes", "rejected": "x"})
+    with pytest.raises(RecordError, match=r"line 5 \(id a\): id 'a' repeats line 1"):
+        load_preferences(_jsonl(tmp_path / "clash.jsonl", rows))
+    # rows without ids stay one record each
+    assert len(load_preferences([{k: v for k, v in r.items() if k != "id"} for r in rows[:4]])) == 4

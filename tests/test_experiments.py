@@ -232,8 +232,9 @@ def test_notebook_specs_match_the_notebook_parameters():
     assert p["model"] == "tiny" and p["datasets"] == ["qasc", "lastfm", "movielens"]
     assert len(E.notebook_specs("table1", p)) == 6 * 3  # five methods and S-DPO-all
     p3 = E.notebook_parameters("table3", "cpu")
-    # MASS-DPO at 5 (n, beta) settings, S-DPO at the same, and the readings panel's 6 other (reading, beta) runs
-    assert len(E.notebook_specs("table3", p3)) == 16 * len(p3["datasets"]) * len(p3["seeds"])
+    # MASS-DPO at 5 (n, beta) settings, S-DPO at the same, the readings panel's 6 other (reading, beta) runs and
+    # S-DPO on the 2 label-blind picks
+    assert len(E.notebook_specs("table3", p3)) == 18 * len(p3["datasets"]) * len(p3["seeds"])
     p8 = E.notebook_parameters("table8", "cpu")
     # the cpu profile fits exactly: both converged, and a 2:1 L-BFGS iteration budget (the paper's 2:1 epochs)
     budgets = {(s["method"], s.get("fit_max_iter")) for s in E.notebook_specs("table8", p8)}
@@ -268,8 +269,11 @@ def test_load_split_reads_the_extraction_the_run_made(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "runs"))
     setup = E.Setup(model="tiny", profile="smoke", seeds=[0], train_limit=6, eval_limit=0, test_limit=4)
     result = E.run_one(setup, {"dataset": "qasc", "method": "mass_dpo", "seed": 0, "n": 2}, data_dir="samples")
-    ex = E.load_split(result.config, "train")
+    ex = E.load_split(result, "train")
     assert ex.meta["cache_hit"] and len(ex) == 6  # no second extraction for Tables 4 and 7
+    assert len(E.load_split(result.run_dir, "train")) == 6  # a run folder works too
+    with pytest.raises(TypeError, match="finished run"):
+        E.load_split(result.config, "train")  # a configuration of its own: refused
     assert E.has_snapshots(result.run_dir)  # the loglinear run saved theta at mid-training and at the end
     mid = torch.load(result.run_dir / "snapshots" / "mid.pt")
     final = torch.load(result.run_dir / "snapshots" / "final.pt")

@@ -26,6 +26,11 @@ from mass_dpo.models import load_model
 ARTISTS = ["Queen", "U2", "Madonna", "The Beatles", "AC/DC", "Björk", "Daft Punk", "Portishead", "Radiohead", "ABBA"]
 
 
+def entries(folder):
+    """The cache entries of an extraction folder (its ``.locks`` folder left out)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 def make_records(n=6, seed=0):
     """LastFM-like records: a history prompt, 3-6 candidate artists (pools of different sizes)."""
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +189,7 @@ def test_extract_cache_hit_and_miss(tiny, records, tmp_path):
     _assert_matches(ex, records, _direct(tiny, records))
     assert torch.equal(ex.theta0_logps, ex.ref_logps)  # theta0 = the reference by default
     assert not ex.meta["cache_hit"]
-    (folder,) = [p for p in tmp_path.iterdir()]
+    (folder,) = entries(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["extracted.json", "extracted.safetensors"]
     assert json.loads((folder / "extracted.json").read_text())["version"] == X.EXTRACTION_VERSION
 
@@ -198,20 +203,20 @@ def test_extract_cache_hit_and_miss(tiny, records, tmp_path):
     _assert_matches(resp, records, _direct(tiny, records, pooling="response"))
     assert torch.equal(resp.lengths, ex.lengths) and torch.equal(resp.ref_logps, ex.ref_logps)
     extract(records[:3], tiny, cache_dir=tmp_path, progress=False)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(entries(tmp_path)) == 2
 
 
 def test_extract_version_is_in_the_key(tiny, records, tmp_path, monkeypatch):
     extract(records, tiny, cache_dir=tmp_path, progress=False)
     monkeypatch.setattr(X, "EXTRACTION_VERSION", X.EXTRACTION_VERSION + 1)
     assert not extract(records, tiny, cache_dir=tmp_path, progress=False).meta["cache_hit"]
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(entries(tmp_path)) == 2
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "no_manifest"])
 def test_corrupt_cache_is_recomputed(tiny, records, tmp_path, damage):
     ex = extract(records, tiny, cache_dir=tmp_path, progress=False)
-    (folder,) = list(tmp_path.iterdir())
+    (folder,) = entries(tmp_path)
     st, man = folder / "extracted.safetensors", folder / "extracted.json"
     data = bytearray(st.read_bytes())
     if damage == "truncate":
@@ -223,7 +228,13 @@ def test_corrupt_cache_is_recomputed(tiny, records, tmp_path, damage):
         man.write_text(man.read_text()[:40])
     else:
         man.unlink()
-    again = extract(records, tiny, cache_dir=tmp_path, progress=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = extract(records, tiny, cache_dir=tmp_path, progress=False)
+    said = [str(w.message) for w in caught if "is damaged" in str(w.message)]
+    assert len(said) == (damage != "no_manifest")  # a damaged entry is said in one line; a missing one is not there
     assert not again.meta["cache_hit"]
     _same(ex, again)
     assert extract(records, tiny, cache_dir=tmp_path, progress=False).meta["cache_hit"]
@@ -242,7 +253,7 @@ def test_interrupted_run_resumes(tiny, records, tmp_path, monkeypatch):
     monkeypatch.setattr(X, "_forward_pools", failing)
     with pytest.raises(KeyboardInterrupt):
         extract(records, tiny, cache_dir=tmp_path, shard_size=2, progress=False)
-    (folder,) = list(tmp_path.iterdir())
+    (folder,) = entries(tmp_path)
     assert sorted(p.name for p in folder.glob("shard-*.json")) == ["shard-00000-of-00003.json", "shard-00001-of-00003.json"]
     # a shard whose tensors were damaged after its manifest was written is recomputed, not used
     shard1 = folder / "shard-00001-of-00003.safetensors"
@@ -275,7 +286,7 @@ def test_checkpoint_theta0(tiny, records, tmp_path):
     other = extract(records, theta0, cache_dir=tmp_path, progress=False)
     assert not other.meta["cache_hit"]  # same name and config, other weights: another key
     torch.testing.assert_close(other.ref_logps, ex.theta0_logps)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(entries(tmp_path)) == 3
 
 
 def test_both_poolings_in_one_forward_equal_single_pooling_calls(tiny, records):
@@ -318,7 +329,7 @@ def test_bf16_extraction_is_stored_in_float32_under_its_own_key(records, tmp_pat
     bf16 = load_model("tiny", device="cpu", dtype="bfloat16")
     a = extract(records, fp32, cache_dir=tmp_path, progress=False)
     b = extract(records, bf16, cache_dir=tmp_path, progress=False)
-    assert not b.meta["cache_hit"] and len(list(tmp_path.iterdir())) == 2  # the dtype is part of the key
+    assert not b.meta["cache_hit"] and len(entries(tmp_path)) == 2  # the dtype is part of the key
     assert (a.meta["dtype"], b.meta["dtype"]) == ("torch.float32", "torch.bfloat16")
     assert b.features.dtype == b.ref_logps.dtype == torch.float32
     assert torch.equal(a.lengths, b.lengths)
@@ -407,5 +418,5 @@ def test_two_accelerate_processes_equal_one(tiny, records, tmp_path):
                 assert torch.equal(got[k], v), k
             else:
                 torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0)
-    (folder,) = list((tmp_path / "cache").iterdir())
+    (folder,) = entries(tmp_path / "cache")
     assert sorted(p.name for p in folder.iterdir()) == ["extracted.json", "extracted.safetensors"]

@@ -174,7 +174,7 @@ def test_states_are_the_hidden_states_entering_the_block_and_are_cached(model_to
     again = extracted(model, tok, lastfm, keep_layer=2, use_cache=True, cache_dir=tmp_path, shard_size=3)
     assert again.meta["cache_hit"] and torch.equal(again.states.states, ex.states.states)
     assert torch.equal(again.states.offsets, ex.states.offsets) and again.states.layer == 2
-    folder = next(tmp_path.iterdir())
+    folder = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert sorted(p.name for p in folder.iterdir()) == ["extracted.json", "extracted.safetensors", "states2.json",
                                                        "states2.safetensors"]
     # every row is the model's own hidden state entering block 2 on that pool's packed row
@@ -192,6 +192,23 @@ def test_states_are_the_hidden_states_entering_the_block_and_are_cached(model_to
     got = ex.states.gather(0, [3, 0])
     assert torch.equal(got, torch.cat([ex.states.row(0)[:P], ex.states.row(0)[start3 : start3 + int(lens[3])],
                                        ex.states.row(0)[P : P + int(lens[0])]]))
+
+
+def test_states_of_a_pool_split_over_several_rows_are_those_of_one_row(model_tok, lastfm):
+    # a pool longer than batch_tokens is split over rows that each repeat the prompt; its states are put back
+    # together as the one packed row the freeze regime reads
+    model, tok = model_tok
+    one = extracted(model, tok, lastfm[:4], keep_layer=2, use_cache=False)
+    from mass_dpo.extraction import split_rows
+
+    pools = [encode_pool(r, tok) for r in lastfm[:4]]
+    longest = max(len(p) + max(len(c) for c in cs) for p, cs in pools)
+    assert len(split_rows(pools, longest)[0]) > len(pools)  # the case under test: some pools take several rows
+    split = extracted(model, tok, lastfm[:4], keep_layer=2, use_cache=False, batch_tokens=longest)
+    assert torch.equal(split.states.offsets, one.states.offsets)
+    assert torch.equal(split.states.cand_len, one.states.cand_len)
+    assert torch.allclose(split.states.states, one.states.states, rtol=1e-5, atol=1e-4)  # other shapes: rounding
+    assert torch.allclose(split.ref_logps, one.ref_logps, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- generation

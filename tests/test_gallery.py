@@ -22,3 +22,21 @@ def test_claims_from_saved_tables(tmp_path):
     assert "| lastfm | accuracy | MASS-DPO - S-DPO | +0.4 | -1.6 to +2.4 | inside the noise |" in text
     assert "0 above, 1 below, 1 inside the noise, of 2." in text
     assert write_claims(tmp_path).read_text() == text
+
+
+def test_the_claim_is_answered_once_per_regime(tmp_path):
+    """A regime's folder (the LM regime's profile writes into lm/) gets its own line per dataset and metric, named
+    by the regime its runs.csv says."""
+    for sub, regime, diff in (("", "loglinear", -0.05), ("lm", "freeze", 0.01)):
+        folder = tmp_path / sub / "table1"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"model": "smollm2", "regime": regime, "dataset": "qasc", "label": "S-DPO"}]).to_csv(
+            folder / "runs.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": "qasc", "metric": "mrr", "a": "MASS-DPO", "b": "S-DPO",
+                       "diff": diff, "se": 0.01, "lo": diff - 0.02, "hi": diff + 0.02, "z_score": diff / 0.01,
+                       "significant": abs(diff) > 0.02, "seeds": 2, "prompts": 300}]).to_csv(
+            folder / "mass_dpo_minus_sdpo.csv", index=False)
+    text = claims_markdown(tmp_path)
+    assert "| smollm2 loglinear | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
+    assert "| smollm2 freeze | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
+    assert "## [smollm2 freeze] `table1/mass_dpo_minus_sdpo`" in text

@@ -90,12 +90,13 @@ def test_tuning_picks_the_best_validation_value_ties_to_the_first(monkeypatch):
         return SimpleNamespace(metrics={"mrr": value, "mrr_se": 0.01, "prompts": 10})
 
     monkeypatch.setattr(E.core, "run_one", fake_run_one)
-    monkeypatch.setattr(E.core, "tuning_grid", lambda regime: [{"ridge": r} for r in (0.1, 0.01, 0.001, 0.0001)])
-    monkeypatch.setattr(E.core, "tuning_rule", lambda: {"metric": "mrr", "seed": 0})
+    monkeypatch.setattr(E.core, "tuning_rule", lambda: {"metric": "mrr", "seed": 0,
+                                                        "grid": {"loglinear": {"ridge": [0.1, 0.01, 0.001, 0.0001]}}})
     chosen, table = E.core.tune(E.Setup(model="tiny"), "qasc", "sdpo")
     assert chosen == {"ridge": 0.01}
     assert all(s["test_split"] == "valid" and s["seed"] == 0 for s in seen)  # never the test split
     assert table["chosen"].tolist() == [False, True, False, False]
+    assert not table["extended"].any()  # the best is inside the grid: nothing added
 
 
 def test_the_tuning_rule_is_written_in_params():

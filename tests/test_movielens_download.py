@@ -119,7 +119,7 @@ def test_failed_download_is_one_line_and_caches_nothing(cache, server, route):
     assert requests == [route] and _files(cache) == []
 
 
-@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "MASS_DPO_OFFLINE"])
+@pytest.mark.parametrize("flag", ["MASS_DPO_OFFLINE"])
 def test_offline_message_and_no_connection(cache, server, monkeypatch, flag):
     base, routes, requests = server
     monkeypatch.setenv(movielens.URL_ENV, base + "/ml-100k.zip")
@@ -143,3 +143,35 @@ def test_a_data_folder_wins_and_an_explicit_folder_never_downloads(cache, server
     with pytest.raises(FileNotFoundError, match="u.data"):
         locate("movielens", "test", empty)
     assert requests == [] and _files(cache) == []
+
+
+def test_the_hubs_offline_switch_does_not_stop_the_grouplens_download(cache, server, release, monkeypatch):
+    base, routes, requests = server
+    routes["/ml-100k.zip"] = _zip(release)
+    monkeypatch.setenv(movielens.URL_ENV, base + "/ml-100k.zip")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what `mass-dpo reproduce` sets for its offline profiles
+    assert locate("movielens", "test", "samples") == cache_dir() and requests == ["/ml-100k.zip"]
+
+
+def test_reproduce_downloads_movielens_before_its_notebooks(cache, server, release, monkeypatch, tmp_path):
+    """`mass-dpo reproduce`'s own path (default cpu profile, the hub switched off by it): the data step downloads
+    MovieLens from the (local) GroupLens URL before any notebook runs, and says where every dataset comes from."""
+    import json
+
+    from mass_dpo import reproduce
+
+    base, routes, requests = server
+    routes["/ml-100k.zip"] = _zip(release)
+    monkeypatch.setenv(movielens.URL_ENV, base + "/ml-100k.zip")
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    cell = {"cell_type": "code", "execution_count": None, "id": "p1", "metadata": {"tags": ["parameters"]},
+            "outputs": [], "source": ["profile = None\n", "out_dir = None\n"]}
+    nb = {"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                       "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}
+    (notebooks / "table2.ipynb").write_text(json.dumps(nb))  # the cpu profile's table2: lastfm and movielens
+    lines = []
+    report = reproduce.reproduce("cpu", ["table2"], out_dir=tmp_path / "out", notebooks_dir=notebooks, echo=lines.append)
+    assert not report.failed
+    assert requests == ["/ml-100k.zip"] and (cache_dir() / "movielens" / "ml-100k" / "u.data").is_file()
+    assert f"data movielens: {cache_dir()}" in lines and any(line.startswith("data lastfm: ") for line in lines)

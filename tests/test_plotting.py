@@ -1,6 +1,7 @@
 """mass_dpo.plotting: deterministic files, tables without tabulate, the seed summaries."""
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -126,7 +127,11 @@ def test_an_unchanged_figure_is_not_drawn_again(tmp_path, monkeypatch):
     paths = plotting.save_figure(figure([1, 2, 3]), "f", data, tmp_path)
     first = paths["png"].stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: calls.append(a))
+    def fake_savefig(self, fname, *a, **k):  # save_figure writes to a temporary name, then renames it
+        calls.append(fname)
+        Path(fname).write_bytes(b"")
+
+    monkeypatch.setattr(plt.Figure, "savefig", fake_savefig)
     plotting.save_figure(figure([1, 2, 3]), "f", data, tmp_path)
     assert calls == [] and paths["png"].stat().st_mtime_ns == first  # same picture: nothing rendered
     plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)

@@ -31,7 +31,7 @@ def records():
 
 def _run(records, tiny, cache, tmp_path, strategy, **kw):
     return select_dataset(records, tiny, n=3, strategy=strategy, cache_dir=cache, out=tmp_path / f"{strategy}.jsonl",
-                          progress=False, **kw)
+                          progress=False, grouped=True, **kw)
 
 
 def _brute_force_dopt(phi, logits, mask, n, beta, gamma, order=None):
@@ -119,7 +119,7 @@ def test_small_pools_and_bad_arguments(tiny, tmp_path):
         {"id": "a", "prompt": "Pick one.", "candidates": ["x", "y", "z"], "target": 2},
         {"id": "b", "prompt": "Pick another.", "candidates": ["p", "q", "r", "s", "t"], "target": 0},
     ]
-    res = select_dataset(recs, tiny, n=3, cache_dir=tmp_path, out=tmp_path / "s.jsonl", progress=False)
+    res = select_dataset(recs, tiny, n=3, cache_dir=tmp_path, out=tmp_path / "s.jsonl", progress=False, grouped=True)
     assert [r["indices"] for r in res.rows][0] in ([0, 1], [1, 0])
     assert len(res.rows[1]["indices"]) == 3
     assert res.summary["prompts_with_fewer_than_n"] == 1 and res.summary["candidates_max"] == 5
@@ -138,7 +138,7 @@ def test_cli_select_on_samples(tmp_path):
     argv = ["select", "--dataset", "qasc", "--model", "tiny", "--split", "train", "--n", "2", "--strategy", "dopt",
             "--pooling", "response", "--limit", "4", "--data-dir", "samples", "--out", str(out),
             "--cache-dir", str(tmp_path / "extraction"), "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--grouped"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["indices"]) == 2 for r in rows)
     s = json.loads((tmp_path / "sel.summary.json").read_text())

@@ -60,3 +60,28 @@ def test_trivial_budgets_and_saturation():
     mixed = _extracted(C=12, small=4)  # one pool with 3 negatives, the others with 11
     assert S.trivial_budgets(mixed, [3, 5, 10, 11]) == [11]
     assert S.recompute(mixed, torch.zeros(5), torch.zeros(5), 3)["saturated"] == pytest.approx(1 / 6)
+
+
+def test_recompute_between_two_extractions_moves_with_features_and_logps():
+    """The LM regimes' Table 4: the checkpoint re-extracted (new features and new log-probs), not a theta."""
+    from dataclasses import replace
+
+    ex = _extracted()
+    same = S.recompute_extracted(ex, ex, 3)
+    assert same["exact_match"] == 1.0 and same["objective_retention"] == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(3)
+    moved = replace(ex, features=ex.features + 3 * torch.randn(ex.features.shape, generator=g),
+                    theta0_logps=ex.theta0_logps + 5 * torch.randn(ex.ref_logps.shape, generator=g))
+    out = S.recompute_extracted(ex, moved, 3)
+    # by hand: Algorithm 1 at each extraction, the old subset scored under the new design
+    old, _ = S.select(ex, 3)
+    new, gain_new = S.select(moved, 3)
+    agree = S.subset_agreement(old, new)
+    assert out["exact_match"] == pytest.approx(float(agree["exact_match"].mean())) and out["exact_match"] < 1.0
+    assert out["objective_retention"] == pytest.approx(float(S.subset_gain(moved, old).sum() / gain_new.sum()))
+    # on frozen features with theta, it is recompute itself
+    theta = torch.randn(5, generator=g)
+    assert S.recompute(ex, torch.zeros(5), theta, 3) == S.recompute_extracted(
+        S.at_checkpoint(ex, torch.zeros(5)), S.at_checkpoint(ex, theta), 3)
+    with pytest.raises(ValueError, match="different prompts"):
+        S.recompute_extracted(ex, replace(ex, ids=list(reversed(ex.ids))), 3)

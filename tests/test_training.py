@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from mass_dpo.extraction import naive_forward
 from mass_dpo.losses import METHODS
 from mass_dpo.training import (
     PreferenceCollator,
@@ -147,17 +148,6 @@ def toy_pools(P=4, C=5, seed=0, vocab=400):
     return pools
 
 
-def row_per_response_forward(model, prompt_ids, candidate_ids, *, return_features=False, pooling="all"):
-    """The straightforward reference (S-DPO's way): every response its own forward of ``[prompt, response]``."""
-    out = []
-    for cand in candidate_ids:
-        ids = torch.tensor([list(prompt_ids) + list(cand)])
-        logits = model(input_ids=ids, use_cache=False).logits[0].float()
-        logp = logits[len(prompt_ids) - 1 : -1].log_softmax(-1)
-        out.append(logp.gather(-1, torch.tensor(cand)[:, None]).sum())
-    return torch.stack(out), None
-
-
 def lm_dataset(model, pools, n=3, seed=0):
     """Records over ``pools`` with reference log-probs from ``model`` itself (the policy starts at the reference)."""
     from mass_dpo.extraction import shared_prefix_forward
@@ -194,7 +184,8 @@ def test_lm_training_lowers_loss(method, regime, tiny_state, tmp_path):
 @pytest.mark.parametrize("method", ["sdpo", "dpo_k", "dmpo", "dpo"])
 def test_shared_prompt_forward_matches_row_per_response(method, tiny_state):
     """Loss and every gradient of the packed shared-prompt forward (the trainer's path: the model's own forward,
-    one packed row per prompt) equal those of one ``[prompt, response]`` row per response."""
+    one packed row per prompt) equal those of one ``[prompt, response]`` row per response (``naive_forward``, the
+    package's row-per-response forward, through ``pool_logps``; its padding masked by a 2D attention mask)."""
     from mass_dpo.training import enable_pool_forward
 
     model = fresh_tiny(tiny_state)
@@ -212,7 +203,7 @@ def test_shared_prompt_forward_matches_row_per_response(method, tiny_state):
             enable_pool_forward(model)
             logps = policy_logps(model, batch)
         else:
-            logps = policy_logps(model, batch, forward=row_per_response_forward)
+            logps = policy_logps(model, batch, forward=naive_forward)  # the package's row-per-response forward
         loss = batch_loss(method, 0.5, logps, batch).loss.mean()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

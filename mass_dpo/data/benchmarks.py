@@ -201,10 +201,10 @@ def load_benchmark(
     A preference file given as ``name`` (a path, or a name ending in .jsonl/.json/.parquet) is read with
     :func:`mass_dpo.data.preferences.load_preferences` (``split``: its ``split`` column, or carved by a fixed seed).
     """
-    from .preferences import is_preference_file, load_preferences
+    from .preferences import is_preference_file, limit_preferences, load_preferences
 
     if is_preference_file(name):
-        return apply_limit(load_preferences(name, split=split), limit, seed, key=f"{Path(name).name}:{split}")
+        return limit_preferences(load_preferences(name, split=split), limit, seed, split)
     mod = _module(name)
     split = _split(split)
     settings_json = json.dumps(dataset_settings(name), sort_keys=True)

@@ -113,3 +113,32 @@ def encode_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[l
             raise ValueError(f"candidate {c!r} of record {record.get('id', '?')!r} tokenizes to nothing")
         cand_ids.append(ids)
     return prompt_ids, cand_ids
+
+
+def truncate_pool(prompt_ids: list[int], candidate_ids: list[list[int]], max_length: int | None,
+                  max_prompt_length: int | None = None, *, where: str = "a prompt"):
+    """A pool cut the way TRL's ``DPOTrainer`` cuts its sequences: ``(prompt_ids, candidate_ids, prompt_cut,
+    responses_cut)``.
+
+    - ``max_prompt_length`` (first; ``None``: no limit): a longer prompt keeps its **last** ``max_prompt_length``
+      tokens (cut from the left, as TRL's ``max_prompt_length`` does, so the end of the chat turn and the generation
+      prompt stay);
+    - ``max_length`` (``None``: no limit): each prompt + response sequence keeps its **first** ``max_length`` tokens
+      (TRL's ``truncation_mode="keep_start"``, its default): a response's tail is cut. A prompt that leaves no room
+      for a response (``len(prompt) >= max_length``; TRL drops such examples) is a ``ValueError`` naming ``where``.
+    ``prompt_cut`` says whether the prompt was cut, ``responses_cut`` how many responses were.
+    """
+    prompt_ids, candidate_ids = list(prompt_ids), [list(c) for c in candidate_ids]
+    prompt_cut = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
+    if prompt_cut:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+    if max_length is None:
+        return prompt_ids, candidate_ids, prompt_cut, 0
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(
+            f"{where}: its prompt has {len(prompt_ids)} tokens, which leaves no room for a response within "
+            f"max_length {max_length}: raise max_length (--max-length) or cut prompts from the left with "
+            "max_prompt_length (--max-prompt-length)")
+    cut = sum(len(c) > room for c in candidate_ids)
+    return prompt_ids, [c[:room] for c in candidate_ids], prompt_cut, cut

@@ -48,7 +48,9 @@ HAS_SAMPLE = False
 FILES = ("movielens/ml-100k/u.data", "movielens/ml-100k/u.item")
 URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 URL_ENV = "MASS_DPO_MOVIELENS_URL"  # overrides URL (a mirror, or a local server in the tests)
-OFFLINE_ENVS = ("MASS_DPO_OFFLINE", "HF_HUB_OFFLINE")
+#: The switch that stops the GroupLens download. The hub's ``HF_HUB_OFFLINE`` does not: GroupLens is not the hub, and
+#: ``mass-dpo reproduce`` sets that one for its offline profiles (their models are local) while MovieLens still downloads.
+OFFLINE_ENVS = ("MASS_DPO_OFFLINE",)
 # SHA-256 of the files the loader reads, from the GroupLens release (the same bytes in every copy of ml-100k.zip)
 SHA256 = {
     "u.data": "f30990191c9ccfc53952ae5d6e29c78a3e35d7237d3127a7392ae534facea542",
@@ -70,7 +72,7 @@ class MovieLensUnavailable(FileNotFoundError):
 
 
 def offline() -> bool:
-    """``$MASS_DPO_OFFLINE`` or ``$HF_HUB_OFFLINE`` set to a true value (1 / true / yes / on)."""
+    """``$MASS_DPO_OFFLINE`` set to a true value (1 / true / yes / on); ``$HF_HUB_OFFLINE`` is the hub's only."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in OFFLINE_ENVS)
 
 

@@ -1,8 +1,8 @@
 """``load_preferences``: a user's own preference data (TRL's ``prompt`` / ``chosen`` / ``rejected``) as records.
 
 Accepted: a JSONL file (a JSON list works too), a Parquet file, a ``datasets.Dataset``, or a list of dicts, with
-columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one response or a list of responses (the
-negative pool). Both of TRL's forms are read:
+TRL's columns ``prompt``, ``chosen`` and ``rejected``, where ``rejected`` is one response (as in TRL) or a list of
+responses (the negative pool; TRL reads one only). Both of TRL's forms are read:
 
 - standard: plain text (``"prompt": "...", "chosen": "...", "rejected": ["...", "..."]``);
 - conversational: message lists (``"prompt": [{"role": "user", "content": "..."}]``, ``"chosen": [{"role":
@@ -10,7 +10,15 @@ negative pool). Both of TRL's forms are read:
   becomes its content; a longer one becomes ``"<Role>: <content>"`` lines. A response becomes the content of its
   messages, joined by newlines. The chat template is applied later, by the model's tokenizer.
 
-An ``id`` column, when present, gives the record ids; otherwise they are ``<file stem>-<row>``. A relative file
+A conversational row keeps its message lists beside the text, in the record's ``messages`` column (JSON text of
+``{"prompt": [...], "candidates": [[...], ...]}``, aligned with ``candidates``; ``""`` for a plain-text row): a field
+given as plain text in such a row becomes a user turn (prompt) or an assistant turn (response). ``mass-dpo select``
+writes those message lists back, so its output stays in TRL's conversational form.
+
+An ``id`` column, when present, gives the record ids; otherwise they are ``<file stem>-<row>``. Rows that share an
+``id``, a prompt and a chosen response are one prompt's pairs (``mass-dpo select``'s default output, one row per
+(chosen, negative)): they are read as one record whose pool is their rejected responses in file order. A repeated
+``id`` with another prompt or chosen response is an error. A relative file
 path that does not exist from the current folder is looked up from the repository root (so a notebook finds
 ``notebooks/data/...`` whether its kernel starts in the root or in ``notebooks/``).
 
@@ -20,10 +28,12 @@ one, decides (``val``/``validation``/``dev`` mean ``valid``). Otherwise the spli
 the smallest ``stable_fraction(id, "preferences-split/<seed>")`` of their ids (SHA-256 of the id: the same on every
 machine, independent of file order when the file has ids); the first ``max(1, round(0.1 G))`` of the ``G`` prompts are
 ``test``, the next ``max(1, round(0.1 G))`` ``valid``, the rest ``train``; each split keeps the file order. A file
-needs 3 distinct prompts.
+needs 3 distinct prompts. A ``limit`` (:func:`limit_preferences`) draws its rows by the seed and the rows' content,
+not the file's name.
 
 The records have ``candidates = [chosen, *rejected]`` and ``target = 0``. Problems (a missing or empty field, an
-empty pool, the chosen text among the rejected, a message list without content, a repeated id)
+empty pool, the chosen text among the rejected, a message list without content, a repeated id, a row without an id
+that repeats an earlier row's prompt, chosen and rejected)
 are reported by row number ("line N" of a JSONL file, 1-based; "row N" of a table, 0-based); nothing is dropped
 silently: ``on_error="raise"`` (default) raises, ``on_error="drop"`` drops those rows with a warning listing them.
 A negative repeated within one pool is kept once, with a warning.
@@ -31,6 +41,7 @@ A negative repeated within one pool is kept once, with a warning.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -138,6 +149,46 @@ def _text(value: Any, field: str) -> tuple[str | None, str | None]:
     return value, None
 
 
+def _as_messages(value: Any, role: str) -> list[dict]:
+    """A field of a conversational row as a message list (plain text becomes one ``role`` message)."""
+    return value if _is_messages(value) else [{"role": role, "content": value}]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def group_pairs(rows: list[Any]) -> list[Any]:
+    """Rows that share an ``id``, a ``prompt``, a ``chosen`` and a ``split`` merged into the first of them, its
+    ``rejected`` the list of theirs in file order (pairwise rows back to one row per prompt). The merged rows become
+    ``None`` so that ``rows[i]`` stays line ``i + 1``; a repeated id with another prompt or chosen is left for the
+    caller to report."""
+    first: dict[str, int] = {}
+    out = list(rows)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or row.get("id") in (None, "") or "rejected" not in row:
+            continue
+        rid = str(row["id"])
+        j = first.setdefault(rid, i)
+        if j == i:
+            continue
+        head = out[j]
+        had, add = _as_pool(head["rejected"]), _as_pool(row["rejected"])
+        if had is not None and add is not None and all(_same(head.get(k), row.get(k))
+                                                       for k in ("prompt", "chosen", "split")):
+            out[j] = {**head, "rejected": had + add}
+            out[i] = None
+    return out
+
+
+def _as_pool(rejected: Any) -> list | None:
+    """A ``rejected`` value as a list of negatives (one text or message list becomes a list of one); None when it
+    is neither (left for the row checks to report)."""
+    if isinstance(rejected, str) or _is_messages(rejected):
+        return [rejected]
+    return list(rejected) if isinstance(rejected, list) else None
+
+
 def _split_name(value: Any) -> str | None:
     return _SPLIT_NAMES.get(str(value).strip().lower()) if value not in (None, "") else None
 
@@ -165,6 +216,51 @@ def carve_splits(ids: list[str], seed: int = 0, groups: list[str] | None = None)
     return [held.get(g, "train") for g in groups]
 
 
+def _conversation(prompt: Any, chosen: Any, rejected: list[Any]) -> str:
+    """The ``messages`` field of a record: ``""`` for a plain-text row, else JSON text of its message lists
+    (``{"prompt": [...], "candidates": [chosen, *rejected]}``, plain-text fields as user / assistant turns)."""
+    if not any(_is_messages(v) for v in (prompt, chosen, *rejected)):
+        return ""
+    return json.dumps({"prompt": _as_messages(prompt, "user"),
+                       "candidates": [_as_messages(c, "assistant") for c in (chosen, *rejected)]}, ensure_ascii=False)
+
+
+def is_conversational(record: dict) -> bool:
+    """True for a record read from a conversational row (it carries its message lists)."""
+    return bool(record.get("messages"))
+
+
+def conversation(record: dict) -> dict:
+    """A record as message lists, ``{"prompt": [...], "candidates": [[...], ...]}``: those it was read with, else its
+    texts as one user turn and one assistant turn each (so that a file mixing both forms is written in one)."""
+    text = record.get("messages")
+    if text:
+        return json.loads(text)
+    return {"prompt": _as_messages(record["prompt"], "user"),
+            "candidates": [_as_messages(c, "assistant") for c in record["candidates"]]}
+
+
+def content_key(ds) -> str:
+    """sha256 of the records' prompts and candidates, in order (not their ids, which may come from the file name)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for prompt, candidates in zip(ds["prompt"], ds["candidates"]):
+        h.update(json.dumps([prompt, list(candidates)], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def limit_preferences(ds, limit: int | None, seed: int = 0, split: str | None = None):
+    """``limit`` rows of a preference split (:func:`mass_dpo.data.apply_limit`), drawn by ``seed`` and the rows'
+    content (:func:`content_key`): a renamed or moved file keeps the same subsample."""
+    from .benchmarks import apply_limit
+
+    if limit is None or limit >= len(ds):
+        return ds
+    return apply_limit(ds, limit, seed, key=f"{content_key(ds)}:{split}")
+
+
 def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: int = 0, on_error: str = "raise"):
     """Preference rows as records (``id``, ``prompt``, ``candidates``, ``target``, ``chosen``, ``rejected``).
 
@@ -176,7 +272,8 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
     if split is not None and want is None:
         raise ValueError(f"unknown split {split!r}; choose one of train, valid, test")
     rows, where, prefix, style = _read(path_or_dataset)
-    records, problems, repeats, ids = [], [], [], {}
+    rows = group_pairs(rows)
+    records, problems, repeats, ids, contents = [], [], [], {}, {}
     splits: list[str | None] = []
     for i, row in enumerate(rows):
         label = f"line {i + 1}" if style == "line" else f"row {i}"
@@ -190,11 +287,14 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
         chosen, e2 = _text(row.get("chosen"), "chosen") if "chosen" in row else (None, None)
         errs += [e for e in (e1, e2) if e]
         pool: list[str] = []
+        raw_pool: list[Any] = []  # the negatives as given (message lists stay message lists)
+        raw: list[Any] = []
         if "rejected" in row:
             rej = row["rejected"]
             if isinstance(rej, str) or _is_messages(rej):
                 rej = [rej]  # one negative
             if isinstance(rej, list):  # conversational negatives -> text (None marks one without content)
+                raw = list(rej)
                 rej = [(_messages_text(r, prompt=False) if _is_messages(r) else r) for r in rej]
             if rej is None or (isinstance(rej, list) and not rej):
                 errs.append("empty negative pool ('rejected')")
@@ -205,17 +305,24 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
                 if bad:
                     errs.append(f"empty or non-text negative(s) at position(s) {bad} of 'rejected'")
                 else:
-                    for r in rej:
+                    for r, given in zip(rej, raw):
                         if r.strip() in (p.strip() for p in pool):
                             repeats.append(label)
                         else:
                             pool.append(r)
+                            raw_pool.append(given)
                     if chosen is not None and any(r.strip() == chosen.strip() for r in pool):
                         errs.append("the chosen text is among the rejected")
-        rid = str(row["id"]) if row.get("id") not in (None, "") else f"{prefix}-{i:06d}"
+        has_id = row.get("id") not in (None, "")
+        rid = str(row["id"]) if has_id else f"{prefix}-{i:06d}"
         if rid in ids:
             errs.append(f"id {rid!r} repeats {ids[rid]}")
         ids.setdefault(rid, label)
+        if not has_id and not errs:  # a row without an id that repeats an earlier one: refused like a repeated id
+            content = (prompt.strip(), chosen.strip(), tuple(sorted(r.strip() for r in pool)))
+            if content in contents:
+                errs.append(f"repeats {contents[content]} (the same prompt, chosen and rejected)")
+            contents.setdefault(content, label)
         if errs:
             problems.append(f"{label} (id {rid}): " + "; ".join(errs))
             continue
@@ -223,12 +330,14 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
         if own not in (None, "") and _split_name(own) is None:
             problems.append(f"{label} (id {rid}): unknown split {own!r} (train, valid or test)")
             continue
-        records.append(make_record(rid, prompt, [chosen, *pool], 0))
+        records.append(make_record(rid, prompt, [chosen, *pool], 0,
+                                   messages=_conversation(row["prompt"], row["chosen"], raw_pool)))
         splits.append(_split_name(own))
     if problems:
         head = f"{len(problems)} unusable preference row(s) in {where}"
         if on_error == "raise":
-            raise RecordError(summarize(head, problems) + "\n(on_error='drop' drops them with a warning)")
+            raise RecordError(summarize(head + ": fix or remove them", problems)
+                              + "\n(from Python, load_preferences(..., on_error='drop') drops them with a warning)")
         warnings.warn(summarize(head + "; dropped", problems), stacklevel=2)
     if repeats:
         warnings.warn(

@@ -8,7 +8,8 @@ One record per prompt:
 - ``target``      int, index of the preferred response in ``candidates``;
 - ``chosen``      ``candidates[target]``;
 - ``rejected``    the other candidates, order kept;
-- source fields:  ``history`` (list[str]) for recommendation, ``subject`` (str) for MedMCQA.
+- source fields:  ``history`` (list[str]) for recommendation, ``subject`` (str) for MedMCQA, ``messages`` (str)
+  for a user's preference file (:mod:`mass_dpo.data.preferences`: its conversational rows' message lists).
 
 Everything random here is seeded from record ids (:func:`rng_for`, :func:`stable_fraction`), never from the
 global RNG, so every construction is deterministic.
@@ -33,7 +34,7 @@ SOURCE_COLUMNS: dict[str, dict[str, str]] = {
     "movielens": {"history": "list"},
     "medmcqa": {"subject": "str"},
     "qasc": {},
-    "preferences": {},
+    "preferences": {"messages": "str"},
 }
 
 #: How many problems an error message lists before it says "... and N more".

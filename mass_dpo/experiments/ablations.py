@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 
 from ..extraction import DEFAULT_SELECTION_SCORE, SELECTION_SCORES
-from .core import (dataset_configs, disk_memo, beside_paper, grid, learning_table, load_split, paired_difference, span,
+from .core import (config_of, disk_memo, beside_paper, grid, learning_table, load_split, paired_difference, span,
                    summarize)
 
 MASS, SDPO = "MASS-DPO", "S-DPO"
+#: Label-blind negatives S-DPO is also trained on (Table 3's "why" panel): the top-n by log pi_ref, by token length.
+LABEL_BLIND = ("hardest", "longest")
 
 
 # ---------------------------------------------------------------- what to run
@@ -44,13 +46,21 @@ def readings_specs(datasets, seeds, *, readings=SELECTION_SCORES, betas=(0.1, 0.
             for s in grid(datasets, ["mass_dpo"], seeds, n=n, beta=list(betas))]
 
 
+def label_blind_specs(datasets, seeds, *, n: int = 3, beta: float = 0.1, negatives=LABEL_BLIND) -> list[dict]:
+    """S-DPO trained on label-blind picks at ``(n, beta)``: the top-n by ``log pi_ref`` (``hardest``) and the top-n by
+    token length (``longest``): what MASS-DPO's picks resemble (:func:`design_table`), trained without the design."""
+    return [dict(s, negatives=neg) for neg in negatives for s in grid(datasets, ["sdpo"], seeds, n=n, beta=beta)]
+
+
 def table3_specs(datasets, seeds, *, betas=(0.1, 0.5, 1.0), ns=(1, 3, 5), n: int = 3, beta: float = 0.1,
-                 readings=SELECTION_SCORES) -> list[dict]:
+                 readings=SELECTION_SCORES, label_blind=LABEL_BLIND) -> list[dict]:
     """Every run of the Table 3 notebook: :func:`ablation_specs`, S-DPO at each of those (n, beta) (random negatives:
-    no reading), and :func:`readings_specs`. The untrained reference comes from :func:`core.reference_rows`."""
+    no reading), :func:`readings_specs` and :func:`label_blind_specs` at ``(n, beta)``. The untrained reference comes
+    from :func:`core.reference_rows`."""
     mass = ablation_specs(datasets, seeds, betas=betas, ns=ns, n=n, beta=beta)
     sdpo = [dict(s, method="sdpo") for s in mass]
-    return mass + sdpo + readings_specs(datasets, seeds, readings=readings, betas=betas, n=n)
+    return (mass + sdpo + readings_specs(datasets, seeds, readings=readings, betas=betas, n=n)
+            + label_blind_specs(datasets, seeds, n=n, beta=beta, negatives=label_blind))
 
 
 # ---------------------------------------------------------------- arms
@@ -234,33 +244,66 @@ def best_setting(table3: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------- label-blind baselines: what explains MASS-DPO?
+
+
+def label_blind_pairs(runs: pd.DataFrame, *, n: int, beta: float, selection_score: str = DEFAULT_SELECTION_SCORE,
+                      metrics=("accuracy", "mrr"), negatives=LABEL_BLIND) -> pd.DataFrame:
+    """Paired differences per test prompt at ``(n, beta)``: MASS-DPO (under ``selection_score``) minus S-DPO and minus
+    S-DPO on each label-blind pick (``S-DPO[hardest]``, ``S-DPO[longest]``), and each of those minus S-DPO (random).
+    Columns: :func:`core.paired_difference`'s."""
+    armed = with_arms(runs)
+    if armed.empty:
+        return pd.DataFrame()
+    mass = arm_label(MASS, n, beta, selection_score)
+    blind = [arm_label(f"{SDPO}[{neg}]", n, beta) for neg in negatives]
+    sdpo = arm_label(SDPO, n, beta)
+    pairs = [(mass, sdpo)] + [(mass, b) for b in blind] + [(b, sdpo) for b in blind]
+    frames = [paired_difference(armed, a, b, list(metrics), key="arm") for a, b in pairs]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 # ---------------------------------------------------------------- design diagnostics (issue 11)
 
 
 @disk_memo("design_table")
-def design_table(setup, datasets, *, n: int = 3, betas=(0.1,), gamma: float = 0.1, readings=SELECTION_SCORES,
-                 echo: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Algorithm 1's design on each dataset's training split (the runs' own extraction, :func:`core.load_split`), per
-    model, reading and beta: one :func:`mass_dpo.diagnostics.design_diagnostics` row each, plus ``degenerate``
-    (:func:`mass_dpo.diagnostics.degenerate`: the greedy picks are the top-n by ``G_ii`` in >= 95% of prompts)."""
+def design_table(runs: pd.DataFrame, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Algorithm 1's design as the MASS-DPO runs of ``runs`` made it: for each such run (seed 0; the D-optimal picks do
+    not depend on the seed), :func:`mass_dpo.diagnostics.design_diagnostics` on its own training split (its
+    extraction, pooling and sizes: :func:`core.load_split`) at its own n, beta, gamma and reading of the preprocessing
+    score (:func:`core.config_of`), plus ``degenerate`` (:func:`mass_dpo.diagnostics.degenerate`: the greedy picks are
+    the top-n by ``G_ii`` in >= 95% of prompts). One row per run: ``model, dataset, pooling, run_dir`` and the
+    diagnostics' columns. Nothing here resolves a configuration of its own, so the table describes the runs it sits
+    beside."""
     from ..diagnostics import degenerate, design_diagnostics
 
+    label = runs["label"] if "label" in runs else pd.Series([MASS] * len(runs), index=runs.index)
+    mass = runs[(label == MASS) & (runs["seed"] == runs["seed"].min())] if len(runs) else runs
     rows = []
-    for model, ds, cfg in dataset_configs(setup, datasets, echo=echo):
-        ex = load_split(cfg, "train")
-        for b in dict.fromkeys(float(x) for x in betas):
-            for reading in readings:
-                row = design_diagnostics(ex, n, beta=b, gamma=gamma, selection_score=reading, seed=0)
-                rows.append({"model": model, "dataset": ds, **row, "degenerate": degenerate(row)})
+    for row in mass.itertuples():
+        cfg = config_of(row)
+        ex = load_split(row, "train")
+        diag = design_diagnostics(ex, cfg.n, beta=cfg.beta, gamma=cfg.gamma, selection_score=cfg.selection_score,
+                                  seed=cfg.seed)
+        rows.append({"model": cfg.model, "dataset": cfg.dataset, "pooling": cfg.pooling, **diag,
+                     "degenerate": degenerate(diag), "run_dir": str(row.run_dir)})
+    if echo:
+        echo(f"design diagnostics of {len(rows)} MASS-DPO run(s), each on its own extraction and settings")
     return pd.DataFrame(rows)
 
 
-def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, model: str | None = None) -> str:
-    """One sentence per dataset from :func:`design_table` at ``beta``: whether the design degenerates under each
-    reading, the Gram scale, how much the D-optimal picks overlap the longest negatives, and their lengths."""
-    part = table[(table["dataset"] == dataset) & np.isclose(table["beta"].astype(float), beta)]
+def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, n: int | None = None,
+                    model: str | None = None) -> str:
+    """One sentence per dataset from :func:`design_table` at ``beta`` (and ``n``): whether the design of the runs
+    degenerates under each reading, the Gram scale, how much the D-optimal picks overlap the longest negatives, and
+    their lengths, naming the runs' feature pooling."""
+    table = table[table["dataset"] == dataset]
+    if n is not None:
+        table = table[table["n"] == int(n)]
     if model is not None:
-        part = part[part["model"] == model]
+        table = table[table["model"] == model]
+    part = table[np.isclose(table["beta"].astype(float), beta)]
     if part.empty:
         return f"{dataset}: no design diagnostics at beta = {beta:g}."
     first = part.iloc[0]
@@ -271,14 +314,13 @@ def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, model: st
                f"the design degenerates under {', '.join(deg)} only")
     ovr, hard = span(part["overlap_longest"].astype(float), 2), span(part["overlap_hardest"].astype(float), 2)
     ld = span(part["length_dopt"].astype(float), 1)
-    others = table[(table["dataset"] == dataset) & ~np.isclose(table["beta"].astype(float), beta)]
-    if model is not None:
-        others = others[others["model"] == model]
+    others = table[~np.isclose(table["beta"].astype(float), beta)]
+    pooling = "/".join(dict.fromkeys(part["pooling"].astype(str))) if "pooling" in part else "?"
     elsewhere = "".join(
         f" At beta = {b:g}: {span(100 * g['greedy_is_top_diag'].astype(float), 0)}% of the prompts, degenerate "
         f"under {int(g['degenerate'].sum())} of {len(g)} readings." for b, g in others.groupby("beta", sort=True))
     return (f"{dataset} (n = {int(first['n'])}, beta = {beta:g}, gamma = {float(first['gamma']):g}, "
-            f"{int(first['prompts'])} training prompts): the greedy's picks equal the top-n by G_ii in {shares} of "
+            f"{int(first['prompts'])} training prompts, features pooled over {pooling}, as the runs): the greedy's picks equal the top-n by G_ii in {shares} of "
             f"the prompts, so {verdict} (median G_ii {part['g_diag_median'].median():.2g}, largest |G_ij| "
             f"{part['g_offdiag_max'].max():.2g}). The D-optimal picks overlap the {int(first['n'])} longest negatives "
             f"by {ovr} (the {int(first['n'])} hardest by {hard}) and are {ld} tokens long on average, against "

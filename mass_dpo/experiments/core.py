@@ -169,9 +169,10 @@ def theta_snapshots(folder, num_epochs: float = 3.0):
             theta = getattr(model, "theta", None)
             if theta is None:
                 return
-            self.folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)},
-                       self.folder / f"{name}.pt")
+            from ..files import atomic_path
+
+            with atomic_path(self.folder / f"{name}.pt") as tmp:
+                torch.save({"theta": theta.detach().float().cpu().clone(), "step": int(state.global_step)}, tmp)
 
         def mid_step(self, state) -> int:
             total = int(state.max_steps)
@@ -202,15 +203,19 @@ def _config(setup: Setup, spec: dict, data_dir: str | None) -> dict:
     return cfg
 
 
-def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots: bool = False):
-    """Train (or load) one run: ``spec`` holds ``dataset``, ``method``, ``seed`` and any TrainConfig override.
+def run_one(setup: Setup, spec, *, data_dir: str | None = None, snapshots: bool = False):
+    """Train (or load) one run: ``spec`` holds ``dataset``, ``method``, ``seed`` and any TrainConfig override (resolved
+    over the setup), or is a resolved :class:`mass_dpo.config.TrainConfig` (:func:`planned_config`), run as it is.
 
     Loglinear runs save theta snapshots (:func:`theta_snapshots`); ``snapshots=True`` retrains a cached run that
     has none (a run trained outside this module). Returns the :class:`mass_dpo.runs.RunResult`."""
-    from ..config import resolve_config
+    from ..config import TrainConfig, resolve_config
     from ..runs import is_finished, load_run, run_dir, train_run
 
-    cfg = resolve_config(_config(setup, spec, data_dir if data_dir is not None else setup.data_dir))
+    if isinstance(spec, TrainConfig):
+        cfg = spec
+    else:
+        cfg = resolve_config(_config(setup, spec, data_dir if data_dir is not None else setup.data_dir))
     if setup.trained_world_size:
         trained = run_dir(cfg, root=setup.root, world=setup.trained_world_size)
         if is_finished(trained):
@@ -218,8 +223,7 @@ def run_one(setup: Setup, spec: dict, *, data_dir: str | None = None, snapshots:
     path = run_dir(cfg, root=setup.root)
     adam = cfg.regime == "loglinear" and cfg.fit == "adam"
     callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
-    force = bool(snapshots and cfg.regime == "loglinear" and (path / "metrics.json").is_file()
-                 and not has_snapshots(path))
+    force = bool(snapshots and cfg.regime == "loglinear" and is_finished(path) and not has_snapshots(path))
     quiet = contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext()
     with quiet:
         return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)
@@ -231,7 +235,8 @@ def run_row(result, spec: dict) -> dict:
     seconds = result.info.get("seconds", {})
     row = {
         "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset, "method": cfg.method,
-        "label": run_label(cfg.method, cfg.n), "n": cfg.n, "beta": cfg.beta, "seed": cfg.seed,
+        "label": run_label(cfg.method, cfg.n, getattr(cfg, "negatives", None)), "negatives": cfg.strategy,
+        "n": cfg.n, "beta": cfg.beta, "seed": cfg.seed,
         "ridge": cfg.ridge if cfg.regime == "loglinear" and cfg.fit == "exact" else None, "pooling": cfg.pooling,
         "selection_score": getattr(cfg, "selection_score", None),
         "epochs": cfg.num_train_epochs, "max_steps": cfg.max_steps, "train_prompts": cfg.limit,
@@ -261,8 +266,8 @@ def run_grid(setup: Setup, specs: list[dict], *, echo: Callable[[str], None] | N
     for i, (model, spec) in enumerate(todo, 1):
         t0 = time.perf_counter()
         msetup = replace(setup, model=model)
-        chosen = tuned_options(msetup, spec, data_dir=places[spec["dataset"]]) if setup.tune else {}
-        result = run_one(msetup, {**chosen, **spec}, data_dir=places[spec["dataset"]], snapshots=snapshots)
+        cfg = planned_config(msetup, spec, data_dir=places[spec["dataset"]])
+        result = run_one(msetup, cfg, snapshots=snapshots)
         rows.append(run_row(result, spec))
         if echo:
             what = " ".join(f"{k}={v}" for k, v in spec.items())
@@ -273,8 +278,13 @@ def run_grid(setup: Setup, specs: list[dict], *, echo: Callable[[str], None] | N
     return pd.DataFrame(rows)
 
 
-def run_label(method: str, n: int) -> str:
-    """The method's label; S-DPO with every negative of the pool reads ``S-DPO-all``."""
+def run_label(method: str, n: int, negatives: str | None = None) -> str:
+    """The method's label; S-DPO with every negative of the pool reads ``S-DPO-all``; a method trained on other
+    negatives than its own (``TrainConfig.negatives``) carries them: ``S-DPO[longest]``."""
+    from ..config import METHOD_STRATEGY
+
+    if negatives and negatives != METHOD_STRATEGY.get(method):
+        return f"{method_label(method)}[{negatives}]"
     return "S-DPO-all" if method == "sdpo" and int(n) >= FULL_POOL else method_label(method)
 
 
@@ -282,47 +292,44 @@ def run_label(method: str, n: int) -> str:
 
 
 def tuning_rule() -> dict[str, Any]:
-    """``params/training.yaml`` ``tuning``: the metric, the seed and the grid per regime."""
-    from ..params import load_params
+    """``params/training.yaml`` ``tuning``: the metric, the seed, the grid per regime and the bounds of its axes."""
+    from ..tuning import tuning_rule as rule
 
-    return dict(load_params("training").get("tuning") or {})
+    return rule()
 
 
 def tuning_grid(regime: str) -> list[dict[str, Any]]:
-    """Every combination of the regime's grid, in grid order (first = the most regularised)."""
-    import itertools
+    """Every combination of the regime's written grid, in grid order (first = the most regularised)."""
+    from ..tuning import combos, grid_axes
 
-    axes = (tuning_rule().get("grid") or {}).get(regime) or {}
-    keys = list(axes)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+    return combos(grid_axes(regime, tuning_rule()))
 
 
 _TUNED: dict = {}
 
 
-def tune(setup: Setup, dataset: str, method: str, *, data_dir: str | None = None) -> tuple[dict, pd.DataFrame]:
-    """Choose the hyperparameters of ``(setup.model, dataset, method)`` once, by the rule in ``params/training.yaml``:
-    every combination of the grid is trained on the training prompts (the tuning seed, the method's default n and
-    beta) and scored on the validation prompts by the rule's metric; the best wins, ties to the first in grid order.
+def tune(setup: Setup, dataset: str, method: str, *, data_dir: str | None = None, negatives: str | None = None
+         ) -> tuple[dict, pd.DataFrame]:
+    """Choose the hyperparameters of ``(setup.model, dataset, method)`` once, by the rule in ``params/training.yaml``
+    (:func:`mass_dpo.tuning.tune`: every grid point trained on the training prompts with the tuning seed, the method's
+    default n and beta, scored on the validation prompts; a numeric axis whose best value is at an edge is extended).
 
-    Returns ``(chosen options, one row per combination with the validation metric)``. The test split is never read.
+    ``negatives``: a method trained on other negatives than its own (``TrainConfig.negatives``) is tuned as a method
+    of its own. Returns ``(chosen options, one row per grid point with the validation metric)``. The test split is
+    never read.
     """
-    rule = tuning_rule()
-    combos = tuning_grid(setup.regime)
-    if not combos:
-        return {}, pd.DataFrame()
-    metric = rule.get("metric", "mrr")
-    rows = []
-    for combo in combos:
-        spec = {"dataset": dataset, "method": method, "seed": int(rule.get("seed", 0)), "test_split": "valid", **combo}
-        result = run_one(setup, spec, data_dir=data_dir)
-        rows.append({**combo, "dataset": dataset, "method": method, "model": setup.model, "metric": metric,
-                     "value": float(result.metrics[metric]), "se": float(result.metrics.get(f"{metric}_se", math.nan)),
-                     "prompts": result.metrics.get("prompts")})
-    table = pd.DataFrame(rows)
-    best = int(np.argmax(table["value"].to_numpy()))  # first maximum: ties go to the grid's order
-    table["chosen"] = [i == best for i in range(len(table))]
-    return dict(combos[best]), table
+    from ..tuning import tune as tune_by_rule
+
+    own = {"negatives": negatives} if negatives else {}
+
+    def train(options: dict):
+        return run_one(setup, {"dataset": dataset, "method": method, **own, **options}, data_dir=data_dir)
+
+    tuned = tune_by_rule(train, setup.regime, rule=tuning_rule())
+    table = tuned.table
+    if len(table):
+        table = table.assign(dataset=dataset, method=method, negatives=negatives, model=setup.model)
+    return dict(tuned.options), table
 
 
 def tuned_options(setup: Setup, spec: dict, *, data_dir: str | None = None) -> dict:
@@ -332,10 +339,21 @@ def tuned_options(setup: Setup, spec: dict, *, data_dir: str | None = None) -> d
     if not combos or set(combos[0]) & set(spec):
         return {}
     key = (setup.model, setup.regime, setup.profile, str(data_dir or setup.data_dir), setup.train_limit,
-           setup.eval_limit, spec["dataset"], spec["method"], json.dumps(setup.options, sort_keys=True, default=str))
+           setup.eval_limit, spec["dataset"], spec["method"], json.dumps(setup.options, sort_keys=True, default=str),
+           spec.get("negatives"))
     if key not in _TUNED:
-        _TUNED[key] = tune(setup, spec["dataset"], spec["method"], data_dir=data_dir)
+        _TUNED[key] = tune(setup, spec["dataset"], spec["method"], data_dir=data_dir, negatives=spec.get("negatives"))
     return dict(_TUNED[key][0])
+
+
+def planned_config(setup: Setup, spec: dict, *, data_dir: str | None = None):
+    """The resolved :class:`mass_dpo.config.TrainConfig` that :func:`run_grid` trains for ``spec`` (the tuned options
+    of its (model, dataset, method) included when ``setup.tune``): the one way to name a run before it exists."""
+    from ..config import resolve_config
+
+    where = data_dir if data_dir is not None else setup.data_dir
+    chosen = tuned_options(setup, spec, data_dir=where) if setup.tune else {}
+    return resolve_config(_config(setup, {**chosen, **spec}, where))
 
 
 def tuning_table(setup: Setup) -> pd.DataFrame:
@@ -347,26 +365,17 @@ def tuning_table(setup: Setup) -> pd.DataFrame:
 # ---------------------------------------------------------------- the reference row and paired differences
 
 
-def dataset_configs(setup: Setup, datasets, *, method: str = "mass_dpo", models=None,
-                    echo: Callable[[str], None] | None = print) -> list[tuple[str, str, Any]]:
-    """``[(model, dataset, resolved TrainConfig)]`` of ``method`` (seed 0) for each model of ``setup`` (or ``models``)
-    and each dataset whose data is present (the others reported through ``echo``): what the notebooks read a
-    dataset's extraction or its reference run by."""
-    from ..config import resolve_config
-
-    places = available(list(datasets), setup.data_dir, echo)
-    return [(model, ds, resolve_config(_config(replace(setup, model=model),
-                                               {"dataset": ds, "method": method, "seed": 0}, places[ds])))
-            for model in (models or setup.model_list()) for ds in datasets if ds in places]
-
-
 def reference_rows(setup: Setup, datasets, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """The untrained policy of each (model, dataset), evaluated like every run (:func:`mass_dpo.runs.reference_run`):
     rows shaped like :func:`run_grid`'s with ``method = label = "reference"`` and seed 0 (it has no randomness)."""
     from ..runs import reference_run
 
     rows = []
-    for model, ds, cfg in dataset_configs(setup, datasets, method="sdpo", echo=None):
+    places = available(list(datasets), setup.data_dir, None)
+    for model, ds in [(m, d) for m in setup.model_list() for d in datasets if d in places]:
+        # the configuration S-DPO's seed-0 run of the table is trained with (tuned options included), evaluated untrained
+        cfg = planned_config(replace(setup, model=model), {"dataset": ds, "method": "sdpo", "seed": 0},
+                             data_dir=places[ds])
         with contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext():
             result = reference_run(cfg, root=setup.root)
         row = run_row(result, {"dataset": ds, "method": "sdpo", "seed": 0})
@@ -483,7 +492,9 @@ def with_average(summary: pd.DataFrame, runs: pd.DataFrame, by, metrics, *, data
 
 def paper_reference(table: str) -> pd.DataFrame:
     """The paper's numbers of ``table`` (``params/paper_reference/<table>.csv``, long format)."""
-    return pd.read_csv(repo_root() / "params" / "paper_reference" / f"{table}.csv")
+    from ..params import params_dir
+
+    return pd.read_csv(params_dir() / "paper_reference" / f"{table}.csv")
 
 
 def _key(value) -> str:
@@ -548,13 +559,31 @@ def wide_table(long: pd.DataFrame, index, columns, *, value: str = "value", se: 
 # ---------------------------------------------------------------- data of a run (for Tables 4 and 7)
 
 
-def load_split(config, split: str = "train"):
-    """The cached ``Extracted`` of one split of a run's config, as :func:`mass_dpo.runs.prepare_data` made it (shared
-    in-process with the runs: :func:`mass_dpo.runs.extracted_split`)."""
+def config_of(run):
+    """The resolved configuration a finished run was trained with, read from its own folder (``config.json``).
+
+    ``run``: a :class:`mass_dpo.runs.RunResult`, a row of a runs table (anything with ``run_dir``: a
+    :func:`run_grid` row, a pandas row, a dict) or a run folder. A configuration that is not a finished run's is
+    refused: every analysis reports a run, so it reads that run's settings (pooling, tuned options, n, beta, ...)."""
+    from ..config import TrainConfig
+    from ..runs import RunResult, load_run
+
+    if isinstance(run, RunResult):
+        return run.config
+    if isinstance(run, TrainConfig):
+        raise TypeError("an analysis reads a finished run's own configuration: pass the run (a runs-table row, a "
+                        "RunResult or its folder), not a TrainConfig")
+    folder = run.get("run_dir") if isinstance(run, dict) else getattr(run, "run_dir", run)
+    return load_run(folder).config
+
+
+def load_split(run, split: str = "train"):
+    """The cached ``Extracted`` of one split of a finished run (:func:`config_of`: its own pooling, data and sizes),
+    as :func:`mass_dpo.runs.prepare_data` made it for that run (shared in-process: :func:`mass_dpo.runs.extracted_split`)."""
     from ..runs import extracted_split
 
     with contextlib.redirect_stderr(io.StringIO()):
-        return extracted_split(config, split)[1]
+        return extracted_split(config_of(run), split)[1]
 
 
 def span(values, digits: int) -> str:
@@ -677,13 +706,19 @@ def disk_memo(tag: str):
             root = args[0].root if args and isinstance(args[0], Setup) and args[0].root else None
             path = Path(root or runs_root()) / "analyses" / f"{tag}-{digest}.pkl"
             if path.is_file():
-                return pd.read_pickle(path)
+                try:
+                    return pd.read_pickle(path)
+                except Exception as err:  # a damaged table: said in one line, computed again
+                    import warnings
+
+                    warnings.warn(f"memoised table {path} does not load ({type(err).__name__}); computing it again",
+                                  stacklevel=2)
             out = fn(*args, **kwargs)
             if isinstance(out, pd.DataFrame):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                out.to_pickle(tmp)
-                os.replace(tmp, path)
+                from ..files import atomic_path
+
+                with atomic_path(path) as tmp:
+                    out.to_pickle(tmp, compression=None)
             return out
 
         return memoised

@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 import pandas as pd
-from .core import (disk_memo, FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, reference_rows, run_grid,
+from .core import (config_of, disk_memo, FULL_POOL, Setup, beside_paper, grid, load_split, paper_reference, reference_rows, run_grid,
                    summarize)
 
 
@@ -52,14 +52,13 @@ def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seed
     in the same process under the same load. Under the Trainer (LM regimes): seconds per epoch
     (``train_epoch_<method>_<n>``). One row per (model, dataset, seed, component)."""
     from ..preprocess import select_extracted
-    from ..runs import load_run
 
     seeds = list(seeds if seeds is not None else setup.seeds)
     runs = run_grid(setup, cost_specs(datasets, seeds, n=n, full=full, beta=beta), echo=echo)
     rows = []
     timed: set = set()
     for row in runs.itertuples():
-        cfg = load_run(row.run_dir).config
+        cfg = config_of(row)
         exact = cfg.regime == "loglinear" and cfg.fit == "exact"
         key = method_key(row.method, row.n)
         base = {"model": row.model, "dataset": row.dataset, "seed": row.seed}
@@ -73,10 +72,10 @@ def wallclock(setup: Setup, datasets, *, n: int = 5, full: int = FULL_POOL, seed
                          "iterations": row.steps, "seconds_per_iteration": math.nan})
         if row.method == "mass_dpo" and (row.model, row.dataset) not in timed:
             timed.add((row.model, row.dataset))
-            splits = [load_split(cfg, s) for s in ("train", "valid", "test") if s != "valid" or cfg.eval_limit != 0]
+            splits = [load_split(row, s) for s in ("train", "valid", "test") if s != "valid" or cfg.eval_limit != 0]
             extraction = sum(float(ex.meta.get("seconds", math.nan)) for ex in splits)
             t0 = time.perf_counter()
-            select_extracted(splits[0], n, strategy="dopt", beta=beta, gamma=cfg.gamma,
+            select_extracted(splits[0], cfg.n, strategy=cfg.strategy, beta=cfg.beta, gamma=cfg.gamma,
                              selection_score=cfg.selection_score)
             selection = time.perf_counter() - t0
             prompts = sum(len(ex) for ex in splits)
@@ -123,8 +122,9 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
                          "seconds": med, "iterations": iters[r.run_dir],
                          "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
         if cache:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            kept.write_text(json.dumps(rows[first:], default=str))
+            from ..files import atomic_write_json
+
+            atomic_write_json(kept, rows[first:], indent=None)
     return rows
 
 

@@ -39,32 +39,61 @@ def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def claims_markdown(out_dir) -> str:
-    """The claims table as Markdown: the learning check, then each paired comparison, one row per (dataset,
-    metric, setting) with the difference, its 95% interval and the verdict (percentage points for the ranking
-    metrics)."""
-    root = Path(out_dir)
-    lines = ["# Claims, with paired intervals", "",
-             "Written by `mass-dpo reproduce` from the notebooks' own tables (`mass_dpo.experiments.gallery`); "
-             "differences per test prompt on the same prompts, averaged over seeds, 95% interval over prompts; "
-             "ranking metrics in percentage points.", ""]
-    learned = root / "table1" / "learning.csv"
+#: The gallery's folders of each regime: the default profile's at its top, the LM regime's profile (``cpu-lm``) in ``lm/``.
+REGIME_FOLDERS = ("", "lm")
+
+
+def regime_of(folder) -> str:
+    """The regime (and model) a gallery folder's runs come from, read from its Table 1 runs (``table1/runs.csv``)."""
+    path = Path(folder) / "table1" / "runs.csv"
+    if not path.is_file():
+        return "?"
+    runs = pd.read_csv(path)
+    parts = [f"{m} {r}" for m, r in dict.fromkeys(zip(runs.get("model", ["?"]), runs.get("regime", ["?"])))]
+    return ", ".join(parts)
+
+
+def regime_claim(root) -> list[str]:
+    """The answer to the paper's claim, one line per (regime, dataset, metric): MASS-DPO minus S-DPO at equal n per
+    test prompt (``table1/mass_dpo_minus_sdpo.csv`` of each regime's folder), with its 95% interval."""
+    lines = ["## The claim, per regime: MASS-DPO minus S-DPO at equal n (Table 1)", "",
+             "| regime | dataset | metric | difference | 95% interval | seeds | test prompts | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for sub in REGIME_FOLDERS:
+        folder = Path(root) / sub
+        path = folder / "table1" / "mass_dpo_minus_sdpo.csv"
+        if not path.is_file():
+            continue
+        found = True
+        regime = regime_of(folder)
+        for _, r in pd.read_csv(path).iterrows():
+            verdict = ("above" if r["diff"] > 0 else "below") if bool(r["significant"]) else "inside the noise"
+            lines.append(f"| {regime} | {r['dataset']} | {r['metric']} | {_fmt(r['diff'], r['metric'])} | "
+                         f"{_fmt(r['lo'], r['metric'])} to {_fmt(r['hi'], r['metric'])} | {r.get('seeds', '')} | "
+                         f"{r.get('prompts', '')} | {verdict} |")
+    return lines + [""] if found else []
+
+
+def _regime_sections(folder: Path, title: str) -> list[str]:
+    lines = []
+    learned = folder / "table1" / "learning.csv"
     if learned.is_file():
         lt = pd.read_csv(learned)
         lt = lt[lt["metric"] == "mrr"]
-        lines += ["## Learning first (Table 1 runs): each method against the untrained reference, MRR", "",
+        lines += [f"## {title}Learning first (Table 1 runs): each method against the untrained reference, MRR", "",
                   "| dataset | method | gain | 95% interval | z | learned (z >= 3) |", "|---|---|---|---|---|---|"]
         for r in lt.itertuples():
             lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "
                          f"{_fmt(r.hi, 'mrr')} | {r.z_score:.1f} | {'yes' if r.learned else 'no'} |")
         lines.append("")
-    for source, table in paired_tables(root):
+    for source, table in paired_tables(folder):
         if source.endswith("/learning"):
             continue
         extra = [c for c in table.columns if c not in PAIRED | {"model", "dataset", "metric", "se", "z_score", "seeds",
                                                                  "prompts", "method"} and table[c].nunique() > 1]
-        lines += [f"## `{source}`", "", "| " + " | ".join(["dataset", "metric", *extra, "a - b", "difference",
-                                                            "95% interval", "verdict"]) + " |",
+        lines += [f"## {title}`{source}`", "", "| " + " | ".join(["dataset", "metric", *extra, "a - b", "difference",
+                                                                     "95% interval", "verdict"]) + " |",
                   "|" + "---|" * (6 + len(extra))]
         for _, r in table.iterrows():
             verdict = ("a above b" if r["diff"] > 0 else "a below b") if bool(r["significant"]) else "inside the noise"
@@ -75,11 +104,30 @@ def claims_markdown(out_dir) -> str:
         sig = table[table["significant"].astype(bool)]
         lines += ["", f"{len(sig[sig['diff'] > 0])} above, {len(sig[sig['diff'] < 0])} below, "
                       f"{len(table) - len(sig)} inside the noise, of {len(table)}.", ""]
+    return lines
+
+
+def claims_markdown(out_dir) -> str:
+    """The claims table as Markdown: the answer per regime (:func:`regime_claim`), then, per regime folder of the
+    gallery (:data:`REGIME_FOLDERS`), the learning check and each paired comparison, one row per (dataset, metric,
+    setting) with the difference, its 95% interval and the verdict (percentage points for the ranking metrics)."""
+    root = Path(out_dir)
+    lines = ["# Claims, with paired intervals", "",
+             "Written by `mass-dpo reproduce` from the notebooks' own tables (`mass_dpo.experiments.gallery`); "
+             "differences per test prompt on the same prompts, averaged over seeds, 95% interval over prompts; "
+             "ranking metrics in percentage points. Every section names the regime its runs come from.", ""]
+    lines += regime_claim(root)
+    for sub in REGIME_FOLDERS:
+        folder = root / sub
+        if sub and not folder.is_dir():
+            continue
+        title = f"[{regime_of(folder)}] " if (folder / "table1").is_dir() else (f"[{sub}] " if sub else "")
+        lines += _regime_sections(folder, title)
     return "\n".join(lines) + "\n"
 
 
 def write_claims(out_dir) -> Path:
     """Write ``<out_dir>/claims.md`` (:func:`claims_markdown`)."""
-    path = Path(out_dir) / "claims.md"
-    path.write_text(claims_markdown(out_dir))
-    return path
+    from ..files import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / "claims.md", claims_markdown(out_dir))

@@ -135,8 +135,7 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
     the reference). Runs that are not exact log-linear fits (Adam, LM regimes: no path to retrace) are skipped, so
     under those the result is empty. ``cache``: each run's curve is kept in its folder (``common_curve_<split>.csv``; a
     retrained run starts from an empty folder), so a warm rerun fits nothing."""
-    from ..runs import load_run
-    from .core import load_split
+    from .core import config_of, load_split
 
     frames = []
     for row in runs.itertuples():
@@ -146,8 +145,8 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
         if cache and kept.is_file():
             long = pd.read_csv(kept)
         else:
-            cfg = load_run(row.run_dir).config
-            pools = load_split(cfg, split)
+            cfg = config_of(row)
+            pools = load_split(row, split)
             points = []
 
             def score(it, theta, pools=pools, beta=cfg.beta):
@@ -156,7 +155,10 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
             refit(row.run_dir, callback=score)
             long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
             if cache:
-                long.to_csv(kept, index=False)
+                from ..files import atomic_path
+
+                with atomic_path(kept) as tmp:
+                    long.to_csv(tmp, index=False)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
     cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
@@ -193,19 +195,18 @@ def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     """Per training run: the share of its training negatives among the ``k`` longest of their pool and the chance
     share (:func:`longest_share`): D-optimal picks that favour long (most separable) negatives make a method's own
     online-eval negatives easy. Columns ``dataset, label, seed, share, chance``."""
-    from ..runs import load_run, prepare_data
-    from .core import load_split
+    from ..runs import prepare_data
+    from .core import config_of, load_split
 
     rows = []
     for row in runs.itertuples():
         if row.label == "reference":
             continue
-        cfg = load_run(row.run_dir).config
-        lengths = load_split(cfg, "train").lengths
-        if lengths is None:
+        split = load_split(row, "train")
+        if split.lengths is None:
             continue
-        train = prepare_data(cfg).train
-        share, chance = longest_share(train.candidates, lengths, load_split(cfg, "train").mask, k)
+        train = prepare_data(config_of(row)).train
+        share, chance = longest_share(train.candidates, split.lengths, split.mask, k)
         rows.append({"dataset": row.dataset, "label": row.label, "seed": row.seed, "share": share, "chance": chance})
     return pd.DataFrame(rows, columns=["dataset", "label", "seed", "share", "chance"])
 

@@ -13,7 +13,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .core import dataset_configs, disk_memo, Setup, beside_paper, grid, load_split, run_grid, span, summarize
+from .core import (_config, available, config_of, disk_memo, Setup, beside_paper, grid, load_split, run_grid, span,
+                   summarize)
 
 
 # ---------------------------------------------------------------- Table 4
@@ -22,17 +23,19 @@ from .core import dataset_configs, disk_memo, Setup, beside_paper, grid, load_sp
 @disk_memo("budget_table")
 def budget_table(setup: Setup, datasets, ns, *, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Which budgets of ``ns`` Table 4 can compare, per dataset: ``negatives_max`` (the most negatives of any training
-    pool, from the runs' own extraction) and ``trivial`` (:func:`mass_dpo.stability.trivial_budgets`: ``n >=`` the
-    negatives of every pool, so every selection is the whole pool at any checkpoint; QASC's 7 negatives make n = 10
-    trivial). Pool sizes do not depend on the model, so the setup's first model's extraction is read."""
-    from .. import stability as stab
+    pool of the runs' prompts: the setup's data, limit and subsample seed) and ``trivial`` (``n >=`` the negatives of
+    every pool, so every selection is the whole pool at any checkpoint; QASC's 7 negatives make n = 10 trivial, as
+    :func:`mass_dpo.stability.trivial_budgets` says of an extraction). Read from the records: pool sizes depend on no
+    model, feature or tuned setting."""
+    from ..config import resolve_config
+    from ..data import load_benchmark
 
     rows = []
-    for _, ds, cfg in dataset_configs(setup, datasets, models=setup.model_list()[:1], echo=echo):
-        ex = load_split(cfg, "train")
-        trivial = set(stab.trivial_budgets(ex, ns))
-        most = int(stab.negatives_per_pool(ex).max()) if len(ex) else 0
-        rows += [{"dataset": ds, "n": int(n), "negatives_max": most, "trivial": int(n) in trivial} for n in ns]
+    for ds, where in available(list(datasets), setup.data_dir, echo).items():
+        cfg = resolve_config(_config(setup, {"dataset": ds, "method": "mass_dpo", "seed": 0}, where))
+        records = load_benchmark(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.subsample_seed)
+        most = max((len(r["candidates"]) - 1 for r in records), default=0)
+        rows += [{"dataset": ds, "n": int(n), "negatives_max": most, "trivial": int(n) >= most} for n in ns]
     return pd.DataFrame(rows, columns=["dataset", "n", "negatives_max", "trivial"])
 
 
@@ -67,35 +70,35 @@ def stability_specs(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: flo
 
 
 @disk_memo("stability")
-def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1, gamma: float | None = None,
+def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1,
               budgets: pd.DataFrame | None = None, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation.
 
     One row per (model, dataset, n, seed, checkpoint): exact match, Jaccard, top-1 and top-3 exact match,
     objective retention, over the training prompts, the selection made under the run's own reading of the
-    preprocessing score (``cfg.selection_score``) with its beta and gamma (``gamma``: the runs' unless given).
+    preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
+    (:func:`core.load_split`): every setting is the run's (:func:`core.config_of`).
     ``budgets`` (:func:`budget_table`): its ``trivial`` (dataset, n) are neither trained nor compared.
     Loglinear regime only: theta_t gives Delta_i(theta_t) = phi_i . theta_t on the frozen features
     (:func:`mass_dpo.stability.at_checkpoint`); the exact fit's ``mid`` snapshot is the L-BFGS iterate half-way
     along its path, the Trainer's the end of epoch 1. The LM regimes would need a re-extraction under each
     checkpoint (``extract(..., checkpoint=<folder>)``), which the runs do not keep."""
     from .. import stability as stab
-    from ..runs import load_run
 
     specs = stability_specs(setup, datasets, ns=ns, seeds=seeds, beta=beta, budgets=budgets)
     runs = run_grid(setup, specs, echo=echo, snapshots=True)
     rows = []
     for row in runs.itertuples():
-        cfg = load_run(row.run_dir).config
-        ex = load_split(cfg, "train")
+        cfg = config_of(row)
+        ex = load_split(row, "train")
         theta0 = torch.zeros(ex.features.shape[-1])
-        g = float(cfg.gamma if gamma is None else gamma)
         for name in ("mid", "final"):
             snap = torch.load(Path(row.run_dir) / "snapshots" / f"{name}.pt")
-            metrics = stab.recompute(ex, theta0, snap["theta"], int(row.n), beta=float(cfg.beta), gamma=g,
+            metrics = stab.recompute(ex, theta0, snap["theta"], int(cfg.n), beta=float(cfg.beta), gamma=float(cfg.gamma),
                                      selection_score=cfg.selection_score)
-            rows.append({"model": row.model, "dataset": row.dataset, "n": int(row.n), "seed": row.seed,
-                         "selection_score": cfg.selection_score, "checkpoint": name, "step": snap["step"],
+            rows.append({"model": row.model, "dataset": row.dataset, "n": int(cfg.n), "seed": row.seed,
+                         "selection_score": cfg.selection_score, "beta": float(cfg.beta), "gamma": float(cfg.gamma),
+                         "pooling": cfg.pooling, "run_dir": str(row.run_dir), "checkpoint": name, "step": snap["step"],
                          "theta_norm": float(snap["theta"].norm()), **metrics})
     return pd.DataFrame(rows)
 
