@@ -453,7 +453,9 @@ def prepare_data(config: TrainConfig) -> RunData:
         pool_eval = PoolEval(lambda model: score_candidates(model, valid, pools=pools.get("valid")), valid.ref_logps,
                              valid.mask, valid.target, beta=config.beta)
     return RunData(policy, train, eval_, test, pools.get("test"),
-                   test_records=records["test"] if lm else None, tokenizer=bundle.tokenizer if lm else None,
+                   # tuning runs (test_split 'valid') are ranked by the tuning metric alone: no generation
+                   test_records=records["test"] if lm and config.test_split != "valid" else None,
+                   tokenizer=bundle.tokenizer if lm else None,
                    pool_eval=pool_eval)
 
 

@@ -337,6 +337,17 @@ def test_freeze_run_end_to_end_resumes_and_keeps_only_trainable_weights(tmp_path
     pool = log[log["split"] == "pool"]
     assert pool["step"].tolist() == [0, 3, 6] and pool["margin"].iloc[0] == 0 and pool["mrr"].notna().all()
     assert straight.metrics["accuracy_kind"] == "hit_ratio@1" and straight.metrics["prompts"] == 4
+    # Figures 2-3's whole-pool curves of a run that is not an exact fit: its pool rows, over optimizer steps
+    import pandas as pd
+
+    from mass_dpo.experiments import common_curves
+
+    row = pd.DataFrame([{"label": "S-DPO", "ridge": float("nan"), "run_dir": str(run), "dataset": "lastfm",
+                         "method": "sdpo", "seed": 0}])
+    curve = common_curves(row)
+    assert set(curve["negatives"]) == {"common"} and sorted(set(curve["step"])) == [0, 3, 6]
+    got = curve[curve["metric"] == "mrr"].sort_values("step")["value"].tolist()
+    assert got == pytest.approx(pool["mrr"].tolist())
 
     # Table 4's re-extraction: the snapshot's log-probs and features of every candidate, the untrained reference
     final = runs.load_policy(run, "final")
@@ -353,6 +364,8 @@ def test_freeze_run_end_to_end_resumes_and_keeps_only_trainable_weights(tmp_path
     assert torch.allclose(ex.ref_logps, frozen.score_states(untrained, ex.states, valid_pools), atol=1e-6)
     assert not torch.allclose(ex.theta0_logps, ex.ref_logps) and not torch.allclose(ex.theta0_logps, mid.theta0_logps)
     assert ex.features.shape == (4, 20, 64)
+    init = runs.reextract_run(run, "valid", snapshot="init")  # the starting point, through the same path
+    assert init.meta["step"] == 0 and torch.allclose(init.theta0_logps, init.ref_logps, atol=1e-6)
     assert select_extracted(ex, 3, strategy="dopt")["indices"].shape == (4, 3)
 
     # the test ranking is the final policy's log-prob of every candidate, from the cached test states

@@ -1,6 +1,7 @@
 """The claims table is written from the notebooks' paired-difference tables."""
 
 import pandas as pd
+import pytest
 
 from mass_dpo.experiments.gallery import claims_markdown, write_claims
 
@@ -24,11 +25,12 @@ def test_claims_from_saved_tables(tmp_path):
     assert write_claims(tmp_path).read_text() == text
 
 
-def test_the_claim_is_answered_once_per_regime(tmp_path):
+@pytest.mark.parametrize("lm_source", ["table1", "training_dynamics"])
+def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
     """A regime's folder (the LM regime's profile writes into lm/) gets its own line per dataset and metric, named
-    by the regime its runs.csv says."""
+    by the regime its runs.csv says; a regime whose Table 1 has not run answers from its Figures 2-3 runs."""
     for sub, regime, diff in (("", "loglinear", -0.05), ("lm", "freeze", 0.01)):
-        folder = tmp_path / sub / "table1"
+        folder = tmp_path / sub / ("table1" if not sub else lm_source)
         folder.mkdir(parents=True)
         pd.DataFrame([{"model": "smollm2", "regime": regime, "dataset": "qasc", "label": "S-DPO"}]).to_csv(
             folder / "runs.csv", index=False)
@@ -37,6 +39,6 @@ def test_the_claim_is_answered_once_per_regime(tmp_path):
                        "significant": abs(diff) > 0.02, "seeds": 2, "prompts": 300}]).to_csv(
             folder / "mass_dpo_minus_sdpo.csv", index=False)
     text = claims_markdown(tmp_path)
-    assert "| smollm2 loglinear | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
-    assert "| smollm2 freeze | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
-    assert "## [smollm2 freeze] `table1/mass_dpo_minus_sdpo`" in text
+    assert "| smollm2 loglinear | table1 | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
+    assert f"| smollm2 freeze | lm/{lm_source} | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
+    assert f"## [smollm2 freeze] `{lm_source}/mass_dpo_minus_sdpo`" in text

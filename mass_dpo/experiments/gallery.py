@@ -43,10 +43,21 @@ def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:
 REGIME_FOLDERS = ("", "lm")
 
 
+#: Where a regime's answer to the claim is read, first found first: Table 1's runs, else the Figures 2-3 runs
+#: (S-DPO and MASS-DPO only; a regime whose Table 1 has not run yet).
+CLAIM_SOURCES = ("table1", "training_dynamics")
+
+
+def _claim_source(folder) -> str | None:
+    return next((s for s in CLAIM_SOURCES if (Path(folder) / s / "mass_dpo_minus_sdpo.csv").is_file()), None)
+
+
 def regime_of(folder) -> str:
-    """The regime (and model) a gallery folder's runs come from, read from its Table 1 runs (``table1/runs.csv``)."""
-    path = Path(folder) / "table1" / "runs.csv"
-    if not path.is_file():
+    """The regime (and model) a gallery folder's runs come from, read from its Table 1 runs (``table1/runs.csv``;
+    else those of the first :data:`CLAIM_SOURCES` notebook that ran)."""
+    path = next((Path(folder) / s / "runs.csv" for s in CLAIM_SOURCES if (Path(folder) / s / "runs.csv").is_file()),
+                None)
+    if path is None:
         return "?"
     runs = pd.read_csv(path)
     parts = [f"{m} {r}" for m, r in dict.fromkeys(zip(runs.get("model", ["?"]), runs.get("regime", ["?"])))]
@@ -55,21 +66,23 @@ def regime_of(folder) -> str:
 
 def regime_claim(root) -> list[str]:
     """The answer to the paper's claim, one line per (regime, dataset, metric): MASS-DPO minus S-DPO at equal n per
-    test prompt (``table1/mass_dpo_minus_sdpo.csv`` of each regime's folder), with its 95% interval."""
-    lines = ["## The claim, per regime: MASS-DPO minus S-DPO at equal n (Table 1)", "",
-             "| regime | dataset | metric | difference | 95% interval | seeds | test prompts | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    test prompt (``table1/mass_dpo_minus_sdpo.csv`` of each regime's folder, else the first of
+    :data:`CLAIM_SOURCES` there), with its 95% interval."""
+    lines = ["## The claim, per regime: MASS-DPO minus S-DPO at equal n", "",
+             "| regime | source | dataset | metric | difference | 95% interval | seeds | test prompts | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     found = False
     for sub in REGIME_FOLDERS:
         folder = Path(root) / sub
-        path = folder / "table1" / "mass_dpo_minus_sdpo.csv"
-        if not path.is_file():
+        source = _claim_source(folder)
+        if source is None:
             continue
         found = True
         regime = regime_of(folder)
-        for _, r in pd.read_csv(path).iterrows():
+        for _, r in pd.read_csv(folder / source / "mass_dpo_minus_sdpo.csv").iterrows():
             verdict = ("above" if r["diff"] > 0 else "below") if bool(r["significant"]) else "inside the noise"
-            lines.append(f"| {regime} | {r['dataset']} | {r['metric']} | {_fmt(r['diff'], r['metric'])} | "
+            lines.append(f"| {regime} | {'/'.join(p for p in (sub, source) if p)} | {r['dataset']} | {r['metric']} | "
+                         f"{_fmt(r['diff'], r['metric'])} | "
                          f"{_fmt(r['lo'], r['metric'])} to {_fmt(r['hi'], r['metric'])} | {r.get('seeds', '')} | "
                          f"{r.get('prompts', '')} | {verdict} |")
     return lines + [""] if found else []
@@ -121,7 +134,8 @@ def claims_markdown(out_dir) -> str:
         folder = root / sub
         if sub and not folder.is_dir():
             continue
-        title = f"[{regime_of(folder)}] " if (folder / "table1").is_dir() else (f"[{sub}] " if sub else "")
+        title = f"[{regime_of(folder)}] " if _claim_source(folder) or (folder / "table1").is_dir() else \
+            (f"[{sub}] " if sub else "")
         lines += _regime_sections(folder, title)
     return "\n".join(lines) + "\n"
 

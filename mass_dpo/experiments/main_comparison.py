@@ -127,19 +127,39 @@ def refit(run_dir, *, callback=None):
     return fit, seconds, data
 
 
+#: What :func:`common_curves` reads from a run's ``pool`` log rows.
+POOL_METRICS = ("margin", "accuracy", "mrr", "chosen_rewards")
+
+
 def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = True) -> pd.DataFrame:
     """The fair version of Figures 2-3: every L-BFGS iterate of every exact log-linear run (:func:`refit`) scored on
     the whole pools of the ``split`` prompts (the online-eval prompts by default): the same candidates for every
     method, so no run is scored on negatives it chose. Rows like :func:`curves` with ``negatives = "common"`` and the
     extra metric ``mrr`` (:func:`pool_curve_point`). The ``reference`` rows of ``runs`` are skipped (iteration 0 is
-    the reference). Runs that are not exact log-linear fits (Adam, LM regimes: no path to retrace) are skipped, so
-    under those the result is empty. ``cache``: each run's curve is kept in its folder (``common_curve_<split>.csv``; a
-    retrained run starts from an empty folder), so a warm rerun fits nothing."""
+    the reference). Runs that are not exact log-linear fits have no path to retrace: for them the curve is what the
+    run logged while it trained, its ``split == "pool"`` rows (``pool_eval``: the same quantities on the whole pools
+    of the online-eval prompts at every evaluation, :class:`mass_dpo.training.PoolEval`; over optimizer steps); runs
+    without them are skipped. ``cache``: each exact run's curve is kept in its folder (``common_curve_<split>.csv``;
+    a retrained run starts from an empty folder), so a warm rerun fits nothing."""
     from .core import config_of, load_split
 
     frames = []
     for row in runs.itertuples():
-        if row.label == "reference" or pd.isna(row.ridge):  # run_row sets ridge only for exact log-linear runs
+        if row.label == "reference":
+            continue
+        if pd.isna(row.ridge):  # run_row sets ridge only for exact log-linear runs: the others logged their pools
+            if split != "valid":
+                continue
+            from ..runs import load_run
+
+            log = load_run(row.run_dir).log()
+            pool = log[log["split"] == "pool"] if "split" in log else log.iloc[:0]
+            metrics = [m for m in POOL_METRICS if m in pool and pool[m].notna().any()]
+            if pool.empty or not metrics:
+                continue
+            long = pool[["step", *metrics]].melt(id_vars="step", var_name="metric", value_name="value")
+            frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
+                                      negatives="common"))
             continue
         kept = Path(row.run_dir) / f"common_curve_{split}.csv"
         if cache and kept.is_file():
