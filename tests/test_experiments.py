@@ -325,7 +325,8 @@ def test_hold_last_and_final_gap_by_kind_of_negatives():
 
 
 def test_common_curves_skip_runs_without_a_path_to_retrace(tmp_path):
-    # Adam or LM-regime runs (run_row leaves ridge empty) have no deterministic path: skipped, never refitted
+    # Adam or LM-regime runs (run_row leaves ridge empty) have no deterministic path: never refitted; without
+    # whole-pool log rows (pool_eval) they are skipped (a freeze run's pool rows: tests/test_frozen.py)
     runs = pd.DataFrame([{"label": "S-DPO", "ridge": None, "run_dir": str(tmp_path / "missing"), "dataset": "qasc",
                           "method": "sdpo", "seed": 0}])
     assert E.common_curves(runs).empty

@@ -148,7 +148,7 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
         if row.label == "reference":
             continue
         if pd.isna(row.ridge):  # run_row sets ridge only for exact log-linear runs: the others logged their pools
-            if split != "valid":
+            if split != "valid" or not (Path(row.run_dir) / "log.csv").is_file():
                 continue
             from ..runs import load_run
 
