@@ -389,7 +389,7 @@ def test_freeze_run_end_to_end_resumes_and_keeps_only_trainable_weights(tmp_path
 
 def test_freeze_config_profile_and_hash():
     cfg = resolve_config(regime="freeze")
-    assert (cfg.trainable_layers, cfg.learning_rate, cfg.gradient_checkpointing, cfg.fit) == (2, 1e-4, False, "adam")
+    assert (cfg.trainable_layers, cfg.learning_rate, cfg.gradient_checkpointing, cfg.fit) == (2, 1e-3, False, "adam")
     lm = resolve_config(profile="cpu-lm")
     assert (lm.regime, lm.model, lm.pool_eval) == ("freeze", "smollm2", True)
     assert "trainable_layers" not in runs.hash_payload(resolve_config(), world=1)["config"]
