@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from mass_dpo import frozen, runs
 from mass_dpo.data.formatting import encode_pool
@@ -283,17 +282,7 @@ def test_pool_eval_statistics_by_hand():
 # ---------------------------------------------------------------- runs
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt
+from test_checkpoints import Interrupt, StopAt  # noqa: E402  (tests/ is on the path: pytest's rootdir insertion)
 
 
 def test_freeze_run_end_to_end_resumes_and_keeps_only_trainable_weights(tmp_path):
