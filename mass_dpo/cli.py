@@ -62,27 +62,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_STATUS, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (beta, gamma, learning rates); ``inf`` and ``nan`` are refused."""
+def finite_float(text: str, what: str = "") -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are refused); ``what`` names the range in the messages."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number{what}, got {text!r}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number{what}, got {text}")
     return value
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (``inf`` and ``nan`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (beta, gamma, learning rates); ``inf`` and ``nan`` are refused."""
+    value = finite_float(text, " > 0")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 

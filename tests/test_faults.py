@@ -101,17 +101,7 @@ def _finish(proc, timeout=600):
     return proc.returncode, out, err
 
 
-def _error(capsys, argv) -> str:
-    """Run ``argv`` in-process; assert status 2 and exactly one line on stderr; return it."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse errors
-        status = exit_.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2, err
-    assert len(lines) == 1, err
-    return lines[0]
+from test_cli import _error  # noqa: E402  (run in-process: status 2, exactly one line on stderr)
 
 
 # ---------------------------------------------------------------- 1. two identical runs at once
