@@ -400,3 +400,56 @@ def test_cli_trainable_layers(capsys):
     with pytest.raises(SystemExit) as err:
         main(["train", "--regime", "freeze", "--trainable-layers", "0", "--dry-run"])
     assert err.value.code == 2
+
+
+# ---------------------------------------------------------------- Table 4 as the paper ran it
+
+
+def test_table4_of_a_freeze_run_equals_algorithm_1_on_whole_model_extractions(tmp_path, monkeypatch):
+    """``experiments.stability`` in the freeze regime re-extracts every candidate under the untrained model and the
+    mid and final snapshots. Its final row must equal Algorithm 1 run on extractions of the whole causal LM carrying
+    the initial and the final weights (``generation_model`` + ``extract``: no cached states), and the weights it
+    reports as moved must differ from the pretrained ones by exactly that relative distance."""
+    from dataclasses import replace
+
+    from mass_dpo import experiments as E, stability as stab, tuning
+    from mass_dpo.data import load_benchmark
+
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "cache"))
+    rule = {"metric": "mrr", "seed": 0, "grid": {"freeze": {"learning_rate": [5e-2]}},
+            "bounds": {"learning_rate": [5e-2, 5e-2]}}
+    monkeypatch.setattr(tuning, "tuning_rule", lambda: rule)
+    setup = E.Setup(model="tiny", regime="freeze", profile="smoke", data_dir="samples", seeds=[0], train_limit=8,
+                    eval_limit=4, test_limit=4, root=str(tmp_path / "runs"),
+                    options={"trainable_layers": 1, "max_steps": 6, "warmup_ratio": 0.0, "optim": "adamw_torch"})
+    table = E.stability(setup, ["lastfm"], ns=(2,), seeds=[0], echo=None)
+    assert table["checkpoint"].tolist() == ["mid", "final"] and set(table["regime"]) == {"freeze"}
+    assert table["step"].tolist() == [3, 6] and "theta_norm" not in table
+    final_row = table.iloc[1]
+    run = final_row["run_dir"]
+    cfg = E.config_of(run)
+    assert (cfg.n, cfg.learning_rate) == (2, 5e-2)
+
+    tok = runs._model("tiny", False).tokenizer
+    records = load_benchmark("lastfm", "train", data_dir="samples", limit=cfg.limit, seed=cfg.subsample_seed)
+
+    def whole(snapshot):
+        model = frozen.generation_model(runs.load_policy(run, snapshot))
+        return extract(records, ModelBundle(model, tok, f"tiny-{snapshot}", {}), dataset_key=snapshot,
+                       pooling=cfg.pooling, use_cache=False, progress=False)
+
+    start, end = whole("init"), whole("final")
+    assert not torch.allclose(start.theta0_logps, end.theta0_logps, atol=1e-3)  # training moved the log-probs
+    expect = stab.recompute_extracted(start, replace(end, ref_logps=start.ref_logps), int(cfg.n), beta=cfg.beta,
+                                      gamma=cfg.gamma, selection_score=cfg.selection_score)
+    for key in ("exact_match", "jaccard", "top1_match", "top3_exact_match", "saturated"):
+        assert final_row[key] == pytest.approx(expect[key]), key
+    assert final_row["objective_retention"] == pytest.approx(expect["objective_retention"], rel=1e-4)
+    assert final_row["prompts"] == len(records)
+
+    w0 = runs.load_policy(run, "init").trainable_state_dict()
+    w1 = runs.load_policy(run, "final").trainable_state_dict()
+    dist = sum((w1[k] - w0[k]).pow(2).sum() for k in w0).sqrt() / sum(w0[k].pow(2).sum() for k in w0).sqrt()
+    assert final_row["weight_change"] == pytest.approx(float(dist), rel=1e-5) and final_row["weight_change"] > 0
+    lines = E.stability_sentences(E.stability_table(table, model="tiny"), table)
+    assert any("re-extracted at each checkpoint" in line for line in lines)

@@ -25,7 +25,7 @@ TABLES = {
     "table5": ["table5", "table5_wide"],
     "table6": ["table6", "table6_wide"],
     "table3": ["table3", "table3_wide", "table3_best"],
-    "table4": ["table4", "table4_wide", "theta_norm"],
+    "table4": ["table4", "table4_wide", "movement"],
     "table7": ["table7"],
     "table8": ["table8", "table8_wide"],
 }

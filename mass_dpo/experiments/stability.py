@@ -49,17 +49,24 @@ def budget_sentence(budgets: pd.DataFrame) -> str:
             f"whole pool at any checkpoint and agrees by construction: {'; '.join(parts)}.")
 
 
+#: The regimes whose checkpoints Table 4 can recompute the selection at: loglinear (theta_t on frozen features) and
+#: freeze (the snapshots' top blocks re-run on the cached lower-block states: :func:`mass_dpo.runs.reextract_run`).
+STABILITY_REGIMES = ("loglinear", "freeze")
+
+
 def check_stability_regime(setup: Setup) -> None:
-    """Table 4 recomputes Algorithm 1 at saved thetas: the loglinear regime only."""
-    if setup.regime != "loglinear":
-        raise NotImplementedError("Table 4 on an LM regime needs checkpoints re-extracted with "
-                                  "extract(..., checkpoint=<folder>); this module covers the loglinear regime")
+    """Table 4 recomputes Algorithm 1 at saved checkpoints: the loglinear and freeze regimes (see
+    :data:`STABILITY_REGIMES`); ``lora`` and ``full`` keep no snapshots to re-extract from."""
+    if setup.regime not in STABILITY_REGIMES:
+        raise NotImplementedError(f"Table 4 in the {setup.regime} regime would re-extract every candidate with the "
+                                  f"whole model at each checkpoint, which the runs do not keep: use the regime "
+                                  f"{' or '.join(STABILITY_REGIMES)} (-p regime freeze)")
 
 
 def stability_specs(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1,
                     budgets: pd.DataFrame | None = None) -> list[dict]:
     """Table 4's run grid: MASS-DPO at every ``n`` of ``ns``, less the ``trivial`` budgets of ``budgets``
-    (:func:`budget_table`); the loglinear regime only (:func:`check_stability_regime`)."""
+    (:func:`budget_table`); the regimes of :func:`check_stability_regime`."""
     check_stability_regime(setup)
     seeds = list(seeds if seeds is not None else setup.seeds)
     specs = grid(datasets, ["mass_dpo"], seeds, n=list(ns), beta=beta)
@@ -79,28 +86,64 @@ def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0
     preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
     (:func:`core.load_split`): every setting is the run's (:func:`core.config_of`).
     ``budgets`` (:func:`budget_table`): its ``trivial`` (dataset, n) are neither trained nor compared.
-    Loglinear regime only: theta_t gives Delta_i(theta_t) = phi_i . theta_t on the frozen features
-    (:func:`mass_dpo.stability.at_checkpoint`); the exact fit's ``mid`` snapshot is the L-BFGS iterate half-way
-    along its path, the Trainer's the end of epoch 1. The LM regimes would need a re-extraction under each
-    checkpoint (``extract(..., checkpoint=<folder>)``), which the runs do not keep."""
-    from .. import stability as stab
-
+    Loglinear regime: theta_t gives Delta_i(theta_t) = phi_i . theta_t on the frozen features
+    (:func:`mass_dpo.stability.at_checkpoint`; ``theta_norm``); the exact fit's ``mid`` snapshot is the L-BFGS
+    iterate half-way along its path, the Trainer's the end of epoch 1. Freeze regime, as the paper ran it: the
+    features and log-probs of every candidate re-extracted under the untrained policy and under the ``mid`` (half of
+    the optimizer steps) and ``final`` snapshots (:func:`mass_dpo.runs.reextract_run`; ``weight_change``: the
+    relative distance of the trained blocks from the pretrained ones)."""
     specs = stability_specs(setup, datasets, ns=ns, seeds=seeds, beta=beta, budgets=budgets)
     runs = run_grid(setup, specs, echo=echo, snapshots=True)
     rows = []
     for row in runs.itertuples():
         cfg = config_of(row)
-        ex = load_split(row, "train")
-        theta0 = torch.zeros(ex.features.shape[-1])
-        for name in ("mid", "final"):
-            snap = torch.load(Path(row.run_dir) / "snapshots" / f"{name}.pt")
-            metrics = stab.recompute(ex, theta0, snap["theta"], int(cfg.n), beta=float(cfg.beta), gamma=float(cfg.gamma),
-                                     selection_score=cfg.selection_score)
-            rows.append({"model": row.model, "dataset": row.dataset, "n": int(cfg.n), "seed": row.seed,
-                         "selection_score": cfg.selection_score, "beta": float(cfg.beta), "gamma": float(cfg.gamma),
-                         "pooling": cfg.pooling, "run_dir": str(row.run_dir), "checkpoint": name, "step": snap["step"],
-                         "theta_norm": float(snap["theta"].norm()), **metrics})
+        kw = dict(beta=float(cfg.beta), gamma=float(cfg.gamma), selection_score=cfg.selection_score)
+        keys = {"model": row.model, "dataset": row.dataset, "n": int(cfg.n), "seed": row.seed,
+                "selection_score": cfg.selection_score, "beta": float(cfg.beta), "gamma": float(cfg.gamma),
+                "pooling": cfg.pooling, "regime": cfg.regime, "run_dir": str(row.run_dir)}
+        for name, step, moved, metrics in _checkpoints(row, cfg, kw):
+            rows.append({**keys, "checkpoint": name, "step": step, **moved, **metrics})
     return pd.DataFrame(rows)
+
+
+def _checkpoints(row, cfg, kw):
+    """``(checkpoint, step, {how far the policy moved}, Table 4's metrics)`` of a run's ``mid`` and ``final``
+    snapshots against its initialisation, on its own training split."""
+    from .. import stability as stab
+
+    if cfg.regime == "freeze":  # the paper's way: features and log-probs re-extracted from each checkpoint
+        from ..runs import load_policy, reextract_run
+
+        init = reextract_run(row.run_dir, "train", snapshot="init")
+        start = load_policy(row.run_dir, "init").trainable_state_dict()
+        for name in ("mid", "final"):
+            ex = reextract_run(row.run_dir, "train", snapshot=name)
+            moved = weight_change(start, load_policy(row.run_dir, name).trainable_state_dict())
+            yield name, ex.meta["step"], {"weight_change": moved}, stab.recompute_extracted(init, ex, int(cfg.n), **kw)
+        return
+    ex = load_split(row, "train")
+    theta0 = torch.zeros(ex.features.shape[-1])
+    for name in ("mid", "final"):
+        snap = torch.load(Path(row.run_dir) / "snapshots" / f"{name}.pt")
+        yield (name, snap["step"], {"theta_norm": float(snap["theta"].norm())},
+               stab.recompute(ex, theta0, snap["theta"], int(cfg.n), **kw))
+
+
+def weight_change(start: dict, now: dict) -> float:
+    """``||w_t - w_0|| / ||w_0||`` over every trainable weight (two state dicts with the same names): how far a
+    freeze run's top blocks moved from the pretrained ones."""
+    num = sum(float((now[k].double() - start[k].double()).pow(2).sum()) for k in start)
+    den = sum(float(start[k].double().pow(2).sum()) for k in start)
+    return math.sqrt(num / den) if den > 0 else math.nan
+
+
+def movement_table(stab: pd.DataFrame) -> pd.DataFrame:
+    """How far the policy moved at each snapshot (mean over seeds): the optimizer step or L-BFGS iteration, and
+    ``theta_norm`` (loglinear) or ``weight_change`` (freeze: ``||w_t - w_0|| / ||w_0||`` of the trained blocks)."""
+    cols = [c for c in ("step", "theta_norm", "weight_change") if c in stab and stab[c].notna().any()]
+    if stab.empty:
+        return pd.DataFrame(columns=["dataset", "n", "checkpoint", *cols])
+    return stab.groupby(["dataset", "n", "checkpoint"], sort=False)[cols].mean().reset_index()
 
 
 STABILITY_METRICS = ("exact_match", "mean_jaccard", "top1_match", "top3_exact_match", "objective_retention")
@@ -132,7 +175,7 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
     lines = []
     for (model, ds, n), grp in val.groupby(level=[0, 1, 2], sort=False):
         parts = []
-        for ck, label in (("final", "the final theta"), ("mid", "the half-way theta")):
+        for ck, label in (("final", "the final checkpoint"), ("mid", "the half-way checkpoint")):
             if (model, ds, n, ck) in grp.index:
                 r = grp.loc[(model, ds, n, ck)]
                 parts.append(f"against {label}: exact match {r['exact_match']:.3f}, mean Jaccard "
@@ -148,22 +191,29 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
     readings = sorted(set(stab["selection_score"])) if stab is not None and "selection_score" in stab else []
     if readings:
         lines.append(f"Selections made under the runs' reading of the preprocessing score: {', '.join(readings)}.")
-    if "offset" in readings:
+    regimes = set(stab["regime"]) if stab is not None and "regime" in stab else {"loglinear"}
+    if "offset" in readings and "loglinear" in regimes:
         lines.append("Under offset (l_i = b_i, the reference alone) the logits of Algorithm 1 do not depend on theta, "
                      "so on frozen features the recomputed selection is the initial one by construction.")
     if stab is not None and len(stab):
-        norms = stab[stab["checkpoint"] == "final"]["theta_norm"].astype(float)
-        lines.append(f"theta moved from 0 to a norm of {span(norms, 2)} at the end of the fit.")
+        final = stab[stab["checkpoint"] == "final"]
+        if "theta_norm" in final and final["theta_norm"].notna().any():
+            lines.append(f"theta moved from 0 to a norm of {span(final['theta_norm'].dropna().astype(float), 2)} at "
+                         "the end of the fit.")
+        if "weight_change" in final and final["weight_change"].notna().any():
+            lines.append("The trained blocks moved from the pretrained ones by "
+                         f"{span(100 * final['weight_change'].dropna().astype(float), 2)}% of their norm "
+                         "(||w_T - w_0|| / ||w_0||); features and log-probs were re-extracted at each checkpoint.")
     if len(keep):
         verdict = ("so re-selecting during training would gain little: the paper's conclusion holds here for the "
                    "objective" if keep.min() >= 0.99 else
                    "so the subset chosen at initialisation loses part of the information of the recomputed one: the "
                    "paper's conclusion that re-selecting gains little does not hold here")
-        lines.append(f"Objective retention at the final theta: {span(keep, 4)} (paper {span(paper_keep, 4)}), "
+        lines.append(f"Objective retention at the final checkpoint: {span(keep, 4)} (paper {span(paper_keep, 4)}), "
                      f"{verdict}.")
     if len(exact):
         same = ("the subsets stay nearly identical, as in the paper" if exact.min() >= 0.95 else
                 "the subsets themselves change more than in the paper")
-        lines.append(f"Exact match at the final theta: {span(exact, 3)} against the paper's {span(paper_exact, 3)} "
+        lines.append(f"Exact match at the final checkpoint: {span(exact, 3)} against the paper's {span(paper_exact, 3)} "
                      f"(MovieLens, Llama-3.2-3B): {same}.")
     return lines
