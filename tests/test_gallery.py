@@ -38,7 +38,14 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
                        "diff": diff, "se": 0.01, "lo": diff - 0.02, "hi": diff + 0.02, "z_score": diff / 0.01,
                        "significant": abs(diff) > 0.02, "seeds": 2, "prompts": 300}]).to_csv(
             folder / "mass_dpo_minus_sdpo.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": "qasc", "metric": "mrr", "method": "MASS-DPO", "diff": 0.05,
+                       "lo": 0.02, "hi": 0.08, "z_score": 3.3, "learned": True}]).to_csv(folder / "learning.csv",
+                                                                                           index=False)
     text = claims_markdown(tmp_path)
+    what = "Table 1" if lm_source == "table1" else "Figures 2-3"
+    assert f"## [smollm2 freeze] Learning first ({what} runs)" in text
+    assert "## [smollm2 loglinear] Learning first (Table 1 runs)" in text
+    assert text.count("| qasc | MASS-DPO | +5.0 | +2.0 to +8.0 | 3.3 | yes |") == 2
     assert "| smollm2 loglinear | table1 | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
     assert f"| smollm2 freeze | lm/{lm_source} | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
     assert f"## [smollm2 freeze] `{lm_source}/mass_dpo_minus_sdpo`" in text

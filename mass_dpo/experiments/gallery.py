@@ -90,11 +90,12 @@ def regime_claim(root) -> list[str]:
 
 def _regime_sections(folder: Path, title: str) -> list[str]:
     lines = []
-    learned = folder / "table1" / "learning.csv"
-    if learned.is_file():
-        lt = pd.read_csv(learned)
+    source = next((s for s in CLAIM_SOURCES if (folder / s / "learning.csv").is_file()), None)
+    if source is not None:  # Table 1's runs, else the Figures 2-3 runs (a regime whose Table 1 has not run yet)
+        lt = pd.read_csv(folder / source / "learning.csv")
         lt = lt[lt["metric"] == "mrr"]
-        lines += [f"## {title}Learning first (Table 1 runs): each method against the untrained reference, MRR", "",
+        what = "Table 1" if source == "table1" else "Figures 2-3"
+        lines += [f"## {title}Learning first ({what} runs): each method against the untrained reference, MRR", "",
                   "| dataset | method | gain | 95% interval | z | learned (z >= 3) |", "|---|---|---|---|---|---|"]
         for r in lt.itertuples():
             lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "
