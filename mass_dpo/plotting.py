@@ -6,7 +6,7 @@
   timestamps or software strings in the metadata; saving the same figure twice gives identical files.
 - :func:`save_table` writes ``<name>.csv``, ``<name>.md`` and ``<name>.tex``.
 - every file is written to a temporary name and renamed (:mod:`mass_dpo.files`): a reader never sees half a table.
-- :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval; :func:`facet_lines` draws
+- :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval (or their range); :func:`facet_lines` draws
   those summaries as lines with bands, one panel per facet; :func:`show` displays a figure once in a notebook.
 """
 
@@ -202,11 +202,15 @@ def t_quantile(dof: int) -> float:
     return _T975[dof - 1] if dof <= len(_T975) else 1.96
 
 
-def mean_ci(df: pd.DataFrame, by, value: str) -> pd.DataFrame:
-    """Mean of ``value`` over the rows of each ``by`` group (e.g. over seeds) with a t-based 95% interval.
+def mean_ci(df: pd.DataFrame, by, value: str, *, band: str = "t") -> pd.DataFrame:
+    """Mean of ``value`` over the rows of each ``by`` group (e.g. over seeds) with a t-based 95% interval
+    (``band="t"``) or the range of the rows (``band="range"``: lowest to highest, the seeds themselves as a band,
+    readable where two seeds make the t-interval 12.7 standard errors wide).
 
     Returns the ``by`` columns plus ``mean``, ``lo``, ``hi``, ``count``; one row (count 1) gives ``lo = hi = mean``.
     """
+    if band not in ("t", "range"):
+        raise ValueError(f"band must be 't' or 'range', got {band!r}")
     by = [by] if isinstance(by, str) else list(by)
     rows = []
     for key, grp in df.groupby(by, sort=True, dropna=False):
@@ -215,8 +219,9 @@ def mean_ci(df: pd.DataFrame, by, value: str) -> pd.DataFrame:
         n = len(vals)
         mean = float(vals.mean()) if n else float("nan")
         half = t_quantile(n - 1) * float(vals.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+        lo, hi = (float(vals.min()), float(vals.max())) if band == "range" and n else (mean - half, mean + half)
         key = key if isinstance(key, tuple) else (key,)
-        rows.append(dict(zip(by, key), mean=mean, lo=mean - half, hi=mean + half, count=n))
+        rows.append(dict(zip(by, key), mean=mean, lo=lo, hi=hi, count=n))
     return pd.DataFrame(rows)
 
 

@@ -19,7 +19,11 @@ and compares the subsets. Everything here is pure math on index tensors and froz
 - :func:`recompute` runs Algorithm 1 at a checkpoint and scores the old subset under the new design, for the
   objective retention ``sum_p log det(I + G_t[S_0]) / sum_p log det(I + G_t[S_t])`` (the ``d log gamma`` term of
   ``log det H(S)`` is left out of both, so the ratio is of the information each subset adds; 1 = the old subset is
-  as informative at theta_t as the greedy one recomputed there).
+  as informative at theta_t as the greedy one recomputed there);
+- :func:`chance_agreement` and :func:`random_retention` are what chance gives on the same pools: two independent
+  uniform random subsets of the same sizes (exact match ``1 / C(N, k)``, Jaccard from the hypergeometric overlap,
+  top-1 ``1 / N``), and the retention of a uniform random subset. An agreement near chance means the selection at
+  the checkpoint has forgotten the initial one.
 """
 
 from __future__ import annotations
@@ -59,6 +63,61 @@ def subset_agreement(old, new, *, top: int = 3) -> dict[str, torch.Tensor]:
     topk = [float(x == y) for x, y in zip(ta, tb)]
     f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return {"exact_match": f(exact), "jaccard": f(jac), "top1_match": f(top1), f"top{top}_exact_match": f(topk)}
+
+
+def chance_agreement(pool_sizes, n: int, *, top: int = 3) -> dict[str, float]:
+    """The agreement of two independent uniform random selections of ``min(n, N_p)`` negatives of each pool, in
+    random order: the chance level of :func:`subset_agreement`'s metrics, means over prompts.
+
+    Args:
+        pool_sizes: ``[P]`` the number of negatives ``N_p`` of each pool.
+        n: the budget.
+
+    Returns:
+        ``exact_match`` (``1 / C(N, k)``), ``jaccard`` (``E[I / (2k - I)]``, ``I`` hypergeometric: ``k`` draws from
+        ``N`` with ``k`` marked), ``top1_match`` (``1 / N``), ``top{top}_exact_match`` (``1 / C(N, min(top, k))``).
+    """
+    rows = []
+    for size in (int(v) for v in torch.as_tensor(pool_sizes).flatten()):
+        k = min(int(n), size)
+        if size <= 0 or k <= 0:  # nothing to choose: two empty selections agree
+            rows.append((1.0, 1.0, 1.0, 1.0))
+            continue
+        total = math.comb(size, k)
+        jac = sum(math.comb(k, i) * math.comb(size - k, k - i) / total * i / (2 * k - i) for i in range(k + 1))
+        rows.append((1 / total, jac, 1 / size, 1 / math.comb(size, min(top, k))))
+    if not rows:
+        return {"exact_match": math.nan, "jaccard": math.nan, "top1_match": math.nan, f"top{top}_exact_match": math.nan}
+    mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+    return dict(zip(("exact_match", "jaccard", "top1_match", f"top{top}_exact_match"), mean))
+
+
+def random_subsets(mask, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[P, n]`` uniform random subsets (in random order) of ``min(n, N_p)`` of each pool's valid entries of
+    ``mask`` ``[P, N]``, ``-1`` where a pool has fewer than ``n``."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    keys = torch.rand(mask.shape, generator=generator, dtype=torch.float64).masked_fill(~mask, -1.0)
+    k = min(int(n), mask.shape[-1])
+    val, idx = keys.topk(k, dim=-1)
+    idx = torch.where(val >= 0, idx, torch.full_like(idx, -1))
+    if k < n:
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], int(n) - k), -1)], dim=-1)
+    return idx
+
+
+def random_retention(ex: Extracted, gain_best, n: int, *, draws: int = 8, seed: int = 0, beta: float = 0.1,
+                     gamma: float = 0.1, selection_score: str = DEFAULT_SELECTION_SCORE) -> float:
+    """The objective retention of uniform random subsets of ``n`` negatives under the design at ``ex``: the mean
+    over ``draws`` seeded draws of ``sum_p log det(I + G[S_rand]) / sum_p gain_best`` (``gain_best`` ``[P]``: the
+    greedy's gains there), the chance level of ``objective_retention``."""
+    total = float(torch.as_tensor(gain_best).sum())
+    if total <= 0:
+        return math.nan
+    mask = selection_inputs(ex, selection_score)[2]
+    gen = torch.Generator().manual_seed(int(seed))
+    kw = dict(beta=beta, gamma=gamma, selection_score=selection_score)
+    return sum(float(subset_gain(ex, random_subsets(mask, n, generator=gen), **kw).sum()) / total
+               for _ in range(int(draws))) / int(draws)
 
 
 def at_checkpoint(ex: Extracted, theta) -> Extracted:
@@ -113,8 +172,9 @@ def recompute(ex: Extracted, theta_old, theta_new, n: int, *, beta: float = 0.1,
     made under the reading ``selection_score`` (the training runs' own).
 
     Returns the means over prompts of :func:`subset_agreement` plus ``objective_retention`` (see the module
-    docstring), ``prompts`` and ``saturated`` (the share of prompts with at most ``n`` negatives: their selection is
-    the whole pool at any checkpoint)."""
+    docstring), ``prompts``, ``saturated`` (the share of prompts with at most ``n`` negatives: their selection is
+    the whole pool at any checkpoint) and the chance levels ``chance_<metric>`` (:func:`chance_agreement`) and
+    ``random_retention`` (:func:`random_retention`)."""
     return recompute_extracted(at_checkpoint(ex, theta_old), at_checkpoint(ex, theta_new), n, beta=beta, gamma=gamma,
                                top=top, selection_score=selection_score)
 
@@ -135,4 +195,6 @@ def recompute_extracted(ex_old: Extracted, ex_new: Extracted, n: int, *, beta: f
     out["objective_retention"] = float(gain_old.sum()) / total if total > 0 else math.nan
     out["prompts"] = int(old.shape[0])
     out["saturated"] = float((negatives_per_pool(ex_new) <= n).double().mean()) if len(ex_new) else math.nan
+    out.update({f"chance_{k}": v for k, v in chance_agreement(negatives_per_pool(ex_new), n, top=top).items()})
+    out["random_retention"] = random_retention(ex_new, gain_new, n, **kw)
     return out

@@ -150,6 +150,20 @@ def test_stability_table_compares_final_checkpoint_with_the_paper():
     assert t[t["checkpoint"] == "mid"]["paper"].isna().all()
 
 
+def test_stability_sentences_set_the_agreement_beside_chance():
+    row = {"model": "smollm2", "dataset": "movielens", "n": 5, "seed": 0, "selection_score": "reference",
+           "regime": "freeze", "exact_match": 0.0, "top1_match": 0.03, "top3_exact_match": 0.0,
+           "objective_retention": 0.43, "chance_jaccard": 0.15, "chance_top1_match": 1 / 19, "random_retention": 0.4}
+    stab = pd.DataFrame([{**row, "checkpoint": "mid", "jaccard": 0.3},
+                         {**row, "checkpoint": "final", "jaccard": 0.1, "weight_change": 0.04}])
+    t = E.stability_table(stab, model="smollm2")
+    assert set(t["metric"]) >= {"chance_jaccard", "chance_top1_match", "random_retention"}
+    first = E.stability_sentences(t, stab)[0]
+    assert "Jaccard 0.150" in first and "below chance" in first and "retains 0.4000" in first
+    stab.loc[stab["checkpoint"] == "final", "jaccard"] = 0.155
+    assert "about chance" in E.stability_sentences(E.stability_table(stab, model="smollm2"), stab)[0]
+
+
 def test_grid_crosses_every_axis():
     g = E.grid(["a", "b"], ["sdpo", "mass_dpo"], [0, 1], n=[1, 3], beta=0.1)
     assert len(g) == 16 and all(s["beta"] == 0.1 for s in g)

@@ -86,6 +86,15 @@ def test_mean_ci_uses_the_t_interval():
     assert plotting.t_quantile(100) == 1.96 and math.isnan(plotting.t_quantile(0))
 
 
+def test_mean_ci_range_band_spans_the_rows():
+    df = pd.DataFrame({"g": ["x"] * 3 + ["y"], "v": [1.0, 4.0, 2.5, 7.0]})
+    out = plotting.mean_ci(df, "g", "v", band="range").set_index("g")
+    assert (out.loc["x", "lo"], out.loc["x", "mean"], out.loc["x", "hi"]) == (1.0, 2.5, 4.0)
+    assert out.loc["y", "lo"] == out.loc["y", "hi"] == 7.0
+    with pytest.raises(ValueError, match="band"):
+        plotting.mean_ci(df, "g", "v", band="sd")
+
+
 def test_paired_difference_pairs_by_seed():
     df = pd.DataFrame({"seed": [0, 0, 1, 1, 2], "method": ["a", "b", "a", "b", "a"], "v": [3.0, 1.0, 5.0, 2.0, 9.0]})
     df["grp"] = "all"

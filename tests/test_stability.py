@@ -85,3 +85,49 @@ def test_recompute_between_two_extractions_moves_with_features_and_logps():
         S.at_checkpoint(ex, torch.zeros(5)), S.at_checkpoint(ex, theta), 3)
     with pytest.raises(ValueError, match="different prompts"):
         S.recompute_extracted(ex, replace(ex, ids=list(reversed(ex.ids))), 3)
+
+
+@pytest.mark.parametrize("size,n", [(5, 2), (4, 3), (6, 1), (3, 5)])
+def test_chance_agreement_equals_enumeration_of_every_pair_of_random_orders(size, n):
+    """Chance levels by brute force: every pair of ordered draws of min(n, N) of N negatives, equally likely."""
+    from itertools import permutations, product
+
+    k = min(n, size)
+    orders = [list(p) + [-1] * (n - k) for p in permutations(range(size), k)]
+    pairs = list(product(orders, repeat=2))
+    agree = S.subset_agreement(torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs]))
+    want = {key: float(v.mean()) for key, v in agree.items()}
+    got = S.chance_agreement(torch.tensor([size]), n)
+    assert got == pytest.approx(want, rel=1e-12)
+    # several pools: the mean of their chance levels
+    both = S.chance_agreement(torch.tensor([size, 7]), n)
+    seven = S.chance_agreement(torch.tensor([7]), n)
+    assert both["jaccard"] == pytest.approx((got["jaccard"] + seven["jaccard"]) / 2)
+
+
+def test_random_subsets_draw_distinct_valid_negatives_uniformly():
+    mask = torch.ones(2000, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    mask[0, 1:] = False  # a pool with one negative
+    idx = S.random_subsets(mask, 3, generator=torch.Generator().manual_seed(0))
+    assert idx.shape == (2000, 3)
+    assert idx[0].tolist()[1:] == [-1, -1] and idx[0, 0] == 0
+    rows = idx[1:]
+    assert ((rows >= 0) & (rows < 4)).all()
+    assert all(len(set(r)) == 3 for r in rows.tolist())
+    first = torch.bincount(rows[:, 0], minlength=4).double() / len(rows)
+    assert torch.allclose(first, torch.full((4,), 0.25, dtype=torch.float64), atol=0.04)
+
+
+def test_random_retention_scores_seeded_random_subsets_under_the_new_design():
+    ex = _extracted()
+    _, best = S.select(ex, 3)
+    gen = torch.Generator().manual_seed(5)
+    mask = ex.mask[:, 1:]
+    by_hand = sum(float(S.subset_gain(ex, S.random_subsets(mask, 3, generator=gen)).sum()) / float(best.sum())
+                  for _ in range(4)) / 4
+    assert S.random_retention(ex, best, 3, draws=4, seed=5) == pytest.approx(by_hand)
+    assert 0.0 < by_hand < 1.0  # on these pools the greedy's subset is more informative than random ones
+    out = S.recompute_extracted(ex, ex, 3)
+    assert out["chance_jaccard"] == pytest.approx(S.chance_agreement(S.negatives_per_pool(ex), 3)["jaccard"])
+    assert out["random_retention"] == pytest.approx(S.random_retention(ex, best, 3))

@@ -660,7 +660,8 @@ def scoring_note(runs: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- warm reruns
 
 
-#: Bump when a memoised analysis changes what it returns for the same inputs.
+#: Bump when the memoised analyses change what they return for the same inputs (one analysis: its
+#: ``disk_memo(tag, version=...)``).
 MEMO_VERSION = 1
 
 
@@ -684,11 +685,12 @@ def _memo_part(value) -> Any:
     return repr(value)
 
 
-def disk_memo(tag: str):
+def disk_memo(tag: str, version: int = 1):
     """Cache a notebook analysis that returns a DataFrame, by its arguments, under ``<runs root>/analyses/``.
 
     For analyses that are deterministic functions of finished runs and their cached extractions (whose folders are
     named by the hash of what made them): a warm ``mass-dpo reproduce`` reads the table instead of recomputing it.
+    ``version``: raise it when the analysis changes what it returns (its cached tables are then computed again).
     ``MASS_DPO_NO_MEMO=1`` recomputes."""
     import functools
     import hashlib
@@ -700,7 +702,8 @@ def disk_memo(tag: str):
 
             if os.environ.get("MASS_DPO_NO_MEMO", "") not in ("", "0"):
                 return fn(*args, **kwargs)
-            parts = [tag, MEMO_VERSION, [_memo_part(a) for a in args],
+            stamp = MEMO_VERSION if version == 1 else [MEMO_VERSION, version]  # version 1: the keys stay as they were
+            parts = [tag, stamp, [_memo_part(a) for a in args],
                      {k: _memo_part(v) for k, v in sorted(kwargs.items()) if k != "echo"}]
             digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
             root = args[0].root if args and isinstance(args[0], Setup) and args[0].root else None

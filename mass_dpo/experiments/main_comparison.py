@@ -247,14 +247,15 @@ def hold_last(curves_df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def curve_summary(curves_df: pd.DataFrame, *, hold: bool = True) -> pd.DataFrame:
-    """Mean and 95% t-interval over seeds of each (dataset, negatives, method, metric, step); ``hold``: each run's
-    final value held to the dataset's last step first (:func:`hold_last`)."""
+def curve_summary(curves_df: pd.DataFrame, *, hold: bool = True, band: str = "range") -> pd.DataFrame:
+    """Mean over seeds of each (dataset, negatives, method, metric, step) with the seeds as a band (``lo``-``hi``:
+    lowest to highest seed; ``band="t"``: a 95% t-interval, :func:`mass_dpo.plotting.mean_ci`); ``hold``: each
+    run's final value held to the dataset's last step first (:func:`hold_last`)."""
     from ..plotting import mean_ci
 
     data = hold_last(curves_df) if hold else curves_df
     by = ["dataset", *(["negatives"] if "negatives" in data else []), "label", "metric", "step"]
-    return mean_ci(data, by, "value")
+    return mean_ci(data, by, "value", band=band)
 
 
 def final_gap(curves_df: pd.DataFrame, a: str = "MASS-DPO", b: str = "S-DPO") -> pd.DataFrame:

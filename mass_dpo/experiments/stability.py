@@ -76,13 +76,14 @@ def stability_specs(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: flo
     return specs
 
 
-@disk_memo("stability")
+@disk_memo("stability", version=2)
 def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1,
               budgets: pd.DataFrame | None = None, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation.
 
     One row per (model, dataset, n, seed, checkpoint): exact match, Jaccard, top-1 and top-3 exact match,
-    objective retention, over the training prompts, the selection made under the run's own reading of the
+    objective retention, over the training prompts, with their chance levels on the same pools (``chance_*``,
+    ``random_retention``: :func:`mass_dpo.stability.chance_agreement`), the selection made under the run's own reading of the
     preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
     (:func:`core.load_split`): every setting is the run's (:func:`core.config_of`).
     ``budgets`` (:func:`budget_table`): its ``trivial`` (dataset, n) are neither trained nor compared.
@@ -146,15 +147,22 @@ def movement_table(stab: pd.DataFrame) -> pd.DataFrame:
     return stab.groupby(["dataset", "n", "checkpoint"], sort=False)[cols].mean().reset_index()
 
 
-STABILITY_METRICS = ("exact_match", "mean_jaccard", "top1_match", "top3_exact_match", "objective_retention")
+STABILITY_METRICS = ("exact_match", "mean_jaccard", "top1_match", "top3_exact_match", "objective_retention",
+                     "chance_jaccard", "chance_top1_match", "random_retention")
+
+
+def _against_chance(value: float, chance: float) -> str:
+    return "above" if value > 1.1 * chance else "below" if value < chance / 1.1 else "about"
 
 
 def stability_table(stab: pd.DataFrame, *, model: str) -> pd.DataFrame:
-    """Table 4 beside the paper: per dataset, n and checkpoint, the mean (and SE over seeds) of each metric."""
+    """Table 4 beside the paper: per dataset, n and checkpoint, the mean (and SE over seeds) of each metric, with
+    the chance levels of the same pools (``chance_jaccard``, ``chance_top1_match``, ``random_retention``)."""
     if stab.empty:
         return pd.DataFrame()
     df = stab.rename(columns={"jaccard": "mean_jaccard"})
-    summary = summarize(df, ["model", "dataset", "n", "checkpoint"], STABILITY_METRICS, percent=())
+    metrics = [m for m in STABILITY_METRICS if m in df]
+    summary = summarize(df, ["model", "dataset", "n", "checkpoint"], metrics, percent=())
     summary["n"] = summary["n"].astype(str)
     out = beside_paper(summary, "table4", ["dataset", "n", "metric"], model=model)
     out.loc[out["checkpoint"] != "final", ["paper", "diff"]] = math.nan  # the paper compares init vs final
@@ -181,10 +189,18 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
                 parts.append(f"against {label}: exact match {r['exact_match']:.3f}, mean Jaccard "
                              f"{r['mean_jaccard']:.3f}, top-1 match {r['top1_match']:.3f}, objective retention "
                              f"{r['objective_retention']:.4f}")
-        lines.append(f"{model} {ds} n = {n}, initialisation " + "; ".join(parts) + ".")
+        line = f"{model} {ds} n = {n}, initialisation " + "; ".join(parts) + "."
+        if (model, ds, n, "final") in grp.index and "chance_jaccard" in grp.columns:
+            r = grp.loc[(model, ds, n, "final")]
+            line += (f" Chance on the same pools (two independent random subsets): Jaccard {r['chance_jaccard']:.3f}, "
+                     f"top-1 match {r['chance_top1_match']:.3f}, so the final Jaccard is "
+                     f"{_against_chance(r['mean_jaccard'], r['chance_jaccard'])} chance; a random subset retains "
+                     f"{r['random_retention']:.4f} of the recomputed one's objective.")
+        lines.append(line)
     final = table[table["checkpoint"] == "final"]
     keep = final[final["metric"] == "objective_retention"]["value"].astype(float)
     exact = final[final["metric"] == "exact_match"]["value"].astype(float)
+    rand = final[final["metric"] == "random_retention"]["value"].astype(float)
     ref = paper_reference("table4")
     paper_exact = ref[ref["metric"] == "exact_match"]["value"].astype(float)
     paper_keep = ref[ref["metric"] == "objective_retention"]["value"].astype(float)
@@ -209,8 +225,9 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
                    "objective" if keep.min() >= 0.99 else
                    "so the subset chosen at initialisation loses part of the information of the recomputed one: the "
                    "paper's conclusion that re-selecting gains little does not hold here")
-        lines.append(f"Objective retention at the final checkpoint: {span(keep, 4)} (paper {span(paper_keep, 4)}), "
-                     f"{verdict}.")
+        chance = f"; a random subset of the same size: {span(rand, 4)}" if len(rand) else ""
+        lines.append(f"Objective retention at the final checkpoint: {span(keep, 4)} (paper {span(paper_keep, 4)}"
+                     f"{chance}), {verdict}.")
     if len(exact):
         same = ("the subsets stay nearly identical, as in the paper" if exact.min() >= 0.95 else
                 "the subsets themselves change more than in the paper")
