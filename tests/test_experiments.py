@@ -407,3 +407,16 @@ def test_comparison_sentences_list_each_dataset_and_count_clear_gaps():
     assert "+2.5 points" in lines[1] and lines[1].endswith("above.")  # mrr in points
     assert "points" not in lines[2] and lines[2].endswith("inside the noise.")  # margin as is
     assert lines[3].startswith("MASS-DPO is significantly above S-DPO in 1 and below it in 0 of 2")
+
+
+def test_generation_table_reports_hit_ratio_and_valid_ratio_per_label():
+    rows = [{"dataset": "qasc", "label": lb, "seed": s, "accuracy_kind": "hit_ratio@1", "accuracy": a,
+             "accuracy_se": 0.01, "valid_ratio": v, "valid_ratio_se": 0.02}
+            for lb, s, a, v in [("S-DPO", 0, 0.08, 0.5), ("S-DPO", 1, 0.10, 0.3), ("reference", 0, 0.05, 0.6)]]
+    t = E.generation_table(pd.DataFrame(rows)).set_index("label")
+    assert t.loc["S-DPO", "hit_ratio@1"] == pytest.approx(9.0) and t.loc["S-DPO", "valid_ratio"] == pytest.approx(40.0)
+    assert t.loc["S-DPO", "seeds"] == 2 and t.loc["reference", "hit_ratio@1_se"] == pytest.approx(1.0)
+    line = E.generation_sentences(t.reset_index())[0]
+    assert line.index("reference 5.0 ± 1.0 (valid 60)") < line.index("S-DPO 9.0 ± 1.0 (valid 40)")
+    ranked = pd.DataFrame(rows).assign(accuracy_kind="top1")  # the log-linear regime: accuracy is not generated
+    assert E.generation_table(ranked).empty and E.generation_sentences(E.generation_table(ranked)) == []

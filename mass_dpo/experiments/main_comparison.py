@@ -290,3 +290,34 @@ def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str
         lines.append(f"MASS-DPO is significantly above S-DPO in {len(wins)} and below it in {len(losses)} of "
                      f"{len(pairs)} (dataset, metric) comparisons; the rest are inside the noise.")
     return lines
+
+
+def generation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's accuracy, generation HitRatio@1 (greedy), with its valid ratio (the share of replies that name
+    some candidate of the pool), per (dataset, label), the untrained ``reference`` included: means over seeds of
+    each run's value and of its standard error over test prompts (%). Empty where the runs' accuracy is not
+    generated (the log-linear regime ranks, its accuracy is Recall@1)."""
+    cols = ["dataset", "label", "seeds", "hit_ratio@1", "hit_ratio@1_se", "valid_ratio", "valid_ratio_se"]
+    if runs.empty or "accuracy_kind" not in runs or "valid_ratio" not in runs:
+        return pd.DataFrame(columns=cols)
+    gen = runs[runs["accuracy_kind"] == "hit_ratio@1"]
+    if gen.empty:
+        return pd.DataFrame(columns=cols)
+    out = gen.groupby(["dataset", "label"], sort=False).agg(
+        seeds=("seed", "nunique"), **{"hit_ratio@1": ("accuracy", "mean"), "hit_ratio@1_se": ("accuracy_se", "mean"),
+                                      "valid_ratio": ("valid_ratio", "mean"), "valid_ratio_se": ("valid_ratio_se", "mean")})
+    out = out.reset_index()
+    out[cols[3:]] = 100 * out[cols[3:]]
+    return out[cols]
+
+
+def generation_sentences(table: pd.DataFrame) -> list[str]:
+    """One line per dataset of :func:`generation_table`: HitRatio@1 and valid ratio of each label, the reference
+    first; nothing when the runs' accuracy is not generated."""
+    lines = []
+    for ds, part in table.groupby("dataset", sort=False):
+        part = pd.concat([part[part["label"] == "reference"], part[part["label"] != "reference"]])
+        lines.append(f"generation on {ds} (greedy HitRatio@1 %, valid ratio %): " + ", ".join(
+            f"{r['label']} {r['hit_ratio@1']:.1f} ± {r['hit_ratio@1_se']:.1f} (valid {r['valid_ratio']:.0f})"
+            for _, r in part.iterrows()) + ".")
+    return lines
