@@ -423,8 +423,8 @@ def test_table4_of_a_freeze_run_equals_algorithm_1_on_whole_model_extractions(tm
                     eval_limit=4, test_limit=4, root=str(tmp_path / "runs"),
                     options={"trainable_layers": 1, "max_steps": 6, "warmup_ratio": 0.0, "optim": "adamw_torch"})
     table = E.stability(setup, ["lastfm"], ns=(2,), seeds=[0], echo=None)
-    assert table["checkpoint"].tolist() == ["mid", "final"] and set(table["regime"]) == {"freeze"}
-    assert table["step"].tolist() == [3, 6] and "theta_norm" not in table
+    assert table["checkpoint"].tolist() == ["mid", "final", "final_heldout"] and set(table["regime"]) == {"freeze"}
+    assert table["step"].tolist() == [3, 6, 6] and "theta_norm" not in table
     final_row = table.iloc[1]
     run = final_row["run_dir"]
     cfg = E.config_of(run)
@@ -433,19 +433,22 @@ def test_table4_of_a_freeze_run_equals_algorithm_1_on_whole_model_extractions(tm
     tok = runs._model("tiny", False).tokenizer
     records = load_benchmark("lastfm", "train", data_dir="samples", limit=cfg.limit, seed=cfg.subsample_seed)
 
-    def whole(snapshot):
+    def whole(snapshot, recs=records):
         model = frozen.generation_model(runs.load_policy(run, snapshot))
-        return extract(records, ModelBundle(model, tok, f"tiny-{snapshot}", {}), dataset_key=snapshot,
+        return extract(recs, ModelBundle(model, tok, f"tiny-{snapshot}", {}), dataset_key=snapshot,
                        pooling=cfg.pooling, use_cache=False, progress=False)
 
-    start, end = whole("init"), whole("final")
-    assert not torch.allclose(start.theta0_logps, end.theta0_logps, atol=1e-3)  # training moved the log-probs
-    expect = stab.recompute_extracted(start, replace(end, ref_logps=start.ref_logps), int(cfg.n), beta=cfg.beta,
-                                      gamma=cfg.gamma, selection_score=cfg.selection_score)
-    for key in ("exact_match", "jaccard", "top1_match", "top3_exact_match", "saturated"):
-        assert final_row[key] == pytest.approx(expect[key]), key
-    assert final_row["objective_retention"] == pytest.approx(expect["objective_retention"], rel=1e-4)
-    assert final_row["prompts"] == len(records)
+    heldout = load_benchmark("lastfm", "valid", data_dir="samples", limit=cfg.eval_limit, seed=cfg.subsample_seed)
+    for row, recs in ((final_row, records), (table.iloc[2], heldout)):  # training prompts, then held-out ones
+        start, end = whole("init", recs), whole("final", recs)
+        assert not torch.allclose(start.theta0_logps, end.theta0_logps, atol=1e-3)  # training moved the log-probs
+        expect = stab.recompute_extracted(start, replace(end, ref_logps=start.ref_logps), int(cfg.n), beta=cfg.beta,
+                                          gamma=cfg.gamma, selection_score=cfg.selection_score)
+        for key in ("exact_match", "jaccard", "top1_match", "top3_exact_match", "saturated", "chance_jaccard"):
+            assert row[key] == pytest.approx(expect[key]), key
+        for key in ("objective_retention", "random_retention"):
+            assert row[key] == pytest.approx(expect[key], rel=1e-4), key
+        assert row["prompts"] == len(recs)
 
     w0 = runs.load_policy(run, "init").trainable_state_dict()
     w1 = runs.load_policy(run, "final").trainable_state_dict()

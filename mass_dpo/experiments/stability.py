@@ -79,9 +79,10 @@ def stability_specs(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: flo
 @disk_memo("stability", version=2)
 def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0.1,
               budgets: pd.DataFrame | None = None, echo: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation.
+    """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation,
+    on the training prompts (the paper's) and, at the final checkpoint, on the held-out validation prompts.
 
-    One row per (model, dataset, n, seed, checkpoint): exact match, Jaccard, top-1 and top-3 exact match,
+    One row per (model, dataset, n, seed, checkpoint of :data:`CHECKPOINTS`): exact match, Jaccard, top-1 and top-3 exact match,
     objective retention, over the training prompts, with their chance levels on the same pools (``chance_*``,
     ``random_retention``: :func:`mass_dpo.stability.chance_agreement`), the selection made under the run's own reading of the
     preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
@@ -107,27 +108,37 @@ def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0
     return pd.DataFrame(rows)
 
 
+#: The checkpoint rows of Table 4: the paper's two on the training prompts, and the final one on the held-out
+#: validation prompts, whose negatives the run never trained on (training pushes down exactly the negatives it
+#: selected, so their selection can move for that reason alone; the held-out prompts show the rest).
+CHECKPOINTS = ("mid", "final", "final_heldout")
+
+
 def _checkpoints(row, cfg, kw):
     """``(checkpoint, step, {how far the policy moved}, Table 4's metrics)`` of a run's ``mid`` and ``final``
-    snapshots against its initialisation, on its own training split."""
+    snapshots against its initialisation on its own training split, and of ``final`` on its validation split
+    (``final_heldout``)."""
     from .. import stability as stab
 
+    where = {"mid": ("train", "mid"), "final": ("train", "final"), "final_heldout": ("valid", "final")}
     if cfg.regime == "freeze":  # the paper's way: features and log-probs re-extracted from each checkpoint
         from ..runs import load_policy, reextract_run
 
-        init = reextract_run(row.run_dir, "train", snapshot="init")
+        init = {split: reextract_run(row.run_dir, split, snapshot="init") for split in ("train", "valid")}
         start = load_policy(row.run_dir, "init").trainable_state_dict()
-        for name in ("mid", "final"):
-            ex = reextract_run(row.run_dir, "train", snapshot=name)
-            moved = weight_change(start, load_policy(row.run_dir, name).trainable_state_dict())
-            yield name, ex.meta["step"], {"weight_change": moved}, stab.recompute_extracted(init, ex, int(cfg.n), **kw)
+        for name in CHECKPOINTS:
+            split, snapshot = where[name]
+            ex = reextract_run(row.run_dir, split, snapshot=snapshot)
+            moved = weight_change(start, load_policy(row.run_dir, snapshot).trainable_state_dict())
+            yield (name, ex.meta["step"], {"weight_change": moved},
+                   stab.recompute_extracted(init[split], ex, int(cfg.n), **kw))
         return
-    ex = load_split(row, "train")
-    theta0 = torch.zeros(ex.features.shape[-1])
-    for name in ("mid", "final"):
-        snap = torch.load(Path(row.run_dir) / "snapshots" / f"{name}.pt")
+    for name in CHECKPOINTS:
+        split, snapshot = where[name]
+        ex = load_split(row, split)
+        snap = torch.load(Path(row.run_dir) / "snapshots" / f"{snapshot}.pt")
         yield (name, snap["step"], {"theta_norm": float(snap["theta"].norm())},
-               stab.recompute(ex, theta0, snap["theta"], int(cfg.n), **kw))
+               stab.recompute(ex, torch.zeros(ex.features.shape[-1]), snap["theta"], int(cfg.n), **kw))
 
 
 def weight_change(start: dict, now: dict) -> float:
@@ -144,7 +155,8 @@ def movement_table(stab: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ("step", "theta_norm", "weight_change") if c in stab and stab[c].notna().any()]
     if stab.empty:
         return pd.DataFrame(columns=["dataset", "n", "checkpoint", *cols])
-    return stab.groupby(["dataset", "n", "checkpoint"], sort=False)[cols].mean().reset_index()
+    snaps = stab[stab["checkpoint"] != "final_heldout"]  # the final snapshot again, on other prompts
+    return snaps.groupby(["dataset", "n", "checkpoint"], sort=False)[cols].mean().reset_index()
 
 
 STABILITY_METRICS = ("exact_match", "mean_jaccard", "top1_match", "top3_exact_match", "objective_retention",
@@ -183,11 +195,13 @@ def stability_sentences(table: pd.DataFrame, stab: pd.DataFrame | None = None) -
     lines = []
     for (model, ds, n), grp in val.groupby(level=[0, 1, 2], sort=False):
         parts = []
-        for ck, label in (("final", "the final checkpoint"), ("mid", "the half-way checkpoint")):
+        for ck, label in (("final", "the final checkpoint"), ("mid", "the half-way checkpoint"),
+                          ("final_heldout", "the final checkpoint on the held-out validation prompts")):
             if (model, ds, n, ck) in grp.index:
                 r = grp.loc[(model, ds, n, ck)]
+                chance = f" (chance {r['chance_jaccard']:.3f})" if "chance_jaccard" in grp.columns else ""
                 parts.append(f"against {label}: exact match {r['exact_match']:.3f}, mean Jaccard "
-                             f"{r['mean_jaccard']:.3f}, top-1 match {r['top1_match']:.3f}, objective retention "
+                             f"{r['mean_jaccard']:.3f}{chance}, top-1 match {r['top1_match']:.3f}, objective retention "
                              f"{r['objective_retention']:.4f}")
         line = f"{model} {ds} n = {n}, initialisation " + "; ".join(parts) + "."
         if (model, ds, n, "final") in grp.index and "chance_jaccard" in grp.columns:
