@@ -82,10 +82,10 @@ def stability(setup: Setup, datasets, *, ns=(5, 10), seeds=None, beta: float = 0
     """Table 4: MASS-DPO-n runs; Algorithm 1 recomputed at the mid-training and final theta against initialisation,
     on the training prompts (the paper's) and, at the final checkpoint, on the held-out validation prompts.
 
-    One row per (model, dataset, n, seed, checkpoint of :data:`CHECKPOINTS`): exact match, Jaccard, top-1 and top-3 exact match,
-    objective retention, over the training prompts, with their chance levels on the same pools (``chance_*``,
-    ``random_retention``: :func:`mass_dpo.stability.chance_agreement`), the selection made under the run's own reading of the
-    preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
+    One row per (model, dataset, n, seed, checkpoint of :data:`CHECKPOINTS`): exact match, Jaccard, top-1 and
+    top-3 exact match, objective retention, with their chance levels on the same pools (``chance_*``,
+    ``random_retention``: :func:`mass_dpo.stability.chance_agreement`), the selection made under the run's own
+    reading of the preprocessing score (``cfg.selection_score``) with its n, beta and gamma, on its own training split
     (:func:`core.load_split`): every setting is the run's (:func:`core.config_of`).
     ``budgets`` (:func:`budget_table`): its ``trivial`` (dataset, n) are neither trained nor compared.
     Loglinear regime: theta_t gives Delta_i(theta_t) = phi_i . theta_t on the frozen features
