@@ -6,8 +6,9 @@
   timestamps or software strings in the metadata; saving the same figure twice gives identical files.
 - :func:`save_table` writes ``<name>.csv``, ``<name>.md`` and ``<name>.tex``.
 - every file is written to a temporary name and renamed (:mod:`mass_dpo.files`): a reader never sees half a table.
-- :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval (or their range); :func:`facet_lines` draws
-  those summaries as lines with bands, one panel per facet; :func:`show` displays a figure once in a notebook.
+- :func:`mean_ci` summarises per-seed records into a mean and a t-based 95% interval (or their range);
+  :func:`facet_lines` draws those summaries as lines with bands, one panel per facet; :func:`show` displays a figure
+  once in a notebook.
 """
 
 from __future__ import annotations

@@ -303,9 +303,9 @@ def generation_table(runs: pd.DataFrame) -> pd.DataFrame:
     gen = runs[runs["accuracy_kind"] == "hit_ratio@1"]
     if gen.empty:
         return pd.DataFrame(columns=cols)
-    out = gen.groupby(["dataset", "label"], sort=False).agg(
-        seeds=("seed", "nunique"), **{"hit_ratio@1": ("accuracy", "mean"), "hit_ratio@1_se": ("accuracy_se", "mean"),
-                                      "valid_ratio": ("valid_ratio", "mean"), "valid_ratio_se": ("valid_ratio_se", "mean")})
+    aggs = {"hit_ratio@1": ("accuracy", "mean"), "hit_ratio@1_se": ("accuracy_se", "mean"),
+            "valid_ratio": ("valid_ratio", "mean"), "valid_ratio_se": ("valid_ratio_se", "mean")}
+    out = gen.groupby(["dataset", "label"], sort=False).agg(seeds=("seed", "nunique"), **aggs)
     out = out.reset_index()
     out[cols[3:]] = 100 * out[cols[3:]]
     return out[cols]
