@@ -92,19 +92,6 @@ def chance_agreement(pool_sizes, n: int, *, top: int = 3) -> dict[str, float]:
     return dict(zip(("exact_match", "jaccard", "top1_match", f"top{top}_exact_match"), mean))
 
 
-def random_subsets(mask, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[P, n]`` uniform random subsets (in random order) of ``min(n, N_p)`` of each pool's valid entries of
-    ``mask`` ``[P, N]``, ``-1`` where a pool has fewer than ``n``."""
-    mask = torch.as_tensor(mask, dtype=torch.bool)
-    keys = torch.rand(mask.shape, generator=generator, dtype=torch.float64).masked_fill(~mask, -1.0)
-    k = min(int(n), mask.shape[-1])
-    val, idx = keys.topk(k, dim=-1)
-    idx = torch.where(val >= 0, idx, torch.full_like(idx, -1))
-    if k < n:
-        idx = torch.cat([idx, idx.new_full((idx.shape[0], int(n) - k), -1)], dim=-1)
-    return idx
-
-
 def random_retention(ex: Extracted, gain_best, n: int, *, draws: int = 8, seed: int = 0, beta: float = 0.1,
                      gamma: float = 0.1, selection_score: str = DEFAULT_SELECTION_SCORE) -> float:
     """The objective retention of uniform random subsets of ``n`` negatives under the design at ``ex``: the mean
@@ -113,11 +100,11 @@ def random_retention(ex: Extracted, gain_best, n: int, *, draws: int = 8, seed: 
     total = float(torch.as_tensor(gain_best).sum())
     if total <= 0:
         return math.nan
-    mask = selection_inputs(ex, selection_score)[2]
+    phi, lg, mask, _ = selection_inputs(ex, selection_score)
     gen = torch.Generator().manual_seed(int(seed))
-    kw = dict(beta=beta, gamma=gamma, selection_score=selection_score)
-    return sum(float(subset_gain(ex, random_subsets(mask, n, generator=gen), **kw).sum()) / total
-               for _ in range(int(draws))) / int(draws)
+    draw = lambda: select_negatives(phi.double(), lg.double(), n, beta=beta, gamma=gamma, mask=mask,  # noqa: E731
+                                    strategy="random", generator=gen).gains.nan_to_num(0.0).sum()
+    return sum(float(draw()) / total for _ in range(int(draws))) / int(draws)
 
 
 def at_checkpoint(ex: Extracted, theta) -> Extracted:

@@ -105,27 +105,15 @@ def test_chance_agreement_equals_enumeration_of_every_pair_of_random_orders(size
     assert both["jaccard"] == pytest.approx((got["jaccard"] + seven["jaccard"]) / 2)
 
 
-def test_random_subsets_draw_distinct_valid_negatives_uniformly():
-    mask = torch.ones(2000, 6, dtype=torch.bool)
-    mask[:, 4:] = False
-    mask[0, 1:] = False  # a pool with one negative
-    idx = S.random_subsets(mask, 3, generator=torch.Generator().manual_seed(0))
-    assert idx.shape == (2000, 3)
-    assert idx[0].tolist()[1:] == [-1, -1] and idx[0, 0] == 0
-    rows = idx[1:]
-    assert ((rows >= 0) & (rows < 4)).all()
-    assert all(len(set(r)) == 3 for r in rows.tolist())
-    first = torch.bincount(rows[:, 0], minlength=4).double() / len(rows)
-    assert torch.allclose(first, torch.full((4,), 0.25, dtype=torch.float64), atol=0.04)
-
-
 def test_random_retention_scores_seeded_random_subsets_under_the_new_design():
     ex = _extracted()
     _, best = S.select(ex, 3)
     gen = torch.Generator().manual_seed(5)
-    mask = ex.mask[:, 1:]
-    by_hand = sum(float(S.subset_gain(ex, S.random_subsets(mask, 3, generator=gen)).sum()) / float(best.sum())
-                  for _ in range(4)) / 4
+    phi = (ex.features[:, 1:] - ex.features[:, :1]).double()
+    picks = [select_negatives(phi, torch.zeros(6, 7, dtype=torch.float64), 3, strategy="random", generator=gen).indices
+             for _ in range(4)]  # the random strategy of selection (its draws do not depend on the logits)
+    assert all(len(set(row.tolist())) == 3 for p in picks for row in p)
+    by_hand = sum(float(S.subset_gain(ex, p).sum()) / float(best.sum()) for p in picks) / 4
     assert S.random_retention(ex, best, 3, draws=4, seed=5) == pytest.approx(by_hand)
     assert 0.0 < by_hand < 1.0  # on these pools the greedy's subset is more informative than random ones
     out = S.recompute_extracted(ex, ex, 3)
