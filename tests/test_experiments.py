@@ -332,6 +332,11 @@ def test_hold_last_and_final_gap_by_kind_of_negatives():
     held = E.hold_last(df)
     sdpo = held[(held["label"] == "S-DPO") & (held["negatives"] == "own")].sort_values("step")
     assert list(sdpo["step"]) == [0, 1, 2, 3] and list(sdpo["value"]) == pytest.approx([0, 0.2, 0.2, 0.2])
+    # only logged steps: a run evaluated at 0 and 4 is interpolated at a step another run logged (2), held after
+    sparse = pd.DataFrame({"dataset": "d", "label": ["A", "A", "B", "B", "B", "B"], "seed": 0, "metric": "m",
+                           "step": [0, 4, 0, 2, 4, 6], "value": [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]})
+    a = E.hold_last(sparse).query("label == 'A'").sort_values("step")
+    assert list(a["step"]) == [0, 2, 4, 6] and list(a["value"]) == pytest.approx([0, 0.5, 1.0, 1.0])
     gap = E.final_gap(df).set_index("negatives")
     assert gap.loc["own", "diff"] == pytest.approx(1.0 - 0.2) and gap.loc["common", "diff"] == pytest.approx(0.5 - 0.2)
     summary = E.curve_summary(df)

@@ -49,3 +49,24 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
     assert "| smollm2 loglinear | table1 | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
     assert f"| smollm2 freeze | lm/{lm_source} | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
     assert f"## [smollm2 freeze] `{lm_source}/mass_dpo_minus_sdpo`" in text
+
+
+def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
+    """Without Table 1, a regime's learning check lists every method of the tables that ran, once each (Table 2's
+    S-DPO row wins over the same runs in Figures 2-3); with Table 1, Table 1 alone."""
+    def learning(name, rows):
+        (tmp_path / name).mkdir(exist_ok=True)
+        pd.DataFrame([{"model": "m", "dataset": d, "metric": "mrr", "method": m, "diff": g, "lo": g - 0.02,
+                       "hi": g + 0.02, "z_score": g / 0.01, "learned": g >= 0.03} for d, m, g in rows]).to_csv(
+            tmp_path / name / "learning.csv", index=False)
+
+    learning("training_dynamics", [("qasc", "S-DPO", 0.01), ("lastfm", "S-DPO", 0.07)])
+    learning("table2", [("lastfm", "DPO", 0.04), ("lastfm", "S-DPO", 0.07)])
+    text = claims_markdown(tmp_path)
+    assert "## Learning first (Table 2, Figures 2-3 runs)" in text
+    for line in ("| lastfm | DPO | +4.0 | +2.0 to +6.0 | 4.0 | yes |", "| lastfm | S-DPO | +7.0 | +5.0 to +9.0 | 7.0 | yes |",
+                 "| qasc | S-DPO | +1.0 | -1.0 to +3.0 | 1.0 | no |"):
+        assert text.count(line) == 1
+    learning("table1", [("qasc", "DMPO", 0.05)])
+    text = claims_markdown(tmp_path)
+    assert "Learning first (Table 1 runs)" in text and "| lastfm | DPO |" not in text

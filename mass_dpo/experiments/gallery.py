@@ -88,14 +88,31 @@ def regime_claim(root) -> list[str]:
     return lines + [""] if found else []
 
 
+#: Where a regime's learning check is read: every method of Table 1's runs, else of the tables that ran (a regime
+#: whose Table 1 has not run yet), first found first per (dataset, method).
+LEARNING_SOURCES = {"table1": "Table 1", "table2": "Table 2", "table5": "Table 5", "table6": "Table 6",
+                    "training_dynamics": "Figures 2-3"}
+
+
+def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
+    """The MRR learning check of a regime's folder (each method against the untrained reference) and the names of
+    the notebooks it comes from: Table 1's ``learning.csv``, else every :data:`LEARNING_SOURCES` one that ran."""
+    found = [(name, pd.read_csv(Path(folder) / name / "learning.csv")) for name in LEARNING_SOURCES
+             if (Path(folder) / name / "learning.csv").is_file()]
+    found = found[:1] if found and found[0][0] == "table1" else found
+    if not found:
+        return pd.DataFrame(), []
+    table = pd.concat([t.assign(_source=name) for name, t in found], ignore_index=True)
+    table = table[table["metric"] == "mrr"].drop_duplicates(["dataset", "method"], keep="first")
+    return table, [LEARNING_SOURCES[n] for n in dict.fromkeys(table["_source"])]
+
+
 def _regime_sections(folder: Path, title: str) -> list[str]:
     lines = []
-    source = next((s for s in CLAIM_SOURCES if (folder / s / "learning.csv").is_file()), None)
-    if source is not None:  # Table 1's runs, else the Figures 2-3 runs (a regime whose Table 1 has not run yet)
-        lt = pd.read_csv(folder / source / "learning.csv")
-        lt = lt[lt["metric"] == "mrr"]
-        what = "Table 1" if source == "table1" else "Figures 2-3"
-        lines += [f"## {title}Learning first ({what} runs): each method against the untrained reference, MRR", "",
+    lt, sources = learning_rows(folder)
+    if sources:
+        lines += [f"## {title}Learning first ({', '.join(sources)} runs): each method against the untrained "
+                  "reference, MRR", "",
                   "| dataset | method | gain | 95% interval | z | learned (z >= 3) |", "|---|---|---|---|---|---|"]
         for r in lt.itertuples():
             lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "

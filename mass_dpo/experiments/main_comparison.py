@@ -232,18 +232,21 @@ def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
 
 
 def hold_last(curves_df: pd.DataFrame) -> pd.DataFrame:
-    """Each run's curve extended to the last step of its dataset by holding its final value (a fit that converged
-    earlier stays where it stopped), so that means over seeds and methods cover the same steps."""
+    """Each run's curve on the steps its dataset's runs logged (no step that none of them evaluated): linear
+    between the run's own points, and its final value held after its last one (a fit that converged earlier stays
+    where it stopped), so that means over seeds and methods cover the same steps."""
     keys = [k for k in ("dataset", "label", "seed", "negatives", "metric") if k in curves_df]
     if curves_df.empty:
         return curves_df
-    last = curves_df.groupby("dataset")["step"].max()
+    logged = curves_df.groupby("dataset")["step"].unique()
     frames = []
     for key, grp in curves_df.groupby(keys, sort=False):
-        grp = grp.sort_values("step")
-        steps = np.arange(int(grp["step"].min()), int(last[grp["dataset"].iloc[0]]) + 1)
-        full = grp.set_index("step").reindex(steps).ffill().reset_index().rename(columns={"index": "step"})
-        frames.append(full)
+        grp = grp.sort_values("step").drop_duplicates("step", keep="last")
+        steps = np.sort(logged[grp["dataset"].iloc[0]])
+        steps = steps[steps >= grp["step"].min()]
+        full = grp.set_index("step").reindex(steps)
+        full["value"] = full["value"].interpolate(method="index", limit_area="inside")
+        frames.append(full.ffill().rename_axis("step").reset_index())
     return pd.concat(frames, ignore_index=True)
 
 
