@@ -70,3 +70,19 @@ def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     learning("table1", [("qasc", "DMPO", 0.05)])
     text = claims_markdown(tmp_path)
     assert "Learning first (Table 1 runs)" in text and "| lastfm | DPO |" not in text
+
+
+def test_method_tables_side_by_side_per_regime(tmp_path):
+    """MRR per (dataset, method) in each regime that ran it, mean over seeds, from the tables' own runs.csv; a cell
+    only one regime ran is left out; each regime is named with the score it ranks by."""
+    def runs(folder, regime, score, rows):
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"model": "smollm2", "regime": regime, "dataset": d, "label": m, "seed": s, "score": score,
+                       "mrr": v} for d, m, s, v in rows]).to_csv(folder / "runs.csv", index=False)
+
+    runs(tmp_path / "table1", "loglinear", "reward",
+         [("qasc", "S-DPO", 0, 0.30), ("qasc", "S-DPO", 1, 0.40), ("lastfm", "DPO", 0, 0.2)])
+    runs(tmp_path / "lm" / "table6", "freeze", "logp", [("qasc", "S-DPO", 0, 0.50), ("qasc", "S-DPO", 1, 0.54)])
+    text = claims_markdown(tmp_path)
+    assert "| dataset | method | smollm2 loglinear (reward) | smollm2 freeze (logp) |" in text
+    assert "| qasc | S-DPO | 35.0 | 52.0 |" in text and "| lastfm | DPO |" not in text

@@ -138,6 +138,47 @@ def _regime_sections(folder: Path, title: str) -> list[str]:
     return lines
 
 
+#: The method tables whose runs the side-by-side table reads, first found first per (dataset, method).
+TABLE_SOURCES = ("table1", "table2", "table5", "table6")
+
+
+def regimes_side_by_side(root, metric: str = "mrr") -> pd.DataFrame:
+    """``metric`` (mean over seeds) of every (dataset, method) that the method tables of at least two regime folders
+    ran, one column per regime named by its model, regime and the score its test metrics rank by (``runs.csv``
+    ``score``: ``smollm2 freeze (logp)``). Empty when fewer than two regimes have a method table."""
+    columns = {}
+    for sub in REGIME_FOLDERS:
+        folder = Path(root) / sub
+        found = [pd.read_csv(folder / n / "runs.csv") for n in TABLE_SOURCES if (folder / n / "runs.csv").is_file()]
+        if not found:
+            continue
+        runs = pd.concat(found, ignore_index=True)
+        if metric not in runs:
+            continue
+        runs = runs.drop_duplicates([c for c in ("dataset", "label", "seed") if c in runs])
+        regime = ", ".join(f"{m} {r}" for m, r in dict.fromkeys(zip(runs["model"], runs["regime"])))
+        scores = "/".join(dict.fromkeys(runs.loc[runs["label"] != "reference"].get("score", pd.Series(["?"]))
+                                        .dropna().astype(str)))
+        columns[f"{regime} ({scores})"] = runs.groupby(["dataset", "label"], sort=False)[metric].mean()
+    if len(columns) < 2:
+        return pd.DataFrame()
+    return pd.concat(columns, axis=1, sort=False).dropna(how="any").rename_axis(["dataset", "label"]).reset_index()
+
+
+def _side_by_side_section(root, metric: str = "mrr") -> list[str]:
+    table = regimes_side_by_side(root, metric)
+    if table.empty:
+        return []
+    regimes = [c for c in table.columns if c not in ("dataset", "label")]
+    lines = [f"## The method tables side by side: {metric.upper()} (%) per regime", "",
+             "Mean over seeds of the (dataset, method) cells that both regimes ran (Tables 1, 2, 5, 6), each regime "
+             "ranked by its own test score (in brackets).", "",
+             "| dataset | method | " + " | ".join(regimes) + " |", "|---|---|" + "---|" * len(regimes)]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['dataset']} | {r['label']} | " + " | ".join(f"{100 * r[c]:.1f}" for c in regimes) + " |")
+    return lines + [""]
+
+
 def claims_markdown(out_dir) -> str:
     """The claims table as Markdown: the answer per regime (:func:`regime_claim`), then, per regime folder of the
     gallery (:data:`REGIME_FOLDERS`), the learning check and each paired comparison, one row per (dataset, metric,
@@ -148,6 +189,7 @@ def claims_markdown(out_dir) -> str:
              "differences per test prompt on the same prompts, averaged over seeds, 95% interval over prompts; "
              "ranking metrics in percentage points. Every section names the regime its runs come from.", ""]
     lines += regime_claim(root)
+    lines += _side_by_side_section(root)
     for sub in REGIME_FOLDERS:
         folder = root / sub
         if sub and not folder.is_dir():
