@@ -425,3 +425,19 @@ def test_generation_table_reports_hit_ratio_and_valid_ratio_per_label():
     assert line.index("reference 5.0 ± 1.0 (valid 60)") < line.index("S-DPO 9.0 ± 1.0 (valid 40)")
     ranked = pd.DataFrame(rows).assign(accuracy_kind="top1")  # the log-linear regime: accuracy is not generated
     assert E.generation_table(ranked).empty and E.generation_sentences(E.generation_table(ranked)) == []
+
+
+def test_runner_trains_some_datasets_of_a_grid(monkeypatch, capsys):
+    """``python -m mass_dpo.experiments table2 --datasets lastfm``: that dataset's runs of the notebook's grid, the
+    same specs as the notebook's; a dataset the notebook does not run is one clear error before any training."""
+    from mass_dpo.experiments import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_grid", lambda setup, specs, **k: seen.append(specs))
+    assert runner.main(["table2", "--profile", "cpu-lm", "--datasets", "lastfm"]) == 0
+    full = runner.notebook_specs("table2", runner.notebook_parameters("table2", "cpu-lm"))
+    assert seen[0] == [s for s in full if s["dataset"] == "lastfm"] and len(seen[0]) == len(full) // 2
+    seen.clear()
+    with pytest.raises(SystemExit):
+        runner.main(["table2", "table5", "--profile", "cpu-lm", "--datasets", "qasc"])
+    assert "table2 under profile cpu-lm has no dataset qasc" in capsys.readouterr().err and not seen

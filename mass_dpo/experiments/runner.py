@@ -65,10 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+")
     parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="only these of each notebook's datasets (one job per dataset on a cluster, or a round "
+                             "of a long grid); the notebook later loads them from the cache")
     args = parser.parse_args(argv)
-    for name in args.notebooks:
+    plans = []
+    for name in args.notebooks:  # every notebook's grid resolved before the first run trains
         p = notebook_parameters(name, args.profile)
-        run_grid(setup_from(p), notebook_specs(name, p), snapshots=name == "table4")
+        if args.datasets:
+            unknown = [d for d in args.datasets if d not in p["datasets"]]
+            if unknown:
+                parser.error(f"{name} under profile {args.profile} has no dataset {', '.join(unknown)} (its datasets: "
+                             f"{', '.join(p['datasets'])}); name some of those, or drop --datasets")
+            p = {**p, "datasets": [d for d in p["datasets"] if d in args.datasets]}
+        plans.append((name, p, notebook_specs(name, p)))
+    for name, p, specs in plans:
+        run_grid(setup_from(p), specs, snapshots=name == "table4")
     return 0
 
 
