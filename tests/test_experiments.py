@@ -434,10 +434,10 @@ def test_runner_trains_some_datasets_of_a_grid(monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr(runner, "run_grid", lambda setup, specs, **k: seen.append(specs))
-    assert runner.main(["table2", "--profile", "cpu-lm", "--datasets", "lastfm"]) == 0
-    full = runner.notebook_specs("table2", runner.notebook_parameters("table2", "cpu-lm"))
+    assert runner.main(["table2", "--profile", "cpu", "--datasets", "lastfm"]) == 0
+    full = runner.notebook_specs("table2", runner.notebook_parameters("table2", "cpu"))  # lastfm and movielens
     assert seen[0] == [s for s in full if s["dataset"] == "lastfm"] and len(seen[0]) == len(full) // 2
     seen.clear()
     with pytest.raises(SystemExit):
-        runner.main(["table2", "table5", "--profile", "cpu-lm", "--datasets", "qasc"])
-    assert "table2 under profile cpu-lm has no dataset qasc" in capsys.readouterr().err and not seen
+        runner.main(["table2", "table5", "--profile", "cpu", "--datasets", "qasc"])
+    assert "table2 under profile cpu has no dataset qasc" in capsys.readouterr().err and not seen
