@@ -139,7 +139,7 @@ def _regime_sections(folder: Path, title: str) -> list[str]:
 
 
 #: The method tables whose runs the side-by-side table reads, first found first per (dataset, method).
-TABLE_SOURCES = ("table1", "table2", "table5", "table6")
+TABLE_SOURCES = tuple(name for name in LEARNING_SOURCES if name.startswith("table"))
 
 
 def regimes_side_by_side(root, metric: str = "mrr") -> pd.DataFrame:
@@ -157,8 +157,8 @@ def regimes_side_by_side(root, metric: str = "mrr") -> pd.DataFrame:
             continue
         runs = runs.drop_duplicates([c for c in ("dataset", "label", "seed") if c in runs])
         regime = ", ".join(f"{m} {r}" for m, r in dict.fromkeys(zip(runs["model"], runs["regime"])))
-        scores = "/".join(dict.fromkeys(runs.loc[runs["label"] != "reference"].get("score", pd.Series(["?"]))
-                                        .dropna().astype(str)))
+        trained = runs[runs["label"] != "reference"]
+        scores = "/".join(dict.fromkeys(trained["score"].dropna().astype(str))) if "score" in runs else "?"
         columns[f"{regime} ({scores})"] = runs.groupby(["dataset", "label"], sort=False)[metric].mean()
     if len(columns) < 2:
         return pd.DataFrame()
