@@ -53,7 +53,7 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
 
 def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     """Without Table 1, a regime's learning check lists every method of the tables that ran, once each (Table 2's
-    S-DPO row wins over the same runs in Figures 2-3); with Table 1, Table 1 alone."""
+    S-DPO row wins over the same runs in Figures 2-3), by dataset then method; with Table 1, Table 1 alone."""
     def learning(name, rows):
         (tmp_path / name).mkdir(exist_ok=True)
         pd.DataFrame([{"model": "m", "dataset": d, "metric": "mrr", "method": m, "diff": g, "lo": g - 0.02,
@@ -67,6 +67,8 @@ def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     for line in ("| lastfm | DPO | +4.0 | +2.0 to +6.0 | 4.0 | yes |", "| lastfm | S-DPO | +7.0 | +5.0 to +9.0 | 7.0 | yes |",
                  "| qasc | S-DPO | +1.0 | -1.0 to +3.0 | 1.0 | no |"):
         assert text.count(line) == 1
+    # by dataset, then method, in the paper's order (not in the order the tables were read)
+    assert text.index("| qasc | S-DPO |") < text.index("| lastfm | DPO |") < text.index("| lastfm | S-DPO |")
     learning("table1", [("qasc", "DMPO", 0.05)])
     text = claims_markdown(tmp_path)
     assert "Learning first (Table 1 runs)" in text and "| lastfm | DPO |" not in text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import PERCENT
+from .core import DATASETS, METHOD_LABELS, PERCENT
 
 PAIRED = {"a", "b", "diff", "lo", "hi", "significant"}
 #: Notebooks in the order the gallery lists them.
@@ -96,7 +96,8 @@ LEARNING_SOURCES = {"table1": "Table 1", "table2": "Table 2", "table5": "Table 5
 
 def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
     """The MRR learning check of a regime's folder (each method against the untrained reference) and the names of
-    the notebooks it comes from: Table 1's ``learning.csv``, else every :data:`LEARNING_SOURCES` one that ran."""
+    the notebooks it comes from: Table 1's ``learning.csv``, else every :data:`LEARNING_SOURCES` one that ran; rows
+    by dataset, then method, in the paper's order."""
     found = [(name, pd.read_csv(Path(folder) / name / "learning.csv")) for name in LEARNING_SOURCES
              if (Path(folder) / name / "learning.csv").is_file()]
     found = found[:1] if found and found[0][0] == "table1" else found
@@ -104,7 +105,9 @@ def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame(), []
     table = pd.concat([t.assign(_source=name) for name, t in found], ignore_index=True)
     table = table[table["metric"] == "mrr"].drop_duplicates(["dataset", "method"], keep="first")
-    return table, [LEARNING_SOURCES[n] for n in dict.fromkeys(table["_source"])]
+    rank = {name: i for i, name in enumerate((*DATASETS, *METHOD_LABELS.values(), "S-DPO-all"))}
+    sources = [LEARNING_SOURCES[n] for n in dict.fromkeys(table["_source"])]
+    return table.sort_values(["dataset", "method"], key=lambda s: s.map(rank), kind="stable"), sources
 
 
 def _regime_sections(folder: Path, title: str) -> list[str]:
