@@ -91,6 +91,9 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # freeze: the top k blocks and the final norm train, on cached lower-block states (mass_dpo.frozen)
     trainable_layers: int = 2
+    # evaluate on the online-eval prompts while training (log.csv rows split "eval": Figures 2-3); tuning runs, scored
+    # by their final validation metric alone, turn it off (mass_dpo.tuning.SCORED_ON)
+    online_eval: bool = True
     # every online evaluation also scores the whole pools of the online-eval prompts (log.csv rows split "pool")
     pool_eval: bool = False
     # test evaluation

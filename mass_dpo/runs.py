@@ -114,13 +114,16 @@ def _data_location(config: TrainConfig) -> str:
 def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, Any]:
     """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format.
     Later options are left out where they change nothing, so that run folders made before them keep their names:
-    :data:`OPTIONAL_FIELDS` when ``None``, ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off."""
+    :data:`OPTIONAL_FIELDS` when ``None``, ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off,
+    ``online_eval`` when on."""
     cfg = {k: v for k, v in config.to_dict().items()
            if k not in NON_SEMANTIC and not (k in OPTIONAL_FIELDS and v is None)}
     if config.regime != "freeze":
         cfg.pop("trainable_layers", None)
     if not cfg.get("pool_eval"):
         cfg.pop("pool_eval", None)
+    if cfg.get("online_eval", True):
+        cfg.pop("online_eval", None)
     return {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
 
 
@@ -443,15 +446,16 @@ def prepare_data(config: TrainConfig) -> RunData:
                                                 states=ex.states if freeze else None)
 
     train = records_of("train")
-    eval_ = records_of("valid") if "valid" in extracted else None
+    online = config.online_eval and "valid" in extracted
+    eval_ = records_of("valid") if online else None
     test = dataclasses.replace(extracted["test"], ref_logps=ref["test"]) if freeze else extracted["test"]
     pool_eval = None
-    if config.pool_eval and "valid" in extracted:
+    if config.pool_eval and online:
         from .evaluation import score_candidates
 
         valid = dataclasses.replace(extracted["valid"], ref_logps=ref["valid"])
         pool_eval = PoolEval(lambda model: score_candidates(model, valid, pools=pools.get("valid")), valid.ref_logps,
-                             valid.mask, valid.target, beta=config.beta)
+                             valid.mask, valid.target, beta=config.beta, records=eval_)
     return RunData(policy, train, eval_, test, pools.get("test"),
                    # tuning runs (test_split 'valid') are ranked by the tuning metric alone: no generation
                    test_records=records["test"] if lm and config.test_split != "valid" else None,
@@ -800,7 +804,8 @@ def tune_config(config: TrainConfig | dict | None = None, *, root=None, echo: Ca
 
 #: Config fields a reference evaluation does not depend on (the untrained policy is the same for every method).
 REFERENCE_FREE = ("method", "n", "seed", "ridge", "fit", "fit_tol", "fit_max_iter", "learning_rate",
-                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "negatives", "pool_eval")
+                  "num_train_epochs", "max_steps", "selection_score", "gamma", "limit", "negatives", "pool_eval",
+                  "online_eval")
 
 
 def _lettered_options(dataset: str) -> bool:
@@ -903,3 +908,24 @@ def reextract_run(run_dir, split: str = "train", *, snapshot: str = "final", poo
     step = 0 if snapshot == "init" else read_meta(snapshot_folder(run_dir, snapshot)).get("step")
     return reextract(policy, ex, pools, pooling=pooling or cfg.pooling,
                      meta={"run": Path(run_dir).name, "snapshot": snapshot, "step": step, "split": split})
+
+
+def fit_gain(run_dir, split: str = "train", *, snapshot: str = "final") -> dict[str, Any]:
+    """Does a freeze run fit the prompts it trained on, and does that carry to others? The MRR of the policy's
+    log-prob ranking of every candidate of ``split`` at ``snapshot`` against the untrained policy (``init``), paired
+    per prompt: ``{"split", "prompts", "mrr_init", "mrr", "gain", "se"}`` (``se`` of the mean paired gain). On
+    ``train`` a gain says the optimiser fits its prompts; a gain there and none on ``valid`` says what it learned does
+    not carry to unseen prompts (knowledge rather than form)."""
+    from .metrics import per_prompt_ranking
+
+    def mrr(ex) -> torch.Tensor:
+        scores = ex.theta0_logps.double().masked_fill(~ex.mask.bool(), float("-inf"))
+        return per_prompt_ranking(scores, ex.target, mask=ex.mask)["mrr"].double()
+
+    before = mrr(reextract_run(run_dir, split, snapshot="init"))
+    after = mrr(reextract_run(run_dir, split, snapshot=snapshot))
+    gain = after - before
+    n = int(gain.numel())
+    se = float(gain.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    return {"split": split, "prompts": n, "mrr_init": float(before.mean()), "mrr": float(after.mean()),
+            "gain": float(gain.mean()), "se": se}

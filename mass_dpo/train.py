@@ -33,7 +33,7 @@ _OPTIONS = {
     "learning_rate": float, "num_train_epochs": float, "max_steps": int, "per_device_train_batch_size": int,
     "gradient_accumulation_steps": int, "eval_steps": float, "logging_steps": float, "save_steps": float,
     "score": str, "optim": str, "ridge": float, "max_length": int, "max_prompt_length": int,
-    "trainable_layers": int, "pool_eval": bool,
+    "trainable_layers": int, "pool_eval": bool, "online_eval": bool,
 }
 
 
@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--save-steps", dest="save_steps", type=positive_float)
     o.add_argument("--optim", help="a transformers optimizer name (default: paged_adamw_32bit or adamw_torch)")
     o.add_argument("--ridge", type=positive_float, help="L2 weight of the log-linear regime's exact fit, > 0")
+    o.add_argument("--no-online-eval", dest="online_eval", action="store_false", default=None,
+                   help="no evaluation on the online-eval prompts while training (as tuning runs do): no curves")
     o.add_argument("--pool-eval", dest="pool_eval", action="store_true", default=None,
                    help="every online evaluation also scores the whole pools of the online-eval prompts (log.csv "
                         "rows with split 'pool')")

@@ -109,6 +109,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
 
+    def columns(self, pool_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values, ref_logps, mask)``, each ``[P, 1 + n]`` in item order (chosen first, absent negatives last,
+        0 there): ``pool_values [P, C]`` (e.g. every candidate's policy log-prob) at each record's candidates."""
+        idx = self.candidates.gather(1, torch.argsort((self.candidates < 0).to(torch.int8), dim=1, stable=True))
+        mask = idx >= 0
+        safe = idx.clamp_min(0)
+        pool_values = torch.as_tensor(pool_values)
+        values = torch.where(mask, pool_values.gather(1, safe), torch.zeros((), dtype=pool_values.dtype))
+        return values, torch.where(mask, self.ref_logps.gather(1, safe), torch.zeros(())), mask
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         idx = self.candidates[i]
         idx = idx[torch.argsort((idx < 0).to(torch.int8), stable=True)]  # absent negatives last
@@ -339,18 +349,29 @@ class PoolEval:
             regime: :func:`mass_dpo.frozen.score_states` on the cached states; the others:
             :func:`mass_dpo.evaluation.score_candidates`).
         ref_logps, mask: ``[P, C]``; target: ``[P]``; beta: the DPO scale.
+        records: the online-eval records of the same prompts (each method's own negatives), or ``None``: the
+            trainer then reads their statistics from the same scores (:meth:`PreferenceDataset.columns`) instead of
+            a second forward over those prompts.
     """
 
     KEYS = ("margin", "accuracy", "mrr", "logp_mrr", "chosen_rewards", "rejected_rewards")
 
-    def __init__(self, score: Callable[[nn.Module], torch.Tensor], ref_logps, mask, target, *, beta: float):
-        self.score, self.beta = score, float(beta)
+    def __init__(self, score: Callable[[nn.Module], torch.Tensor], ref_logps, mask, target, *, beta: float,
+                 records: PreferenceDataset | None = None):
+        self.score, self.beta, self.records = score, float(beta), records
         self.ref_logps = torch.as_tensor(ref_logps, dtype=torch.float64)
         self.mask = torch.as_tensor(mask).bool()
         self.target = torch.as_tensor(target).long()
+        if records is not None and tuple(records.ref_logps.shape) != tuple(self.ref_logps.shape):
+            raise ValueError(f"the records' pools {tuple(records.ref_logps.shape)} are not the scored pools "
+                             f"{tuple(self.ref_logps.shape)}")
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        logps = self.score(model).double().cpu()  # [P, C]
+        return self.stats(self.score(model))
+
+    def stats(self, logps: torch.Tensor) -> dict[str, float]:
+        """The whole-pool statistics of ``logps`` ``[P, C]`` (the policy's log-prob of every candidate)."""
+        logps = logps.double().cpu()
         rows = torch.arange(len(self.target))
         reward = self.beta * (logps - self.ref_logps)
         neg = self.mask.clone()
@@ -416,19 +437,28 @@ class MultiNegativeTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Loss and reward statistics over the online-eval set (every process scores its shard)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
+        """Loss and reward statistics over the online-eval set (every process scores its shard), and the whole-pool
+        ones with ``pool_eval``: when its ``records`` are the online-eval set, the own negatives' statistics are read
+        from the whole-pool scores (one pass over those prompts, in every process)."""
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         was_training = model.training
         model.eval()
         stats = []
-        for batch in dataloader:
-            inputs = self._prepare_inputs(batch)
-            logps = policy_logps(model, inputs)
-            out = batch_loss(self.method, self.beta, logps, inputs)
-            stats.append(self.accelerator.gather_for_metrics(_example_stats(out, inputs["mask"])))
-        if self.pool_eval is not None:
-            pool = self.pool_eval(self.accelerator.unwrap_model(model))
+        shared = self.pool_eval is not None and eval_dataset is None and self.pool_eval.records is self.eval_dataset
+        if shared:  # the own negatives are candidates of the scored pools: their statistics from the same scores
+            scores = self.pool_eval.score(self.accelerator.unwrap_model(model)).cpu()
+            pool = self.pool_eval.stats(scores)
+            logps, ref, mask = self.eval_dataset.columns(scores.float())
+            stats.append(_example_stats(batch_loss(self.method, self.beta, logps, {"ref_logps": ref, "mask": mask}),
+                                        mask))
+        else:
+            for batch in self.get_eval_dataloader(eval_dataset):
+                inputs = self._prepare_inputs(batch)
+                logps = policy_logps(model, inputs)
+                out = batch_loss(self.method, self.beta, logps, inputs)
+                stats.append(self.accelerator.gather_for_metrics(_example_stats(out, inputs["mask"])))
+            if self.pool_eval is not None:
+                pool = self.pool_eval(self.accelerator.unwrap_model(model))
         model.train(was_training)
         allstats = torch.cat(stats).float().cpu() if stats else torch.zeros(0, len(_STAT_KEYS))
         metrics = {f"{metric_key_prefix}_{k}": float(allstats[:, i].mean()) for i, k in enumerate(_STAT_KEYS)}

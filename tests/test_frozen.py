@@ -279,6 +279,67 @@ def test_pool_eval_statistics_by_hand():
     assert out["logp_mrr"] == pytest.approx((1 + 0.75) / 2)  # prompt 1: tied with candidate 0 -> ranks 1, 2: 0.75
 
 
+def test_online_eval_reads_the_own_negatives_from_the_whole_pool_scores(tmp_path):
+    """With whole-pool curves on, an online evaluation scores each pool once and reads the method's own negatives
+    from those scores: the same statistics as the forward over the records (tiny, k = 1, LastFM sample, after two
+    training steps so that rewards are not all 0); a record's columns are its pool's values at its candidates."""
+    from mass_dpo.training import PoolEval, build_trainer
+
+    cfg = resolve_config(dataset="lastfm", data_dir="samples", model="tiny", regime="freeze", trainable_layers=1,
+                         method="dmpo", n=3, limit=8, eval_limit=6, test_limit=2, max_steps=2,
+                         per_device_train_batch_size=2, per_device_eval_batch_size=4, gradient_accumulation_steps=1,
+                         learning_rate=5e-2, warmup_ratio=0.0, optim="adamw_torch", pool_eval=True)
+    data = runs.prepare_data(cfg)
+    assert data.pool_eval.records is data.eval
+    trainer = build_trainer(cfg, data.policy, data.train, data.eval, output_dir=tmp_path, pool_eval=data.pool_eval)
+    trainer.train()
+    shared = trainer.evaluate()
+    pe = data.pool_eval
+    trainer.pool_eval = PoolEval(pe.score, pe.ref_logps, pe.mask, pe.target, beta=pe.beta)  # no records: a forward
+    forward = trainer.evaluate()
+    assert shared["eval_samples"] == forward["eval_samples"] == 6
+    assert abs(shared["eval_rewards/margins"]) > 1e-4
+    for key, value in forward.items():
+        assert shared[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    values, ref, mask = data.eval.columns(torch.arange(6 * 20, dtype=torch.float64).reshape(6, 20))
+    cand = data.eval.candidates
+    assert mask.all() and torch.equal(values, (cand + 20 * torch.arange(6)[:, None]).double())
+    assert torch.equal(ref, data.eval.ref_logps.gather(1, cand))
+    with pytest.raises(ValueError, match="not the scored pools"):
+        PoolEval(pe.score, pe.ref_logps[:3], pe.mask[:3], pe.target[:3], beta=pe.beta, records=data.eval)
+
+
+def test_a_run_without_online_eval_trains_the_same_policy_without_curves(tmp_path):
+    """``online_eval=False`` (tuning runs): no evaluation rows in the log, the same trained weights and final metrics
+    as the run with curves; left out of the run name when on, so that earlier folders keep their names."""
+    from safetensors.torch import load_file
+
+    cfg = dict(dataset="lastfm", data_dir="samples", model="tiny", regime="freeze", trainable_layers=1,
+               method="sdpo", n=3, limit=8, eval_limit=4, test_limit=4, max_steps=4, per_device_train_batch_size=2,
+               gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1, eval_steps=2,
+               optim="adamw_torch", pool_eval=True, test_split="valid")
+    curves = runs.train_run(cfg, root=tmp_path)
+    bare = runs.train_run({**cfg, "online_eval": False}, root=tmp_path)
+    assert bare.run_dir != curves.run_dir
+    assert set(curves.log()["split"]) == {"train", "eval", "pool"} and set(bare.log()["split"]) == {"train"}
+    a = load_file(str(curves.run_dir / "final" / frozen.TRAINABLE_FILE))
+    b = load_file(str(bare.run_dir / "final" / frozen.TRAINABLE_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert bare.metrics["mrr"] == curves.metrics["mrr"] and bare.info["online_eval"] == {}
+    assert "online_eval" not in runs.hash_payload(resolve_config(**cfg), world=1)["config"]
+    assert runs.hash_payload(resolve_config(**cfg, online_eval=False), world=1)["config"]["online_eval"] is False
+
+    # fit_gain: the MRR of the log-prob ranking before and after training, here on the split the run was tested on
+    gain = runs.fit_gain(bare.run_dir, "valid")
+    untrained = runs.reference_run(cfg, root=tmp_path)
+    assert gain["prompts"] == 4 and gain["mrr"] == pytest.approx(bare.metrics["mrr"])
+    assert gain["mrr_init"] == pytest.approx(untrained.metrics["mrr"])
+    assert gain["gain"] == pytest.approx(gain["mrr"] - gain["mrr_init"]) and gain["se"] >= 0
+    on_train = runs.fit_gain(bare.run_dir, "train")
+    assert on_train["split"] == "train" and on_train["prompts"] == 8
+
+
 # ---------------------------------------------------------------- runs
 
 

@@ -35,6 +35,16 @@ PERCENT = ("accuracy", "recall@1", "recall@3", "recall@5", "ndcg@1", "ndcg@3", "
 RANKING = ("recall@1", "recall@3", "ndcg@1", "ndcg@3")
 #: Negatives of "S-DPO with the full pool" (Tables 7-8): every negative of a 20-candidate pool.
 FULL_POOL = 19
+#: The order of every table's rows: the untrained reference, the paper's methods, S-DPO over the whole pool (by
+#: label); the datasets in the paper's order, then their average.
+ROW_ORDER = {"method": ("reference", *METHOD_LABELS.values(), "S-DPO-all"), "dataset": (*DATASETS, "avg")}
+
+
+def paper_order(column: pd.Series) -> pd.Series:
+    """A ``sort_values(key=...)`` key: a ``method`` (label) or ``dataset`` column in :data:`ROW_ORDER` (values it
+    does not name last), any other column as it is."""
+    order = ROW_ORDER.get(column.name)
+    return column if order is None else column.map({v: i for i, v in enumerate(order)}).fillna(len(order))
 
 
 def repo_root() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import DATASETS, METHOD_LABELS, PERCENT
+from .core import PERCENT, paper_order
 
 PAIRED = {"a", "b", "diff", "lo", "hi", "significant"}
 #: Notebooks in the order the gallery lists them.
@@ -105,9 +105,8 @@ def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame(), []
     table = pd.concat([t.assign(_source=name) for name, t in found], ignore_index=True)
     table = table[table["metric"] == "mrr"].drop_duplicates(["dataset", "method"], keep="first")
-    rank = {name: i for i, name in enumerate((*DATASETS, *METHOD_LABELS.values(), "S-DPO-all"))}
     sources = [LEARNING_SOURCES[n] for n in dict.fromkeys(table["_source"])]
-    return table.sort_values(["dataset", "method"], key=lambda s: s.map(rank), kind="stable"), sources
+    return table.sort_values(["dataset", "method"], key=paper_order, kind="stable"), sources
 
 
 def _regime_sections(folder: Path, title: str) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import disk_memo, method_label, DATASETS, METHOD_LABELS, beside_paper, summarize, with_average
+from .core import beside_paper, disk_memo, method_label, paper_order, summarize, with_average
 
 
 def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average: bool = False) -> pd.DataFrame:
@@ -25,12 +25,7 @@ def method_table(runs: pd.DataFrame, table: str, metrics, *, model: str, average
         summary = with_average(summary, runs, by, metrics)
     summary = summary.rename(columns={"label": "method"})
     out = beside_paper(summary, table, ["method", "dataset", "metric"], model=model)
-    order = {m: i for i, m in enumerate(["reference", *METHOD_LABELS.values(), "S-DPO-all"])}
-    dorder = {d: i for i, d in enumerate((*DATASETS, "avg"))}
-    out = out.sort_values(["model", "method", "dataset", "metric"],
-                          key=lambda s: s.map(order) if s.name == "method" else
-                          s.map(dorder) if s.name == "dataset" else s).reset_index(drop=True)
-    return out
+    return out.sort_values(["model", "method", "dataset", "metric"], key=paper_order).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- Figures 2-3
