@@ -92,7 +92,7 @@ class TrainConfig:
     # freeze: the top k blocks and the final norm train, on cached lower-block states (mass_dpo.frozen)
     trainable_layers: int = 2
     # evaluate on the online-eval prompts while training (log.csv rows split "eval": Figures 2-3); tuning runs, scored
-    # by their final validation metric alone, turn it off (mass_dpo.tuning.SCORED_ON)
+    # by their final validation metric alone, turn it off in the LM regimes (mass_dpo.tuning.scored_on)
     online_eval: bool = True
     # every online evaluation also scores the whole pools of the online-eval prompts (log.csv rows split "pool")
     pool_eval: bool = False

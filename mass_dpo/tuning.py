@@ -29,6 +29,12 @@ from typing import Any, Callable
 SCORED_ON = {"test_split": "valid", "online_eval": False, "pool_eval": False}
 
 
+def scored_on(regime: str) -> dict[str, Any]:
+    """:data:`SCORED_ON` of ``regime``. The log-linear regime keeps its online evaluation: it costs nothing there, and
+    with it the tuning fit at the chosen point is the final fit of the rule's seed (``runs._FITS`` shares it)."""
+    return {k: v for k, v in SCORED_ON.items() if not (regime == "loglinear" and k == "online_eval")}
+
+
 def tuning_rule() -> dict[str, Any]:
     """``params/training.yaml`` ``tuning``: ``metric``, ``seed``, ``grid`` per regime and ``bounds`` per axis."""
     from .params import load_params
@@ -125,7 +131,7 @@ def tune(train: Callable[[dict[str, Any]], Any], regime: str, *, rule: dict | No
 
     def score(combo):
         if key(combo) not in scored:
-            result = train({**combo, "seed": seed, **SCORED_ON})
+            result = train({**combo, "seed": seed, **scored_on(regime)})
             m = result.metrics
             scored[key(combo)] = {"value": float(m[metric]), "se": float(m.get(f"{metric}_se", math.nan)),
                                   "prompts": m.get("prompts")}

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> int:
     from mass_dpo.config import TrainConfig
     from mass_dpo.runs import fit_gain, train_run, tune_config
-    from mass_dpo.tuning import SCORED_ON, tuning_rule
+    from mass_dpo.tuning import scored_on, tuning_rule
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["qasc", "medmcqa", "lastfm"])
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
                     test_limit=300)
         tuned = tune_config(base, root=args.runs_root)
         for limit in args.limits:  # the first: the tuning run at the chosen rate (cached)
-            run = train_run(TrainConfig(**{**tuned.config.to_dict(), **SCORED_ON, "limit": limit,
+            run = train_run(TrainConfig(**{**tuned.config.to_dict(), **scored_on("freeze"), "limit": limit,
                                            "seed": tuning_rule().get("seed", 0)}), root=args.runs_root)
             for split in ("train", "valid"):
                 g = fit_gain(run.run_dir, split)

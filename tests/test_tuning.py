@@ -133,3 +133,13 @@ def test_train_run_tune_chooses_on_validation_and_holds_given_options(tmp_path, 
                  "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "tuned on the validation split (mrr, 4 points)" in out and "tuned options" in out
+
+
+def test_tuning_runs_skip_online_evaluation_where_it_costs():
+    """LM-regime tuning runs train without online evaluation (it costs about as much as their steps); log-linear ones
+    keep it, so that the tuning fit at the chosen point is the final fit of the rule's seed (one memoised fit)."""
+    from mass_dpo.tuning import scored_on
+
+    assert scored_on("freeze") == {"test_split": "valid", "online_eval": False, "pool_eval": False}
+    assert scored_on("full")["online_eval"] is False
+    assert scored_on("loglinear") == {"test_split": "valid", "pool_eval": False}
