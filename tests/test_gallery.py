@@ -53,7 +53,8 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
 
 def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     """Without Table 1, a regime's learning check lists every method of the tables that ran, once each (Table 2's
-    S-DPO row wins over the same runs in Figures 2-3), by dataset then method; with Table 1, Table 1 alone."""
+    S-DPO row wins over the same runs in Figures 2-3), by dataset then method; a dataset Table 1 ran comes from
+    Table 1 alone, the others still from the tables that ran (Table 1 run a dataset at a time)."""
     def learning(name, rows):
         (tmp_path / name).mkdir(exist_ok=True)
         pd.DataFrame([{"model": "m", "dataset": d, "metric": "mrr", "method": m, "diff": g, "lo": g - 0.02,
@@ -71,7 +72,30 @@ def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     assert text.index("| qasc | S-DPO |") < text.index("| lastfm | DPO |") < text.index("| lastfm | S-DPO |")
     learning("table1", [("qasc", "DMPO", 0.05)])
     text = claims_markdown(tmp_path)
+    assert "Learning first (Table 1, Table 2 runs)" in text
+    assert "| qasc | DMPO | +5.0 |" in text and "| qasc | S-DPO |" not in text  # qasc: Table 1's rows only
+    assert text.count("| lastfm | DPO | +4.0 |") == 1 and text.count("| lastfm | S-DPO | +7.0 |") == 1
+    learning("table1", [("qasc", "DMPO", 0.05), ("lastfm", "DMPO", 0.06)])
+    text = claims_markdown(tmp_path)
     assert "Learning first (Table 1 runs)" in text and "| lastfm | DPO |" not in text
+
+
+def test_the_claim_comes_per_dataset_from_table1_where_it_ran(tmp_path):
+    """A regime whose Table 1 ran some datasets answers the claim for those from Table 1 and for the others from
+    its Figures 2-3 runs, one line per (dataset, metric)."""
+    for source, rows in (("table1", [("lastfm", 0.02)]), ("training_dynamics", [("lastfm", -0.09), ("qasc", 0.01)])):
+        folder = tmp_path / "lm" / source
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"model": "smollm2", "regime": "freeze", "dataset": "lastfm", "label": "S-DPO"}]).to_csv(
+            folder / "runs.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": d, "metric": "mrr", "a": "MASS-DPO", "b": "S-DPO", "diff": g,
+                       "se": 0.01, "lo": g - 0.02, "hi": g + 0.02, "z_score": g / 0.01, "significant": abs(g) > 0.02,
+                       "seeds": 2, "prompts": 300} for d, g in rows]).to_csv(folder / "mass_dpo_minus_sdpo.csv",
+                                                                             index=False)
+    text = claims_markdown(tmp_path).split("## The method tables")[0].split("## [")[0]
+    assert "| smollm2 freeze | lm/table1 | lastfm | mrr | +2.0 | +0.0 to +4.0 | 2 | 300 | inside the noise |" in text
+    assert "| smollm2 freeze | lm/training_dynamics | qasc | mrr | +1.0 |" in text
+    assert "-9.0" not in text  # lastfm's Figures 2-3 line is not a second answer
 
 
 def test_method_tables_side_by_side_per_regime(tmp_path):

@@ -43,8 +43,8 @@ def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:
 REGIME_FOLDERS = ("", "lm")
 
 
-#: Where a regime's answer to the claim is read, first found first: Table 1's runs, else the Figures 2-3 runs
-#: (S-DPO and MASS-DPO only; a regime whose Table 1 has not run yet).
+#: Where a regime's answer to the claim is read, per dataset, first found first: Table 1's runs, else the Figures 2-3
+#: runs (S-DPO and MASS-DPO only; a dataset whose Table 1 has not run yet: a long grid runs in rounds).
 CLAIM_SOURCES = ("table1", "training_dynamics")
 
 
@@ -64,10 +64,25 @@ def regime_of(folder) -> str:
     return ", ".join(parts)
 
 
+def _claim_rows(folder) -> list[tuple[str, pd.Series]]:
+    """``[(source, row)]`` of a regime folder's ``mass_dpo_minus_sdpo.csv`` tables: each dataset's rows from the
+    first of :data:`CLAIM_SOURCES` that ran it."""
+    out, seen = [], set()
+    for source in CLAIM_SOURCES:
+        path = Path(folder) / source / "mass_dpo_minus_sdpo.csv"
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path)
+        rows = table[~table["dataset"].isin(seen)]
+        out += [(source, r) for _, r in rows.iterrows()]
+        seen |= set(table["dataset"])
+    return out
+
+
 def regime_claim(root) -> list[str]:
     """The answer to the paper's claim, one line per (regime, dataset, metric): MASS-DPO minus S-DPO at equal n per
-    test prompt (``table1/mass_dpo_minus_sdpo.csv`` of each regime's folder, else the first of
-    :data:`CLAIM_SOURCES` there), with its 95% interval."""
+    test prompt (``table1/mass_dpo_minus_sdpo.csv`` of each regime's folder; a dataset Table 1 has not run from the
+    next of :data:`CLAIM_SOURCES` there), with its 95% interval."""
     lines = ["## The claim, per regime: MASS-DPO minus S-DPO at equal n", "",
              "| regime | source | dataset | metric | difference | 95% interval | seeds | test prompts | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -79,7 +94,7 @@ def regime_claim(root) -> list[str]:
             continue
         found = True
         regime = regime_of(folder)
-        for _, r in pd.read_csv(folder / source / "mass_dpo_minus_sdpo.csv").iterrows():
+        for source, r in _claim_rows(folder):
             verdict = ("above" if r["diff"] > 0 else "below") if bool(r["significant"]) else "inside the noise"
             lines.append(f"| {regime} | {'/'.join(p for p in (sub, source) if p)} | {r['dataset']} | {r['metric']} | "
                          f"{_fmt(r['diff'], r['metric'])} | "
@@ -88,23 +103,26 @@ def regime_claim(root) -> list[str]:
     return lines + [""] if found else []
 
 
-#: Where a regime's learning check is read: every method of Table 1's runs, else of the tables that ran (a regime
-#: whose Table 1 has not run yet), first found first per (dataset, method).
+#: Where a regime's learning check is read, per dataset: every method of Table 1's runs, else of the tables that ran
+#: (a dataset whose Table 1 has not run yet), first found first per (dataset, method).
 LEARNING_SOURCES = {"table1": "Table 1", "table2": "Table 2", "table5": "Table 5", "table6": "Table 6",
                     "training_dynamics": "Figures 2-3"}
 
 
 def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
     """The MRR learning check of a regime's folder (each method against the untrained reference) and the names of
-    the notebooks it comes from: Table 1's ``learning.csv``, else every :data:`LEARNING_SOURCES` one that ran; rows
-    by dataset, then method, in the paper's order."""
+    the notebooks it comes from: each dataset from Table 1's ``learning.csv`` where Table 1 ran it (every method),
+    else every (dataset, method) from the first :data:`LEARNING_SOURCES` one that ran it; rows by dataset, then
+    method, in the paper's order."""
     found = [(name, pd.read_csv(Path(folder) / name / "learning.csv")) for name in LEARNING_SOURCES
              if (Path(folder) / name / "learning.csv").is_file()]
-    found = found[:1] if found and found[0][0] == "table1" else found
     if not found:
         return pd.DataFrame(), []
     table = pd.concat([t.assign(_source=name) for name, t in found], ignore_index=True)
-    table = table[table["metric"] == "mrr"].drop_duplicates(["dataset", "method"], keep="first")
+    table = table[table["metric"] == "mrr"]
+    in_table1 = set(table.loc[table["_source"] == "table1", "dataset"])
+    table = table[(table["_source"] == "table1") | ~table["dataset"].isin(in_table1)]
+    table = table.drop_duplicates(["dataset", "method"], keep="first")
     sources = [LEARNING_SOURCES[n] for n in dict.fromkeys(table["_source"])]
     return table.sort_values(["dataset", "method"], key=paper_order, kind="stable"), sources
 
