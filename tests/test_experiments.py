@@ -169,6 +169,17 @@ def test_grid_crosses_every_axis():
     assert len(g) == 16 and all(s["beta"] == 0.1 for s in g)
 
 
+def test_train_limit_per_dataset_reaches_each_runs_configuration():
+    """A profile may give the QA datasets more training prompts than the others: ``train_limit`` as a mapping."""
+    setup = E.Setup(model="tiny", profile="smoke", tune=False, train_limit={"default": 8, "qasc": 12})
+    got = {d: E.planned_config(setup, {"dataset": d, "method": "sdpo", "seed": 0}).limit for d in ("qasc", "lastfm")}
+    assert got == {"qasc": 12, "lastfm": 8}
+    assert E.planned_config(E.Setup(model="tiny", profile="smoke", tune=False, train_limit=5),
+                            {"dataset": "qasc", "method": "sdpo", "seed": 0}).limit == 5
+    with pytest.raises(ValueError, match="train_limit names qsac: not a dataset"):
+        E.Setup(train_limit={"qsac": 1000}).limit_for("qasc")
+
+
 # ---------------------------------------------------------------- data that is missing
 
 

@@ -71,7 +71,8 @@ class Setup:
         regime: loglinear, lora or full. profile: a params/training.yaml profile (smoke, cpu, paper).
         data_dir: ``"samples"`` (shipped samples; MovieLens then comes from ``$MASS_DPO_DATA`` when set), a folder,
             or ``None`` (``$MASS_DPO_DATA``, else the cache). seeds: training seeds.
-        train_limit, eval_limit, test_limit: prompts per split (``None``: the profile's).
+        train_limit, eval_limit, test_limit: prompts per split (``None``: the profile's); ``train_limit`` may name
+            its value per dataset, ``{"default": 300, "qasc": 1000}`` (:meth:`limit_for`).
         options: any other :class:`mass_dpo.training.TrainConfig` field, for every run.
         root: the runs root (default ``$MASS_DPO_RUNS`` / the cache). quiet: hide the Trainer's per-step prints.
         tune: choose the regime's hyperparameters on the validation split by the rule of ``params/training.yaml``
@@ -87,7 +88,7 @@ class Setup:
     profile: str | None = "cpu"
     data_dir: str | None = "samples"
     seeds: list[int] = field(default_factory=lambda: [0])
-    train_limit: int | None = None
+    train_limit: int | dict[str, int] | None = None
     eval_limit: int | None = None
     test_limit: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +98,21 @@ class Setup:
     trained_world_size: int | None = field(
         default_factory=lambda: int(os.environ["MASS_DPO_TRAINED_WORLD_SIZE"])
         if os.environ.get("MASS_DPO_TRAINED_WORLD_SIZE") else None)
+
+    def limit_for(self, dataset: str) -> int | None:
+        """The training prompts of ``dataset``: ``train_limit``, or its entry for ``dataset`` (else ``"default"``)
+        when it is a mapping."""
+        from ..data.benchmarks import BENCHMARKS
+        from ..data.preferences import is_preference_file
+
+        limit = self.train_limit
+        if not isinstance(limit, dict):
+            return limit
+        unknown = [k for k in limit if k != "default" and k not in BENCHMARKS and not is_preference_file(k)]
+        if unknown:
+            raise ValueError(f"train_limit names {', '.join(map(str, unknown))}: not a dataset; use "
+                             f"{', '.join(BENCHMARKS)}, a preference file or 'default'")
+        return limit.get(dataset, limit.get("default"))
 
     def model_list(self) -> list[str]:
         return list(self.models) if self.models else [self.model]
@@ -207,7 +223,7 @@ def has_snapshots(run_dir) -> bool:
 
 def _config(setup: Setup, spec: dict, data_dir: str | None) -> dict:
     cfg = {"model": setup.model, "regime": setup.regime, "profile": setup.profile, "data_dir": data_dir,
-           "limit": setup.train_limit, "eval_limit": setup.eval_limit, "test_limit": setup.test_limit}
+           "limit": setup.limit_for(spec["dataset"]), "eval_limit": setup.eval_limit, "test_limit": setup.test_limit}
     cfg.update(setup.options)
     cfg.update(spec)
     return cfg
@@ -348,7 +364,8 @@ def tuned_options(setup: Setup, spec: dict, *, data_dir: str | None = None) -> d
     combos = tuning_grid(setup.regime)
     if not combos or set(combos[0]) & set(spec):
         return {}
-    key = (setup.model, setup.regime, setup.profile, str(data_dir or setup.data_dir), setup.train_limit,
+    key = (setup.model, setup.regime, setup.profile, str(data_dir or setup.data_dir),
+           setup.limit_for(spec["dataset"]),
            setup.eval_limit, spec["dataset"], spec["method"], json.dumps(setup.options, sort_keys=True, default=str),
            spec.get("negatives"))
     if key not in _TUNED:
