@@ -177,7 +177,7 @@ def test_train_limit_per_dataset_reaches_each_runs_configuration():
     assert E.planned_config(E.Setup(model="tiny", profile="smoke", tune=False, train_limit=5),
                             {"dataset": "qasc", "method": "sdpo", "seed": 0}).limit == 5
     with pytest.raises(ValueError, match="train_limit names qsac: not a dataset"):
-        E.Setup(train_limit={"qsac": 1000}).limit_for("qasc")
+        E.Setup(train_limit={"qsac": 1000})
 
 
 # ---------------------------------------------------------------- data that is missing

@@ -99,20 +99,22 @@ class Setup:
         default_factory=lambda: int(os.environ["MASS_DPO_TRAINED_WORLD_SIZE"])
         if os.environ.get("MASS_DPO_TRAINED_WORLD_SIZE") else None)
 
+    def __post_init__(self):
+        if isinstance(self.train_limit, dict):  # a misspelt dataset would silently take the default: refused here
+            from ..data.benchmarks import BENCHMARKS
+            from ..data.preferences import is_preference_file
+
+            unknown = [k for k in self.train_limit
+                       if k != "default" and k not in BENCHMARKS and not is_preference_file(k)]
+            if unknown:
+                raise ValueError(f"train_limit names {', '.join(map(str, unknown))}: not a dataset; use "
+                                 f"{', '.join(BENCHMARKS)}, a preference file or 'default'")
+
     def limit_for(self, dataset: str) -> int | None:
         """The training prompts of ``dataset``: ``train_limit``, or its entry for ``dataset`` (else ``"default"``)
         when it is a mapping."""
-        from ..data.benchmarks import BENCHMARKS
-        from ..data.preferences import is_preference_file
-
         limit = self.train_limit
-        if not isinstance(limit, dict):
-            return limit
-        unknown = [k for k in limit if k != "default" and k not in BENCHMARKS and not is_preference_file(k)]
-        if unknown:
-            raise ValueError(f"train_limit names {', '.join(map(str, unknown))}: not a dataset; use "
-                             f"{', '.join(BENCHMARKS)}, a preference file or 'default'")
-        return limit.get(dataset, limit.get("default"))
+        return limit.get(dataset, limit.get("default")) if isinstance(limit, dict) else limit
 
     def model_list(self) -> list[str]:
         return list(self.models) if self.models else [self.model]
