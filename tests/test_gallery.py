@@ -18,7 +18,7 @@ def test_claims_from_saved_tables(tmp_path):
          "se": 0.01, "lo": -0.016, "hi": 0.024, "z_score": 0.4, "significant": False, "seeds": 3, "prompts": 500},
     ]).to_csv(tmp_path / "table1" / "mass_dpo_minus_sdpo.csv", index=False)
     text = claims_markdown(tmp_path)
-    assert "| qasc | S-DPO-all | +6.0 | +4.0 to +8.0 | 6.0 | yes |" in text
+    assert "| qasc | S-DPO-all | +6.0 | +4.0 to +8.0 | 6.00 | yes |" in text
     assert "| qasc | accuracy | MASS-DPO - S-DPO | -3.0 | -5.0 to -1.0 | a below b |" in text
     assert "| lastfm | accuracy | MASS-DPO - S-DPO | +0.4 | -1.6 to +2.4 | inside the noise |" in text
     assert "0 above, 1 below, 1 inside the noise, of 2." in text
@@ -45,7 +45,7 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
     what = "Table 1" if lm_source == "table1" else "Figures 2-3"
     assert f"## [smollm2 freeze] Learning first ({what} runs)" in text
     assert "## [smollm2 loglinear] Learning first (Table 1 runs)" in text
-    assert text.count("| qasc | MASS-DPO | +5.0 | +2.0 to +8.0 | 3.3 | yes |") == 2
+    assert text.count("| qasc | MASS-DPO | +5.0 | +2.0 to +8.0 | 3.30 | yes |") == 2
     assert "| smollm2 loglinear | table1 | qasc | mrr | -5.0 | -7.0 to -3.0 | 2 | 300 | below |" in text
     assert f"| smollm2 freeze | lm/{lm_source} | qasc | mrr | +1.0 | -1.0 to +3.0 | 2 | 300 | inside the noise |" in text
     assert f"## [smollm2 freeze] `{lm_source}/mass_dpo_minus_sdpo`" in text
@@ -65,8 +65,8 @@ def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     learning("table2", [("lastfm", "DPO", 0.04), ("lastfm", "S-DPO", 0.07)])
     text = claims_markdown(tmp_path)
     assert "## Learning first (Table 2, Figures 2-3 runs)" in text
-    for line in ("| lastfm | DPO | +4.0 | +2.0 to +6.0 | 4.0 | yes |", "| lastfm | S-DPO | +7.0 | +5.0 to +9.0 | 7.0 | yes |",
-                 "| qasc | S-DPO | +1.0 | -1.0 to +3.0 | 1.0 | no |"):
+    for line in ("| lastfm | DPO | +4.0 | +2.0 to +6.0 | 4.00 | yes |", "| lastfm | S-DPO | +7.0 | +5.0 to +9.0 | 7.00 | yes |",
+                 "| qasc | S-DPO | +1.0 | -1.0 to +3.0 | 1.00 | no |"):
         assert text.count(line) == 1
     # by dataset, then method, in the paper's order (not in the order the tables were read)
     assert text.index("| qasc | S-DPO |") < text.index("| lastfm | DPO |") < text.index("| lastfm | S-DPO |")

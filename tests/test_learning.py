@@ -81,6 +81,13 @@ def test_paired_difference_by_hand(tmp_path):
     assert "A minus B on d (mrr)" in E.paired_sentence(out)
 
 
+def test_learning_sentence_does_not_round_a_miss_up_to_the_threshold():
+    learned = pd.DataFrame([{"method": "M", "metric": "mrr", "dataset": "d", "diff": 0.061, "z_score": 2.954,
+                             "learned": False}])
+    text = E.learning_sentence(learned, "M", threshold=3.0)
+    assert "on 0 of 1 dataset(s)" in text and "(2.95 SE)" in text
+
+
 def test_tuning_picks_the_best_validation_value_ties_to_the_first(monkeypatch):
     seen = []
 

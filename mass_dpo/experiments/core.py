@@ -662,7 +662,7 @@ def learning_sentence(learned: pd.DataFrame, method: str, metric: str = "mrr", t
     if part.empty:
         return f"{method}: no runs to compare with the reference."
     hits = part[part["learned"]]
-    detail = ", ".join(f"{r.dataset} {points(r.diff)} ({r.z_score:.1f} SE)" for r in part.itertuples())
+    detail = ", ".join(f"{r.dataset} {points(r.diff)} ({r.z_score:.2f} SE)" for r in part.itertuples())
     return (f"{method} beats the untrained reference by at least {threshold:g} standard errors on {metric} on "
             f"{len(hits)} of {len(part)} dataset(s): {detail}.")
 

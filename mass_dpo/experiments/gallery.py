@@ -136,7 +136,7 @@ def _regime_sections(folder: Path, title: str) -> list[str]:
                   "| dataset | method | gain | 95% interval | z | learned (z >= 3) |", "|---|---|---|---|---|---|"]
         for r in lt.itertuples():
             lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "
-                         f"{_fmt(r.hi, 'mrr')} | {r.z_score:.1f} | {'yes' if r.learned else 'no'} |")
+                         f"{_fmt(r.hi, 'mrr')} | {r.z_score:.2f} | {'yes' if r.learned else 'no'} |")
         lines.append("")
     for source, table in paired_tables(folder):
         if source.endswith("/learning"):
