@@ -4,6 +4,7 @@
     mass-dpo select ...      negatives for a dataset or your own file  (mass_dpo.preprocess)
     mass-dpo train ...       one training run and its metrics          (mass_dpo.train)
     mass-dpo reproduce ...   every notebook, headless                   (mass_dpo.reproduce)
+    mass-dpo runs ...        carry finished runs between run caches     (mass_dpo.records)
 
 Only the subcommand that runs is imported (``mass-dpo --help`` imports no torch). A user error (an unknown name, a
 missing file, a bad value, a folder that cannot be written) prints one line naming the problem and the fix and exits
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "select": ("mass_dpo.preprocess", "select negatives for every prompt of a dataset split or of your own file"),
     "train": ("mass_dpo.train", "train one policy with one method and evaluate it"),
     "reproduce": ("mass_dpo.reproduce", "execute the paper's notebooks headless into papers_figures/"),
+    "runs": ("mass_dpo.records", "export finished runs as records (no weights) or import records into the run cache"),
 }
 
 #: Exit status of a user error (argparse's own).

@@ -869,6 +869,11 @@ def snapshot_folder(run_dir, snapshot: str = "final") -> Path:
     """The saved trainable weights of a freeze run: ``snapshots/<snapshot>/`` (``mid``: half-way, ``final``)."""
     folder = Path(run_dir) / "snapshots" / snapshot
     if not (folder / "freeze.json").is_file():
+        from .records import is_record
+
+        if is_record(run_dir):
+            raise FileNotFoundError(f"{run_dir}: a record (imported without its weights) has no snapshot "
+                                    f"{snapshot!r}; train the run again (train_run(..., force=True)) for its weights")
         raise FileNotFoundError(f"{folder}: no saved snapshot {snapshot!r} (a freeze run keeps snapshots/mid and "
                                 "snapshots/final)")
     return folder

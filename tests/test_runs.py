@@ -240,6 +240,45 @@ def test_two_processes_match_one(fake_module, tmp_path):
     assert json.loads((run_two / "config.json").read_text())["world_size"] == 2
 
 
+# ---------------------------------------------------------------- records: finished runs without weights
+
+
+def test_a_record_carries_a_finished_run_to_another_cache(fake_module, tmp_path, monkeypatch, capsys):
+    from mass_dpo import cli, records
+
+    _, fake = fake_module
+    first = runs.train_run(small(), root=tmp_path / "a", data=fake.make_data)
+    (tmp_path / "a" / "half_done").mkdir()  # a run still training: config, no manifest
+    (tmp_path / "a" / "half_done" / "config.json").write_text("{}")
+    monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "a"))
+    assert cli.main(["runs", "export", str(tmp_path / "rec")]) == 0
+    assert "exported 1 finished run(s)" in capsys.readouterr().out
+    (rec,) = (tmp_path / "rec").iterdir()
+    assert rec.name == first.run_dir.name and records.is_record(rec) and runs.is_finished(rec)
+    assert not (rec / "final").exists() and (first.run_dir / "final" / "model.safetensors").is_file()
+    assert {"config.json", "metrics.json", "log.csv", "run.log"} <= {p.name for p in rec.iterdir()}
+
+    def no_training(cfg):
+        raise AssertionError("a run found as a record must not train")
+
+    imported, present = records.import_runs(tmp_path / "rec", root=tmp_path / "b")
+    assert [p.name for p in imported] == [rec.name] and present == []
+    loaded = runs.train_run(small(), root=tmp_path / "b", data=no_training)
+    assert loaded.cached and loaded.metrics == first.metrics
+    assert loaded.log().equals(first.log())
+    with pytest.raises(FileNotFoundError, match="record"):
+        runs.snapshot_folder(loaded.run_dir)
+
+    imported, present = records.import_runs(tmp_path / "rec", root=tmp_path / "a")  # the run with weights stays
+    assert imported == [] and [p.name for p in present] == [rec.name]
+    assert (first.run_dir / "final" / "model.safetensors").is_file() and not records.is_record(first.run_dir)
+
+    (tmp_path / "rec" / "stray").mkdir()
+    assert cli.main(["runs", "import", str(tmp_path / "rec"), "--root", str(tmp_path / "c")]) == 2
+    assert "not finished runs or records (e.g. stray)" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing imported before the check
+
+
 # ---------------------------------------------------------------- the offline pipeline
 
 

@@ -1,0 +1,133 @@
+"""Run records: finished runs without their weights, to carry results from one machine's run cache to another's.
+
+    mass-dpo runs export DEST [--match 'medmcqa_*']   finished runs of the runs root -> DEST/<run name>/
+    mass-dpo runs import SRC                          the records in SRC -> the runs root
+
+A record is a finished run folder (:func:`mass_dpo.runs.is_finished`) less its weights (``final/``, ``snapshots/``,
+``checkpoints/``): config, ``metrics.json``, ``log.csv``, ``test_per_prompt.csv``, ``tuning.csv``, ``run.log``, a few
+hundred kB. Its manifest lists what it kept and says ``"record": true``, so a record is a finished run to everything
+that reads results (tables, tuning, the training curves): a grid that finds it loads it instead of training it. Only
+what needs the trained policy (Table 4's re-extraction, generation from a saved run) asks for the run itself.
+
+Use: a long grid spread over machines or sessions without a shared file system (export what finished, import it on
+the next machine, run the grid again: it trains only what is missing), or the results behind a gallery kept beside
+it. A run's name hashes its resolved configuration and its data folder, so a record is found by a grid that asks
+for the same run over the same data folder path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from .files import atomic_folder, atomic_write_json, locked
+from .runs import MANIFEST, is_finished, runs_root
+
+#: The folders of a run that hold weights: left out of a record.
+WEIGHT_FOLDERS = ("final", "snapshots", "checkpoints")
+
+
+def is_record(path) -> bool:
+    """True when ``path`` is a finished run exported without its weights."""
+    try:
+        return bool(json.loads((Path(path) / MANIFEST).read_text()).get("record"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _kept_files(run: Path) -> list[str]:
+    """The files of ``run`` a record keeps (relative POSIX paths): all but weights, temporaries and the manifest."""
+    kept = []
+    for f in sorted(run.rglob("*")):
+        rel = f.relative_to(run).as_posix()
+        if (f.is_file() and rel != MANIFEST and rel.split("/")[0] not in WEIGHT_FOLDERS
+                and not any(part.startswith(".") for part in rel.split("/"))):
+            kept.append(rel)
+    return kept
+
+
+def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
+    """Write a record of every finished run of ``root`` (default the runs root) whose folder name matches the glob
+    ``match`` into ``dest/<run name>/`` (atomically; an older record of the same run is replaced). Runs still
+    training or interrupted are left out. Returns the records written."""
+    root, dest = Path(root or runs_root()), Path(dest)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no runs root here; give --root (or set $MASS_DPO_RUNS) to the folder of "
+                                "the runs to export")
+    if dest.resolve() == root.resolve():
+        raise ValueError(f"{dest}: is the runs root itself; export into another folder")
+    written = []
+    for run in sorted(p for p in root.glob(match) if p.is_dir() and not p.name.startswith(".")):
+        with locked(run, f"the run {run.name}"):  # not while another process (re)trains it
+            if not is_finished(run):
+                continue
+            try:
+                manifest = json.loads((run / MANIFEST).read_text())
+            except FileNotFoundError:  # a folder of an earlier layout: finished by its config and metrics
+                manifest = {}
+            listed = manifest.get("files") or {}
+            with atomic_folder(dest / run.name) as tmp:
+                kept = _kept_files(run)
+                for rel in kept:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(run / rel, tmp / rel)
+                files = {rel: (tmp / rel).stat().st_size for rel in kept if rel in listed or not listed}
+                atomic_write_json(tmp / MANIFEST, {**manifest, "files": files, "record": True}, sort_keys=True)
+        written.append(dest / run.name)
+    return written
+
+
+def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
+    """Copy every record (or finished run) in ``src`` into ``root`` (default the runs root), each atomically under
+    its run's lock. A run already finished there is kept as it is (it may hold weights a record lacks). Returns
+    (imported, already there)."""
+    src, root = Path(src), Path(root or runs_root())
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder; give the folder that `mass-dpo runs export` wrote")
+    candidates = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unfinished = [p.name for p in candidates if not is_finished(p)]
+    if unfinished:
+        raise ValueError(f"{src}: {len(unfinished)} folder(s) are not finished runs or records (e.g. "
+                         f"{unfinished[0]}); give the folder that `mass-dpo runs export` wrote")
+    imported, present = [], []
+    for rec in candidates:
+        target = root / rec.name
+        with locked(target, f"the run {target.name}"):
+            if is_finished(target):
+                present.append(target)
+                continue
+            with atomic_folder(target) as tmp:
+                shutil.copytree(rec, tmp, dirs_exist_ok=True)
+        imported.append(target)
+    return imported, present
+
+
+# ---------------------------------------------------------------- mass-dpo runs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import}")
+    ex = sub.add_parser("export", help="write records (finished runs without weights) of the runs root into a folder",
+                        description=export_runs.__doc__.split("\n\n")[0])
+    ex.add_argument("dest", help="the folder to write the records into")
+    ex.add_argument("--match", default="*", help="only runs whose folder name matches this glob, e.g. 'medmcqa_*'")
+    ex.add_argument("--root", default=None, help="the runs root to export from (default: $MASS_DPO_RUNS, else "
+                                                 "<cache>/runs)")
+    im = sub.add_parser("import", help="copy the records of a folder into the runs root",
+                        description=import_runs.__doc__.split("\n\n")[0])
+    im.add_argument("src", help="a folder written by `mass-dpo runs export`")
+    im.add_argument("--root", default=None, help="the runs root to import into (default: $MASS_DPO_RUNS, else "
+                                                 "<cache>/runs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        written = export_runs(args.dest, root=args.root, match=args.match)
+        print(f"exported {len(written)} finished run(s) as records into {args.dest}")
+    else:
+        imported, present = import_runs(args.src, root=args.root)
+        root = args.root or runs_root()
+        print(f"imported {len(imported)} record(s) into {root}; {len(present)} already finished there (kept)")
+    return 0
