@@ -4,8 +4,8 @@
     mass-dpo runs import SRC                          the records in SRC -> the runs root
 
 A record is a finished run folder (:func:`mass_dpo.runs.is_finished`) less its weights (``final/``, ``snapshots/``,
-``checkpoints/``): config, ``metrics.json``, ``log.csv``, ``test_per_prompt.csv``, ``tuning.csv``, ``run.log``, a few
-hundred kB. Its manifest lists what it kept and says ``"record": true``, so a record is a finished run to everything
+``checkpoints/``): config, ``metrics.json``, ``log.csv``, ``test_per_prompt.csv``, ``tuning.csv``, ``run.log``, tens of
+kB. Its manifest lists what it kept and says ``"record": true``, so a record is a finished run to everything
 that reads results (tables, tuning, the training curves): a grid that finds it loads it instead of training it. Only
 what needs the trained policy (Table 4's re-extraction, generation from a saved run) asks for the run itself.
 
