@@ -112,3 +112,33 @@ def test_method_tables_side_by_side_per_regime(tmp_path):
     text = claims_markdown(tmp_path)
     assert "| dataset | method | smollm2 loglinear (reward) | smollm2 freeze (logp) |" in text
     assert "| qasc | S-DPO | 35.0 | 52.0 |" in text and "| lastfm | DPO |" not in text
+
+
+def test_a_round_drawn_on_its_own_answers_for_its_dataset(tmp_path):
+    """A Table 1 round drawn into a folder of its own (lm/table1_medmcqa: its dataset's runs are records while the
+    other datasets' are not) answers the claim and the learning check for its dataset, after table1/ itself and
+    before the Figures 2-3 runs; its paired tables get a section named by its folder."""
+    def tables(name, dataset, gain):
+        folder = tmp_path / "lm" / name
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"model": "smollm2", "regime": "freeze", "dataset": dataset, "label": "S-DPO", "seed": 0,
+                       "score": "logp", "mrr": 0.3}]).to_csv(folder / "runs.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": dataset, "metric": "mrr", "a": "MASS-DPO", "b": "S-DPO",
+                       "diff": gain, "se": 0.01, "lo": gain - 0.02, "hi": gain + 0.02, "z_score": gain / 0.01,
+                       "significant": abs(gain) > 0.02, "seeds": 2, "prompts": 300}]).to_csv(
+            folder / "mass_dpo_minus_sdpo.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": dataset, "metric": "mrr", "method": "DMPO", "diff": gain + 0.1,
+                       "lo": gain + 0.08, "hi": gain + 0.12, "z_score": 9.0, "learned": True}]).to_csv(
+            folder / "learning.csv", index=False)
+
+    tables("table1", "lastfm", 0.02)
+    tables("training_dynamics", "medmcqa", -0.09)
+    tables("table1_medmcqa", "medmcqa", -0.04)
+    text = claims_markdown(tmp_path)
+    claim = text.split("## The method tables")[0].split("## [")[0]
+    assert "| smollm2 freeze | lm/table1_medmcqa | medmcqa | mrr | -4.0 | -6.0 to -2.0 | 2 | 300 | below |" in claim
+    assert "| smollm2 freeze | lm/table1 | lastfm | mrr | +2.0 |" in claim and "-9.0" not in claim
+    assert "## [smollm2 freeze] Learning first (Table 1 runs)" in text
+    assert "| medmcqa | DMPO | +6.0 | +4.0 to +8.0 | 9.00 | yes |" in text and "| medmcqa | DMPO | +1.0 |" not in text
+    assert "## [smollm2 freeze] `table1_medmcqa/mass_dpo_minus_sdpo`" in text
+    assert "## [smollm2 freeze] `table1/mass_dpo_minus_sdpo`" in text

@@ -23,19 +23,24 @@ def _fmt(value: float, metric: str) -> str:
     return f"{100 * value:+.1f}" if metric in PERCENT else f"{value:+.3g}"
 
 
+def drawn(folder, name: str) -> list[Path]:
+    """The folders notebook ``name`` was drawn into under a gallery folder: ``name/``, then each ``name_<round>/`` (a
+    dataset's round drawn on its own before it joins ``name/``, as ``lm/table1_medmcqa``), those that exist."""
+    root = Path(folder)
+    return [p for p in (root / name, *sorted(root.glob(f"{name}_*"))) if p.is_dir()]
+
+
 def paired_tables(out_dir) -> list[tuple[str, pd.DataFrame]]:
-    """``[(notebook/file, table)]``: every saved CSV under ``out_dir`` with the paired-difference columns."""
+    """``[(folder/file, table)]``: every saved CSV under ``out_dir`` with the paired-difference columns."""
     out = []
-    root = Path(out_dir)
-    names = [n for n in ORDER if (root / n).is_dir()]
-    for name in names:
-        for path in sorted((root / name).glob("*.csv")):
+    for folder in (d for name in ORDER for d in drawn(out_dir, name)):
+        for path in sorted(folder.glob("*.csv")):
             try:
                 table = pd.read_csv(path)
             except (pd.errors.EmptyDataError, pd.errors.ParserError):
                 continue
             if PAIRED <= set(table.columns) and len(table):
-                out.append((f"{name}/{path.stem}", table))
+                out.append((f"{folder.name}/{path.stem}", table))
     return out
 
 
@@ -49,14 +54,14 @@ CLAIM_SOURCES = ("table1", "training_dynamics")
 
 
 def _claim_source(folder) -> str | None:
-    return next((s for s in CLAIM_SOURCES if (Path(folder) / s / "mass_dpo_minus_sdpo.csv").is_file()), None)
+    return next((s for s in CLAIM_SOURCES if any((d / "mass_dpo_minus_sdpo.csv").is_file() for d in drawn(folder, s))),
+                None)
 
 
 def regime_of(folder) -> str:
     """The regime (and model) a gallery folder's runs come from, read from its Table 1 runs (``table1/runs.csv``;
     else those of the first :data:`CLAIM_SOURCES` notebook that ran)."""
-    path = next((Path(folder) / s / "runs.csv" for s in CLAIM_SOURCES if (Path(folder) / s / "runs.csv").is_file()),
-                None)
+    path = next((d / "runs.csv" for s in CLAIM_SOURCES for d in drawn(folder, s) if (d / "runs.csv").is_file()), None)
     if path is None:
         return "?"
     runs = pd.read_csv(path)
@@ -66,15 +71,14 @@ def regime_of(folder) -> str:
 
 def _claim_rows(folder) -> list[tuple[str, pd.Series]]:
     """``[(source, row)]`` of a regime folder's ``mass_dpo_minus_sdpo.csv`` tables: each dataset's rows from the
-    first of :data:`CLAIM_SOURCES` that ran it."""
+    first of :data:`CLAIM_SOURCES` that ran it (the notebook's folder, then its rounds drawn on their own)."""
     out, seen = [], set()
-    for source in CLAIM_SOURCES:
-        path = Path(folder) / source / "mass_dpo_minus_sdpo.csv"
+    for path in (d / "mass_dpo_minus_sdpo.csv" for s in CLAIM_SOURCES for d in drawn(folder, s)):
         if not path.is_file():
             continue
         table = pd.read_csv(path)
         rows = table[~table["dataset"].isin(seen)]
-        out += [(source, r) for _, r in rows.iterrows()]
+        out += [(path.parent.name, r) for _, r in rows.iterrows()]
         seen |= set(table["dataset"])
     return out
 
@@ -114,8 +118,8 @@ def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
     the notebooks it comes from: each dataset from Table 1's ``learning.csv`` where Table 1 ran it (every method),
     else every (dataset, method) from the first :data:`LEARNING_SOURCES` one that ran it; rows by dataset, then
     method, in the paper's order."""
-    found = [(name, pd.read_csv(Path(folder) / name / "learning.csv")) for name in LEARNING_SOURCES
-             if (Path(folder) / name / "learning.csv").is_file()]
+    found = [(name, pd.read_csv(d / "learning.csv")) for name in LEARNING_SOURCES for d in drawn(folder, name)
+             if (d / "learning.csv").is_file()]
     if not found:
         return pd.DataFrame(), []
     table = pd.concat([t.assign(_source=name) for name, t in found], ignore_index=True)
@@ -169,7 +173,8 @@ def regimes_side_by_side(root, metric: str = "mrr") -> pd.DataFrame:
     columns = {}
     for sub in REGIME_FOLDERS:
         folder = Path(root) / sub
-        found = [pd.read_csv(folder / n / "runs.csv") for n in TABLE_SOURCES if (folder / n / "runs.csv").is_file()]
+        found = [pd.read_csv(d / "runs.csv") for n in TABLE_SOURCES for d in drawn(folder, n)
+                 if (d / "runs.csv").is_file()]
         if not found:
             continue
         runs = pd.concat(found, ignore_index=True)
