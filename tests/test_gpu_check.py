@@ -54,6 +54,8 @@ def test_gpu_check_runs_at_tiny_shapes_on_cpu(tmp_path):
     assert ext["shared"]["tokens_scored"] == ext["naive"]["tokens_scored"] == ext["naive"]["tokens_fed"]
     assert ext["shared"]["tokens_fed"] < ext["naive"]["tokens_fed"]  # the prompt is read once per pool
     assert ext["shared"]["agree"] and ext["shared"]["rel_logp_diff"] <= 2e-2
+    assert ext["shared"]["fp32_rel_logp_diff"] <= 1e-4  # the layouts agree in fp32 ...
+    assert ext["naive"]["rel_error_vs_fp32"] > 0  # ... and bf16 rounding moves the scores of either
 
     step = rec["step"]
     assert step["dtype"] == "bfloat16" and step["n"] == 3 and step["batch"] == 2
@@ -96,3 +98,36 @@ def test_llama3_shape_has_llama_3_2_3b_parameter_count():
     assert built.get_input_embeddings().weight.shape == (128256, 32)
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         _random_model(dict(small, config={**small["config"], "vocab_size": 100}), tok, torch.float32)
+
+
+def _gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_extraction_check_fails_a_shared_prompt_that_adds_error(monkeypatch):
+    """The extraction's agreement is judged against fp32 scores: a shared-prompt path whose log-probs are off by
+    0.5 nats (a layout bug, not rounding) is reported as a mismatch, and the correct path as agreeing."""
+    import mass_dpo.extraction as ex
+
+    gpu = _gpu_module()
+    records = gpu.lastfm_pools(2, 8, "samples")
+    kwargs = dict(device=torch.device("cpu"), dtype=torch.bfloat16, pools_per_forward=2)
+    good = gpu.bench_extraction("tiny", records, **kwargs)
+    assert all(r["agree"] for r in good) and good[0]["fp32_rel_logp_diff"] <= 1e-4
+    gpu.release()
+
+    real = ex.shared_prefix_forward_batch
+
+    def off_by_half(model, chunk):
+        logps, *rest = real(model, chunk)
+        return (logps + 0.5, *rest)
+
+    monkeypatch.setattr(ex, "shared_prefix_forward_batch", off_by_half)
+    bad = gpu.bench_extraction("tiny", records, **kwargs)
+    assert not any(r["agree"] for r in bad) and bad[0]["fp32_rel_logp_diff"] > 1e-4
+    gpu.release()
