@@ -2,6 +2,7 @@
 
     mass-dpo runs export DEST [--match 'medmcqa_*']   finished runs of the runs root -> DEST/<run name>/
     mass-dpo runs import SRC                          the records in SRC -> the runs root
+    mass-dpo runs timings SRC [--out FILE]            the measured seconds of the runs in SRC, summed per dataset
 
 A record is a finished run folder (:func:`mass_dpo.runs.is_finished`) less its weights (``final/``, ``snapshots/``,
 ``checkpoints/``): config, ``metrics.json``, ``log.csv``, ``test_per_prompt.csv``, ``tuning.csv``, ``run.log``, tens of
@@ -104,11 +105,65 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     return imported, present
 
 
+def timings(src) -> list[dict]:
+    """One row per finished run (or record) in ``src``: its ``dataset``, ``kind`` (``reference``, ``tuning`` (scored
+    on the validation split) or ``seed``), ``method`` and the seconds it measured of itself (``metrics.json``'s
+    ``seconds``: ``data``, the preparation of its splits with any extraction it did first; ``train``; ``test``)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder; give a runs root or a folder that `mass-dpo runs export` "
+                                "wrote")
+    rows = []
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not is_finished(run):
+            continue
+        metrics = json.loads((run / "metrics.json").read_text())
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        kind = ("reference" if run.name.startswith("reference_")
+                else "tuning" if cfg.get("test_split") == "valid" else "seed")
+        seconds = metrics.get("seconds") or {}
+        rows.append({"run": run.name, "dataset": cfg["dataset"], "kind": kind, "method": cfg.get("method"),
+                     **{part: float(seconds.get(part, 0.0)) for part in ("data", "train", "test")}})
+    return rows
+
+
+def timings_markdown(src) -> str:
+    """The table of :func:`timings` summed per dataset and kind, in hours, with the total: what training ``src``'s
+    runs one after another cost on the machines that ran them."""
+    rows = timings(src)
+    if not rows:
+        raise ValueError(f"{src}: holds no finished runs or records; nothing to time")
+    kinds = ("tuning", "seed", "reference")
+    sums: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for r in rows:
+        per = sums.setdefault(r["dataset"], dict.fromkeys(kinds + ("data", "train", "test"), 0.0))
+        total = r["data"] + r["train"] + r["test"]
+        per[r["kind"]] += total
+        for part in ("data", "train", "test"):
+            per[part] += r[part]
+        counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
+    lines = ["| dataset | runs | tuning h | seeds h | reference h | of which data / train / test h | total h |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    grand = 0.0
+    for ds, per in sums.items():
+        total = sum(per[k] for k in kinds)
+        grand += total
+        lines.append(f"| {ds} | {counts[ds]} | " + " | ".join(f"{per[k] / 3600:.2f}" for k in kinds)
+                     + f" | {per['data'] / 3600:.2f} / {per['train'] / 3600:.2f} / {per['test'] / 3600:.2f}"
+                     + f" | {total / 3600:.2f} |")
+    lines.append(f"| all | {len(rows)} | | | | | **{grand / 3600:.2f}** |")
+    return (f"Each run's own measurement (`metrics.json`'s `seconds`: its splits' preparation, with the extraction "
+            f"where it was the first to need it; training; test evaluation), summed: {len(rows)} runs, "
+            f"{grand / 3600:.2f} h one after another. A run resumed from a checkpoint counts only its last part.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 # ---------------------------------------------------------------- mass-dpo runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import,timings}")
     ex = sub.add_parser("export", help="write records (finished runs without weights) of the runs root into a folder",
                         description=export_runs.__doc__.split("\n\n")[0])
     ex.add_argument("dest", help="the folder to write the records into")
@@ -120,12 +175,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     im.add_argument("src", help="a folder written by `mass-dpo runs export`")
     im.add_argument("--root", default=None, help="the runs root to import into (default: $MASS_DPO_RUNS, else "
                                                  "<cache>/runs)")
+    ti = sub.add_parser("timings", help="the measured seconds of the finished runs (or records) of a folder, "
+                                        "summed per dataset", description=timings_markdown.__doc__.split("\n\n")[0])
+    ti.add_argument("src", help="a runs root or a folder written by `mass-dpo runs export`")
+    ti.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file (atomically)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "export":
         written = export_runs(args.dest, root=args.root, match=args.match)
         print(f"exported {len(written)} finished run(s) as records into {args.dest}")
+    elif args.action == "timings":
+        text = timings_markdown(args.src)
+        print(text, end="")
+        if args.out is not None:
+            from .files import atomic_write_text
+
+            atomic_write_text(args.out, f"# Measured time of the runs in `{args.src}`\n\n{text}")
     else:
         imported, present = import_runs(args.src, root=args.root)
         root = args.root or runs_root()

@@ -279,6 +279,37 @@ def test_a_record_carries_a_finished_run_to_another_cache(fake_module, tmp_path,
     assert not (tmp_path / "c").exists()  # nothing imported before the check
 
 
+def test_timings_sum_each_runs_own_seconds_per_dataset_and_kind(fake_module, tmp_path, capsys):
+    from mass_dpo import cli, records
+
+    _, fake = fake_module
+    seed = runs.train_run(small(), root=tmp_path / "r", data=fake.make_data)
+    tuning = runs.train_run(small(test_split="valid", learning_rate=0.01), root=tmp_path / "r", data=fake.make_data)
+    (tmp_path / "r" / "half_done").mkdir()  # not finished: left out
+    rows = {r["run"]: r for r in records.timings(tmp_path / "r")}
+    assert set(rows) == {seed.run_dir.name, tuning.run_dir.name}
+    assert rows[seed.run_dir.name]["kind"] == "seed" and rows[tuning.run_dir.name]["kind"] == "tuning"
+    for res in (seed, tuning):
+        sec = json.loads((res.run_dir / "metrics.json").read_text())["seconds"]
+        assert rows[res.run_dir.name]["train"] == sec["train"] > 0
+    # hand-set seconds: tuning 0.5 + 1 + 0.25 h, seed 0.1 + 2 + 0.15 h
+    for res, sec in ((tuning, {"data": 1800, "train": 3600, "test": 900}),
+                     (seed, {"data": 360, "train": 7200, "test": 540})):
+        metrics = json.loads((res.run_dir / "metrics.json").read_text())
+        (res.run_dir / "metrics.json").write_text(json.dumps({**metrics, "seconds": sec}))
+        manifest = json.loads((res.run_dir / runs.MANIFEST).read_text())  # still a finished run: the size it lists
+        manifest["files"]["metrics.json"] = (res.run_dir / "metrics.json").stat().st_size
+        (res.run_dir / runs.MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "timings.md"
+    assert cli.main(["runs", "timings", str(tmp_path / "r"), "--out", str(out)]) == 0
+    dataset = rows[seed.run_dir.name]["dataset"]
+    assert f"| {dataset} | 2 | 1.75 | 2.25 | 0.00 | 0.60 / 3.00 / 0.40 | 4.00 |" in out.read_text()
+    assert "| all | 2 | | | | | **4.00** |" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["runs", "timings", str(tmp_path / "empty")]) == 2
+    assert "holds no finished runs" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- the offline pipeline
 
 
