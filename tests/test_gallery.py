@@ -142,3 +142,24 @@ def test_a_round_drawn_on_its_own_answers_for_its_dataset(tmp_path):
     assert "| medmcqa | DMPO | +6.0 | +4.0 to +8.0 | 9.00 | yes |" in text and "| medmcqa | DMPO | +1.0 |" not in text
     assert "## [smollm2 freeze] `table1_medmcqa/mass_dpo_minus_sdpo`" in text
     assert "## [smollm2 freeze] `table1/mass_dpo_minus_sdpo`" in text
+
+
+def test_the_learning_summary_counts_each_methods_datasets_against_the_quorum(tmp_path):
+    """Per method: the datasets it learned on, those it fell short on with their z, and whether every method learns
+    on at least 3 of 4 (:data:`LEARNING_QUORUM`)."""
+    (tmp_path / "table1").mkdir()
+    z = {("qasc", "S-DPO"): 4.0, ("lastfm", "S-DPO"): 3.5, ("medmcqa", "S-DPO"): 2.0, ("movielens", "S-DPO"): 5.0,
+         ("qasc", "MASS-DPO"): 2.2, ("lastfm", "MASS-DPO"): 3.1, ("medmcqa", "MASS-DPO"): 2.9,
+         ("movielens", "MASS-DPO"): 3.0}
+    pd.DataFrame([{"model": "m", "dataset": d, "metric": "mrr", "method": m, "diff": v / 100, "lo": 0.0, "hi": 0.1,
+                   "z_score": v, "learned": v >= 3} for (d, m), v in z.items()]).to_csv(
+        tmp_path / "table1" / "learning.csv", index=False)
+    text = claims_markdown(tmp_path)
+    assert "- S-DPO: learned on 3 of 4 dataset(s); short on medmcqa (z 2.00)." in text
+    assert "- MASS-DPO: learned on 2 of 4 dataset(s); short on medmcqa (z 2.90), qasc (z 2.20)." in text
+    assert "at least 3 of the 4 datasets (75%): **not met** by MASS-DPO (2 of 4)." in text
+    z[("qasc", "MASS-DPO")] = 3.0  # now 3 of 4
+    pd.DataFrame([{"model": "m", "dataset": d, "metric": "mrr", "method": m, "diff": v / 100, "lo": 0.0, "hi": 0.1,
+                   "z_score": v, "learned": v >= 3} for (d, m), v in z.items()]).to_csv(
+        tmp_path / "table1" / "learning.csv", index=False)
+    assert "at least 3 of the 4 datasets (75%): met by every method." in claims_markdown(tmp_path)

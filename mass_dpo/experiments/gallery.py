@@ -8,6 +8,7 @@ them after a ``mass-dpo reproduce``, so the claims table always states the numbe
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -131,6 +132,30 @@ def learning_rows(folder) -> tuple[pd.DataFrame, list[str]]:
     return table.sort_values(["dataset", "method"], key=paper_order, kind="stable"), sources
 
 
+#: The learning requirement per method: it learns (MRR z >= 3 against the untrained reference) on at least this
+#: share of the datasets its regime ran (3 of 4).
+LEARNING_QUORUM = 0.75
+
+
+def learning_summary(table: pd.DataFrame) -> list[str]:
+    """One line per method of a learning check (rows of :func:`learning_rows`): on how many of the datasets it ran
+    it learned, and where it fell short (with its z), then whether every method meets :data:`LEARNING_QUORUM`."""
+    lines, short = [], []
+    for method, rows in table.groupby("method", sort=False):
+        learned = rows[rows["learned"].astype(bool)]
+        missed = rows[~rows["learned"].astype(bool)]
+        need = math.ceil(LEARNING_QUORUM * len(rows))
+        if len(learned) < need:
+            short.append(f"{method} ({len(learned)} of {len(rows)})")
+        lines.append(f"- {method}: learned on {len(learned)} of {len(rows)} dataset(s)"
+                     + (f"; short on " + ", ".join(f"{r.dataset} (z {r.z_score:.2f})" for r in missed.itertuples())
+                        if len(missed) else "") + ".")
+    verdict = ("met by every method" if not short else "**not met** by " + ", ".join(short))
+    n = table["dataset"].nunique()
+    return lines + ["", f"Every method learns on at least {math.ceil(LEARNING_QUORUM * n)} of the {n} datasets "
+                        f"({LEARNING_QUORUM:.0%}): {verdict}.", ""]
+
+
 def _regime_sections(folder: Path, title: str) -> list[str]:
     lines = []
     lt, sources = learning_rows(folder)
@@ -142,6 +167,7 @@ def _regime_sections(folder: Path, title: str) -> list[str]:
             lines.append(f"| {r.dataset} | {r.method} | {_fmt(r.diff, 'mrr')} | {_fmt(r.lo, 'mrr')} to "
                          f"{_fmt(r.hi, 'mrr')} | {r.z_score:.2f} | {'yes' if r.learned else 'no'} |")
         lines.append("")
+        lines += learning_summary(lt.sort_values("method", key=paper_order, kind="stable"))
     for source, table in paired_tables(folder):
         if source.endswith("/learning"):
             continue
