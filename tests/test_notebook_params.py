@@ -37,9 +37,13 @@ DATASETS = {
     "paper": dict({n: ALL4 for n in PAPER_NOTEBOOKS}, table2=["lastfm", "movielens"], table5=["medmcqa", "qasc"],
                   table4=["movielens"], table7=["movielens"], table8=["movielens"]),
 }
+#: Table 3's axes: the paper's ablation grid and readings, in every profile that runs it whole.
+TABLE3_AXES = dict(betas=[0.1, 0.5, 1.0], ns=[1, 3, 5], readings=["delta", "reference", "offset"],
+                   label_blind=["hardest", "longest"])
 PER_NOTEBOOK = {  # the paper runs Tables 4, 7 and 8 on one model; the cpu profile runs them with one seed
-    "cpu": {n: {"seeds": [0]} for n in ("table4", "table7", "table8")},
-    "paper": {n: {"models": ["llama3"]} for n in ("table4", "table7", "table8")},
+    "smoke": {"table3": TABLE3_AXES},
+    "cpu": {**{n: {"seeds": [0]} for n in ("table4", "table7", "table8")}, "table3": TABLE3_AXES},
+    "paper": {**{n: {"models": ["llama3"]} for n in ("table4", "table7", "table8")}, "table3": TABLE3_AXES},
 }
 
 
@@ -74,7 +78,10 @@ def test_resolved_settings_of_every_paper_notebook(name, profile):
     for key in PROFILE_KEYS:
         if r.values[key] is not None or key == "data_dir":
             assert r.sources[key] == f"profile {profile}", key
-    for key in set(defaults) - set(PROFILE_KEYS) - {"profile"}:
+    per_notebook = set(PER_NOTEBOOK.get(profile, {}).get(name, {})) - set(PROFILE_KEYS)  # e.g. Table 3's axes
+    for key in per_notebook:
+        assert r.sources[key] == f"profile {profile}", key
+    for key in set(defaults) - set(PROFILE_KEYS) - {"profile"} - per_notebook:
         assert r.sources[key] == NP.DEFAULT and r.values[key] == defaults[key]
 
 
@@ -99,7 +106,7 @@ def test_auto_on_this_machine_without_cuda():
 @pytest.mark.parametrize("name", PAPER_NOTEBOOKS)
 def test_profile_driven_parameters_default_to_none_and_say_what_none_means(name):
     defaults, notes = parameters_cell(name)
-    set_by_some_profile = {k for p in ("smoke", "cpu", "paper") for k in NP.profile_values(p, name)}
+    set_by_some_profile = {k for p in ("smoke", "cpu", "paper", "cpu-lm") for k in NP.profile_values(p, name)}
     for key in set_by_some_profile & set(defaults):
         assert defaults[key] is None, f"{name}: {key} is set by a profile, so its default must be None"
         assert "None:" in notes[key], f"{name}: the comment of {key} does not say what None means"
@@ -130,7 +137,8 @@ def test_the_setup_line_names_every_value_and_its_source():
     assert "\n" not in line
     assert line.startswith("table3: profile smoke (-p / given) | -p / given: model='smollm2', betas=[0.5]")
     assert "profile smoke: regime='loglinear', datasets=['qasc'], data_dir='samples', seeds=[0]" in line
-    assert "notebook default: n=3, beta=0.1, ns=[1, 3, 5]" in line
+    assert "test_limit=8, ns=[1, 3, 5], readings=['delta', 'reference', 'offset']" in line  # the axes: the profile's
+    assert "notebook default: n=3, beta=0.1, out_dir=" in line
     for key, value in r.values.items():
         if key != "profile":
             assert f"{key}={value!r}" in line
@@ -237,3 +245,17 @@ def test_papermill_run_takes_the_profile_and_the_given_value(tmp_path, monkeypat
 
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert set(runs["train_prompts"]) == {12} and set(runs["model"]) == {"tiny"} and set(runs["dataset"]) == {"qasc"}
+
+
+def test_the_lm_profile_runs_table3_at_the_main_setting_with_the_hardest_negatives_only():
+    """cpu-lm's Table 3 is a diagnostic of why MASS-DPO learns less in the LM regime: S-DPO on the hardest n at the
+    main (n, beta), beside Table 1's MASS-DPO and S-DPO runs, on the two datasets trained on 300 prompts."""
+    from mass_dpo import experiments as E
+
+    p = E.notebook_parameters("table3", "cpu-lm")
+    assert (p["betas"], p["ns"], p["readings"], p["label_blind"]) == ([0.1], [3], ["reference"], ["hardest"])
+    specs = E.notebook_specs("table3", p)
+    table1 = E.notebook_specs("table1", E.notebook_parameters("table1", "cpu-lm"))
+    new = [s for s in specs if s not in table1]
+    assert new and all(s.get("negatives") == "hardest" and s["method"] == "sdpo" for s in new)
+    assert len(new) == len(p["datasets"]) * len(p["seeds"]) and set(p["datasets"]) == {"lastfm", "movielens"}
