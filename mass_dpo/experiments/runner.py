@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..extraction import SELECTION_SCORES
-from .ablations import LABEL_BLIND, table3_specs
+from .ablations import table3_specs
 from .core import FULL_POOL, Setup, grid, run_grid
 from .cost import exact_fit, matched_specs
 from .stability import budget_table, check_stability_regime, stability_specs
@@ -41,8 +40,7 @@ def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
         return grid(ds, p["methods"], seeds, n=p["n"], beta=p["beta"])
     if name == "table3":
         return table3_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"],
-                            readings=p.get("readings") or SELECTION_SCORES,
-                            label_blind=p["label_blind"] if p.get("label_blind") is not None else LABEL_BLIND)
+                            readings=p["readings"], label_blind=p["label_blind"])  # every axis from the profile
     if name == "table4":  # as the notebook asks stability() for it: trivial budgets dropped, loglinear only
         setup = setup_from(p)
         check_stability_regime(setup)  # before budget_table reads any extraction
