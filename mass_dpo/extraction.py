@@ -973,7 +973,9 @@ def extract(
         if part is not None and part[1].get("ids") == ids and (states_stem is None or kept is not None
                                                                 and kept.ids == ids):
             warn_truncated(part[1])
-            return _to_extracted(part[0], part[1], pooling, cache_hit=True, states=kept)
+            done = _to_extracted(part[0], part[1], pooling, cache_hit=True, states=kept)
+            done.meta["entry"] = str(folder)  # derived per-entry results (frozen.reference_logps) live beside it
+            return done
         if report and main and (problem or part is not None and part[1].get("ids") != ids):
             warnings.warn(f"extraction cache entry {folder} is damaged ({problem or 'its ids differ'}): "
                           "computing it again", stacklevel=3)
@@ -1107,7 +1109,10 @@ def _compute(records, ref, theta0, folder, key, desc, expect, ids, n_shards, sha
         state.wait_for_everyone()
     warn_truncated(manifest)
     kept = None if states_stem is None else _hidden_states(merged_states, states_manifest)
-    return _to_extracted(merged, manifest, pooling, cache_hit=False, states=kept)
+    done = _to_extracted(merged, manifest, pooling, cache_hit=False, states=kept)
+    if use_cache:
+        done.meta["entry"] = str(folder)
+    return done
 
 
 def _hidden_states(tensors: dict, manifest: dict) -> HiddenStates:

@@ -267,18 +267,60 @@ _REFERENCE: OrderedDict = OrderedDict()
 def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> torch.Tensor:
     """``[P, C]`` log-probs of every candidate under the *untrained* top (the base model's top blocks, float32) on
     the split's cached states: the freeze regime's ``log pi_ref``, computed exactly as the policy's own log-probs, so
-    that every implicit reward starts at 0. Memoised in-process by the extraction's cache key."""
-    key = (extracted.meta.get("key"), extracted.states.layer if extracted.states is not None else None,
-           weights_fingerprint(policy.base), len(extracted))
+    that every implicit reward starts at 0. Memoised in-process by the extraction's cache key, and on disk beside
+    the extraction's cache entry (``reference-L<layer>-<weights>-<ids>.safetensors``, written once under its lock
+    and atomically): the runs and notebooks of one cache compute it once (minutes for a 1,000-prompt split on a CPU)."""
+    layer = extracted.states.layer if extracted.states is not None else None
+    ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]  # a subset is another entry
+    key = (extracted.meta.get("key"), layer, weights_fingerprint(policy.base), ids)
     if key[0] is not None and key in _REFERENCE:
         _REFERENCE.move_to_end(key)
         return _REFERENCE[key]
-    untrained = FrozenTopPolicy(policy.base, policy.k, dtype=policy.head_weight.dtype, name=policy.base_name)
-    out = score_states(untrained, extracted.states, pools)
+    entry = extracted.meta.get("entry") if key[0] is not None else None
+    shape = tuple(extracted.mask.shape)
+    if entry is not None:
+        out = _stored_reference(Path(entry) / f"reference-L{layer}-{key[2]}-{ids}.safetensors", shape,
+                                lambda: _untrained_logps(policy, extracted, pools))
+    else:
+        out = _untrained_logps(policy, extracted, pools)
     if key[0] is not None:
         _REFERENCE[key] = out
         while len(_REFERENCE) > 16:
             _REFERENCE.popitem(last=False)
+    return out
+
+
+def _untrained_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> torch.Tensor:
+    untrained = FrozenTopPolicy(policy.base, policy.k, dtype=policy.head_weight.dtype, name=policy.base_name)
+    return score_states(untrained, extracted.states, pools)
+
+
+def _stored_reference(path: Path, shape: tuple, compute) -> torch.Tensor:
+    """The ``[P, C]`` tensor stored at ``path`` when it is there with ``shape``, else ``compute()``, stored there
+    (under the file's lock: parallel runs over one cache compute it once); a cache it cannot write is only read."""
+    from safetensors.torch import load_file, save_file
+
+    from .files import locked
+
+    def read():
+        try:
+            got = load_file(str(path)).get("ref_logps")
+        except Exception:  # missing, or damaged: computed (again) below
+            return None
+        return got if got is not None and tuple(got.shape) == shape else None
+
+    out = read()
+    if out is not None:
+        return out
+    try:
+        with locked(path, f"the reference log-probs {path.name}"):
+            out = read()  # another process may have written it while this one waited
+            if out is None:
+                out = compute().detach().float().contiguous().cpu()
+                with atomic_path(path) as tmp:
+                    save_file({"ref_logps": out}, str(tmp))
+    except OSError:  # a read-only cache: compute without storing
+        out = compute() if out is None else out
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,41 @@ def test_states_are_the_hidden_states_entering_the_block_and_are_cached(model_to
     got = ex.states.gather(0, [3, 0])
     assert torch.equal(got, torch.cat([ex.states.row(0)[:P], ex.states.row(0)[start3 : start3 + int(lens[3])],
                                        ex.states.row(0)[P : P + int(lens[0])]]))
+
+
+def test_reference_logps_are_stored_beside_the_extraction_once(model_tok, lastfm, tmp_path, monkeypatch):
+    """log pi_ref of the freeze regime is computed once per cache entry: the first call stores it beside the entry
+    (bit-equal to scoring the states with the untrained top), later processes read it without scoring; a damaged
+    file is computed again; a split extracted without a cache is scored and stores nothing."""
+    model, tok = model_tok
+    ex = extracted(model, tok, lastfm, keep_layer=2, use_cache=True, cache_dir=tmp_path)
+    pools = [encode_pool(r, tok) for r in lastfm]
+    policy = frozen.FrozenTopPolicy(model, 2)
+    direct = frozen.score_states(frozen.FrozenTopPolicy(model, 2), ex.states, pools)
+    frozen._REFERENCE.clear()
+    first = frozen.reference_logps(policy, ex, pools)
+    assert torch.equal(first, direct)
+    stored = list(Path(ex.meta["entry"]).glob("reference-L2-*.safetensors"))
+    assert len(stored) == 1
+    frozen._REFERENCE.clear()  # another process: the in-process memo is empty, the file is read
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(frozen, "score_states", no_scoring)
+    again = extracted(model, tok, lastfm, keep_layer=2, use_cache=True, cache_dir=tmp_path)
+    assert again.meta["cache_hit"] and torch.equal(frozen.reference_logps(policy, again, pools), direct)
+    monkeypatch.undo()
+    stored[0].write_bytes(b"damaged")
+    frozen._REFERENCE.clear()
+    assert torch.equal(frozen.reference_logps(policy, again, pools), direct)
+    frozen._REFERENCE.clear()
+    monkeypatch.setattr(frozen, "score_states", no_scoring)
+    assert torch.equal(frozen.reference_logps(policy, again, pools), direct)  # rewritten whole
+    monkeypatch.undo()
+    plain = extracted(model, tok, lastfm, keep_layer=2)  # no cache: no entry to store beside
+    assert "entry" not in plain.meta and torch.equal(frozen.reference_logps(policy, plain, pools), direct)
+    frozen._REFERENCE.clear()
 
 
 def test_states_of_a_pool_split_over_several_rows_are_those_of_one_row(model_tok, lastfm):
