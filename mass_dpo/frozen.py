@@ -268,18 +268,19 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
     """``[P, C]`` log-probs of every candidate under the *untrained* top (the base model's top blocks, float32) on
     the split's cached states: the freeze regime's ``log pi_ref``, computed exactly as the policy's own log-probs, so
     that every implicit reward starts at 0. Memoised in-process by the extraction's cache key, and on disk beside
-    the extraction's cache entry (``reference-L<layer>-<weights>-<ids>.safetensors``, written once under its lock
-    and atomically): the runs and notebooks of one cache compute it once (minutes for a 1,000-prompt split on a CPU)."""
+    the extraction's cache entry (``reference-L<layer>-<dtype>-<weights>-<ids>.safetensors``, written once under
+    its lock and atomically): the runs and notebooks of one cache compute it once."""
     layer = extracted.states.layer if extracted.states is not None else None
     ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]  # a subset is another entry
-    key = (extracted.meta.get("key"), layer, weights_fingerprint(policy.base), ids)
+    key = (extracted.meta.get("key"), layer, weights_fingerprint(policy.base), ids, policy.head_weight.dtype)
     if key[0] is not None and key in _REFERENCE:
         _REFERENCE.move_to_end(key)
         return _REFERENCE[key]
     entry = extracted.meta.get("entry") if key[0] is not None else None
     shape = tuple(extracted.mask.shape)
     if entry is not None:
-        out = _stored_reference(Path(entry) / f"reference-L{layer}-{key[2]}-{ids}.safetensors", shape,
+        dtype = str(policy.head_weight.dtype).replace("torch.", "")  # the untrained top computes in it
+        out = _stored_reference(Path(entry) / f"reference-L{layer}-{dtype}-{key[2]}-{ids}.safetensors", shape,
                                 lambda: _untrained_logps(policy, extracted, pools))
     else:
         out = _untrained_logps(policy, extracted, pools)
