@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_path, atomic_write_json
+from .files import atomic_path, atomic_write_json, locked
 from .extraction import (
     DEFAULT_BATCH_TOKENS,
     POOLINGS,
@@ -54,8 +54,10 @@ from .extraction import (
     _pad_to,
     _parts,
     additive_mask,
+    load_part,
     pack_pools,
     pool_outputs,
+    save_part,
     weights_fingerprint,
 )
 
@@ -268,7 +270,7 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
     """``[P, C]`` log-probs of every candidate under the *untrained* top (the base model's top blocks, float32) on
     the split's cached states: the freeze regime's ``log pi_ref``, computed exactly as the policy's own log-probs, so
     that every implicit reward starts at 0. Memoised in-process by the extraction's cache key, and on disk beside
-    the extraction's cache entry (``reference-L<layer>-<dtype>-<weights>-<ids>.safetensors``, written once under
+    the extraction's cache entry (the part ``reference-L<layer>-<dtype>-<weights>-<ids>``, written once under
     its lock and atomically): the runs and notebooks of one cache compute it once."""
     layer = extracted.states.layer if extracted.states is not None else None
     ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]  # a subset is another entry
@@ -277,10 +279,10 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
         _REFERENCE.move_to_end(key)
         return _REFERENCE[key]
     entry = extracted.meta.get("entry") if key[0] is not None else None
-    shape = tuple(extracted.mask.shape)
     if entry is not None:
         dtype = str(policy.head_weight.dtype).replace("torch.", "")  # the untrained top computes in it
-        out = _stored_reference(Path(entry) / f"reference-L{layer}-{dtype}-{key[2]}-{ids}.safetensors", shape,
+        expect = {"key": key[0], "layer": layer, "dtype": dtype, "weights": key[2], "ids": list(extracted.ids)}
+        out = _stored_reference(Path(entry), f"reference-L{layer}-{dtype}-{key[2]}-{ids}", expect,
                                 lambda: _untrained_logps(policy, extracted, pools))
     else:
         out = _untrained_logps(policy, extracted, pools)
@@ -296,33 +298,24 @@ def _untrained_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> to
     return score_states(untrained, extracted.states, pools)
 
 
-def _stored_reference(path: Path, shape: tuple, compute) -> torch.Tensor:
-    """The ``[P, C]`` tensor stored at ``path`` when it is there with ``shape``, else ``compute()``, stored there
-    (under the file's lock: parallel runs over one cache compute it once); a cache it cannot write is only read."""
-    from safetensors.torch import load_file, save_file
-
-    from .files import locked
-
-    def read():
-        try:
-            got = load_file(str(path)).get("ref_logps")
-        except Exception:  # missing, or damaged: computed (again) below
-            return None
-        return got if got is not None and tuple(got.shape) == shape else None
-
-    out = read()
-    if out is not None:
-        return out
+def _stored_reference(folder: Path, stem: str, expect: dict, compute) -> torch.Tensor:
+    """The ``[P, C]`` ``ref_logps`` of the cache part ``folder/stem`` (:func:`mass_dpo.extraction.save_part`: checked
+    against ``expect`` and its sha256), else ``compute()``, saved there under the part's lock (parallel runs over one
+    cache compute it once); a cache it cannot write is only read."""
+    need = ("ref_logps",)
+    part = load_part(folder, stem, expect, need)
+    if part is not None:
+        return part[0]["ref_logps"]
     try:
-        with locked(path, f"the reference log-probs {path.name}"):
-            out = read()  # another process may have written it while this one waited
-            if out is None:
-                out = compute().detach().float().contiguous().cpu()
-                with atomic_path(path) as tmp:
-                    save_file({"ref_logps": out}, str(tmp))
+        with locked(folder / stem, f"the reference log-probs {stem}"):
+            part = load_part(folder, stem, expect, need)  # another process may have written it while this one waited
+            if part is not None:
+                return part[0]["ref_logps"]
+            out = compute().detach().float().contiguous().cpu()
+            save_part(folder, stem, {"ref_logps": out}, expect)
+            return out
     except OSError:  # a read-only cache: compute without storing
-        out = compute() if out is None else out
-    return out
+        return compute().detach().float().contiguous().cpu()
 
 
 # ---------------------------------------------------------------- saving and loading
