@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -559,9 +559,9 @@ def dataset_fingerprint(records: list[dict]) -> str:
 def weights_fingerprint(model) -> str:
     """sha256 over every parameter's name, shape and the exact values of up to 1,024 evenly strided elements: an
     in-memory model whose weights changed gets another cache key. (No reductions: a multithreaded sum is not
-    bit-stable, and its rounding once gave the same weights two keys.)"""
+    bit-stable, and its rounding once gave the same weights two keys.) ``model``: a module, or a state dict."""
     h = hashlib.sha256()
-    for name, w in model.named_parameters():
+    for name, w in (model.items() if isinstance(model, Mapping) else model.named_parameters()):
         flat = w.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
         h.update(f"{name}{tuple(w.shape)}".encode())

@@ -247,19 +247,41 @@ def reextract(policy: FrozenTopPolicy, extracted: Extracted, pools, *, pooling: 
 
     ``features`` (mean-pooled final hidden states in ``pooling``, default the extraction's) and ``theta0_logps``
     come from ``policy``; ``ref_logps`` are ``reference`` (default: the untrained policy's,
-    :func:`reference_logps`); ids, mask, target, lengths and states are ``extracted``'s (its ``states`` must be set).
+    :func:`reference_logps`); ids, mask, target and states are ``extracted``'s (its ``states`` must be set).
+    Stored once beside the extraction's cache entry, as the reference log-probs are (the part
+    ``reextract-L<layer>-<dtype>-<pooling>-<weights>-<ids>``, ``weights`` naming the base and the policy's own top
+    weights): a redraw of Table 4 reads it instead of running the top blocks again.
     """
     pooling = pooling or extracted.meta.get("pooling", "all")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    _check_states(policy, extracted.states)
+    extracted.states.check_pools([(list(p), [list(c) for c in cs]) for p, cs in pools])
     t0 = time.time()
-    logps, feats, mask, lengths = state_outputs(policy, extracted.states, pools, poolings=(pooling,))
-    if not torch.equal(mask, extracted.mask.bool()):
-        raise ValueError("the pools do not match the extracted split")
+
+    def compute() -> dict[str, torch.Tensor]:
+        logps, feats, mask, lengths = state_outputs(policy, extracted.states, pools, poolings=(pooling,))
+        if not torch.equal(mask, extracted.mask.bool()):
+            raise ValueError("the pools do not match the extracted split")
+        return {"theta0_logps": logps, "features": feats[pooling], "lengths": lengths}
+
+    entry = extracted.meta.get("entry") if extracted.meta.get("key") is not None else None
+    if entry is not None:
+        layer, dtype = extracted.states.layer, str(policy.head_weight.dtype).replace("torch.", "")
+        ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]
+        base, top = weights_fingerprint(policy.base), weights_fingerprint(policy.trainable_state_dict())
+        weights = hashlib.sha256(f"{base}/{top}".encode()).hexdigest()[:16]
+        expect = {"key": extracted.meta["key"], "layer": layer, "dtype": dtype, "pooling": pooling, "weights": base,
+                  "trainable": top, "ids": list(extracted.ids)}
+        out = _stored(Path(entry), f"reextract-L{layer}-{dtype}-{pooling}-{weights}-{ids}", expect,
+                      ("theta0_logps", "features", "lengths"), compute, f"the re-extraction {pooling} under weights {top}")
+    else:
+        out = compute()
     ref = reference if reference is not None else reference_logps(policy, extracted, pools)
     info = dict(extracted.meta, pooling=pooling, reextracted=True, seconds=round(time.time() - t0, 3), **(meta or {}))
-    return Extracted(ids=list(extracted.ids), features=feats[pooling], ref_logps=ref.float(), theta0_logps=logps,
-                     mask=mask, target=extracted.target.long(), meta=info, lengths=lengths, states=extracted.states)
+    return Extracted(ids=list(extracted.ids), features=out["features"], ref_logps=ref.float(),
+                     theta0_logps=out["theta0_logps"], mask=extracted.mask.bool(), target=extracted.target.long(),
+                     meta=info, lengths=out["lengths"], states=extracted.states)
 
 
 #: In-process memo of reference log-probs by (extraction entry, block, base weights): the runs of a grid share them.
@@ -282,8 +304,10 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
     if entry is not None:
         dtype = str(policy.head_weight.dtype).replace("torch.", "")  # the untrained top computes in it
         expect = {"key": key[0], "layer": layer, "dtype": dtype, "weights": key[2], "ids": list(extracted.ids)}
-        out = _stored_reference(Path(entry), f"reference-L{layer}-{dtype}-{key[2]}-{ids}", expect,
-                                lambda: _untrained_logps(policy, extracted, pools))
+        stem = f"reference-L{layer}-{dtype}-{key[2]}-{ids}"
+        out = _stored(Path(entry), stem, expect, ("ref_logps",),
+                      lambda: {"ref_logps": _untrained_logps(policy, extracted, pools)},
+                      f"the reference log-probs {stem}")["ref_logps"]
     else:
         out = _untrained_logps(policy, extracted, pools)
     if key[0] is not None:
@@ -298,24 +322,32 @@ def _untrained_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> to
     return score_states(untrained, extracted.states, pools)
 
 
-def _stored_reference(folder: Path, stem: str, expect: dict, compute) -> torch.Tensor:
-    """The ``[P, C]`` ``ref_logps`` of the cache part ``folder/stem`` (:func:`mass_dpo.extraction.save_part`: checked
-    against ``expect`` and its sha256), else ``compute()``, saved there under the part's lock (parallel runs over one
-    cache compute it once); a cache it cannot write is only read."""
-    need = ("ref_logps",)
-    part = load_part(folder, stem, expect, need)
-    if part is not None:
-        return part[0]["ref_logps"]
+def _stored(folder: Path, stem: str, expect: dict, need: Sequence[str], compute,
+            what: str) -> dict[str, torch.Tensor]:
+    """The tensors ``need`` of the cache part ``folder/stem`` (:func:`mass_dpo.extraction.save_part`: checked
+    against ``expect`` and its sha256, one row per id), else ``compute()``'s (floats as float32), saved there under the part's lock (parallel runs over one
+    cache compute them once); a damaged part is computed again; a cache it cannot write is only read."""
+
+    def load():
+        part = load_part(folder, stem, expect, need)
+        return part[0] if part is not None else None
+
+    def fresh():
+        return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+                for k, v in compute().items()}
+
+    out = load()
+    if out is not None:
+        return out
     try:
-        with locked(folder / stem, f"the reference log-probs {stem}"):
-            part = load_part(folder, stem, expect, need)  # another process may have written it while this one waited
-            if part is not None:
-                return part[0]["ref_logps"]
-            out = compute().detach().float().contiguous().cpu()
-            save_part(folder, stem, {"ref_logps": out}, expect)
+        with locked(folder / stem, what):
+            out = load()  # another process may have written it while this one waited
+            if out is None:
+                out = fresh()
+                save_part(folder, stem, out, expect)
             return out
     except OSError:  # a read-only cache: compute without storing
-        return compute().detach().float().contiguous().cpu()
+        return fresh()
 
 
 # ---------------------------------------------------------------- saving and loading

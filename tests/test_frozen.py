@@ -229,6 +229,51 @@ def test_reference_logps_are_stored_beside_the_extraction_once(model_tok, lastfm
     frozen._REFERENCE.clear()
 
 
+def test_reextractions_are_stored_beside_the_extraction_once(model_tok, lastfm, tmp_path, monkeypatch):
+    """Table 4's re-extraction under a policy is computed once per (cache entry, weights, pooling): the first call
+    stores it beside the entry (bit-equal to running the top blocks), later processes read it; other weights or
+    another pooling are other parts; a damaged file is computed again."""
+    model, tok = model_tok
+    ex = extracted(model, tok, lastfm, keep_layer=2, use_cache=True, cache_dir=tmp_path)
+    pools = [encode_pool(r, tok) for r in lastfm]
+    init, moved = frozen.FrozenTopPolicy(model, 2), frozen.FrozenTopPolicy(model, 2)
+    with torch.no_grad():
+        moved.norm.weight.mul_(1.5)
+    direct = {}
+    for name, policy in ("init", init), ("moved", moved):
+        logps, feats, mask, lengths = frozen.state_outputs(policy, ex.states, pools, poolings=("response",))
+        direct[name] = (logps, feats["response"], lengths)
+    assert not torch.allclose(direct["init"][0], direct["moved"][0])  # the case under test: other weights
+
+    def same(got, name):
+        return (torch.equal(got.theta0_logps, direct[name][0]) and torch.equal(got.features, direct[name][1])
+                and torch.equal(got.lengths, direct[name][2]))
+
+    assert same(frozen.reextract(moved, ex, pools, pooling="response"), "moved")
+    assert same(frozen.reextract(init, ex, pools, pooling="response"), "init")
+    stored = sorted(Path(ex.meta["entry"]).glob("reextract-L2-*-response-*.safetensors"))
+    assert len(stored) == 2  # one part per weights
+
+    def no_outputs(*a, **k):
+        raise AssertionError("ran the top blocks again")
+
+    monkeypatch.setattr(frozen, "state_outputs", no_outputs)  # another process: both are read from disk
+    again = extracted(model, tok, lastfm, keep_layer=2, use_cache=True, cache_dir=tmp_path)
+    assert again.meta["cache_hit"]
+    assert same(frozen.reextract(moved, again, pools, pooling="response"), "moved")
+    assert same(frozen.reextract(init, again, pools, pooling="response"), "init")
+    with pytest.raises(AssertionError, match="again"):
+        frozen.reextract(moved, again, pools, pooling="all")  # another pooling is another part
+    monkeypatch.undo()
+    for path in stored:
+        path.write_bytes(b"damaged")
+    assert same(frozen.reextract(moved, again, pools, pooling="response"), "moved")  # computed again, rewritten
+    monkeypatch.setattr(frozen, "state_outputs", no_outputs)
+    assert same(frozen.reextract(moved, again, pools, pooling="response"), "moved")
+    monkeypatch.undo()
+    frozen._REFERENCE.clear()
+
+
 def test_states_of_a_pool_split_over_several_rows_are_those_of_one_row(model_tok, lastfm):
     # a pool longer than batch_tokens is split over rows that each repeat the prompt; its states are put back
     # together as the one packed row the freeze regime reads
