@@ -515,6 +515,26 @@ def test_freeze_run_end_to_end_resumes_and_keeps_only_trainable_weights(tmp_path
     assert ref.metrics["accuracy_kind"] == "hit_ratio@1"
 
 
+def test_training_negatives_of_a_finished_run_are_those_it_trained_on(tmp_path, monkeypatch):
+    """The analyses' view of a run's training negatives (``experiments.training_negatives``: the selection redone on
+    the split's extraction, no cached states, no other split) equals what ``prepare_data`` gave the run, in the
+    freeze and loglinear regimes, for D-optimal and seeded random picks."""
+    from mass_dpo import experiments as E
+
+    base = dict(dataset="lastfm", data_dir="samples", model="tiny", n=3, limit=8, eval_limit=4, test_limit=4, seed=1)
+    freeze = dict(regime="freeze", trainable_layers=1, max_steps=2, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=1, learning_rate=1e-2, warmup_ratio=0.0, optim="adamw_torch")
+    for extra in (freeze, {"regime": "loglinear"}):
+        for method in ("mass_dpo", "sdpo"):
+            run = runs.train_run({**base, **extra, "method": method}, root=tmp_path)
+            expect = runs.prepare_data(E.config_of(run.run_dir)).train.candidates
+            with monkeypatch.context() as m:
+                m.setattr(runs, "prepare_data", lambda *a, **k: pytest.fail("prepared the run's data"))
+                split, got = E.training_negatives(run.run_dir)
+            assert torch.equal(got, expect), (extra["regime"], method)
+            assert split.states is None and got.shape == (8, 4) and split.lengths is not None
+
+
 # ---------------------------------------------------------------- configuration, CLI
 
 

@@ -615,6 +615,29 @@ def load_split(run, split: str = "train"):
         return extracted_split(config_of(run), split)[1]
 
 
+#: Regimes whose runs select their negatives on the very cache entry :func:`load_split` reads (freeze: its cached
+#: states are a part beside the same entry), so the selection can be redone without preparing the run's data.
+SAME_EXTRACTION = ("loglinear", "freeze")
+
+
+def training_negatives(run):
+    """``(Extracted, candidates [P, 1+n])``: a finished run's training split and the pool indices it trained on
+    (column 0 the chosen response, then its negatives, ``-1`` = none), selected exactly as
+    :func:`mass_dpo.runs.prepare_data` did: :func:`mass_dpo.training.select_training_negatives` under the run's own
+    method, n, beta, gamma, seed, reading and strategy. In the loglinear and freeze regimes on :func:`load_split`'s
+    extraction (the same cache entry: no cached states, no validation or test split, no reference log-probs are
+    needed); in the others through ``prepare_data`` itself."""
+    from ..runs import prepare_data
+    from ..training import select_training_negatives
+
+    cfg, split = config_of(run), load_split(run, "train")
+    if cfg.regime not in SAME_EXTRACTION:
+        return split, prepare_data(cfg).train.candidates
+    negatives = select_training_negatives(split, cfg.method, cfg.n, beta=cfg.beta, gamma=cfg.gamma, seed=cfg.seed,
+                                          selection_score=cfg.selection_score, strategy=cfg.strategy)
+    return split, torch.cat([split.target.long()[:, None], negatives], dim=1)
+
+
 def span(values, digits: int) -> str:
     """``"0.66"`` or ``"0.66-0.80"``: the range of ``values`` at ``digits`` decimals (for printed sentences)."""
     lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"

@@ -210,18 +210,16 @@ def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     """Per training run: the share of its training negatives among the ``k`` longest of their pool and the chance
     share (:func:`longest_share`): D-optimal picks that favour long (most separable) negatives make a method's own
     online-eval negatives easy. Columns ``dataset, label, seed, share, chance``."""
-    from ..runs import prepare_data
-    from .core import config_of, load_split
+    from .core import training_negatives
 
     rows = []
     for row in runs.itertuples():
         if row.label == "reference":
             continue
-        split = load_split(row, "train")
+        split, candidates = training_negatives(row)
         if split.lengths is None:
             continue
-        train = prepare_data(config_of(row)).train
-        share, chance = longest_share(train.candidates, split.lengths, split.mask, k)
+        share, chance = longest_share(candidates, split.lengths, split.mask, k)
         rows.append({"dataset": row.dataset, "label": row.label, "seed": row.seed, "share": share, "chance": chance})
     return pd.DataFrame(rows, columns=["dataset", "label", "seed", "share", "chance"])
 
