@@ -274,7 +274,8 @@ def reextract(policy: FrozenTopPolicy, extracted: Extracted, pools, *, pooling: 
         expect = {"key": extracted.meta["key"], "layer": layer, "dtype": dtype, "pooling": pooling, "weights": base,
                   "trainable": top, "ids": list(extracted.ids)}
         out = _stored(Path(entry), f"reextract-L{layer}-{dtype}-{pooling}-{weights}-{ids}", expect,
-                      ("theta0_logps", "features", "lengths"), compute, f"the re-extraction {pooling} under weights {top}")
+                      ("theta0_logps", "features", "lengths"), compute,
+                      f"the re-extraction {pooling} under weights {top}")
     else:
         out = compute()
     ref = reference if reference is not None else reference_logps(policy, extracted, pools)
@@ -325,8 +326,9 @@ def _untrained_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> to
 def _stored(folder: Path, stem: str, expect: dict, need: Sequence[str], compute,
             what: str) -> dict[str, torch.Tensor]:
     """The tensors ``need`` of the cache part ``folder/stem`` (:func:`mass_dpo.extraction.save_part`: checked
-    against ``expect`` and its sha256, one row per id), else ``compute()``'s (floats as float32), saved there under the part's lock (parallel runs over one
-    cache compute them once); a damaged part is computed again; a cache it cannot write is only read."""
+    against ``expect`` and its sha256, one row per id), else ``compute()``'s (floats as float32), saved there under
+    the part's lock (parallel runs over one cache compute them once); a damaged part is computed again; a cache it
+    cannot write is only read."""
 
     def load():
         part = load_part(folder, stem, expect, need)
