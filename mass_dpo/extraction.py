@@ -677,6 +677,35 @@ def load_part(folder: Path, stem: str, expect: dict, need: Sequence[str] | None 
     return read_part(folder, stem, expect, need)[0]
 
 
+def cached_part(folder: Path, stem: str, expect: dict, need: Sequence[str], compute, what: str
+                ) -> dict[str, torch.Tensor]:
+    """A result derived from a cache entry, stored beside it once: the tensors ``need`` of the part ``folder/stem``
+    (:func:`load_part`, checked against ``expect``), else ``compute()``'s (floats as float32), saved there by
+    :func:`save_part` under the part's lock (parallel processes compute it once; ``what`` names it while one
+    waits). A damaged part is computed again; a cache that cannot be written is only read."""
+
+    def load():
+        part = load_part(folder, stem, expect, need)
+        return part[0] if part is not None else None
+
+    def fresh():
+        return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+                for k, v in compute().items()}
+
+    out = load()
+    if out is not None:
+        return out
+    try:
+        with locked(folder / stem, what):
+            out = load()  # another process may have written it while this one waited
+            if out is None:
+                out = fresh()
+                save_part(folder, stem, out, expect)
+            return out
+    except OSError:  # a read-only cache: compute without storing
+        return fresh()
+
+
 def _pad_to(t: torch.Tensor, C: int, value=0) -> torch.Tensor:
     if t.shape[1] == C:
         return t

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_path, atomic_write_json, locked
+from .files import atomic_path, atomic_write_json
 from .extraction import (
     DEFAULT_BATCH_TOKENS,
     POOLINGS,
@@ -54,10 +54,9 @@ from .extraction import (
     _pad_to,
     _parts,
     additive_mask,
-    load_part,
+    cached_part,
     pack_pools,
     pool_outputs,
-    save_part,
     weights_fingerprint,
 )
 
@@ -265,17 +264,16 @@ def reextract(policy: FrozenTopPolicy, extracted: Extracted, pools, *, pooling: 
             raise ValueError("the pools do not match the extracted split")
         return {"theta0_logps": logps, "features": feats[pooling], "lengths": lengths}
 
-    entry = extracted.meta.get("entry") if extracted.meta.get("key") is not None else None
+    entry = _entry(extracted)
     if entry is not None:
-        layer, dtype = extracted.states.layer, str(policy.head_weight.dtype).replace("torch.", "")
-        ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]
+        layer, dtype, ids = _part_names(policy, extracted)
         base, top = weights_fingerprint(policy.base), weights_fingerprint(policy.trainable_state_dict())
         weights = hashlib.sha256(f"{base}/{top}".encode()).hexdigest()[:16]
         expect = {"key": extracted.meta["key"], "layer": layer, "dtype": dtype, "pooling": pooling, "weights": base,
                   "trainable": top, "ids": list(extracted.ids)}
-        out = _stored(Path(entry), f"reextract-L{layer}-{dtype}-{pooling}-{weights}-{ids}", expect,
-                      ("theta0_logps", "features", "lengths"), compute,
-                      f"the re-extraction {pooling} under weights {top}")
+        out = cached_part(entry, f"reextract-L{layer}-{dtype}-{pooling}-{weights}-{ids}", expect,
+                          ("theta0_logps", "features", "lengths"), compute,
+                          f"the re-extraction {pooling} under weights {top}")
     else:
         out = compute()
     ref = reference if reference is not None else reference_logps(policy, extracted, pools)
@@ -295,20 +293,18 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
     that every implicit reward starts at 0. Memoised in-process by the extraction's cache key, and on disk beside
     the extraction's cache entry (the part ``reference-L<layer>-<dtype>-<weights>-<ids>``, written once under
     its lock and atomically): the runs and notebooks of one cache compute it once."""
-    layer = extracted.states.layer if extracted.states is not None else None
-    ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]  # a subset is another entry
-    key = (extracted.meta.get("key"), layer, weights_fingerprint(policy.base), ids, policy.head_weight.dtype)
+    layer, dtype, ids = _part_names(policy, extracted)  # the untrained top computes in the policy's dtype
+    key = (extracted.meta.get("key"), layer, weights_fingerprint(policy.base), ids, dtype)
     if key[0] is not None and key in _REFERENCE:
         _REFERENCE.move_to_end(key)
         return _REFERENCE[key]
-    entry = extracted.meta.get("entry") if key[0] is not None else None
+    entry = _entry(extracted)
     if entry is not None:
-        dtype = str(policy.head_weight.dtype).replace("torch.", "")  # the untrained top computes in it
         expect = {"key": key[0], "layer": layer, "dtype": dtype, "weights": key[2], "ids": list(extracted.ids)}
         stem = f"reference-L{layer}-{dtype}-{key[2]}-{ids}"
-        out = _stored(Path(entry), stem, expect, ("ref_logps",),
-                      lambda: {"ref_logps": _untrained_logps(policy, extracted, pools)},
-                      f"the reference log-probs {stem}")["ref_logps"]
+        out = cached_part(entry, stem, expect, ("ref_logps",),
+                          lambda: {"ref_logps": _untrained_logps(policy, extracted, pools)},
+                          f"the reference log-probs {stem}")["ref_logps"]
     else:
         out = _untrained_logps(policy, extracted, pools)
     if key[0] is not None:
@@ -318,38 +314,24 @@ def reference_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> tor
     return out
 
 
+def _entry(extracted: Extracted) -> Path | None:
+    """The extraction cache entry ``extracted`` was read from or written to (results derived from it are stored
+    beside it), ``None`` for a split extracted without a cache."""
+    entry = extracted.meta.get("entry") if extracted.meta.get("key") is not None else None
+    return Path(entry) if entry is not None else None
+
+
+def _part_names(policy: FrozenTopPolicy, extracted: Extracted) -> tuple[int | None, str, str]:
+    """``(layer, dtype, ids)`` that name a part derived from ``extracted`` under ``policy``: the block whose input
+    states it read, the policy's dtype, and a digest of the prompt ids (a subset of a split is another part)."""
+    layer = extracted.states.layer if extracted.states is not None else None
+    ids = hashlib.sha256("\n".join(map(str, extracted.ids)).encode()).hexdigest()[:12]
+    return layer, str(policy.head_weight.dtype).replace("torch.", ""), ids
+
+
 def _untrained_logps(policy: FrozenTopPolicy, extracted: Extracted, pools) -> torch.Tensor:
     untrained = FrozenTopPolicy(policy.base, policy.k, dtype=policy.head_weight.dtype, name=policy.base_name)
     return score_states(untrained, extracted.states, pools)
-
-
-def _stored(folder: Path, stem: str, expect: dict, need: Sequence[str], compute,
-            what: str) -> dict[str, torch.Tensor]:
-    """The tensors ``need`` of the cache part ``folder/stem`` (:func:`mass_dpo.extraction.save_part`: checked
-    against ``expect`` and its sha256, one row per id), else ``compute()``'s (floats as float32), saved there under
-    the part's lock (parallel runs over one cache compute them once); a damaged part is computed again; a cache it
-    cannot write is only read."""
-
-    def load():
-        part = load_part(folder, stem, expect, need)
-        return part[0] if part is not None else None
-
-    def fresh():
-        return {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
-                for k, v in compute().items()}
-
-    out = load()
-    if out is not None:
-        return out
-    try:
-        with locked(folder / stem, what):
-            out = load()  # another process may have written it while this one waited
-            if out is None:
-                out = fresh()
-                save_part(folder, stem, out, expect)
-            return out
-    except OSError:  # a read-only cache: compute without storing
-        return fresh()
 
 
 # ---------------------------------------------------------------- saving and loading
