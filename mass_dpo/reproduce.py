@@ -150,13 +150,26 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_sources(profile, names, echo=echo)
     report = ReproduceReport()
-    cold = _cache_state(profile)
+    caches = _cache_state(profile)
+    ledger = None if only else _open_ledger(profile, caches)  # a whole run's timings, across interruptions
     start = time.perf_counter()
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: running (log: {out_dir / 'executed' / (name + '.log')})")
         params = papermill_parameters(notebooks_dir / f"{name}.ipynb", profile)
-        result = run_notebook(name, params, notebooks_dir=notebooks_dir, out_dir=out_dir)
+        began = time.perf_counter()
+        try:
+            result = run_notebook(name, params, notebooks_dir=notebooks_dir, out_dir=out_dir)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the CLI (a cluster's time limit): keep its time
+            if ledger is not None:
+                seconds = time.perf_counter() - began
+                _record(ledger, name, "interrupted", seconds, time.perf_counter() - start, ended="interrupted")
+                echo(f"[{i}/{len(names)}] {name}: interrupted after {seconds:.1f} s; "
+                     f"`mass-dpo reproduce --profile {profile}` again resumes (finished runs and extractions are "
+                     f"cached) and its timings add this part ({ledger_path(profile)})")
+            raise
         report.results.append(result)
+        if ledger is not None:
+            _record(ledger, name, "ok" if result.ok else "FAILED", result.seconds, time.perf_counter() - start)
         status = "ok" if result.ok else "FAILED"
         echo(f"[{i}/{len(names)}] {name}: {status} in {result.seconds:.1f} s -> {result.output}")
         if not result.ok:
@@ -173,10 +186,13 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     # the claims are read from every table now in the gallery, so a partial run (--only) rewrites them too
     echo(f"claims with paired intervals: {write_claims(gallery)}")
     if only:
-        echo(f"{total / 60:.1f} min in all ({cold} caches)")
+        echo(f"{total / 60:.1f} min in all ({caches} caches)")
     else:
-        path = write_timings(report, out_dir, profile=profile, caches=cold, total=total)
-        echo(f"{total / 60:.1f} min in all ({cold} caches); timings in {path}")
+        _record(ledger, None, None, 0.0, total, ended="finished")
+        path = write_timings(ledger, out_dir)
+        pieces = len(ledger["pieces"])
+        whole = f", {_ledger_total(ledger) / 60:.1f} min over its {pieces} pieces" if pieces > 1 else ""
+        echo(f"{total / 60:.1f} min in all ({ledger['caches']} caches{whole}); timings in {path}")
     return report
 
 
@@ -233,19 +249,116 @@ def _cache_state(profile: str = "cpu") -> str:
     return "warm" if any((r / "metrics.json").is_file() for r in runs) else "cold"
 
 
-def write_timings(report: ReproduceReport, out_dir: Path, *, profile: str, caches: str, total: float) -> Path:
-    """``<out_dir>/timings_<profile>_<cold|warm>.md``: seconds per notebook of this ``mass-dpo reproduce``, its total,
-    the machine's core count and whether the caches started empty (a full reproduction only: ``--only`` runs write
-    nothing, so the file always describes a whole run)."""
+# ---------------------------------------------------------------- timings of a whole run, across interruptions
+#
+# A whole run (no --only) keeps a ledger in the cache, <cache>/reproduce/timings_<profile>.json: one piece per
+# invocation, each finished or interrupted notebook with its seconds, saved after every notebook. A cold run cut
+# short (Ctrl-C, a cluster job's time limit: SIGTERM) and started again on the same caches continues the unfinished
+# ledger, so the timings file of the run that completes it sums every piece and keeps the word cold.
+
+
+def ledger_path(profile: str) -> Path:
+    from .params import cache_root
+
+    return cache_root() / "reproduce" / f"timings_{profile}.json"
+
+
+def _open_ledger(profile: str, caches: str) -> dict:
+    """The ledger this whole run adds a piece to: the profile's unfinished one (a whole run interrupted before:
+    this one resumes it; a cold run stopped before its first finished run is still cold), else a new one that starts
+    with these ``caches`` (also when a warm run was interrupted and the caches have been emptied since)."""
+    import datetime
+    import uuid
+
+    ledger = _read_ledger(profile)
+    if ledger and (ledger.get("complete") or (caches == "cold" and ledger.get("caches") == "warm")):
+        ledger = None
+    if ledger is None:
+        ledger = {"id": uuid.uuid4().hex, "profile": profile, "caches": caches, "complete": False, "pieces": []}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    ledger["piece"] = uuid.uuid4().hex  # this run's piece
+    ledger["pieces"].append({"id": ledger["piece"], "started": started, "seconds": 0.0, "notebooks": [],
+                             "ended": None})
+    _save_ledger(ledger)
+    return ledger
+
+
+def _read_ledger(profile: str) -> dict | None:
+    import json
+
+    try:
+        ledger = json.loads(ledger_path(profile).read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: a new ledger is started
+        return None
+    return ledger if isinstance(ledger, dict) and ledger.get("profile") == profile and "id" in ledger else None
+
+
+def _record(ledger: dict, name: str | None, status: str | None, seconds: float, elapsed: float, *,
+            ended: str | None = None) -> None:
+    """Add notebook ``name``'s ``seconds`` (and ``status``) to this run's piece, set the piece's wall time to
+    ``elapsed``, mark it ``ended`` (finished / interrupted; a finished piece completes the ledger), and save."""
+    piece = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+    if name is not None:
+        piece["notebooks"].append({"name": name, "status": status, "seconds": round(seconds, 3)})
+    piece["seconds"] = round(elapsed, 3)
+    if ended:
+        piece["ended"] = ended
+        ledger["complete"] = ended == "finished"
+    _save_ledger(ledger)
+
+
+def _save_ledger(ledger: dict) -> None:
+    """Write this run's piece into the ledger file under its lock, keeping the pieces another process wrote to the
+    same ledger meanwhile (two whole runs over one cache lose nothing of each other's record)."""
+    from .files import atomic_write_json, locked
+
+    path = ledger_path(ledger["profile"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path, f"the timings of mass-dpo reproduce --profile {ledger['profile']}"):
+        on_disk = _read_ledger(ledger["profile"])
+        if on_disk and on_disk["id"] == ledger["id"]:
+            mine = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+            others = [p for p in on_disk["pieces"] if p["id"] != mine["id"]]
+            ledger["pieces"] = sorted(others + [mine], key=lambda p: p["started"])
+        atomic_write_json(path, {k: v for k, v in ledger.items() if k != "piece"})
+
+
+def _ledger_total(ledger: dict) -> float:
+    return sum(p["seconds"] for p in ledger["pieces"])
+
+
+def write_timings(ledger: dict, out_dir: Path) -> Path:
+    """``<out_dir>/timings_<profile>_<cold|warm>.md`` from a whole run's ledger: seconds per notebook, the total,
+    the machine's core count and whether the caches started empty. A run resumed after interruptions sums its
+    pieces (a notebook cut short counts its part in each piece) and says so; a piece that was killed without a
+    record misses its unfinished notebook's time, and the file says that the total is then a lower bound."""
     import platform
 
-    rows = "\n".join(f"| {r.name} | {'ok' if r.ok else 'FAILED'} | {r.seconds:.1f} |" for r in report.results)
-    text = (f"# `mass-dpo reproduce --profile {profile}`, {caches} caches\n\n"
+    seconds: dict[str, float] = {}
+    status: dict[str, str] = {}
+    for piece in ledger["pieces"]:
+        for nb in piece["notebooks"]:
+            seconds[nb["name"]] = seconds.get(nb["name"], 0.0) + nb["seconds"]
+            status[nb["name"]] = nb["status"]
+    total = _ledger_total(ledger)
+    rows = "\n".join(f"| {name} | {status[name]} | {seconds[name]:.1f} |" for name in seconds)
+    pieces = ledger["pieces"]
+    how = ""
+    if len(pieces) > 1:
+        parts = ", ".join(f"{p['seconds']:.0f} s ({p['ended'] or 'killed without a record'})" for p in pieces)
+        how = (f" One whole run in {len(pieces)} pieces: it was stopped and resumed on the same caches "
+               f"(`mass-dpo reproduce --profile {ledger['profile']}` again), and the pieces add up: {parts}; a "
+               "notebook stopped mid-way counts its part in each piece.")
+        if any(p["ended"] is None for p in pieces):
+            how += (" A piece killed without a record misses the time of the notebook it was running: the total "
+                    "is a lower bound.")
+    text = (f"# `mass-dpo reproduce --profile {ledger['profile']}`, {ledger['caches']} caches\n\n"
             f"Measured by the run itself on {os.cpu_count()} CPU core(s) ({platform.machine()}); total "
-            f"**{total:.0f} s ({total / 60:.1f} min)**.\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n")
+            f"**{total:.0f} s ({total / 60:.1f} min)**.{how}\n\n| notebook | status | seconds |\n|---|---|---|\n"
+            f"{rows}\n")
     from .files import atomic_write_text
 
-    return atomic_write_text(Path(out_dir) / f"timings_{profile}_{caches}.md", text)
+    return atomic_write_text(Path(out_dir) / f"timings_{ledger['profile']}_{ledger['caches']}.md", text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,7 +370,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(cpu-lm: lm/)")
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a cluster job's time limit, ``kill``) stops a reproduction as Ctrl-C does, so the notebook it was
+    running keeps its time in the ledger."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
     report = reproduce(args.profile, args.only, out_dir=args.out_dir)
     return 1 if report.failed else 0
 

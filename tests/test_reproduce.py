@@ -47,11 +47,155 @@ def test_unknown_notebook_or_profile(tmp_path):
         reproduce("nope", notebooks_dir=tmp_path, echo=lambda s: None)
 
 
-def test_timings_file_of_a_whole_run(tmp_path):
-    from mass_dpo.reproduce import NotebookResult, ReproduceReport, write_timings
+def _ledger(*pieces, caches="cold"):
+    return {"id": "l", "profile": "cpu", "caches": caches, "complete": True,
+            "pieces": [{"id": str(i), "started": f"t{i}", "seconds": total, "ended": ended,
+                        "notebooks": [{"name": n, "status": st, "seconds": sec} for n, st, sec in nbs]}
+                       for i, (total, ended, nbs) in enumerate(pieces)]}
 
-    report = ReproduceReport([NotebookResult("table1", True, 12.5), NotebookResult("table3", False, 3.0)])
-    path = write_timings(report, tmp_path, profile="cpu", caches="cold", total=15.5)
+
+def test_timings_file_of_a_whole_run(tmp_path):
+    from mass_dpo.reproduce import write_timings
+
+    ledger = _ledger((15.5, "finished", [("table1", "ok", 12.5), ("table3", "FAILED", 3.0)]))
+    path = write_timings(ledger, tmp_path)
     text = path.read_text()
     assert path.name == "timings_cpu_cold.md"
     assert "| table1 | ok | 12.5 |" in text and "| table3 | FAILED | 3.0 |" in text and "**16 s (0.3 min)**" in text
+    assert "pieces" not in text
+
+
+def test_timings_of_a_run_killed_without_a_record_say_the_total_is_a_lower_bound(tmp_path):
+    from mass_dpo.reproduce import write_timings
+
+    ledger = _ledger((100.0, None, [("table1", "ok", 90.0)]), (30.0, "finished", [("table1", "ok", 1.0),
+                                                                                   ("table3", "ok", 29.0)]))
+    text = write_timings(ledger, tmp_path).read_text()
+    assert "**130 s (2.2 min)**" in text and "2 pieces" in text and "lower bound" in text
+    assert "| table1 | ok | 91.0 |" in text and "| table3 | ok | 29.0 |" in text
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that the fake notebooks advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_an_interrupted_whole_run_resumed_sums_its_pieces_into_one_cold_timings_file(tmp_path, monkeypatch):
+    import mass_dpo.reproduce as rp
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    for name in ("toy_loglinear", "quickstart"):
+        _notebook(nbs / f"{name}.ipynb", "pass")
+    clock, plan = _Clock(), {}
+    monkeypatch.setattr(rp.time, "perf_counter", clock)
+
+    def fake_run(name, parameters, *, notebooks_dir, out_dir):  # each notebook takes plan[name] seconds
+        seconds, interrupt = plan[name]
+        clock.now += seconds
+        if interrupt:
+            raise KeyboardInterrupt
+        return rp.NotebookResult(name, True, seconds)
+
+    monkeypatch.setattr(rp, "run_notebook", fake_run)
+    figs = tmp_path / "figs"
+
+    def piece(caches, toy, quick):
+        monkeypatch.setattr(rp, "_cache_state", lambda profile: caches)
+        plan.update(toy_loglinear=toy, quickstart=quick)
+        return rp.reproduce("smoke", out_dir=figs, notebooks_dir=nbs, echo=lambda s: None)
+
+    with pytest.raises(KeyboardInterrupt):  # cold, stopped during its second notebook
+        piece("cold", (100.0, False), (50.0, True))
+    with pytest.raises(KeyboardInterrupt):  # stopped again before any run finished: the caches still look cold
+        piece("cold", (20.0, False), (40.0, True))
+    assert not list(figs.glob("timings_*"))
+    piece("warm", (1.0, False), (30.0, False))  # resumed on warm caches: completes the cold run's ledger
+    text = (figs / "timings_smoke_cold.md").read_text()
+    assert "**241 s (4.0 min)**" in text and "3 pieces" in text and "lower bound" not in text
+    assert "| toy_loglinear | ok | 121.0 |" in text and "| quickstart | ok | 120.0 |" in text
+    assert not (figs / "timings_smoke_warm.md").exists()
+
+    piece("warm", (2.0, False), (3.0, False))  # the next whole run is warm and on its own
+    warm = (figs / "timings_smoke_warm.md").read_text()
+    assert "**5 s (0.1 min)**" in warm and "pieces" not in warm
+    assert (figs / "timings_smoke_cold.md").read_text() == text
+
+
+def test_two_runs_resuming_one_ledger_keep_each_others_pieces(tmp_path):
+    import json
+
+    from mass_dpo.reproduce import _open_ledger, _record, ledger_path
+
+    first = _open_ledger("smoke", "cold")
+    _record(first, "toy_loglinear", "interrupted", 5.0, 5.0, ended="interrupted")
+    a, b = _open_ledger("smoke", "warm"), _open_ledger("smoke", "warm")  # two jobs resume it at once
+    _record(a, "toy_loglinear", "ok", 7.0, 7.0)
+    _record(b, "quickstart", "ok", 11.0, 11.0)
+    _record(a, None, None, 0.0, 8.0, ended="interrupted")
+    on_disk = json.loads(ledger_path("smoke").read_text())
+    assert on_disk["caches"] == "cold" and len(on_disk["pieces"]) == 3
+    assert sorted(p["seconds"] for p in on_disk["pieces"]) == [5.0, 8.0, 11.0]
+    assert sorted(nb["name"] for p in on_disk["pieces"] for nb in p["notebooks"]) == [
+        "quickstart", "toy_loglinear", "toy_loglinear"]
+
+
+_SIGTERM_DRIVER = """
+import sys
+from pathlib import Path
+import mass_dpo.reproduce as rp
+rp._interrupt_on_sigterm()
+try:
+    rp.reproduce("smoke", notebooks_dir=Path(sys.argv[1]), out_dir=Path(sys.argv[2]))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_notebook_keeps_its_time_and_leaves_no_kernel(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    pid_file = tmp_path / "kernel.pid"
+    _notebook(nbs / "toy_loglinear.ipynb", "pass")
+    _notebook(nbs / "quickstart.ipynb", f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+              "time.sleep(600)")
+    env = dict(os.environ, MASS_DPO_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_DRIVER, str(nbs), str(tmp_path / "figs")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pid_file.is_file(), proc.communicate(timeout=60)[0]
+    kernel = int(pid_file.read_text())
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    assert "quickstart: interrupted after" in out
+    ledger = json.loads((tmp_path / "cache" / "reproduce" / "timings_smoke.json").read_text())
+    (piece,) = ledger["pieces"]
+    assert piece["ended"] == "interrupted" and not ledger["complete"]
+    assert [nb["name"] for nb in piece["notebooks"]] == ["toy_loglinear", "quickstart"]
+    assert piece["notebooks"][1]["status"] == "interrupted" and piece["notebooks"][1]["seconds"] >= 2.0
+    for _ in range(40):  # the kernel is shut down with its notebook
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(kernel, signal.SIGKILL)
+        pytest.fail(f"the kernel {kernel} outlived the interrupted reproduction")
