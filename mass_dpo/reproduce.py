@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         params = papermill_parameters(notebooks_dir / f"{name}.ipynb", profile)
         began = time.perf_counter()
         try:
-            result = run_notebook(name, params, notebooks_dir=notebooks_dir, out_dir=out_dir)
+            with _heartbeat(ledger, name, began, start):
+                result = run_notebook(name, params, notebooks_dir=notebooks_dir, out_dir=out_dir)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the CLI (a cluster's time limit): keep its time
             if ledger is not None:
                 seconds = time.perf_counter() - began
@@ -298,6 +300,7 @@ def _record(ledger: dict, name: str | None, status: str | None, seconds: float, 
     """Add notebook ``name``'s ``seconds`` (and ``status``) to this run's piece, set the piece's wall time to
     ``elapsed``, mark it ``ended`` (finished / interrupted; a finished piece completes the ledger), and save."""
     piece = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+    piece.pop("running", None)
     if name is not None:
         piece["notebooks"].append({"name": name, "status": status, "seconds": round(seconds, 3)})
     piece["seconds"] = round(elapsed, 3)
@@ -305,6 +308,37 @@ def _record(ledger: dict, name: str | None, status: str | None, seconds: float, 
         piece["ended"] = ended
         ledger["complete"] = ended == "finished"
     _save_ledger(ledger)
+
+
+#: Seconds between two saves of the running notebook's time: a piece killed without warning loses at most this.
+HEARTBEAT_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def _heartbeat(ledger: dict | None, name: str, began: float, start: float):
+    """While notebook ``name`` runs, save its elapsed time in this run's piece every :data:`HEARTBEAT_SECONDS`
+    (``running``), so that a piece killed without a record (SIGKILL, a lost node) still counts all but the last
+    interval of it. Cleared by the next :func:`_record`."""
+    if ledger is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            piece = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+            now = time.perf_counter()
+            piece["running"] = {"name": name, "seconds": round(now - began, 3)}
+            piece["seconds"] = round(now - start, 3)
+            _save_ledger(ledger)
+
+    thread = threading.Thread(target=beat, name="mass-dpo-reproduce-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _save_ledger(ledger: dict) -> None:
@@ -331,13 +365,14 @@ def write_timings(ledger: dict, out_dir: Path) -> Path:
     """``<out_dir>/timings_<profile>_<cold|warm>.md`` from a whole run's ledger: seconds per notebook, the total,
     the machine's core count and whether the caches started empty. A run resumed after interruptions sums its
     pieces (a notebook cut short counts its part in each piece) and says so; a piece that was killed without a
-    record misses its unfinished notebook's time, and the file says that the total is then a lower bound."""
+    record counts its unfinished notebook up to the last heartbeat, and the file says the total is a lower bound."""
     import platform
 
     seconds: dict[str, float] = {}
     status: dict[str, str] = {}
     for piece in ledger["pieces"]:
-        for nb in piece["notebooks"]:
+        killed = [dict(piece["running"], status="killed")] if piece["ended"] is None and piece.get("running") else []
+        for nb in piece["notebooks"] + killed:
             seconds[nb["name"]] = seconds.get(nb["name"], 0.0) + nb["seconds"]
             status[nb["name"]] = nb["status"]
     total = _ledger_total(ledger)
@@ -350,8 +385,8 @@ def write_timings(ledger: dict, out_dir: Path) -> Path:
                f"(`mass-dpo reproduce --profile {ledger['profile']}` again), and the pieces add up: {parts}; a "
                "notebook stopped mid-way counts its part in each piece.")
         if any(p["ended"] is None for p in pieces):
-            how += (" A piece killed without a record misses the time of the notebook it was running: the total "
-                    "is a lower bound.")
+            how += (" A piece killed without a record counts the time of the notebook it was running up to its last "
+                    f"save (every {HEARTBEAT_SECONDS:.0f} s): the total is a lower bound.")
     text = (f"# `mass-dpo reproduce --profile {ledger['profile']}`, {ledger['caches']} caches\n\n"
             f"Measured by the run itself on {os.cpu_count()} CPU core(s) ({platform.machine()}); total "
             f"**{total:.0f} s ({total / 60:.1f} min)**.{how}\n\n| notebook | status | seconds |\n|---|---|---|\n"

@@ -70,9 +70,37 @@ def test_timings_of_a_run_killed_without_a_record_say_the_total_is_a_lower_bound
 
     ledger = _ledger((100.0, None, [("table1", "ok", 90.0)]), (30.0, "finished", [("table1", "ok", 1.0),
                                                                                    ("table3", "ok", 29.0)]))
+    ledger["pieces"][0]["running"] = {"name": "table3", "seconds": 8.0}  # its last heartbeat
     text = write_timings(ledger, tmp_path).read_text()
     assert "**130 s (2.2 min)**" in text and "2 pieces" in text and "lower bound" in text
-    assert "| table1 | ok | 91.0 |" in text and "| table3 | ok | 29.0 |" in text
+    assert "| table1 | ok | 91.0 |" in text and "| table3 | ok | 37.0 |" in text
+
+
+def test_the_running_notebooks_time_is_saved_while_it_runs(tmp_path, monkeypatch):
+    import json
+    import time
+
+    import mass_dpo.reproduce as rp
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(nbs / "toy_loglinear.ipynb", "pass")
+    monkeypatch.setattr(rp, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(rp, "_cache_state", lambda profile: "cold")
+    seen = []
+
+    def fake_run(name, parameters, *, notebooks_dir, out_dir):  # what a hard kill now would leave on disk
+        time.sleep(0.5)
+        seen.append(json.loads(rp.ledger_path("smoke").read_text())["pieces"][-1])
+        return rp.NotebookResult(name, True, 0.5)
+
+    monkeypatch.setattr(rp, "run_notebook", fake_run)
+    rp.reproduce("smoke", out_dir=tmp_path / "figs", notebooks_dir=nbs, echo=lambda s: None)
+    (piece,) = seen
+    assert piece["ended"] is None and piece["running"]["name"] == "toy_loglinear"
+    assert 0.2 < piece["running"]["seconds"] <= 0.5 and piece["seconds"] >= piece["running"]["seconds"]
+    done = json.loads(rp.ledger_path("smoke").read_text())["pieces"][-1]
+    assert "running" not in done and done["ended"] == "finished"
 
 
 class _Clock:
