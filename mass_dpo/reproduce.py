@@ -254,9 +254,10 @@ def _cache_state(profile: str = "cpu") -> str:
 # ---------------------------------------------------------------- timings of a whole run, across interruptions
 #
 # A whole run (no --only) keeps a ledger in the cache, <cache>/reproduce/timings_<profile>.json: one piece per
-# invocation, each finished or interrupted notebook with its seconds, saved after every notebook. A cold run cut
-# short (Ctrl-C, a cluster job's time limit: SIGTERM) and started again on the same caches continues the unfinished
-# ledger, so the timings file of the run that completes it sums every piece and keeps the word cold.
+# invocation, each finished or interrupted notebook with its seconds, saved after every notebook and every minute
+# while one runs (the heartbeat). A cold run cut short (Ctrl-C, a cluster job's time limit: SIGTERM) and started
+# again on the same caches continues the unfinished ledger, so the timings file of the run that completes it sums
+# every piece and keeps the word cold.
 
 
 def ledger_path(profile: str) -> Path:
