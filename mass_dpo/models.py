@@ -373,6 +373,18 @@ def _random_model(params: dict, tokenizer, dtype: torch.dtype):
     return model.to(dtype)
 
 
+def planned_dtype(name: str, *, device=None) -> torch.dtype:
+    """The dtype ``load_model(name, device=device)`` computes in, without loading it: ``$MASS_DPO_DTYPE``, else the
+    params' dtype for the device, where ``auto`` depends on the machine (bf16 on a CPU with native bf16). Runs hash
+    it (:func:`mass_dpo.runs.hash_payload`) so a cache made on one kind of machine is not read on another."""
+    from .params import load_params, saved_model_folder
+
+    if saved_model_folder(name) is not None:
+        return resolve_dtype(None, resolve_device(device))
+    params = load_params(f"models/{name}")
+    return resolve_dtype(None, resolve_device(device if device is not None else params.get("device")), params)
+
+
 def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:
     """Load a model by name (``params/models/<name>.yaml``) or from a saved folder; eval mode, on ``device``.
 

@@ -105,6 +105,27 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     return imported, present
 
 
+def dtype_mismatches(runs) -> list[str]:
+    """One line per (model, dtype) of ``runs`` whose features were extracted in another dtype than this machine
+    would use (:func:`mass_dpo.runs.hash_payload` covers it, so such runs are not read here but trained again),
+    naming the fix. Runs written before ``config.json`` said it were extracted in fp32."""
+    from .runs import _extraction_dtype
+
+    found: dict[tuple[str, str], int] = {}
+    for run in runs:
+        meta = json.loads((Path(run) / "config.json").read_text())
+        key = (str(meta["config"].get("model")), meta.get("extraction_dtype") or "float32")
+        found[key] = found.get(key, 0) + 1
+    lines = []
+    for (model, dtype), count in sorted(found.items()):
+        here = _extraction_dtype(model)
+        if here != dtype:
+            lines.append(f"note: {count} record(s) of {model} were made from {dtype} features, and this machine "
+                         f"extracts in {here} (dtype auto, $MASS_DPO_DTYPE or params/models/{model}.yaml): runs look "
+                         f"them up only with MASS_DPO_DTYPE={dtype}; without it they train again in {here}")
+    return lines
+
+
 def timings(src) -> list[dict]:
     """One row per finished run (or record) in ``src``: its ``dataset``, ``kind`` (``reference``, ``tuning`` (scored
     on the validation split) or ``seed``), ``method`` and the seconds it measured of itself (``metrics.json``'s
@@ -196,4 +217,6 @@ def run(args: argparse.Namespace) -> int:
         imported, present = import_runs(args.src, root=args.root)
         root = args.root or runs_root()
         print(f"imported {len(imported)} record(s) into {root}; {len(present)} already finished there (kept)")
+        for line in dtype_mismatches(imported + present):
+            print(line)
     return 0

@@ -115,7 +115,9 @@ def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, 
     """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format.
     Later options are left out where they change nothing, so that run folders made before them keep their names:
     :data:`OPTIONAL_FIELDS` when ``None``, ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off,
-    ``online_eval`` when on."""
+    ``online_eval`` when on. The dtype the reference model extracts in (:func:`mass_dpo.models.planned_dtype`: with
+    ``dtype: auto`` bf16 on a CPU with native bf16, fp32 on one without) is covered when it is not fp32, so a run
+    made from bf16 features (another machine, a GPU, ``$MASS_DPO_DTYPE``) is never read as one made from fp32 ones."""
     cfg = {k: v for k, v in config.to_dict().items()
            if k not in NON_SEMANTIC and not (k in OPTIONAL_FIELDS and v is None)}
     if config.regime != "freeze":
@@ -124,7 +126,23 @@ def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, 
         cfg.pop("pool_eval", None)
     if cfg.get("online_eval", True):
         cfg.pop("online_eval", None)
-    return {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
+    payload = {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
+    dtype = _extraction_dtype(config.model)
+    if dtype != "float32":
+        payload["extraction_dtype"] = dtype
+    return payload
+
+
+def _extraction_dtype(model) -> str:
+    """The name of :func:`mass_dpo.models.planned_dtype` for the shared reference model on this process's device;
+    ``float32`` for a model the params do not know (its load fails later, with its own message)."""
+    from .models import planned_dtype
+
+    try:
+        dtype = planned_dtype(str(model), device=_device())
+    except (FileNotFoundError, ValueError):
+        return "float32"
+    return str(dtype).removeprefix("torch.")
 
 
 def config_hash(config: TrainConfig, *, world: int | None = None) -> str:
@@ -236,7 +254,8 @@ def _write_config(path: Path, config: TrainConfig, world: int) -> None:
     import yaml
 
     payload = {"config": config.to_dict(), "hash": config_hash(config, world=world), "world_size": world,
-               "data": _data_location(config), "format": RUN_FORMAT, "layout": LAYOUT}
+               "data": _data_location(config), "format": RUN_FORMAT, "layout": LAYOUT,
+               "extraction_dtype": _extraction_dtype(config.model)}
     _write_json(path / "config.json", payload)
     atomic_write_text(path / "config.yaml", yaml.safe_dump(payload, sort_keys=False))
 

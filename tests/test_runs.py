@@ -113,6 +113,22 @@ def test_config_hash_tracks_what_changes_the_numbers():
     assert name.startswith("lastfm_smollm2_sdpo_n3_loglinear_s0_") and name.endswith(h[:12])
 
 
+def test_runs_from_bf16_features_are_never_read_as_runs_from_fp32_ones(monkeypatch):
+    from mass_dpo import models
+
+    cfg = resolve_config(**small())  # smollm2: dtype {cpu: auto}
+    monkeypatch.delenv("MASS_DPO_DTYPE", raising=False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    fp32 = runs.hash_payload(cfg, world=1)
+    assert "extraction_dtype" not in fp32  # fp32 runs keep the names they had before the field
+    plain = runs.config_hash(cfg, world=1)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)  # a CPU with AMX: auto extracts in bf16
+    assert runs.hash_payload(cfg, world=1)["extraction_dtype"] == "bfloat16"
+    assert runs.config_hash(cfg, world=1) != plain
+    monkeypatch.setenv("MASS_DPO_DTYPE", "float32")  # forced back to fp32: the fp32 runs are found again
+    assert runs.config_hash(cfg, world=1) == plain
+
+
 # ---------------------------------------------------------------- train_run
 
 
@@ -268,6 +284,13 @@ def test_a_record_carries_a_finished_run_to_another_cache(fake_module, tmp_path,
     assert loaded.log().equals(first.log())
     with pytest.raises(FileNotFoundError, match="record"):
         runs.snapshot_folder(loaded.run_dir)
+
+    assert records.dtype_mismatches(imported) == []
+    monkeypatch.setenv("MASS_DPO_DTYPE", "bfloat16")  # a machine that extracts in bf16 does not read them
+    (note,) = records.dtype_mismatches(imported)
+    assert "1 record(s) of smollm2 were made from float32 features" in note and "MASS_DPO_DTYPE=float32" in note
+    assert not runs.is_finished(tmp_path / "b" / runs.run_name(resolve_config(**small()), world=1))
+    monkeypatch.delenv("MASS_DPO_DTYPE")
 
     imported, present = records.import_runs(tmp_path / "rec", root=tmp_path / "a")  # the run with weights stays
     assert imported == [] and [p.name for p in present] == [rec.name]
