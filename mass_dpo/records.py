@@ -109,7 +109,7 @@ def dtype_mismatches(runs) -> list[str]:
     """One line per (model, dtype) of ``runs`` whose features were extracted in another dtype than this machine
     would use (:func:`mass_dpo.runs.hash_payload` covers it, so such runs are not read here but trained again),
     naming the fix. Runs written before ``config.json`` said it were extracted in fp32."""
-    from .runs import _extraction_dtype
+    from .runs import extraction_dtype
 
     found: dict[tuple[str, str], int] = {}
     for run in runs:
@@ -118,7 +118,7 @@ def dtype_mismatches(runs) -> list[str]:
         found[key] = found.get(key, 0) + 1
     lines = []
     for (model, dtype), count in sorted(found.items()):
-        here = _extraction_dtype(model)
+        here = extraction_dtype(model)
         if here != dtype:
             lines.append(f"note: {count} record(s) of {model} were made from {dtype} features, and this machine "
                          f"extracts in {here} (dtype auto, $MASS_DPO_DTYPE or params/models/{model}.yaml): runs look "

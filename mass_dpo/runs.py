@@ -127,13 +127,13 @@ def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, 
     if cfg.get("online_eval", True):
         cfg.pop("online_eval", None)
     payload = {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
-    dtype = _extraction_dtype(config.model)
+    dtype = extraction_dtype(config.model)
     if dtype != "float32":
         payload["extraction_dtype"] = dtype
     return payload
 
 
-def _extraction_dtype(model) -> str:
+def extraction_dtype(model) -> str:
     """The name of :func:`mass_dpo.models.planned_dtype` for the shared reference model on this process's device;
     ``float32`` for a model the params do not know (its load fails later, with its own message)."""
     from .models import planned_dtype
@@ -255,7 +255,7 @@ def _write_config(path: Path, config: TrainConfig, world: int) -> None:
 
     payload = {"config": config.to_dict(), "hash": config_hash(config, world=world), "world_size": world,
                "data": _data_location(config), "format": RUN_FORMAT, "layout": LAYOUT,
-               "extraction_dtype": _extraction_dtype(config.model)}
+               "extraction_dtype": extraction_dtype(config.model)}
     _write_json(path / "config.json", payload)
     atomic_write_text(path / "config.yaml", yaml.safe_dump(payload, sort_keys=False))
 
