@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from .files import atomic_folder, atomic_write_json, locked
-from .runs import MANIFEST, is_finished, runs_root
+from .runs import MANIFEST, is_finished, name_of, runs_root
 
 #: The folders of a run that hold weights: left out of a record.
 WEIGHT_FOLDERS = ("final", "snapshots", "checkpoints")
@@ -82,8 +82,8 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
 
 def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     """Copy every record (or finished run) in ``src`` into ``root`` (default the runs root), each atomically under
-    its run's lock. A run already finished there is kept as it is (it may hold weights a record lacks). Returns
-    (imported, already there)."""
+    its run's lock and under the name the current code gives it (:func:`mass_dpo.runs.name_of`). A run already
+    finished there is kept as it is (it may hold weights a record lacks). Returns (imported, already there)."""
     src, root = Path(src), Path(root or runs_root())
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder; give the folder that `mass-dpo runs export` wrote")
@@ -94,7 +94,7 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
                          f"{unfinished[0]}); give the folder that `mass-dpo runs export` wrote")
     imported, present = [], []
     for rec in candidates:
-        target = root / rec.name
+        target = root / name_of(rec)  # the current code's name (older records hashed their checkout's path)
         with locked(target, f"the run {target.name}"):
             if is_finished(target):
                 present.append(target)
@@ -103,6 +103,28 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
                 shutil.copytree(rec, tmp, dirs_exist_ok=True)
         imported.append(target)
     return imported, present
+
+
+def rename_runs(root=None) -> list[tuple[Path, Path]]:
+    """File every finished run of ``root`` (default the runs root) under the name the current code gives it
+    (:func:`mass_dpo.runs.name_of`), so that runs made before the run hash changed are found again instead of
+    trained again; a run whose new name is already a finished run is left where it is. Returns (old, new) pairs."""
+    root = Path(root or runs_root())
+    moved = []
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+        if not is_finished(run):
+            continue
+        target = root / name_of(run)
+        if target == run:
+            continue
+        with locked(run, f"the run {run.name}"), locked(target, f"the run {target.name}"):
+            if is_finished(target) or not is_finished(run):
+                continue
+            if target.exists():  # an unfinished attempt at the same run: the finished one replaces it
+                shutil.rmtree(target)
+            run.rename(target)
+        moved.append((run, target))
+    return moved
 
 
 def dtype_mismatches(runs) -> list[str]:
@@ -184,7 +206,7 @@ def timings_markdown(src) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import,timings}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import,rename,timings}")
     ex = sub.add_parser("export", help="write records (finished runs without weights) of the runs root into a folder",
                         description=export_runs.__doc__.split("\n\n")[0])
     ex.add_argument("dest", help="the folder to write the records into")
@@ -196,6 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     im.add_argument("src", help="a folder written by `mass-dpo runs export`")
     im.add_argument("--root", default=None, help="the runs root to import into (default: $MASS_DPO_RUNS, else "
                                                  "<cache>/runs)")
+    rn = sub.add_parser("rename", help="file the runs of a runs root under the current code's names",
+                        description=rename_runs.__doc__.split("\n\n")[0])
+    rn.add_argument("--root", default=None, help="the runs root (default: $MASS_DPO_RUNS, else <cache>/runs)")
     ti = sub.add_parser("timings", help="the measured seconds of the finished runs (or records) of a folder, "
                                         "summed per dataset", description=timings_markdown.__doc__.split("\n\n")[0])
     ti.add_argument("src", help="a runs root or a folder written by `mass-dpo runs export`")
@@ -213,6 +238,9 @@ def run(args: argparse.Namespace) -> int:
             from .files import atomic_write_text
 
             atomic_write_text(args.out, f"# Measured time of the runs in `{args.src}`\n\n{text}")
+    elif args.action == "rename":
+        moved = rename_runs(args.root)
+        print(f"renamed {len(moved)} run(s) in {args.root or runs_root()} to the current code's names")
     else:
         imported, present = import_runs(args.src, root=args.root)
         root = args.root or runs_root()

@@ -105,19 +105,29 @@ def _data_location(config: TrainConfig) -> str:
         return f"{path.resolve()}#sha256={_file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)}"
     try:
         from .data import resolve_data_dir
+        from .data.benchmarks import SAMPLES_DIR
 
-        return str(resolve_data_dir(config.data_dir)[0])
+        folder = resolve_data_dir(config.data_dir)[0]
     except Exception:  # the data package is optional for hashing (tests with injected data)
         return str(config.data_dir)
+    if Path(folder).resolve() == Path(SAMPLES_DIR).resolve():
+        return SHIPPED_SAMPLES  # versioned with the code: a run is the same run in every checkout
+    return str(folder)
 
 
-def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, Any]:
+#: The run hash's name for the package's shipped samples (before: the checkout's absolute path to them, so that a
+#: second clone or a moved checkout, or records imported elsewhere, named the same run differently).
+SHIPPED_SAMPLES = "mass_dpo/data/samples"
+
+
+def hash_payload(config: TrainConfig, *, world: int | None = None, dtype: str | None = None) -> dict[str, Any]:
     """What the run hash covers: the resolved config (minus :data:`NON_SEMANTIC`), world size, data folder, format.
     Later options are left out where they change nothing, so that run folders made before them keep their names:
     :data:`OPTIONAL_FIELDS` when ``None``, ``trainable_layers`` outside the freeze regime, ``pool_eval`` when off,
     ``online_eval`` when on. The dtype the reference model extracts in (:func:`mass_dpo.models.planned_dtype`: with
-    ``dtype: auto`` bf16 on a CPU with native bf16, fp32 on one without) is covered when it is not fp32, so a run
-    made from bf16 features (another machine, a GPU, ``$MASS_DPO_DTYPE``) is never read as one made from fp32 ones."""
+    ``dtype: auto`` bf16 on a CPU with native bf16, fp32 on one without; ``dtype`` names it for a run made
+    elsewhere) is covered when it is not fp32, so a run made from bf16 features (another machine, a GPU,
+    ``$MASS_DPO_DTYPE``) is never read as one made from fp32 ones."""
     cfg = {k: v for k, v in config.to_dict().items()
            if k not in NON_SEMANTIC and not (k in OPTIONAL_FIELDS and v is None)}
     if config.regime != "freeze":
@@ -127,7 +137,7 @@ def hash_payload(config: TrainConfig, *, world: int | None = None) -> dict[str, 
     if cfg.get("online_eval", True):
         cfg.pop("online_eval", None)
     payload = {"config": cfg, "world_size": world or world_size(), "data": _data_location(config), "format": RUN_FORMAT}
-    dtype = extraction_dtype(config.model)
+    dtype = dtype or extraction_dtype(config.model)
     if dtype != "float32":
         payload["extraction_dtype"] = dtype
     return payload
@@ -145,20 +155,21 @@ def extraction_dtype(model) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def config_hash(config: TrainConfig, *, world: int | None = None) -> str:
+def config_hash(config: TrainConfig, *, world: int | None = None, dtype: str | None = None) -> str:
     """sha256 (hex) of the canonical JSON of :func:`hash_payload`."""
-    blob = json.dumps(hash_payload(config, world=world), sort_keys=True, default=str)
+    blob = json.dumps(hash_payload(config, world=world, dtype=dtype), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def run_name(config: TrainConfig, *, world: int | None = None) -> str:
+def run_name(config: TrainConfig, *, world: int | None = None, dtype: str | None = None) -> str:
+    """``<dataset>_<model>_<method>_n<n>_<regime>_s<seed>_<hash>``, the hash of :func:`hash_payload`."""
     from .data.preferences import is_preference_file
 
     model = Path(str(config.model)).name or "model"
     dataset = Path(str(config.dataset)).stem if is_preference_file(config.dataset) else config.dataset
     base = f"{dataset}_{model}_{config.method}_n{config.n}_{config.regime}_s{config.seed}"
     base = re.sub(r"[^A-Za-z0-9_.=-]+", "-", base)
-    return f"{base}_{config_hash(config, world=world)[:12]}"
+    return f"{base}_{config_hash(config, world=world, dtype=dtype)[:12]}"
 
 
 def run_dir(config: TrainConfig, *, root=None, world: int | None = None) -> Path:
@@ -834,6 +845,30 @@ def _lettered_options(dataset: str) -> bool:
     return dataset in available("datasets") and load_params(f"datasets/{dataset}").get("task") == "qa"
 
 
+def reference_name(cfg: TrainConfig, *, dtype: str | None = None) -> str:
+    """``reference_<dataset>_<model>_<regime>_<test split>_<hash>``: the hash of :func:`hash_payload` without what
+    cannot change an untrained policy (:data:`REFERENCE_FREE`)."""
+    base = TrainConfig(**{**cfg.to_dict(), "method": "sdpo"})
+    payload = hash_payload(base, world=1, dtype=dtype)
+    payload["config"] = {k: v for k, v in payload["config"].items() if k not in REFERENCE_FREE}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model = Path(str(cfg.model)).name or "model"
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"reference_{cfg.dataset}_{model}_{cfg.regime}_{cfg.test_split}")
+    return f"{name}_{digest}"
+
+
+def name_of(run_dir) -> str:
+    """The name the current code gives the finished run (or record) in ``run_dir``, from its ``config.json`` (its
+    config, world size and extraction dtype): the folder's own name unless the run hash changed since it was made
+    (:data:`SHIPPED_SAMPLES`). :func:`mass_dpo.records.import_runs` and ``mass-dpo runs rename`` file runs under it."""
+    meta = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg = TrainConfig(**meta["config"])
+    dtype = meta.get("extraction_dtype") or "float32"
+    if Path(run_dir).name.startswith("reference_"):
+        return reference_name(cfg, dtype=dtype)
+    return run_name(cfg, world=meta.get("world_size") or 1, dtype=dtype)
+
+
 def reference_run(config: TrainConfig | dict | None = None, *, root=None, **overrides) -> RunResult:
     """The untrained policy (theta = 0 in the log-linear regime, the pretrained model in the LM regimes) evaluated
     exactly like a trained run on the same test prompts: every table's ``reference`` row. Cached in
@@ -842,13 +877,7 @@ def reference_run(config: TrainConfig | dict | None = None, *, root=None, **over
     from .evaluation import evaluate, reference_policy
 
     cfg = resolve_config(config, **overrides)
-    base = TrainConfig(**{**cfg.to_dict(), "method": "sdpo"})
-    payload = hash_payload(base, world=1)
-    payload["config"] = {k: v for k, v in payload["config"].items() if k not in REFERENCE_FREE}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    model = Path(str(cfg.model)).name or "model"
-    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"reference_{cfg.dataset}_{model}_{cfg.regime}_{cfg.test_split}")
-    path = Path(root or runs_root()) / f"{name}_{digest}"
+    path = Path(root or runs_root()) / reference_name(cfg)
     if is_finished(path):
         return load_run(path)
     from .training import CSVLogCallback

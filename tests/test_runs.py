@@ -302,6 +302,44 @@ def test_a_record_carries_a_finished_run_to_another_cache(fake_module, tmp_path,
     assert not (tmp_path / "c").exists()  # nothing imported before the check
 
 
+def test_a_run_on_the_shipped_samples_has_one_name_in_every_checkout(monkeypatch, tmp_path):
+    from mass_dpo.data import benchmarks
+
+    cfg = resolve_config(**small(data_dir="samples"))
+    here = runs.run_name(cfg, world=1), runs.reference_name(cfg)
+    assert runs.hash_payload(cfg, world=1)["data"] == runs.SHIPPED_SAMPLES
+    elsewhere = tmp_path / "another_clone" / "mass_dpo" / "data" / "samples"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.setattr(benchmarks, "SAMPLES_DIR", elsewhere)  # the same package checked out somewhere else
+    assert (runs.run_name(cfg, world=1), runs.reference_name(cfg)) == here
+    other = resolve_config(**small(data_dir=str(tmp_path / "my_data")))  # a data folder of one's own: its path
+    assert runs.hash_payload(other, world=1)["data"] == str(tmp_path / "my_data")
+
+
+def test_runs_named_by_an_older_hash_are_renamed_and_imported_under_the_current_name(fake_module, tmp_path):
+    from mass_dpo import cli, records
+
+    _, fake = fake_module
+    first = runs.train_run(small(), root=tmp_path / "a", data=fake.make_data)
+    assert runs.name_of(first.run_dir) == first.run_dir.name
+    stale = first.run_dir.with_name(first.run_dir.name[:-12] + "0123456789ab")  # as named before a hash change
+    first.run_dir.rename(stale)
+
+    def no_training(cfg):
+        raise AssertionError("a renamed run must be found, not trained again")
+
+    assert cli.main(["runs", "rename", "--root", str(tmp_path / "a")]) == 0
+    assert not stale.exists() and runs.train_run(small(), root=tmp_path / "a", data=no_training).cached
+    assert records.rename_runs(tmp_path / "a") == []  # nothing left to rename
+
+    records.export_runs(tmp_path / "rec", root=tmp_path / "a")
+    (rec,) = (tmp_path / "rec").iterdir()
+    rec.rename(rec.with_name(rec.name[:-12] + "0123456789ab"))
+    (imported,), _ = records.import_runs(tmp_path / "rec", root=tmp_path / "b")
+    assert imported.name == first.run_dir.name
+    assert runs.train_run(small(), root=tmp_path / "b", data=no_training).cached
+
+
 def test_timings_sum_each_runs_own_seconds_per_dataset_and_kind(fake_module, tmp_path, capsys):
     from mass_dpo import cli, records
 
