@@ -859,10 +859,14 @@ def reference_name(cfg: TrainConfig, *, dtype: str | None = None) -> str:
 
 def name_of(run_dir) -> str:
     """The name the current code gives the finished run (or record) in ``run_dir``, from its ``config.json`` (its
-    config, world size and extraction dtype): the folder's own name unless the run hash changed since it was made
-    (:data:`SHIPPED_SAMPLES`). :func:`mass_dpo.records.import_runs` and ``mass-dpo runs rename`` file runs under it."""
-    meta = json.loads((Path(run_dir) / "config.json").read_text())
-    cfg = TrainConfig(**meta["config"])
+    config, world size and extraction dtype). That is the folder's own name unless the run hash changed since the
+    run was made (:data:`SHIPPED_SAMPLES`); a config this version cannot read keeps the folder's name.
+    :func:`mass_dpo.records.import_runs` and ``mass-dpo runs rename`` file runs under it."""
+    try:
+        meta = json.loads((Path(run_dir) / "config.json").read_text())
+        cfg = TrainConfig(**meta["config"])
+    except (OSError, ValueError, KeyError, TypeError):  # a config this version cannot read: keep the folder's name
+        return Path(run_dir).name
     dtype = meta.get("extraction_dtype") or "float32"
     if Path(run_dir).name.startswith("reference_"):
         return reference_name(cfg, dtype=dtype)

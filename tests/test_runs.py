@@ -331,6 +331,9 @@ def test_runs_named_by_an_older_hash_are_renamed_and_imported_under_the_current_
     assert cli.main(["runs", "rename", "--root", str(tmp_path / "a")]) == 0
     assert not stale.exists() and runs.train_run(small(), root=tmp_path / "a", data=no_training).cached
     assert records.rename_runs(tmp_path / "a") == []  # nothing left to rename
+    (tmp_path / "old_format").mkdir()
+    (tmp_path / "old_format" / "config.json").write_text('{"config": {"no_such_option": 1}}')
+    assert runs.name_of(tmp_path / "old_format") == "old_format"  # unreadable by this version: its name is kept
 
     records.export_runs(tmp_path / "rec", root=tmp_path / "a")
     (rec,) = (tmp_path / "rec").iterdir()
