@@ -16,6 +16,7 @@ The cache folder is ``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``, else
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import secrets
@@ -377,12 +378,22 @@ def planned_dtype(name: str, *, device=None) -> torch.dtype:
     """The dtype ``load_model(name, device=device)`` computes in, without loading it: ``$MASS_DPO_DTYPE``, else the
     params' dtype for the device, where ``auto`` depends on the machine (bf16 on a CPU with native bf16). Runs hash
     it (:func:`mass_dpo.runs.hash_payload`) so a cache made on one kind of machine is not read on another."""
-    from .params import load_params, saved_model_folder
+    from .params import saved_model_folder
 
     if saved_model_folder(name) is not None:
         return resolve_dtype(None, resolve_device(device))
-    params = load_params(f"models/{name}")
+    params = _dtype_params(name)
     return resolve_dtype(None, resolve_device(device if device is not None else params.get("device")), params)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_params(name: str) -> dict:
+    """``params/models/<name>.yaml``'s ``device`` and ``dtype``, read once per process: every run lookup hashes
+    :func:`planned_dtype`, and parsing the YAML each time cost five times the rest of the hash."""
+    from .params import load_params
+
+    params = load_params(f"models/{name}")
+    return {k: params[k] for k in ("device", "dtype") if k in params}
 
 
 def load_model(name: str, *, device=None, dtype=None) -> ModelBundle:

@@ -60,7 +60,7 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
     if dest.resolve() == root.resolve():
         raise ValueError(f"{dest}: is the runs root itself; export into another folder")
     written = []
-    for run in sorted(p for p in root.glob(match) if p.is_dir() and not p.name.startswith(".")):
+    for run in _folders(root, match):
         with locked(run, f"the run {run.name}"):  # not while another process (re)trains it
             if not is_finished(run):
                 continue
@@ -80,6 +80,11 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
     return written
 
 
+def _folders(root: Path, match: str = "*") -> list[Path]:
+    """The run folders (or records) of ``root`` whose name matches ``match``, sorted; hidden ones (locks) left out."""
+    return sorted(p for p in root.glob(match) if p.is_dir() and not p.name.startswith("."))
+
+
 def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     """Copy every record (or finished run) in ``src`` into ``root`` (default the runs root), each atomically under
     its run's lock and under the name the current code gives it (:func:`mass_dpo.runs.name_of`). A run already
@@ -87,7 +92,7 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     src, root = Path(src), Path(root or runs_root())
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder; give the folder that `mass-dpo runs export` wrote")
-    candidates = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    candidates = _folders(src)
     unfinished = [p.name for p in candidates if not is_finished(p)]
     if unfinished:
         raise ValueError(f"{src}: {len(unfinished)} folder(s) are not finished runs or records (e.g. "
@@ -111,7 +116,7 @@ def rename_runs(root=None) -> list[tuple[Path, Path]]:
     trained again; a run whose new name is already a finished run is left where it is. Returns (old, new) pairs."""
     root = Path(root or runs_root())
     moved = []
-    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+    for run in _folders(root) if root.is_dir() else []:
         if not is_finished(run):
             continue
         target = root / name_of(run)
@@ -157,7 +162,7 @@ def timings(src) -> list[dict]:
         raise FileNotFoundError(f"{src}: no such folder; give a runs root or a folder that `mass-dpo runs export` "
                                 "wrote")
     rows = []
-    for run in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for run in _folders(src):
         if not is_finished(run):
             continue
         metrics = json.loads((run / "metrics.json").read_text())

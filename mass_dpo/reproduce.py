@@ -296,11 +296,16 @@ def _read_ledger(profile: str) -> dict | None:
     return ledger if isinstance(ledger, dict) and ledger.get("profile") == profile and "id" in ledger else None
 
 
+def _piece(ledger: dict) -> dict:
+    """This run's piece of ``ledger``."""
+    return next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+
+
 def _record(ledger: dict, name: str | None, status: str | None, seconds: float, elapsed: float, *,
             ended: str | None = None) -> None:
     """Add notebook ``name``'s ``seconds`` (and ``status``) to this run's piece, set the piece's wall time to
     ``elapsed``, mark it ``ended`` (finished / interrupted; a finished piece completes the ledger), and save."""
-    piece = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+    piece = _piece(ledger)
     piece.pop("running", None)
     if name is not None:
         piece["notebooks"].append({"name": name, "status": status, "seconds": round(seconds, 3)})
@@ -327,7 +332,7 @@ def _heartbeat(ledger: dict | None, name: str, began: float, start: float):
 
     def beat():
         while not stop.wait(HEARTBEAT_SECONDS):
-            piece = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+            piece = _piece(ledger)
             now = time.perf_counter()
             piece["running"] = {"name": name, "seconds": round(now - began, 3)}
             piece["seconds"] = round(now - start, 3)
@@ -352,7 +357,7 @@ def _save_ledger(ledger: dict) -> None:
     with locked(path, f"the timings of mass-dpo reproduce --profile {ledger['profile']}"):
         on_disk = _read_ledger(ledger["profile"])
         if on_disk and on_disk["id"] == ledger["id"]:
-            mine = next(p for p in ledger["pieces"] if p["id"] == ledger["piece"])
+            mine = _piece(ledger)
             others = [p for p in on_disk["pieces"] if p["id"] != mine["id"]]
             ledger["pieces"] = sorted(others + [mine], key=lambda p: p["started"])
         atomic_write_json(path, {k: v for k, v in ledger.items() if k != "piece"})
