@@ -89,6 +89,50 @@ def test_batch_of_pools_equals_one_at_a_time(tiny, records):
             assert (lp[b, len(cs):] == 0).all() and (ft[b, len(cs):] == 0).all()
 
 
+def test_common_prompt_prefix_by_hand():
+    pools = [([1, 2, 3], [[9]]), ([1, 2, 4, 5], [[9]]), ([1, 2], [[9], [8]])]
+    assert X.common_prompt_prefix(pools) == [1, 2]
+    assert X.common_prompt_prefix([([1, 2, 3], [[9]]), ([1, 2, 3], [[8]])]) == [1, 2, 3]  # one prompt twice
+    assert X.common_prompt_prefix([([5, 1], [[9]]), ([6, 1], [[9]])]) == []
+    assert X.common_prompt_prefix([]) == []
+
+
+@pytest.mark.parametrize("case", ["chat", "same prompt", "no common prefix"])
+def test_pools_over_a_shared_prompt_prefix_equal_naive(tiny, records, monkeypatch, case):
+    """Over a dataset the prompts' common prefix runs once and every batch attends to its keys/values, rows of
+    several batches run longest first: every pool's log-probs and both features equal its naive rows, in the pools'
+    order, and the hidden states kept for the freeze regime equal those of the pool's own packed row."""
+    pools = [encode_pool(r, tiny.tokenizer) for r in records]
+    if case == "same prompt":  # the whole prompt is the prefix: the first response token is predicted from it
+        pools = [(pools[0][0], cs) for _, cs in pools]
+    elif case == "no common prefix":
+        pools = [([7 + i] + p[1:], cs) for i, (p, cs) in enumerate(pools)]
+    shared = X.common_prompt_prefix(pools)
+    assert (len(shared) > 20) if case == "chat" else (shared == pools[0][0] if case == "same prompt" else not shared)
+    used = []
+    real = X.shared_prompt_prefix
+    monkeypatch.setattr(X, "shared_prompt_prefix", lambda *a, **kw: (used.append(real(*a, **kw)), used[-1])[1])
+    batches, forward = [], X._shared_prefix
+    monkeypatch.setattr(X, "_shared_prefix", lambda m, rows, **kw: (
+        batches.append([len(p) + sum(len(c) for c in cs) for p, cs in rows]), forward(m, rows, **kw))[1])
+    longest = max(len(p) + sum(len(c) for c in cs) for p, cs in pools)
+    with torch.no_grad():
+        lp, ft, mask, lengths, states = X._forward_pools(
+            tiny.model, pools, poolings=X.POOLINGS, batch_tokens=2 * longest, pad_id=0, keep_layer=1)
+        assert (used[0].length if used[0] is not None else 0) == len(shared)
+        run = [n for b in batches for n in b]  # the rows as they ran: longest first, over several batches
+        assert len(batches) > 1 and run == sorted(run, reverse=True) and len(run) == len(pools)
+        for b, (p, cs) in enumerate(pools):
+            for pooling in X.POOLINGS:
+                lp0, ft0 = naive_forward(tiny.model, p, cs, pooling=pooling)
+                torch.testing.assert_close(lp[b, : len(cs)], lp0, atol=1e-4, rtol=0)
+                torch.testing.assert_close(ft[pooling][b, : len(cs)], ft0, atol=1e-4, rtol=0)
+            assert lengths[b, : len(cs)].tolist() == [len(c) for c in cs] and mask[b].sum() == len(cs)
+            *_, own = X._shared_prefix(tiny.model, [(p, cs)], poolings=(), pad_id=0, keep_layer=1)
+            lo, hi = int(states["offsets"][b]), int(states["offsets"][b + 1])
+            torch.testing.assert_close(states["states"][lo:hi], own[0], atol=1e-4, rtol=0)
+
+
 def test_eager_attention_with_additive_mask(records):
     eager = load_model("tiny", device="cpu")
     eager.model.set_attn_implementation("eager")

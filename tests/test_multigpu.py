@@ -88,6 +88,11 @@ def test_two_processes_with_the_ddp_config_match_one(tmp_path):
     init = load_model("tiny", device="cpu", dtype="float32").model.state_dict()
     assert wa.keys() == wb.keys()
     assert any(not torch.allclose(wa[k], init[k]) for k in wa if k in init)  # the weights moved
+    # equal up to float rounding: the all-reduced gradient of two half batches differs from the one-batch gradient in
+    # its last bits, and Adam's per-coordinate normalisation turns that into up to ~1e-5 on a weight whose gradient
+    # is near 0 (7.5e-6 and 1.1e-5 measured, with reference log-probs that differ by float rounding), against moves
+    # of ~2e-3 (lr 1e-3, 2 steps); one process with batches of 2 instead of 4 ends 3e-3 away (measured)
+    moved = max(float((wa[k] - init[k]).abs().max()) for k in wa if k in init)
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+        assert float((wa[k] - wb[k]).abs().max()) <= 0.01 * moved, k
     assert a["test"]["mrr"] == pytest.approx(b["test"]["mrr"], abs=1e-6)
