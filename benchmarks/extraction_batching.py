@@ -38,9 +38,9 @@ def data_order(model, pools, pad_id):
     assert len(rows) == len(pools), "a pool over DEFAULT_BATCH_TOKENS: use shorter pools"
     C = max(len(cs) for _, cs in pools)
     logps, feats, tokens = torch.zeros(len(pools), C), {p: None for p in X.POOLINGS}, 0
-    for idx in X._batches(rows, X.DEFAULT_BATCH_TOKENS):
+    for idx in X._batches(rows, X.DEFAULT_BATCH_TOKENS, longest_first=False):
         batch = [rows[j] for j in idx]
-        tokens += len(batch) * max(len(p) + sum(len(c) for c in cs) for p, cs in batch)
+        tokens += len(batch) * max(X.row_tokens(r) for r in batch)
         lp, ft, *_ = X._shared_prefix(model, batch, poolings=X.POOLINGS, pad_id=pad_id)
         for b, j in enumerate(idx):
             k = len(rows[j][1])
@@ -57,11 +57,10 @@ def longest_first(model, pools, pad_id):
     from mass_dpo import extraction as X
 
     rows, _ = X.split_rows(pools, X.DEFAULT_BATCH_TOKENS)
-    order = sorted(rows, key=lambda r: -(len(r[0]) + sum(len(c) for c in r[1])))
     K = len(X.common_prompt_prefix(pools))
     tokens = K  # the prefix, once
-    for idx in X._batches(order, X.DEFAULT_BATCH_TOKENS):
-        tokens += len(idx) * (max(len(order[j][0]) + sum(len(c) for c in order[j][1]) for j in idx) - K)
+    for idx in X._batches(rows, X.DEFAULT_BATCH_TOKENS):
+        tokens += len(idx) * (max(X.row_tokens(rows[j]) for j in idx) - K)
     logps, feats, *_ = X._forward_pools(model, pools, poolings=X.POOLINGS, batch_tokens=X.DEFAULT_BATCH_TOKENS,
                                         pad_id=pad_id)
     return logps, feats, tokens

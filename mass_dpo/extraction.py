@@ -111,7 +111,7 @@ def pack_pools(pools: Sequence[tuple[list[int], list[list[int]]]], pad_id: int =
     """
     rows = [_check_pool(p, c) for p, c in pools]
     B = len(rows)
-    T = max(len(p) + sum(len(c) for c in cs) for p, cs in rows)
+    T = max(row_tokens(r) for r in rows)
     C = max(len(cs) for _, cs in rows)
     if B * T * T > MAX_MASK_ELEMENTS:
         raise ValueError(
@@ -793,11 +793,21 @@ def _merge(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped so that rows x longest row <= batch_tokens (a single long pool still gets its own batch)."""
+def row_tokens(row: tuple[Sequence[int], Sequence[Sequence[int]]]) -> int:
+    """Tokens of the packed row ``[prompt, cand_1, ..., cand_C]`` of ``row = (prompt_ids, candidates)``."""
+    return len(row[0]) + sum(len(c) for c in row[1])
+
+
+def _batches(encoded: list[tuple[list[int], list[list[int]]]], batch_tokens: int, *,
+             longest_first: bool = True) -> list[list[int]]:
+    """Indices grouped so that rows x longest row <= batch_tokens (a single long pool still gets its own batch),
+    longest rows first: rows of similar length share a batch (little padding). Callers put outputs back by index."""
+    order = range(len(encoded))
+    if longest_first:
+        order = sorted(order, key=lambda i: -row_tokens(encoded[i]))  # stable: ties keep their order
     batches, cur, longest = [], [], 0
-    for i, (p, cs) in enumerate(encoded):
-        n = len(p) + sum(len(c) for c in cs)
+    for i in order:
+        n = row_tokens(encoded[i])
         if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
             batches.append(cur)
             cur, longest = [], 0
@@ -841,14 +851,11 @@ def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=N
     N, C = len(encoded), max(len(cs) for _, cs in encoded)
     rows, where = split_rows(encoded, batch_tokens)
     prefix = shared_prompt_prefix(model, encoded, keep_layer=keep_layer)
-    # longest rows first: rows of similar length share a batch (little padding), and the largest batch runs first
-    order = sorted(range(len(rows)), key=lambda j: -(len(rows[j][0]) + sum(len(c) for c in rows[j][1])))
     logps, masks, lengths = torch.zeros(N, C), torch.zeros(N, C, dtype=torch.bool), torch.zeros(N, C, dtype=torch.long)
     feats: dict[str, torch.Tensor | None] = {p: None for p in poolings}
     pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(N)]
     done = set()
-    for batch in _batches([rows[j] for j in order], batch_tokens):
-        idx = [order[i] for i in batch]
+    for idx in _batches(rows, batch_tokens):
         lp, ft, m, n, st = _shared_prefix(model, [rows[j] for j in idx], poolings=poolings, pad_id=pad_id,
                                           keep_layer=keep_layer, prefix=prefix)
         lp, m, n = lp.cpu(), m.cpu(), n.cpu()
@@ -863,7 +870,7 @@ def _forward_pools(model, encoded, *, poolings, batch_tokens, pad_id, progress=N
                 feats[p][i, lo : lo + k] = f
             if keep_layer is not None:
                 P = len(rows[j][0])
-                end = P + sum(len(c) for c in rows[j][1])
+                end = row_tokens(rows[j])
                 pieces[i].append((lo, st[b, (0 if lo == 0 else P) : end].cpu()))  # put in order at the end
         if progress is not None:
             new = {where[j][0] for j in idx} - done

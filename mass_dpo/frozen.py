@@ -216,8 +216,9 @@ def state_outputs(policy: FrozenTopPolicy, states: HiddenStates, pools, *, pooli
     policy.eval()
     logps, masks, lengths = [], [], []
     feats: dict[str, list] = {p: [] for p in poolings}
+    batches = _batches(pools, batch_tokens)
     try:
-        for idx in _batches(pools, batch_tokens):
+        for idx in batches:
             packed = pack_pools([pools[i] for i in idx])
             rows = [states.row(i) for i in idx]
             hidden = rows[0].new_zeros(len(idx), packed["input_ids"].shape[1], rows[0].shape[-1])
@@ -231,7 +232,9 @@ def state_outputs(policy: FrozenTopPolicy, states: HiddenStates, pools, *, pooli
                 feats[p].append(_pad_to(ft[p].float().cpu(), C))
     finally:
         policy.train(was_training)
-    return torch.cat(logps), {p: torch.cat(v) for p, v in feats.items()}, torch.cat(masks), torch.cat(lengths)
+    back = torch.argsort(torch.tensor([i for idx in batches for i in idx]))  # batch order -> the pools' order
+    return (torch.cat(logps)[back], {p: torch.cat(v)[back] for p, v in feats.items()}, torch.cat(masks)[back],
+            torch.cat(lengths)[back])
 
 
 def score_states(policy: FrozenTopPolicy, states: HiddenStates, pools, **kwargs) -> torch.Tensor:
