@@ -139,14 +139,16 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
                                 "checkout; clone the repository and install it there (pip install -e .)")
     profile = auto_profile() if profile == AUTO else profile
     if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
-        raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}")
+        known = ", ".join(sorted(p.stem for p in (params_dir() / "profiles").glob("*.yaml")))
+        raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}; choose one of {known}")
     plan = reproduce_plan(profile)
     gallery = Path(out_dir or repo_root() / "papers_figures")
     out_dir = gallery / plan["out_dir"] if plan["out_dir"] else gallery
     names = list(only) if only else [n for n in plan["notebooks"] if (notebooks_dir / f"{n}.ipynb").is_file()]
     unknown = [n for n in names if not (notebooks_dir / f"{n}.ipynb").is_file()]
     if unknown:
-        raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}")
+        known = ", ".join(sorted(p.stem for p in notebooks_dir.glob("*.ipynb"))) or "none"
+        raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}; the notebooks there: {known}")
     if profile != "paper":  # the offline profiles never reach for the hub (MovieLens from GroupLens still downloads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_sources(profile, names, echo=echo)

@@ -41,9 +41,10 @@ def test_profiles_merge_common_and_per_notebook_parameters():
 
 
 def test_unknown_notebook_or_profile(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no notebook"):
+    (tmp_path / "table1.ipynb").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no notebook nope in .*; the notebooks there: table1$"):
         reproduce("smoke", ["nope"], notebooks_dir=tmp_path, echo=lambda s: None)
-    with pytest.raises(FileNotFoundError, match="no profile"):
+    with pytest.raises(FileNotFoundError, match="no profile 'nope' in .*; choose one of cpu, cpu-lm, paper, smoke$"):
         reproduce("nope", notebooks_dir=tmp_path, echo=lambda s: None)
 
 
