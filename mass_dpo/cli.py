@@ -115,7 +115,8 @@ def one_line(err: BaseException) -> str:
         return type(err).__name__
     out = lines[0] + (f" {lines[1]}" if len(lines) > 1 else "")
     if len(lines) > 2:
-        out += f" (and {len(lines) - 2} more lines: --debug shows them)"
+        more = len(lines) - 2
+        out += f" (and {more} more line{'s' if more > 1 else ''}: --debug shows {'them' if more > 1 else 'it'})"
     return out
 
 

@@ -82,7 +82,8 @@ def test_bad_rows_are_one_line_and_debug_shows_the_traceback(capsys, isolated):
     bad.write_text('{"prompt": "p", "chosen": "a"}\n{"prompt": "q", "chosen": "b", "rejected": []}\n'
                    '{"prompt": "r", "chosen": "c", "rejected": ["c"]}\n')
     line = _error(capsys, ["select", "--data", str(bad), "--model", "tiny", "--no-progress"])
-    assert "3 unusable preference row(s)" in line and "line 1" in line and "--debug" in line
+    assert "3 unusable preference row(s)" in line and "line 1" in line
+    assert line.endswith("(and 3 more lines: --debug shows them)")  # two more rows and the Python hint
     with pytest.raises(ValueError, match="unusable preference row"):
         main(["select", "--data", str(bad), "--model", "tiny", "--no-progress", "--debug"])
     with pytest.raises(ValueError, match="unknown benchmark"):
@@ -351,3 +352,11 @@ def test_quickstart_runs_from_the_notebooks_folder(isolated, regime):
     assert {p.name.split("_n3_")[0] for p in run_folders} == {f"quickstart_preferences_tiny_{m}"
                                                               for m in ("mass_dpo", "sdpo")}
     assert all(f"_n3_{regime}_" in p.name for p in run_folders)
+
+
+def test_one_line_counts_what_it_leaves_out():
+    from mass_dpo.cli import one_line
+
+    assert one_line(ValueError("head\nfirst")) == "head first"
+    assert one_line(ValueError("head\nfirst\nsecond")) == "head first (and 1 more line: --debug shows it)"
+    assert one_line(KeyError("missing\nx\ny\nz")) == "missing x (and 2 more lines: --debug shows them)"
