@@ -11,9 +11,9 @@ The rules, made to be predictable rather than clever:
 - A *block* is one table row, one bullet (with its continuation lines) or one paragraph.
 - Its *sources* are the gallery files its own links name (a ``.md`` or ``.png`` link reads the file and its ``.csv``
   sibling, the figure's plotted numbers; an executed notebook's link reads what it printed; a folder link reads
-  every CSV and Markdown file in it), or, for a block
-  without such links, those of its whole section (heading to heading). Links that leave the gallery's folder
-  (``../docs``) and other ``README.md`` files are not sources: they are hand-written too.
+  every CSV and Markdown file in it), or, for a block without such links, those of its whole section (heading to
+  heading). Links that leave the gallery's folder (``../docs``) and other ``README.md`` files are not sources: they
+  are hand-written too.
 - A *quote* is a decimal number written with a point (``-4.9``, ``0.53``, ``72.9``), outside inline code and
   references into the paper (``Assumption 4.1``, ``Sections 4, 6.4``). Integers are counts and settings (``n = 3``,
   ``500 test prompts``) and are not checked.
@@ -22,12 +22,12 @@ The rules, made to be predictable rather than clever:
   "loses 4.9" as often as "-4.9").
 - A difference with its interval, ``-4.9 (-7.1 to -2.7)`` or ``+3.4, +0.5 to +6.4``, and a gain with its z
   (``+7.2, z 4.40``) are sourced only when one row of one source (a line of a CSV or Markdown table) holds them all.
+- A block that quotes something other than the tables (history, the paper's text) carries the HTML comment
+  ``<!-- unchecked: why -->`` and is skipped.
 
 What it can and cannot tell: a lone one-decimal quote among a table's hundreds of numbers usually finds one that
 rounds to it by chance, so the check finds numbers that nothing in their sources supports (a stale value, a typo, a
-wrong link) and intervals that no row holds; it does not prove a lone number right.
-- A block that quotes something other than the tables (history, the paper's text) carries the HTML comment
-  ``<!-- unchecked: why -->`` and is skipped.
+wrong link) and intervals or z that no row holds; it does not prove a lone number right.
 """
 
 from __future__ import annotations
