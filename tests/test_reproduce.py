@@ -21,7 +21,10 @@ def test_failure_is_reported_and_the_rest_still_runs(tmp_path):
     nbs.mkdir()
     _notebook(nbs / "first.ipynb", "x = 1 / 0")
     _notebook(nbs / "second.ipynb", "from pathlib import Path\nPath(out_dir).mkdir(parents=True)\n"
-              "Path(out_dir, 'done.txt').write_text(str(value))")
+              "Path(out_dir, 'done.txt').write_text(str(value))\nPath(out_dir, 'result.csv').write_text('x\\n0.25\\n')")
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "README.md").write_text("# Gallery\n\nThe result is 0.25 ([result](second/result.csv)).\n\n"
+                                                 "It was 0.31 ([result](second/result.csv)).\n")
     lines = []
     report = reproduce("smoke", ["first", "second"], out_dir=tmp_path / "figs", notebooks_dir=nbs, echo=lines.append)
     assert [r.ok for r in report.results] == [False, True]
@@ -33,6 +36,8 @@ def test_failure_is_reported_and_the_rest_still_runs(tmp_path):
     assert (tmp_path / "figs" / "claims.md").is_file()  # rewritten by a partial (--only) run too
     assert any("first" in line and "ZeroDivisionError" in line for line in lines)
     assert not (nbs / "first.ipynb").read_text().count("ZeroDivisionError")  # never executed over itself
+    stale = [line for line in lines if "0.31 not in second/result.csv" in line]  # the gallery's prose, checked
+    assert len(stale) == 1 and not any("0.25 not in" in line for line in lines)
 
 
 def test_profiles_merge_common_and_per_notebook_parameters():
