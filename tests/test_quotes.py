@@ -116,3 +116,14 @@ def test_reproduce_names_the_stale_passages(gallery):
     write(gallery, "# A\n\nThe gap: -5.1 ([pairs](table1/pairs.md)).\n")
     assert len(check_quotes(gallery / "README.md", echo=lines.append)) == 1
     assert "1 passage(s)" in lines[0] and "-5.1 not in table1/pairs.md" in lines[1]
+
+
+def test_the_command_checks_this_checkouts_readmes_from_any_folder(tmp_path, monkeypatch, capsys):
+    from mass_dpo.experiments.quotes import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert f"{GALLERY / 'README.md'}: every quoted number" in out and f"{REPO / 'README.md'}: every quoted number" in out
+    assert main([str(tmp_path / "nope.md")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -212,9 +212,13 @@ def unsourced_quotes(readme: str | Path, *, text: str | None = None) -> list[Uns
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    paths = args or ["papers_figures/README.md", "README.md"]
+    checkout = Path(__file__).resolve().parents[2]  # the project's own gallery and README, from any folder
+    paths = args or [checkout / "papers_figures" / "README.md", checkout / "README.md"]
     bad = 0
     for path in paths:
+        if not Path(path).is_file():
+            print(f"{path}: no such file; give the README of a gallery (default: this checkout's)", file=sys.stderr)
+            return 2
         found = unsourced_quotes(path)
         for u in found:
             print(f"{path}: {u}")
