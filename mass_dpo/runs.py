@@ -517,7 +517,7 @@ def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpo
     A freeze-regime policy saves only its trainable weights: ``final/`` and ``snapshots/{mid,final}/``
     (:func:`mass_dpo.frozen.save_trainable`; ``snapshots/final`` holds hard links to ``final/``'s files)."""
     from .frozen import FrozenTopPolicy, save_trainable
-    from .training import CSVLogCallback, SnapshotCallback, build_trainer, last_checkpoint
+    from .training import CSVLogCallback, SnapshotCallback, adopt_checkpoint_steps, build_trainer, last_checkpoint
 
     freeze = isinstance(run_data.policy, FrozenTopPolicy)
     extra = [SnapshotCallback(path / "snapshots")] if freeze else []
@@ -532,8 +532,10 @@ def _train_with_trainer(cfg: TrainConfig, run_data: RunData, path: Path, checkpo
     optim = getattr(trainer.args.optim, "value", trainer.args.optim)
     logger.info("run %s: %d training prompts, optimizer %s%s", path.name, len(run_data.train), optim,
                 f", resuming from {resume}" if resume else "")
-    if resume and main:
-        print(f"resuming {path.name} from {Path(resume).name}", flush=True)
+    if resume:
+        adopt_checkpoint_steps(trainer.args, resume)  # no spurious "0.05 (from args) != 4" warning
+        if main:
+            print(f"resuming {path.name} from {Path(resume).name}", flush=True)
     t1 = time.time()
     if resume is None and run_data.eval is not None:
         trainer.evaluate()  # the step-0 point of the training curves (Figures 2-3)

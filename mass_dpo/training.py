@@ -24,6 +24,7 @@ distributed code beyond gathering logged statistics through the Trainer's accele
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import sys
@@ -791,6 +792,20 @@ def last_checkpoint(output_dir, *, discard_incomplete: bool = False) -> str | No
 
             shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+def adopt_checkpoint_steps(args: TrainingArguments, checkpoint) -> None:
+    """Write into ``args`` the logging / eval / save step counts that ``checkpoint`` resolved their fractions to.
+
+    A resumed Trainer goes on with the counts in the checkpoint's ``trainer_state.json`` whatever ``args`` say,
+    and warns when ``args`` hold a fraction (0.05 of the steps) instead of the count (4) it resolved to. Where the
+    fraction gives that very count (``ceil(max_steps * fraction)``), the schedule is the same and the count is
+    written back, so the warning is left for a real difference."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        ours, theirs = getattr(args, name, None), state.get(name)
+        if ours is not None and theirs is not None and 0 < ours < 1 and math.ceil(state["max_steps"] * ours) == theirs:
+            setattr(args, name, theirs)
 
 
 def _logs_to_console() -> bool:

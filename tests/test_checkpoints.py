@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from mass_dpo import runs
-from mass_dpo.training import checkpoint_problem, last_checkpoint, resolve_config
+from mass_dpo.training import adopt_checkpoint_steps, checkpoint_problem, last_checkpoint, resolve_config
 
 
 def _complete_checkpoint(folder: Path) -> Path:
@@ -149,3 +149,42 @@ def test_smoke_run_resumes_from_the_checkpoint_before_a_damaged_one(tmp_path, da
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert resumed.metrics["mrr"] == pytest.approx(straight.metrics["mrr"])
+
+
+@pytest.mark.parametrize("max_steps", [76, 100])
+def test_resume_adopts_the_step_counts_the_checkpoint_resolved(tmp_path, monkeypatch, max_steps):
+    """A run with fractional logging / eval / save steps resumes without transformers' warning that "0.05 (from
+    args) != 4 (from trainer_state.json)": the checkpoint's state is resolved by transformers itself
+    (``TrainerState.compute_steps``; at 100 steps 0.07 resolves to 8, a float-rounding case), and a fraction
+    that resolves to another count (the user changed it) is left alone, so that warning still shows."""
+    from transformers import TrainerState, TrainingArguments
+    from transformers import trainer_utils
+
+    def arguments(save_steps):
+        return TrainingArguments(output_dir=str(tmp_path / "out"), logging_steps=0.05, eval_steps=0.07,
+                                 eval_strategy="steps", save_steps=save_steps, use_cpu=True, report_to="none")
+
+    args = arguments(0.25)
+    state = TrainerState(max_steps=max_steps, train_batch_size=args.per_device_train_batch_size)
+    state.compute_steps(args, max_steps)
+    checkpoint = tmp_path / "checkpoint-19"
+    checkpoint.mkdir()
+    state.save_to_json(str(checkpoint / "trainer_state.json"))
+    warnings = []
+    monkeypatch.setattr(trainer_utils.logger, "warning_once", warnings.append)
+    trainer_utils.compare_trainer_and_checkpoint_args(args, state)
+    assert len(warnings) == 1 and "logging_steps: 0.05 (from args)" in warnings[0]  # what a resume printed
+
+    adopt_checkpoint_steps(args, checkpoint)
+    assert (args.logging_steps, args.eval_steps, args.save_steps) == (
+        state.logging_steps, state.eval_steps, state.save_steps)
+    if max_steps == 100:
+        assert args.eval_steps == 8  # ceil(100 * 0.07) = ceil(7.000000000000001), as transformers counts
+    trainer_utils.compare_trainer_and_checkpoint_args(args, state)
+    assert len(warnings) == 1  # nothing more to warn about
+
+    changed = arguments(0.5)  # a different save fraction: the checkpoint's count wins, and transformers says so
+    adopt_checkpoint_steps(changed, checkpoint)
+    assert changed.save_steps == 0.5 and changed.logging_steps == state.logging_steps
+    trainer_utils.compare_trainer_and_checkpoint_args(changed, state)
+    assert len(warnings) == 2 and "save_steps: 0.5 (from args)" in warnings[1]
