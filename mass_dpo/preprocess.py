@@ -456,8 +456,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data folder (default $MASS_DPO_DATA, else the cache); 'samples' = the shipped samples")
     add("--checkpoint", default=None, help="preprocessing checkpoint theta0 (default: the model itself)")
     add("--out", default=None,
-        help="JSONL output (default: <runs root>/select/<dataset>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl; "
-             "runs root: $MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
+        help="JSONL output (default: <runs root>/select/<dataset>-<hash>-<split>-<model>-<pooling>-<strategy>-n<n>"
+             ".jsonl, <hash> a short hash of the input file, or of the benchmark and its data folder; runs root: "
+             "$MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--grouped", action="store_true",
                       help="one row per prompt, 'rejected' the list of selected negatives (what mass-dpo train --data "

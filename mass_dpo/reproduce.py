@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .notebook_params import AUTO, auto_profile, papermill_parameters, profile_values
-from .params import params_dir
+from .params import available, params_dir
 
 #: Notebooks in the order they run (each one a paper section); missing ones are skipped with a note.
 NOTEBOOKS = (
@@ -139,7 +139,7 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
                                 "checkout; clone the repository and install it there (pip install -e .)")
     profile = auto_profile() if profile == AUTO else profile
     if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
-        known = ", ".join(sorted(p.stem for p in (params_dir() / "profiles").glob("*.yaml")))
+        known = ", ".join(available("profiles"))
         raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}; choose one of {known}")
     plan = reproduce_plan(profile)
     gallery = Path(out_dir or repo_root() / "papers_figures")
@@ -426,7 +426,8 @@ def write_timings(ledger: dict, out_dir: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="cpu",
-                        help="params/profiles/<profile>.yaml: smoke, cpu, paper, or auto (paper with CUDA, else cpu)")
+                        help=f"params/profiles/<profile>.yaml: {', '.join(available('profiles'))}, or auto (paper "
+                             "with CUDA, else cpu)")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="the gallery folder (default: papers_figures/); a profile may write into a folder of it "

@@ -53,6 +53,27 @@ def test_unknown_notebook_or_profile(tmp_path):
         reproduce("nope", notebooks_dir=tmp_path, echo=lambda s: None)
 
 
+def test_help_names_every_profile(tmp_path, monkeypatch):
+    """``mass-dpo reproduce --help`` lists the profiles params/ holds (a new profile file shows up there)."""
+    import argparse
+    import shutil
+
+    from mass_dpo.params import params_dir
+    from mass_dpo.reproduce import add_arguments
+
+    def profile_help():
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return next(a.help for a in parser._actions if a.dest == "profile")
+
+    assert "cpu, cpu-lm, paper, smoke, or auto" in profile_help()
+    copy = tmp_path / "params"
+    shutil.copytree(params_dir(), copy)
+    (copy / "profiles" / "cluster.yaml").write_text((copy / "profiles" / "cpu.yaml").read_text())
+    monkeypatch.setenv("MASS_DPO_PARAMS", str(copy))
+    assert "cluster, cpu, cpu-lm, paper, smoke, or auto" in profile_help()
+
+
 def _ledger(*pieces, caches="cold"):
     return {"id": "l", "profile": "cpu", "caches": caches, "complete": True,
             "pieces": [{"id": str(i), "started": f"t{i}", "seconds": total, "ended": ended,
