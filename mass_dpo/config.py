@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,20 +138,45 @@ class TrainConfig:
         "logging_steps": (0, None, False), "save_steps": (0, None, False), "lora_dropout": (0, 1, True),
     }
 
+    #: Integer options: ``field: (lowest allowed, None allowed?)``.
+    INT_RANGES = {
+        "limit": (1, True), "eval_limit": (0, True), "test_limit": (1, True), "per_device_train_batch_size": (1, False),
+        "per_device_eval_batch_size": (1, False), "gradient_accumulation_steps": (1, False),
+    }
+    #: The ``mass-dpo train`` flag of a field whose flag is not ``--<field with dashes>``.
+    FLAGS = {"per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+             "num_train_epochs": "--epochs"}
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The ``mass-dpo train`` option that sets field ``name``."""
+        return cls.FLAGS.get(name, f"--{name.replace('_', '-')}")
+
     def _check_numbers(self):
-        """Every float option finite and in its range (:data:`RANGES`), the lengths positive integers: a
-        ``ValueError`` naming the option before any work."""
+        """Every float option finite and in its range (:data:`RANGES`), the counts integers in theirs
+        (:data:`INT_RANGES`), the lengths positive integers: a ``ValueError`` naming the option before any work."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value} (--{f.name.replace('_', '-')})")
+                raise ValueError(f"{f.name} must be a finite number, got {value} ({self.flag(f.name)})")
+        for name, (low, none_ok) in self.INT_RANGES.items():
+            value = getattr(self, name)
+            if value is None and none_ok:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}{' or None' if none_ok else ''}, got {value!r} "
+                                 f"({self.flag(name)})")
+        steps = self.max_steps
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or (steps < 1 and steps != -1):
+            raise ValueError(f"max_steps must be an integer >= 1, or -1 (train for num_train_epochs), got "
+                             f"{self.max_steps!r} (--max-steps)")
         for name, (low, high, closed) in self.RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value) or (value < low if closed else value <= low) or (high is not None and value > high):
                 bound = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-                raise ValueError(f"{name} must be {bound}, got {value} (--{name.replace('_', '-')})")
+                raise ValueError(f"{name} must be {bound}, got {value} ({self.flag(name)})")
         for name in ("max_length", "max_prompt_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

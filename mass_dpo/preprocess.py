@@ -450,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--selection-score", default=DEFAULT_SELECTION_SCORE, choices=SELECTION_SCORES,
         help=f"reading of the preprocessing score s_i (docs/extraction.md; default {DEFAULT_SELECTION_SCORE})")
     add("--no-center", dest="center", action="store_false", help="ablation: no weighted centering")
-    add("--limit", type=int, default=None, help="subsample this many prompts (seeded)")
+    add("--limit", type=positive_int, default=None, help="subsample this many prompts (seeded)")
     add("--seed", type=int, default=0, help="subsample and random-strategy seed")
     add("--data-dir", default=None,
         help="data folder (default $MASS_DPO_DATA, else the cache); 'samples' = the shipped samples")
@@ -484,6 +484,13 @@ def run(args: argparse.Namespace) -> int:
     from .models import no_progress_bars
 
     check_model(args.model)
+    if args.checkpoint is not None:
+        from .cli import UsageError
+
+        try:
+            check_model(args.checkpoint)
+        except UsageError as err:
+            raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     with no_progress_bars(not args.progress):
         return _run(args)
 
@@ -491,14 +498,16 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .cli import UsageError
 
+    data = args.dataset
     if args.data is not None:
-        from .data.preferences import resolve_path
+        from .data.preferences import check_preference_path
 
-        if not resolve_path(args.data).is_file():
-            raise UsageError(f"--data {args.data}: no such file; give the path of a JSON-lines/JSON/Parquet file "
-                             "of prompt, chosen, rejected")
+        try:
+            data = check_preference_path(args.data)  # a Path: read as a file whatever its name
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--data {err}") from None
     result = select_dataset(
-        args.data if args.data is not None else args.dataset, args.model, split=args.split, n=args.n, strategy=args.strategy, pooling=args.pooling,
+        data, args.model, split=args.split, n=args.n, strategy=args.strategy, pooling=args.pooling,
         beta=args.beta, gamma=args.gamma, selection_score=args.selection_score, center=args.center, limit=args.limit,
         seed=args.seed,
         data_dir=args.data_dir, checkpoint=args.checkpoint, out=args.out, cache_dir=args.cache_dir,

@@ -59,6 +59,8 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
                                 "the runs to export")
     if dest.resolve() == root.resolve():
         raise ValueError(f"{dest}: is the runs root itself; export into another folder")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} is a file; give a folder to export the records into")
     written = []
     for run in _folders(root, match):
         with locked(run, f"the run {run.name}"):  # not while another process (re)trains it

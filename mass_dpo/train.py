@@ -38,7 +38,7 @@ _OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import positive_float, positive_int
+    from .cli import nonnegative_int, positive_float, positive_int
 
     g = parser.add_argument_group("run")
     what = g.add_mutually_exclusive_group()
@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", help="a profile of params/training.yaml (cpu, cpu-lm, smoke, paper)")
     d = parser.add_argument_group("data")
     d.add_argument("--data-dir", dest="data_dir", help="benchmark folder ('samples': the shipped samples)")
-    d.add_argument("--limit", type=int, help="training prompts")
-    d.add_argument("--eval-limit", dest="eval_limit", type=int, help="online-eval prompts (0: none)")
-    d.add_argument("--test-limit", dest="test_limit", type=int, help="test prompts")
+    d.add_argument("--limit", type=positive_int, help="training prompts")
+    d.add_argument("--eval-limit", dest="eval_limit", type=nonnegative_int, help="online-eval prompts (0: none)")
+    d.add_argument("--test-limit", dest="test_limit", type=positive_int, help="test prompts")
     d.add_argument("--pooling", choices=("all", "response"))
     d.add_argument("--selection-score", dest="selection_score", choices=("delta", "reference", "offset"),
                    help="reading of the preprocessing score of Algorithm 1 (docs/extraction.md; default reference)")
@@ -72,9 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("optimisation")
     o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=positive_float)
     o.add_argument("--epochs", dest="num_train_epochs", type=positive_float)
-    o.add_argument("--max-steps", dest="max_steps", type=int)
-    o.add_argument("--batch-size", dest="per_device_train_batch_size", type=int, help="per device")
-    o.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=int)
+    o.add_argument("--max-steps", dest="max_steps", type=positive_int)
+    o.add_argument("--batch-size", dest="per_device_train_batch_size", type=positive_int, help="per device")
+    o.add_argument("--grad-accum", dest="gradient_accumulation_steps", type=positive_int)
     o.add_argument("--eval-steps", dest="eval_steps", type=positive_float)
     o.add_argument("--logging-steps", dest="logging_steps", type=positive_float)
     o.add_argument("--save-steps", dest="save_steps", type=positive_float)
@@ -143,8 +143,8 @@ def check_settings(options: dict, *, runs_root=None):
     import warnings
 
     from .cli import UsageError, check_model
-    from .data import BENCHMARKS, is_preference_file, locate
-    from .data.preferences import resolve_path
+    from .data import BENCHMARKS, is_preference_file, load_preferences, locate
+    from .data.preferences import check_preference_path
     from .config import resolve_config
 
     try:
@@ -154,9 +154,12 @@ def check_settings(options: dict, *, runs_root=None):
     check_model(cfg.model)
     _check_folders(runs_root)
     if is_preference_file(cfg.dataset):
-        if not resolve_path(cfg.dataset).is_file():
-            raise UsageError(f"--data {cfg.dataset}: no such file; give the path of a JSON-lines/JSON/Parquet file "
-                             "of prompt, chosen, rejected")
+        try:
+            path = check_preference_path(cfg.dataset)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--data {err}") from None
+        for split in _splits_read(cfg)[1:]:  # a split column lacking one: said now, not after extraction (train:
+            load_preferences(path, split=split)  # read by _pool_size below)
     elif cfg.dataset not in BENCHMARKS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(BENCHMARKS)}, or give your own "
                          "preference file with --data FILE")
@@ -167,12 +170,35 @@ def check_settings(options: dict, *, runs_root=None):
         if not float(getattr(cfg, name)) > 0:
             raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)} (from a --profile or "
                              f"params/training.yaml); pass --{name.replace('_', '-')} with a positive value")
+    _check_optim(cfg.optim)
     pool = _pool_size(cfg.dataset, cfg.data_dir)
     if cfg.method != "dpo" and cfg.n > pool:
         warnings.warn(f"n={cfg.n} is more than the largest negative pool ({pool} negatives): training with n={pool}")
         options["n"] = pool
         cfg = resolve_config(**options)
     return cfg
+
+
+def _splits_read(cfg) -> list[str]:
+    """The splits a run of ``cfg`` reads: train, valid for online evaluation, and test unless it ranks on valid."""
+    return ["train"] + (["valid"] if cfg.eval_limit != 0 else []) + (["test"] if cfg.test_split != "valid" else [])
+
+
+#: Optimizers an error message offers first.
+COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adafactor", "sgd")
+
+
+def _check_optim(name: str) -> None:
+    """``auto`` or an optimizer transformers knows (``OptimizerNames``), else one line."""
+    from transformers.training_args import OptimizerNames
+
+    from .cli import UsageError
+
+    known = [o.value for o in OptimizerNames]
+    if name != "auto" and name not in known:
+        raise UsageError(f"--optim {name}: not a transformers optimizer; give auto (paged_adamw_32bit with "
+                         f"bitsandbytes, else adamw_torch) or a name of transformers.training_args.OptimizerNames "
+                         f"({', '.join(o for o in COMMON_OPTIMIZERS if o in known)}, ...)")
 
 
 def _check_folders(runs_root) -> None:

@@ -104,6 +104,69 @@ def test_bad_values_are_refused_before_any_work(capsys, isolated, command, optio
     assert says in line and f"mass-dpo {command} --help" in line
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--lr", "-1e-5"], "argument --learning-rate/--lr: must be > 0, got -1e-5"),  # not "expected one argument"
+    (["--beta", "-.5e1"], "argument --beta: must be > 0, got -.5e1"),
+    (["--limit", "0"], "argument --limit: must be an integer >= 1, got 0"),
+    (["--test-limit", "-1"], "argument --test-limit: must be an integer >= 1, got -1"),
+    (["--eval-limit", "-1"], "argument --eval-limit: must be an integer >= 0, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be an integer >= 1, got 0"),
+    (["--optim", "nosuch"], "--optim nosuch: not a transformers optimizer; give auto"),
+])
+def test_bad_training_values_are_refused_before_any_work(capsys, isolated, argv, says):
+    line = _error(capsys, ["train", "--dataset", "qasc", "--data-dir", "samples", "--dry-run", *argv])
+    assert says in line
+
+
+def test_bad_counts_from_a_profile_or_the_api_name_the_option():
+    import numpy as np
+
+    from mass_dpo.config import resolve_config
+
+    base = dict(dataset="qasc", model="tiny", method="sdpo")
+    for change, says in [(dict(limit=0), "limit must be an integer >= 1 or None, got 0 (--limit)"),
+                         (dict(per_device_train_batch_size=0), "got 0 (--batch-size)"),
+                         (dict(gradient_accumulation_steps=2.5), "got 2.5 (--grad-accum)"),
+                         (dict(eval_limit=-1), "eval_limit must be an integer >= 0 or None"),
+                         (dict(max_steps=0), "max_steps must be an integer >= 1, or -1"),
+                         (dict(num_train_epochs=0.0), "num_train_epochs must be > 0, got 0.0 (--epochs)")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            resolve_config(**base, **change)
+    cfg = resolve_config(**base, limit=np.int64(8), eval_limit=0, max_steps=-1)  # numpy counts, 0 and -1 allowed
+    assert (cfg.limit, cfg.eval_limit, cfg.max_steps) == (8, 0, -1)
+
+
+def test_data_file_problems_are_one_line_before_any_work(capsys, isolated):
+    (isolated / "prefs.csv").write_text("prompt,chosen,rejected\n")
+    (isolated / "folder.jsonl").mkdir()
+    rows = [{"prompt": f"Q{i}?", "chosen": "a", "rejected": ["b", "c"], "split": ["train", "valid"][i % 2]}
+            for i in range(8)]
+    (isolated / "notest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for command in (["select", "--model", "tiny"], ["train", "--model", "tiny", "--dry-run"]):
+        line = _error(capsys, [*command, "--data", str(isolated / "prefs.csv")])
+        assert "prefs.csv: unsupported preference file type '.csv'; use .jsonl, .json or .parquet" in line
+        line = _error(capsys, [*command, "--data", str(isolated / "folder.jsonl")])
+        assert "folder.jsonl is a folder; give the path of a JSON-lines/JSON/Parquet file" in line
+    line = _error(capsys, ["train", "--model", "tiny", "--dry-run", "--data", str(isolated / "notest.jsonl")])
+    assert "no rows with split 'test'; its 'split' column has train, valid; label some rows 'test'" in line
+    assert main(["train", "--model", "tiny", "--dry-run", "--eval-limit", "0", "--data",
+                 str(isolated / "notest.jsonl")]) == 2  # still needs test rows
+    assert "no rows with split 'test'" in capsys.readouterr().err
+    line = _error(capsys, ["select", "--data", str(QUICKSTART), "--model", "tiny", "--checkpoint",
+                           str(isolated / "no-such-checkpoint")])
+    assert line.startswith("mass-dpo select: error: --checkpoint ") and "unknown model" in line
+    assert not (isolated / "cache" / "extraction").exists()  # refused before any extraction
+
+
+def test_runs_export_refuses_a_file_as_its_folder(capsys, isolated):
+    (isolated / "runs").mkdir()
+    (isolated / "records.txt").write_text("hello")
+    line = _error(capsys, ["runs", "export", str(isolated / "records.txt")])
+    assert "records.txt is a file; give a folder to export the records into" in line
+    assert (isolated / "records.txt").read_text() == "hello"
+
+
 def test_a_bad_value_from_a_profile_is_refused_too(capsys, isolated, monkeypatch):
     import mass_dpo.config as config
 

@@ -45,6 +45,37 @@ def test_json_list_parquet_dataset_and_ids(tmp_path):
     assert ds["id"] == ["x0", "x1"]
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _jsonl(tmp_path / "plain.jsonl", ROWS).read_bytes())
+    _check(load_preferences(path))
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    _check(load_preferences(tmp_path / "bom.json"))
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("latin1.jsonl", '{"prompt": "caf\u00e9", "chosen": "a", "rejected": ["b"]}\n'.encode("latin-1"),
+     r"latin1.jsonl: not UTF-8 text \(byte 0xe9 at offset 15\); save it as UTF-8"),
+    ("list.json", b'[\n{"prompt": "p", "chosen": "a", "rejected": ["b"]}\n{"prompt": "q"}]',
+     r"list.json: not valid JSON \(line 3 column 1: Expecting ',' delimiter\); fix it, or write one JSON object per "
+     r"line"),
+    ("wrapped.json", b'{\n  "data": [{"prompt": "p", "chosen": "a", "rejected": ["b"]}],\n  "version": 2\n}\n',
+     r"wrapped.json holds one JSON object \(keys 'data', 'version'\), not rows; give a JSON list of rows or one row"),
+    ("table.parquet", b"not parquet at all", r"table.parquet: not a readable Parquet file"),
+    ("prefs.csv", b"prompt,chosen,rejected\n", r"prefs.csv: unsupported preference file type '.csv'; use .jsonl"),
+])
+def test_unreadable_files_are_named_with_the_fix(tmp_path, name, content, says):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=says):
+        load_preferences(tmp_path / name)
+
+
+def test_a_folder_is_not_a_preference_file(tmp_path):
+    (tmp_path / "prefs.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"prefs.jsonl is a folder; give the path of a JSON-lines"):
+        load_preferences(tmp_path / "prefs.jsonl")
+
+
 def test_bad_rows_reported_by_line(tmp_path):
     rows = [
         ROWS[0],
@@ -140,7 +171,7 @@ def test_relative_path_resolves_from_the_repository(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # e.g. a JupyterLab kernel started in notebooks/
     ds = load_preferences("notebooks/data/quickstart_preferences.jsonl")
     assert len(ds) == 48
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such file .*not found in"):
         load_preferences("notebooks/data/absent.jsonl")
 
 

@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, read_json_rows, stable_fraction, summarize, to_dataset
+from .records import RecordError, make_record, read_json_rows, read_text, stable_fraction, summarize, to_dataset
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -85,26 +85,35 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return alt if alt.exists() else p
 
 
+def check_preference_path(given: str | os.PathLike) -> Path:
+    """The preference file ``given`` names (:func:`resolve_path`), else one line saying what is wrong with it: not
+    there, a folder, or a type this reader does not read (``FileNotFoundError`` / ``ValueError``)."""
+    path = resolve_path(given)
+    what = "give the path of a JSON-lines/JSON/Parquet file of prompt, chosen, rejected"
+    if path.is_dir():
+        raise ValueError(f"{given} is a folder; {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{given}: no such file (not found in {Path.cwd()} nor {repo_root()}); {what}")
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"{given}: unsupported preference file type {path.suffix.lower() or '(no suffix)'!r}; "
+                         "use .jsonl, .json or .parquet")
+    return path
+
+
 def _read(source) -> tuple[list[dict[str, Any]], str, str, str]:
     """(rows, description for messages, id prefix, row label style)."""
     if isinstance(source, (str, os.PathLike)):
-        path = resolve_path(source)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"preference file {source} not found (looked in {Path.cwd()} and {repo_root()}); give the path of a "
-                f"JSON-lines/JSON/Parquet file with prompt, chosen, rejected"
-            )
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
+        path = check_preference_path(source)
+        if path.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist(), str(path), path.stem, "row"
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            with open(path, encoding="utf-8") as f:
-                is_list = f.read(4096).lstrip().startswith("[")
-            rows = read_json_rows(path, keep_blank=True)  # keeps numbering: rows[i] is line i + 1
-            return rows, str(path), path.stem, "row" if is_list else "line"
-        raise ValueError(f"{path}: unsupported preference file type {suffix!r}; use .jsonl, .json or .parquet")
+            try:
+                return pq.read_table(path).to_pylist(), str(path), path.stem, "row"
+            except Exception as err:  # pyarrow's ArrowInvalid and friends: not a Parquet file
+                raise RecordError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from err
+        text = read_text(path)
+        rows = read_json_rows(path, keep_blank=True, text=text)  # keeps numbering: rows[i] is line i + 1
+        return rows, str(path), path.stem, "row" if text.lstrip().startswith("[") else "line"
     try:
         import datasets
 
@@ -356,5 +365,6 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
         records = [r for r, s in zip(records, splits) if s == want]
         if not records:
             raise RecordError(f"{where}: no rows with split {want!r}; its 'split' column has "
-                              f"{', '.join(sorted(set(splits)))}")
+                              f"{', '.join(sorted(set(splits)))}; label some rows {want!r}, or drop the column to "
+                              "carve the splits by a fixed seed")
     return to_dataset(records, "preferences", where)

@@ -227,14 +227,29 @@ def to_dataset(records: list[dict[str, Any]], dataset: str, source: str | Path):
     return datasets.Dataset(table)
 
 
-def read_json_rows(path: Path, *, keep_blank: bool = False) -> list[Any]:
-    """The rows of a JSON-lines file (a JSON list is accepted too). A line that is not JSON raises
-    :class:`RecordError` naming the file and the line; ``keep_blank`` keeps blank lines as ``None`` so that
-    ``rows[i]`` is line ``i + 1``."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark is dropped); text in another encoding raises
+    :class:`RecordError` naming the file, the byte and the fix."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise RecordError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+
+
+def read_json_rows(path: Path, *, keep_blank: bool = False, text: str | None = None) -> list[Any]:
+    """The rows of a JSON-lines file (a JSON list is accepted too; ``text``: the file's text, already read). A
+    line that is not JSON, a JSON list that does not parse and a file holding one JSON object (rows wrapped under a
+    key) raise :class:`RecordError` naming the file, the place and the fix; ``keep_blank`` keeps blank lines as
+    ``None`` so that ``rows[i]`` is line ``i + 1``."""
+    text = read_text(path) if text is None else text
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise RecordError(f"{path}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); fix it, or "
+                              "write one JSON object per line (JSON lines)") from None
     rows: list[Any] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -244,5 +259,19 @@ def read_json_rows(path: Path, *, keep_blank: bool = False) -> list[Any]:
         try:
             rows.append(json.loads(line))
         except ValueError as err:
+            _wrapped_rows(path, text)
             raise RecordError(f"{path}: line {lineno} is not JSON ({err})") from err
     return rows
+
+
+def _wrapped_rows(path: Path, text: str) -> None:
+    """Raise :class:`RecordError` when ``text`` is one JSON object spread over several lines (e.g. rows under a
+    ``"data"`` key) rather than JSON lines."""
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(whole, dict):
+        keys = ", ".join(repr(k) for k in list(whole)[:5])
+        raise RecordError(f"{path} holds one JSON object (keys {keys}), not rows; give a JSON list of rows or one row "
+                          "per line (JSON lines)")
