@@ -70,6 +70,21 @@ def test_unreadable_files_are_named_with_the_fix(tmp_path, name, content, says):
         load_preferences(tmp_path / name)
 
 
+def test_a_file_of_other_columns_is_said_once(tmp_path):
+    rows = [{"question": f"Q{i}?", "response_j": "a", "response_k": "b"} for i in range(30)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "se.parquet"))
+    with pytest.raises(RecordError, match=r"se.parquet: no 'prompt', 'chosen', 'rejected' in any row \(its fields: "
+                                          r"question, response_j, response_k\); name them prompt, chosen, rejected"):
+        load_preferences(tmp_path / "se.parquet")
+    with pytest.raises(RecordError, match=r"sft.jsonl: no 'rejected' in any row \(its fields: chosen, prompt\)"):
+        load_preferences(_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "chosen": "a"}] * 3))
+
+
+def test_too_few_prompts_to_carve_names_the_file(tmp_path):
+    with pytest.raises(RecordError, match=r"two.jsonl: 2 distinct prompt\(s\): carving train/valid/test needs at least 3"):
+        load_preferences(_jsonl(tmp_path / "two.jsonl", ROWS), split="test")
+
+
 def test_a_folder_is_not_a_preference_file(tmp_path):
     (tmp_path / "prefs.jsonl").mkdir()
     with pytest.raises(ValueError, match=r"prefs.jsonl is a folder; give the path of a JSON-lines"):

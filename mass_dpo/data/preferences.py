@@ -342,6 +342,12 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
         records.append(make_record(rid, prompt, [chosen, *pool], 0,
                                    messages=_conversation(row["prompt"], row["chosen"], raw_pool)))
         splits.append(_split_name(own))
+    absent = [f for f in FIELDS if rows and all(isinstance(r, dict) and f not in r for r in rows if r is not None)]
+    if absent and on_error == "raise":  # a file of other columns: say so once, not once per row
+        columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        raise RecordError(f"{where}: no {', '.join(repr(f) for f in absent)} in any row (its fields: "
+                          f"{', '.join(columns[:12]) or 'none'}); name them {', '.join(FIELDS)} (rejected: a list of "
+                          "rejected responses)")
     if problems:
         head = f"{len(problems)} unusable preference row(s) in {where}"
         if on_error == "raise":
@@ -361,7 +367,10 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
             if not all(splits):
                 raise RecordError(f"{where}: some rows have a 'split' and some do not; give every row one, or none")
         else:
-            splits = carve_splits([r["id"] for r in records], split_seed, [r["prompt"] for r in records])
+            try:
+                splits = carve_splits([r["id"] for r in records], split_seed, [r["prompt"] for r in records])
+            except ValueError as err:
+                raise RecordError(f"{where}: {err}") from None
         records = [r for r, s in zip(records, splits) if s == want]
         if not records:
             raise RecordError(f"{where}: no rows with split {want!r}; its 'split' column has "
