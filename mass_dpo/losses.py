@@ -22,6 +22,7 @@ the per-prompt loss of eq. 7 with its closed-form gradient (Lemma 4.2, eq. 9) an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,18 @@ class PreferenceLoss:
 def _check(method, pc, pr, rc, rr, mask):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    for name, t in zip(names, (pc, pr, rc, rr)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; wrap it with torch.as_tensor")
     if pc.dim() != 1 or rc.shape != pc.shape:
         raise ValueError(f"chosen log-probs must both be [B]; got {tuple(pc.shape)} and {tuple(rc.shape)}")
     if pr.dim() != 2 or rr.shape != pr.shape or pr.shape[0] != pc.shape[0]:
         raise ValueError(
             f"rejected log-probs must both be [B, K] with B = {pc.shape[0]}; got {tuple(pr.shape)} and {tuple(rr.shape)}"
         )
+    if pr.dim() == 2 and pr.shape[1] == 0:
+        raise ValueError("the rejected log-probs hold no negative (K = 0); every example needs at least one")
     if mask is not None and mask.shape != pr.shape:
         raise ValueError(f"mask must be [B, K] = {tuple(pr.shape)}, got {tuple(mask.shape)}")
     if method == "dpo" and pr.shape[1] != 1:
@@ -86,8 +93,12 @@ def preference_loss(
             anything, even NaN, and receive zero gradient.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    if not float(beta) > 0:  # beta <= 0 flips or zeroes every margin (eq. 5)
-        raise ValueError(f"beta must be > 0 (the DPO scale), got {beta!r}; the paper uses 0.1")
+    try:  # beta <= 0 flips or zeroes every margin (eq. 5); inf makes every loss NaN
+        ok = not isinstance(beta, (str, bool)) and math.isfinite(float(beta)) and float(beta) > 0
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"beta must be a finite number > 0 (the DPO scale), got {beta!r}; the paper uses 0.1")
     _check(method, pc, pr, rc, rr, mask)
     dt = torch.promote_types(pc.dtype, torch.float32)
     pc, pr, rc, rr = pc.to(dt), pr.to(dt), rc.to(dt), rr.to(dt)

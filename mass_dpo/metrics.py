@@ -24,7 +24,7 @@ import torch
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error (``std(ddof=1) / sqrt(n)``; 0 for one value, nan for none) of a 1-D tensor."""
-    values = values.detach().to(torch.float64).flatten()
+    values = torch.as_tensor(values).detach().to(torch.float64).flatten()
     n = values.numel()
     if n == 0:
         return float("nan"), float("nan")
@@ -56,10 +56,27 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     t = scores[rows, target]
     if not torch.isfinite(t).all():
         raise ValueError("a target's score is NaN or inf")
+    _no_nan(scores, mask, "scores")
     others = mask.clone()
     others[rows, target] = False
     beats = (scores >= t[:, None]) & others
     return 1 + beats.sum(-1)
+
+
+def _no_nan(values: torch.Tensor, mask: torch.Tensor, name: str) -> None:
+    """A NaN among the valid entries would compare False with everything (silently ranked below the target)."""
+    bad = torch.isnan(values) & mask
+    if bad.any():
+        b, i = (int(t) for t in bad.nonzero()[0])
+        raise ValueError(f"{name} are NaN at {int(bad.sum())} valid entries (first: prompt {b}, candidate {i}); fix the "
+                         "scoring, or mask those candidates out")
+
+
+def _check_ks(ks) -> tuple[int, ...]:
+    """``ks`` as a tuple of cut-offs ``>= 1``, else one ``ValueError`` with the fix."""
+    if isinstance(ks, (int, str)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {ks!r} (e.g. ks=(1, 3, 5))")
+    return tuple(ks)
 
 
 def _check_ties(ties: str) -> None:
@@ -85,6 +102,7 @@ def per_prompt_ranking(scores, target, *, ks=(1, 3, 5), mask=None, ties: str = "
     """``{"recall@k": [B], "ndcg@k": [B], "mrr": [B]}`` float64 per prompt (what :func:`ranking_metrics` averages;
     kept for paired comparisons of two methods on the same prompts). Ties: see the module docstring."""
     _check_ties(ties)
+    ks = _check_ks(ks)
     above, tied = rank_bounds(scores, target, mask)
     above, tied = above.to(torch.float64).cpu(), tied.to(torch.float64).cpu()
     if ties == "pessimistic":
@@ -133,9 +151,15 @@ def per_prompt_preference(chosen_scores, rejected_scores, *, mask=None, ties: st
     r = torch.as_tensor(rejected_scores).to(torch.float64)
     if c.dim() != 1 or r.dim() != 2 or r.shape[0] != c.shape[0]:
         raise ValueError(f"expected chosen [B] and rejected [B, K], got {tuple(c.shape)} and {tuple(r.shape)}")
-    m = torch.ones_like(r, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    m = torch.ones_like(r, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=r.device).bool()
+    if m.shape != r.shape:
+        raise ValueError(f"mask must be [B, K] = {tuple(r.shape)}, got {tuple(m.shape)}")
     if not m.any(-1).all():
         raise ValueError("every prompt needs at least one unmasked negative")
+    if torch.isnan(c).any():
+        raise ValueError(f"chosen scores are NaN at {int(torch.isnan(c).sum())} prompts (first: prompt "
+                         f"{int(torch.isnan(c).nonzero()[0])}); fix the scoring")
+    _no_nan(r, m, "rejected scores")
     wins = torch.where(m, c[:, None] > r, torch.ones_like(m)).all(-1).to(torch.float64)
     if ties == "expected":
         lost = torch.where(m, c[:, None] < r, torch.zeros_like(m)).any(-1)

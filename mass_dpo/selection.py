@@ -23,6 +23,7 @@ d x d Sherman-Morrison form; no d x d matrix is ever formed. Everything is batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,17 +67,28 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
 
 
+def _positive(value, name: str, why: str) -> None:
+    """``value`` a finite number > 0, else one ``ValueError`` naming ``name``."""
+    try:
+        ok = not isinstance(value, (str, bytes, bool)) and math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError, RuntimeError):  # None, a tensor of several values
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number > 0 ({why}), got {value!r}")
+
+
 def _validate(phi, logits, mask, n, beta, gamma):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise ValueError(f"n must be an integer, got {n!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0 (the ridge keeps H(S) invertible), got {gamma}")
+    _positive(beta, "beta", "the DPO scale")
+    _positive(gamma, "gamma", "the ridge keeps H(S) invertible")
     if phi.dim() != 3:
         raise ValueError(f"phi must have shape [N, d] or [B, N, d], got {tuple(phi.shape)}")
+    if phi.shape[0] == 0 or phi.shape[2] == 0:
+        raise ValueError(f"phi {tuple(phi.shape)} ([B, N, d]) has no {'prompts' if phi.shape[0] == 0 else 'features'}; "
+                         "give at least one prompt and one feature per candidate")
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape [N] or [B, N], got {tuple(logits.shape)}")
     if logits.shape != phi.shape[:2]:
@@ -310,6 +322,24 @@ def _result(indices, gains, logdet, alpha, single: bool, numpy_out: bool) -> Sel
     return Selection(indices, gains, logdet, alpha)
 
 
+def _check_order(order: torch.Tensor, mask: torch.Tensor) -> None:
+    """Each row of ``order`` ``[B, k]``: distinct indices of valid candidates, then ``-1`` (none) to pad."""
+    N = mask.shape[1]
+    problems = [
+        (order >= N, f"an index >= the pool size {N}"),
+        (order < -1, "an index below -1"),
+        ((order >= 0) & ~torch.gather(mask, 1, order.clamp(0, N - 1)), "a masked-out candidate"),
+        (((order[:, :, None] == order[:, None, :]) & (order >= 0)[:, :, None]  # [B, earlier, later]
+          & torch.ones(order.shape[1], order.shape[1], dtype=torch.bool, device=order.device).triu(1)).any(1),
+         "a repeated index"),
+    ]
+    for bad, what in problems:
+        if bad.any():
+            b, k = (int(t) for t in bad.nonzero()[0][:2])
+            raise ValueError(f"order holds {what} (prompt {b}, entry {k}: {int(order[b, k])}); give distinct indices of "
+                             "valid candidates, -1 for none")
+
+
 def score_subset(phi, logits, order, *, beta: float = 0.1, gamma: float = 0.1, center: bool = True, mask=None
                  ) -> Selection:
     """Score given subsets under the D-optimal criterion of Algorithm 1 (eq. 11-14), without choosing them.
@@ -323,14 +353,16 @@ def score_subset(phi, logits, order, *, beta: float = 0.1, gamma: float = 0.1, c
     """
     numpy_in = not isinstance(phi, torch.Tensor)
     phi, logits, mask, single = _prepare(phi, logits, mask)
-    order = _as_tensor(order, "order").to(device=phi.device, dtype=torch.long)
+    order = _as_tensor(order, "order").to(device=phi.device)
+    if order.is_floating_point() or order.dtype == torch.bool:
+        raise ValueError(f"order must hold integer candidate indices, got {order.dtype}")
+    order = order.long()
     if single and order.dim() == 1:
         order = order[None]
     _validate(phi, logits, mask, 0, beta, gamma)
     if order.dim() != 2 or order.shape[0] != phi.shape[0]:
         raise ValueError(f"order must be [B, k] with B = {phi.shape[0]}, got {tuple(order.shape)}")
-    if (order >= phi.shape[1]).any():
-        raise ValueError(f"order holds indices >= the pool size {phi.shape[1]}")
+    _check_order(order, mask)
     _, gains, logdet, alpha = _design(phi, logits, mask, order.shape[1], order, beta, gamma, center)
     return _result(order, gains, logdet, alpha, single, numpy_in)
 
@@ -382,6 +414,11 @@ def select_negatives(
     elif strategy == "all":
         order = _pick_sorted(mask.to(torch.float64), mask, k)  # valid candidates, in index order
     elif strategy == "label_blind":
+        bad = ~torch.isfinite(phi).all(-1) & mask  # before its re-centering spreads a NaN over the pool
+        if bad.any():
+            b, i = (int(t) for t in bad.nonzero()[0])
+            raise ValueError(f"phi has NaN or inf values ({int(bad.sum())} candidates, first: prompt {b}, candidate "
+                             f"{i}); check the features, or mask those candidates out")
         order = _label_blind_order(phi, logits, mask, k, beta, gamma, center)
     else:
         order = None

@@ -216,6 +216,8 @@ def fit_ridge(
 
 def prefix_mask(order: torch.Tensor, n: int, N: int) -> torch.Tensor:
     """``[P, N]`` bool mask of the first ``n`` selected indices of ``order [P, k]`` (``-1`` entries ignored)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     idx = order[:, :n]
     mask = torch.zeros(order.shape[0], N, dtype=torch.bool)
     valid = idx >= 0
@@ -316,6 +318,9 @@ def leverage_bound(phi, b, logits, order, n_values, theta_star, beta: float, gam
     eye = torch.eye(d, dtype=DTYPE)
     rows = torch.arange(P)
     n_max = max(n_values)
+    if min(n_values) < 1 or n_max > order.shape[1] or (order[:, :n_max] < 0).any():
+        raise ValueError(f"n_values must lie in [1, {order.shape[1]}] (the columns of order), each within the picks "
+                         f"of every prompt (no -1 among them), got {list(n_values)}")
     H = gamma * eye.expand(P, d, d).clone()
     ratios, designs = [], [H.clone()]
     for t in range(n_max):
@@ -373,6 +378,11 @@ def logdet_gain(phi, logits, indices, beta: float, gamma: float, center: bool = 
     This gain over the empty design is monotone submodular with value 0 at the empty set, so greedy reaches at least
     ``1 - 1/e`` of its optimum (the raw ``log det H(S)`` includes ``d log gamma < 0`` and has no such ratio).
     """
+    indices = torch.as_tensor(indices)
+    N = phi.shape[-2]
+    if ((indices < 0) | (indices >= N)).any():
+        raise ValueError(f"indices must lie in [0, {N}), got {int(indices.min())} to {int(indices.max())} (a -1 pad of "
+                         "select_negatives: drop it, or score a padded order with mass_dpo.selection.score_subset)")
     gram = _scaled_gram(phi, logits, beta, gamma, center)
     return _logdet_gain_from_gram(gram, indices[:, None, :])[:, 0]
 
@@ -380,6 +390,8 @@ def logdet_gain(phi, logits, indices, beta: float, gamma: float, center: bool = 
 def exact_best_logdet_gain(phi, logits, n: int, beta: float, gamma: float, center: bool = True) -> torch.Tensor:
     """``[P]`` brute-force ``max_{|S| = n} log det H(S) - log det(gamma I)`` over all subsets (eq. 12; small ``N``)."""
     N = phi.shape[-2]
+    if not 0 <= n <= N:
+        raise ValueError(f"n must lie in [0, N] = [0, {N}], got {n}")
     if math.comb(N, n) > 200_000:
         raise ValueError(f"C({N}, {n}) = {math.comb(N, n)} subsets is too many for brute force")
     gram = _scaled_gram(phi, logits, beta, gamma, center)

@@ -189,8 +189,8 @@ def test_preference_loss_rejects_beta_not_positive():
 
     pc, rc = torch.zeros(2), torch.zeros(2)
     pr, rr = torch.zeros(2, 3), torch.zeros(2, 3)
-    for beta in (0.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="beta must be > 0"):
+    for beta in (0.0, -0.1, float("nan"), float("inf"), "0.1", torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match="beta must be a finite number > 0"):
             preference_loss("sdpo", pc, pr, rc, rr, beta=beta)
     assert preference_loss("sdpo", pc, pr, rc, rr, beta=0.1).loss.shape == (2,)
 

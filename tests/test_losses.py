@@ -138,6 +138,11 @@ def test_bad_inputs():
         preference_loss("sdpo", pc, pr[:, 0], rc, rr)
     with pytest.raises(ValueError, match="at least one unmasked"):
         preference_loss("sdpo", pc, pr, rc, rr, mask=torch.zeros(pr.shape, dtype=torch.bool))
+    for method in ("sdpo", "dpo_k", "dmpo"):  # K = 0 gave a loss of 0 (sdpo) or NaN (dpo_k, dmpo) unchecked
+        with pytest.raises(ValueError, match=r"no negative \(K = 0\)"):
+            preference_loss(method, pc, pr[:, :0], rc, rr[:, :0])
+    with pytest.raises(TypeError, match="policy_rejected_logps must be a torch.Tensor, got ndarray; wrap it"):
+        preference_loss("sdpo", pc, pr.numpy(), rc, rr)
 
 
 # ------------------------------------------------------------------ log-linear model, eq. 7-10

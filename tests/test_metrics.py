@@ -67,6 +67,28 @@ def test_bad_inputs():
         ranking_metrics(torch.zeros(3), torch.tensor([0]))
 
 
+def test_nan_scores_and_bad_cutoffs_are_refused_not_ranked():
+    """A NaN compares False with everything: unchecked, a pool of NaN others would rank the target first."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match=r"scores are NaN at 2 valid entries \(first: prompt 0, candidate 0\)"):
+        ranking_metrics(torch.tensor([[nan, 0.5, nan, 0.2]]), torch.tensor([1]))
+    masked = ranking_metrics(torch.tensor([[nan, 0.5, 0.7]]), torch.tensor([1]),
+                             mask=torch.tensor([[False, True, True]]))  # a masked NaN is padding: fine
+    assert masked["recall@1"] == 0.0 and masked["mrr"] == 0.5
+    for ks in (5, (0,), (2.5,), ("5",), (True,)):
+        with pytest.raises(ValueError, match=r"ks must be a sequence of integer cut-offs >= 1"):
+            ranking_metrics(torch.zeros(1, 3), torch.tensor([0]), ks=ks)
+    with pytest.raises(ValueError, match=r"rejected scores are NaN at 1 valid entries \(first: prompt 1, candidate 0\)"):
+        preference_metrics(torch.tensor([1.0, 1.0]), torch.tensor([[0.0, 0.0], [nan, 0.0]]), ties="expected")
+    with pytest.raises(ValueError, match=r"chosen scores are NaN at 1 prompts \(first: prompt 0\)"):
+        preference_metrics(torch.tensor([nan, 1.0]), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"mask must be \[B, K\] = \(2, 2\), got \(2, 1\)"):
+        preference_metrics(torch.ones(2), torch.zeros(2, 2), mask=torch.ones(2, 1, dtype=torch.bool))
+    import numpy as np
+
+    assert mean_se(np.array([1.0, 3.0])) == (2.0, 1.0)
+
+
 def _brute_force_expected(scores, target, ks, mask=None):
     """Average of the pessimistic metrics over every way of breaking the ties (tiny jitters in every order)."""
     import itertools

@@ -209,8 +209,11 @@ def test_dopt_beats_random_on_logdet():
     "kwargs,match",
     [
         (dict(n=-1), "n must be >= 0"),
-        (dict(n=2, gamma=0.0), "gamma must be > 0"),
-        (dict(n=2, beta=-0.1), "beta must be > 0"),
+        (dict(n=2, gamma=0.0), "gamma must be a finite number > 0"),
+        (dict(n=2, gamma=float("inf")), "gamma must be a finite number > 0"),
+        (dict(n=2, beta=-0.1), "beta must be a finite number > 0"),
+        (dict(n=2, beta=float("inf")), "beta must be a finite number > 0"),
+        (dict(n=2, beta="0.1"), "beta must be a finite number > 0"),
         (dict(n=2, strategy="best"), "unknown strategy"),
     ],
 )
@@ -218,6 +221,34 @@ def test_bad_arguments(kwargs, match):
     phi, logits = _random_pools(2, 4, 3, seed=0)
     with pytest.raises(ValueError, match=match):
         select_negatives(phi, logits, **kwargs)
+
+
+def test_score_subset_refuses_an_order_it_cannot_score():
+    """Repeats, indices below -1, masked-out candidates and float indices were scored as given."""
+    phi, logits = _random_pools(2, 5, 3, seed=1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 4] = False
+    for order, says in [([[0, 1], [2, 2]], r"a repeated index \(prompt 1, entry 1: 2\)"),
+                        ([[0, -2], [1, 2]], r"an index below -1 \(prompt 0, entry 1: -2\)"),
+                        ([[0, 1], [4, 2]], r"a masked-out candidate \(prompt 1, entry 0: 4\)")]:
+        with pytest.raises(ValueError, match=says):
+            score_subset(phi, logits, torch.tensor(order), mask=mask)
+    with pytest.raises(ValueError, match="order must hold integer candidate indices"):
+        score_subset(phi, logits, torch.tensor([[0.0, 1.7], [2.0, 3.0]]), mask=mask)
+    padded = score_subset(phi, logits, torch.tensor([[0, -1], [1, -1]]), mask=mask)  # -1 pads: fine
+    assert torch.isnan(padded.gains[:, 1]).all() and torch.isfinite(padded.gains[:, 0]).all()
+
+
+def test_empty_dimensions_and_label_blind_nan_are_named():
+    phi, logits = _random_pools(2, 5, 3, seed=2)
+    with pytest.raises(ValueError, match=r"has no features"):
+        select_negatives(phi[:, :, :0], logits, 2)
+    with pytest.raises(ValueError, match=r"has no prompts"):
+        select_negatives(phi[:0], logits[:0], 2)
+    bad = phi.clone()
+    bad[0, 3, 1] = float("nan")  # named where it is, not where the re-centering spread it
+    with pytest.raises(ValueError, match=r"phi has NaN or inf values \(1 candidates, first: prompt 0, candidate 3\)"):
+        select_negatives(bad, logits, 2, strategy="label_blind")
 
 
 def test_bad_inputs_name_the_problem():

@@ -209,6 +209,22 @@ def test_brute_force_logdet_on_n5_and_greedy_guarantee():
         assert torch.all(greedy >= (1 - 1 / math.e) * best - 1e-12) and torch.all(greedy <= best + 1e-9)
 
 
+def test_theory_helpers_refuse_padding_and_out_of_range_sizes():
+    """select_negatives pads with -1; indexed as a candidate it was silently the last one."""
+    _, pools = _pools("clustered", P=3, N=5, d=3, seed=6)
+    logits = torch.zeros(3, 5, dtype=DT)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\), got -1 to 2 \(a -1 pad"):
+        theory.logdet_gain(pools.phi, logits, torch.tensor([[0, -1], [1, 2], [2, 0]]), 0.1, 0.1)
+    with pytest.raises(ValueError, match=r"n must lie in \[0, N\] = \[0, 5\], got 7"):
+        theory.exact_best_logdet_gain(pools.phi, logits, 7, 0.1, 0.1)
+    order = torch.tensor([[0, 1, -1]] * 3)
+    for n_values in ([0, 1], [3], [4]):
+        with pytest.raises(ValueError, match=r"n_values must lie in \[1, 3\]"):
+            theory.leverage_bound(pools.phi, pools.b, logits, order, n_values, torch.zeros(3, dtype=DT), 0.1, 0.1)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        theory.prefix_mask(order, -1, 5)
+
+
 def test_selection_is_nested_so_prefixes_are_the_n_subsets():
     _, pools = _pools(P=10, N=9, d=4, seed=7)
     logits = pools.phi @ torch.ones(4, dtype=DT)
