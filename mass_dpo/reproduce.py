@@ -120,6 +120,9 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
                 log_output=True,
                 stdout_file=log_file,
                 stderr_file=log_file,
+                # the kernel's own log at ERROR: ipykernel 7 warns on every start that its local TCP sockets are not
+                # encrypted (papermill's usual transport); the notebook's Python warnings are not affected
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except Exception as err:  # noqa: BLE001 - reported, then the next notebook runs
             log_file.write("\n" + "".join(traceback.format_exception(err)))

@@ -33,6 +33,7 @@ def test_failure_is_reported_and_the_rest_still_runs(tmp_path):
     assert "ZeroDivisionError" in failure.log.read_text()
     assert (tmp_path / "figs" / "second" / "done.txt").read_text() == "1"
     assert (tmp_path / "figs" / "executed" / "second.ipynb").is_file()
+    assert "without encryption" not in (tmp_path / "figs" / "executed" / "second.log").read_text()  # kernel noise
     assert (tmp_path / "figs" / "claims.md").is_file()  # rewritten by a partial (--only) run too
     assert any("first" in line and "ZeroDivisionError" in line for line in lines)
     assert not (nbs / "first.ipynb").read_text().count("ZeroDivisionError")  # never executed over itself
