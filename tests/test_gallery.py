@@ -51,6 +51,24 @@ def test_the_claim_is_answered_once_per_regime(tmp_path, lm_source):
     assert f"## [smollm2 freeze] `{lm_source}/mass_dpo_minus_sdpo`" in text
 
 
+def test_the_claim_says_which_accuracy_each_regime_measured(tmp_path):
+    """``accuracy`` is the ranking's top-1 in the log-linear regime and greedy generation's HitRatio@1 in the LM
+    regimes (``runs.csv`` ``accuracy_kind``): the claims table names which, per regime."""
+    for sub, regime, kind in (("", "loglinear", "top1"), ("lm", "freeze", "hit_ratio@1")):
+        folder = tmp_path / sub / "table1"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"model": "smollm2", "regime": regime, "dataset": "qasc", "label": "S-DPO",
+                       "accuracy_kind": kind}]).to_csv(folder / "runs.csv", index=False)
+        pd.DataFrame([{"model": "smollm2", "dataset": "qasc", "metric": m, "a": "MASS-DPO", "b": "S-DPO",
+                       "diff": 0.01, "se": 0.01, "lo": -0.01, "hi": 0.03, "z_score": 1.0, "significant": False,
+                       "seeds": 2, "prompts": 300} for m in ("accuracy", "mrr")]).to_csv(
+            folder / "mass_dpo_minus_sdpo.csv", index=False)
+    text = claims_markdown(tmp_path)
+    assert "| smollm2 loglinear | table1 | qasc | accuracy (top-1 of the pool) | +1.0 |" in text
+    assert "| smollm2 freeze | lm/table1 | qasc | accuracy (generation HitRatio@1) | +1.0 |" in text
+    assert "| smollm2 freeze | lm/table1 | qasc | mrr | +1.0 |" in text
+
+
 def test_learning_check_merges_the_tables_that_ran_until_table1_has(tmp_path):
     """Without Table 1, a regime's learning check lists every method of the tables that ran, once each (Table 2's
     S-DPO row wins over the same runs in Figures 2-3), by dataset then method; a dataset Table 1 ran comes from

@@ -70,6 +70,21 @@ def regime_of(folder) -> str:
     return ", ".join(parts)
 
 
+#: What a regime's ``accuracy`` is (``runs.csv`` ``accuracy_kind``), as the claims table names it.
+ACCURACY_KINDS = {"top1": "accuracy (top-1 of the pool)", "hit_ratio@1": "accuracy (generation HitRatio@1)"}
+
+
+def _metric_name(folder, metric: str) -> str:
+    """``metric`` as the claims table names it: ``accuracy`` says which accuracy the folder's Table 1 runs measured
+    (the ranking's top-1 in the log-linear regime, greedy generation in the LM regimes)."""
+    if metric != "accuracy":
+        return metric
+    path = next((d / "runs.csv" for s in CLAIM_SOURCES for d in drawn(folder, s) if (d / "runs.csv").is_file()), None)
+    runs = pd.read_csv(path) if path is not None else pd.DataFrame()
+    kinds = list(dict.fromkeys(runs.get("accuracy_kind", pd.Series(dtype=str)).dropna().astype(str)))
+    return " / ".join(ACCURACY_KINDS.get(k, f"accuracy ({k})") for k in kinds) or metric
+
+
 def _claim_rows(folder) -> list[tuple[str, pd.Series]]:
     """``[(source, row)]`` of a regime folder's ``mass_dpo_minus_sdpo.csv`` tables: each dataset's rows from the
     first of :data:`CLAIM_SOURCES` that ran it (the notebook's folder, then its rounds drawn on their own)."""
@@ -101,7 +116,8 @@ def regime_claim(root) -> list[str]:
         regime = regime_of(folder)
         for source, r in _claim_rows(folder):
             verdict = ("above" if r["diff"] > 0 else "below") if bool(r["significant"]) else "inside the noise"
-            lines.append(f"| {regime} | {'/'.join(p for p in (sub, source) if p)} | {r['dataset']} | {r['metric']} | "
+            lines.append(f"| {regime} | {'/'.join(p for p in (sub, source) if p)} | {r['dataset']} | "
+                         f"{_metric_name(folder, r['metric'])} | "
                          f"{_fmt(r['diff'], r['metric'])} | "
                          f"{_fmt(r['lo'], r['metric'])} to {_fmt(r['hi'], r['metric'])} | {r.get('seeds', '')} | "
                          f"{r.get('prompts', '')} | {verdict} |")
@@ -222,8 +238,8 @@ def _side_by_side_section(root, metric: str = "mrr") -> list[str]:
         return []
     regimes = [c for c in table.columns if c not in ("dataset", "label")]
     lines = [f"## The method tables side by side: {metric.upper()} (%) per regime", "",
-             "Mean over seeds of the (dataset, method) cells that both regimes ran (Tables 1, 2, 5, 6), each regime "
-             "ranked by its own test score (in brackets).", "",
+             "Mean over seeds of the (dataset, method) cells that both regimes ran (Tables 1, 2, 5, 6); each column "
+             "names in brackets the score its regime ranks the pool by.", "",
              "| dataset | method | " + " | ".join(regimes) + " |", "|---|---|" + "---|" * len(regimes)]
     for _, r in table.iterrows():
         lines.append(f"| {r['dataset']} | {r['label']} | " + " | ".join(f"{100 * r[c]:.1f}" for c in regimes) + " |")
