@@ -136,8 +136,25 @@ def preference_loss(
 
 
 def _scores(theta, phi, b, beta, mask):
+    """``[..., n]`` ``s = beta (phi . theta + b)``, -inf where masked, after one check of every shape (a clear
+    ``ValueError`` rather than a torch size mismatch; a row with no candidate would make its loss 0 and its gradient
+    NaN)."""
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
+        if not (isinstance(beta, torch.Tensor) and beta.numel() == 1 and bool(torch.isfinite(beta)) and beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if theta.dim() != 1 or phi.dim() < 2 or phi.shape[-1] != theta.shape[0]:
+        raise ValueError(f"expected theta [d] and phi [..., n, d] with the same d, got {tuple(theta.shape)} and "
+                         f"{tuple(phi.shape)}")
+    if b.shape != phi.shape[:-1]:
+        raise ValueError(f"b must be [..., n] = {tuple(phi.shape[:-1])} (phi without d), got {tuple(b.shape)}")
     s = beta * (phi @ theta + b)
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+    if mask is None:
+        return s
+    if mask.shape != s.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(s.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    if not mask.any(-1).all():
+        raise ValueError("every mask row needs at least one candidate (a row with none has no loss to fit)")
+    return s.masked_fill(~mask, float("-inf"))
 
 
 def loglinear_loss(theta: torch.Tensor, phi: torch.Tensor, b: torch.Tensor, beta: float, mask=None) -> torch.Tensor:

@@ -202,3 +202,21 @@ def test_loglinear_mask():
     torch.testing.assert_close(
         loglinear_hessian(theta, phi[0], b[0], 0.3, mask=mask), loglinear_hessian(theta, phi[0, keep], b[0, keep], 0.3)
     )
+
+
+def test_loglinear_functions_name_bad_shapes_and_empty_rows():
+    theta, phi, b = _loglinear_problem(seed=4)  # theta [4], phi [3, 6, 4], b [3, 6]
+    empty = torch.ones(3, 6, dtype=torch.bool)
+    empty[1] = False  # unchecked: loss 0 and a NaN gradient for that row
+    for fn in (loglinear_loss, loglinear_grad, loglinear_hessian):
+        with pytest.raises(ValueError, match=r"theta \[d\] and phi \[..., n, d\] with the same d, got \(3,\)"):
+            fn(theta[:3], phi, b, 0.1)
+        with pytest.raises(ValueError, match=r"b must be \[..., n\] = \(3, 6\)"):
+            fn(theta, phi, b[:, :5], 0.1)
+        with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(3, 6\)"):
+            fn(theta, phi, b, 0.1, mask=empty.float())
+        with pytest.raises(ValueError, match="every mask row needs at least one candidate"):
+            fn(theta, phi, b, 0.1, mask=empty)
+        for beta in (-1.0, float("inf"), "0.1"):
+            with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+                fn(theta, phi, b, beta)
