@@ -354,6 +354,33 @@ def test_hold_last_and_final_gap_by_kind_of_negatives():
     assert set(summary["negatives"]) == {"own", "common"} and summary["step"].max() == 3
 
 
+def test_dynamics_sentences_are_computed_from_the_tables():
+    """Figures 2-3's closing lines: every number comes from the tables passed in (a change there changes the text)."""
+    trained = pd.DataFrame({"dataset": "qasc", "label": ["S-DPO", "S-DPO", "MASS-DPO"], "steps": [10, 12, 7]})
+    gap = pd.DataFrame([
+        {"dataset": "qasc", "negatives": n, "metric": m, "MASS-DPO": a, "S-DPO": b, "diff": a - b}
+        for n, m, a, b in [("own", "accuracy", 0.6, 0.4), ("common", "accuracy", 0.1, 0.15),
+                           ("own", "margin", 1.5, 0.5), ("common", "mrr", 0.3, 0.31)]])
+    lengths = pd.DataFrame({"dataset": "qasc", "label": ["MASS-DPO", "MASS-DPO"], "seed": [0, 1],
+                            "share": [0.5, 0.7], "chance": [0.43, 0.43]})
+    learned = pd.DataFrame({"dataset": "qasc", "method": ["S-DPO", "MASS-DPO"], "metric": "mrr",
+                            "diff": [0.05, 0.02], "z_score": [4.0, 1.5], "learned": [True, False]})
+    pairs = pd.DataFrame([{"a": "MASS-DPO", "b": "S-DPO", "dataset": "qasc", "metric": "mrr", "diff": -0.01,
+                           "lo": -0.03, "hi": 0.01, "significant": False, "prompts": 200, "seeds": 2}])
+    lines = E.dynamics_sentences(trained, "optimizer step", gap, lengths, learned, pd.DataFrame(columns=["dataset"]),
+                                 pairs)
+    assert lines[0] == "The x axis is the optimizer step; step 0 is the untrained policy (the reference)."
+    assert lines[1] == "Optimizer steps (mean over seeds): qasc MASS-DPO 7, qasc S-DPO 11"
+    assert "MASS-DPO beats the untrained reference by at least 3 standard errors on mrr on 0 of 1" in lines[3]
+    assert "last iterate, own negatives, qasc, accuracy: MASS-DPO 0.600, S-DPO 0.400 (difference +0.200)" in lines
+    assert "last iterate, own negatives, qasc, margin: MASS-DPO 1.500, S-DPO 0.500 (difference +1.000)" in lines
+    assert not any("mrr: MASS-DPO 0.300" in line for line in lines)  # accuracy and margin only
+    assert "qasc: 60% of MASS-DPO's training negatives are among the 3 longest of their pool (uniform draw: 43%)" in lines
+    assert any(line.startswith("test: MASS-DPO minus S-DPO on qasc (mrr): -1.0 points") for line in lines)
+    assert lines[-1].startswith("qasc: MASS-DPO minus S-DPO in accuracy is +0.200 on each run's own negatives and "
+                                "-0.050 on the common whole pools")
+
+
 def test_common_curves_skip_runs_without_a_path_to_retrace(tmp_path):
     # Adam or LM-regime runs (run_row leaves ridge empty) have no deterministic path: never refitted; without
     # whole-pool log rows (pool_eval) they are skipped (a freeze run's pool rows: tests/test_frozen.py)

@@ -267,6 +267,38 @@ def final_gap(curves_df: pd.DataFrame, a: str = "MASS-DPO", b: str = "S-DPO") ->
     return means[[a, b, "diff"]].reset_index()
 
 
+def dynamics_sentences(trained: pd.DataFrame, axis: str, gap: pd.DataFrame, lengths: pd.DataFrame,
+                       learned: pd.DataFrame, generation: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
+    """The closing lines of Figures 2-3, each computed from the notebook's tables: the x axis and how long the runs
+    trained (``trained``: their rows of ``runs.csv``), each method against the reference (:func:`learning_sentence`),
+    generation (:func:`generation_sentences`), the last iterate's accuracy and margin gaps (:func:`final_gap`), the
+    share of long training negatives (:func:`length_bias`), the paired test differences, and the accuracy gap on own
+    against common negatives."""
+    from .core import learning_sentence, paired_sentence
+
+    lines = [f"The x axis is the {axis}; step 0 is the untrained policy (the reference)."]
+    if len(trained):
+        its = trained.groupby(["dataset", "label"])["steps"].mean()
+        what = "Iterations to the gradient tolerance" if axis == "L-BFGS iteration" else "Optimizer steps"
+        lines.append(f"{what} (mean over seeds): " + ", ".join(f"{d} {lb} {v:.0f}" for (d, lb), v in its.items()))
+    lines += [learning_sentence(learned, label, "mrr") for label in ("S-DPO", "MASS-DPO")]
+    lines += generation_sentences(generation)
+    for _, r in gap[gap["metric"].isin(["accuracy", "margin"])].iterrows():
+        lines.append(f"last iterate, {r['negatives']} negatives, {r['dataset']}, {r['metric']}: MASS-DPO "
+                     f"{r['MASS-DPO']:.3f}, S-DPO {r['S-DPO']:.3f} (difference {r['diff']:+.3f})")
+    for (ds, label), r in lengths.groupby(["dataset", "label"])[["share", "chance"]].mean().iterrows():
+        lines.append(f"{ds}: {100 * r['share']:.0f}% of {label}'s training negatives are among the 3 longest of "
+                     f"their pool (uniform draw: {100 * r['chance']:.0f}%)")
+    lines += [f"test: {paired_sentence(row)}" for _, row in pairs.iterrows()]
+    acc = gap[gap["metric"] == "accuracy"].set_index(["dataset", "negatives"])["diff"]
+    for ds in dict.fromkeys(gap["dataset"]):
+        if (ds, "own") in acc and (ds, "common") in acc:
+            lines.append(f"{ds}: MASS-DPO minus S-DPO in accuracy is {acc[(ds, 'own')]:+.3f} on each run's own "
+                         f"negatives and {acc[(ds, 'common')]:+.3f} on the common whole pools; only the second "
+                         "compares the methods on the same candidates.")
+    return lines
+
+
 def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str) -> list[str]:
     """The closing lines of Tables 1, 2, 5 and 6: each dataset's ``metric`` per method beside the paper's, every
     MASS-DPO minus S-DPO paired difference (:func:`paired_difference`), and how many of them exclude 0."""
@@ -289,7 +321,7 @@ def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str
 
 
 def generation_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The paper's accuracy, generation HitRatio@1 (greedy), with its valid ratio (the share of replies that name
+    """The LM regimes' test accuracy, generation HitRatio@1 (greedy, as S-DPO evaluates), with its valid ratio (the share of replies that name
     some candidate of the pool), per (dataset, label), the untrained ``reference`` included: means over seeds of
     each run's value and of its standard error over test prompts (%). Empty where the runs' accuracy is not
     generated (the log-linear regime ranks, its accuracy is Recall@1)."""
