@@ -452,6 +452,78 @@ def run_regime_sweep(cfg: ToyConfig, shapes, seeds, gram_scales, dims, n: int, *
 DOPT, BLIND = method_label("dopt", True), method_label("label_blind", True)
 
 
+def erel_slopes(nrec, pool_size: int):
+    """Section 2: the log-log slope of ``erel_star`` against n per (theta0, shape, method) (mean and 95% interval
+    over seeds, :func:`loglog_slope`), fitted over ``n <= N/2`` (``slope_n_le_N/2``, ``slope_lo``, ``slope_hi``) and
+    over ``n < N`` (``slope_n_lt_N``); Theorem 5.1's rate is -1/2."""
+    import pandas as pd
+
+    from .plotting import mean_ci
+
+    keys = ["theta0", "shape", "method", "seed"]
+
+    def slopes(max_n):
+        rows = [dict(zip(keys, key), slope=loglog_slope(g["n"], g["erel_star"]))
+                for key, g in nrec[nrec["n"] <= max_n].groupby(keys)]
+        return mean_ci(pd.DataFrame(rows), keys[:-1], "slope")
+
+    half, full = slopes(pool_size // 2), slopes(pool_size - 1)
+    table = half.rename(columns={"mean": "slope_n_le_N/2", "lo": "slope_lo", "hi": "slope_hi"}).drop(columns="count")
+    table["slope_n_lt_N"] = full["mean"].to_numpy()
+    return table
+
+
+def leverage_constants(nrec):
+    """Section 3: the measured constants of the leverage bound (kappa, rho, q_min, alpha0, L_v) and the share of
+    (prompt, subset) pairs where it holds, mean per (theta0, shape, method, n)."""
+    by = ["theta0", "shape", "method", "n"]
+    return nrec.groupby(by, sort=True)[["kappa", "rho", "q_min", "alpha0", "L_v", "bound_holds"]].mean().reset_index()
+
+
+def panel_label(frame):
+    """``"<shape>, θ0 = <theta0>"`` per row: the panels of the k-sweep and exact-greedy figures."""
+    return frame["shape"] + ", θ0 = " + frame["theta0"]
+
+
+def sigma_error_curves(krec, kkept):
+    """Section 4: the Sigma-norm error against k, ``vs θ_*`` and ``vs θ_true`` (mean and 95% interval over seeds, the
+    label-blind subsets fitted on the kept prompts included), with eq. 16's bound where it is defined for every seed
+    and method (``c_min k < gamma`` throughout). Returns ``(curves, c_min)``: the plotted rows and, per (panel, k),
+    the median ``c_min`` and the share of runs where the bound is defined."""
+    import pandas as pd
+
+    from .plotting import mean_ci
+
+    krec, kkept = krec.assign(panel=panel_label(krec)), kkept.assign(panel=panel_label(kkept))
+    err = [mean_ci(pd.concat([krec, kkept]), ["panel", "method", "k"], column).assign(target=target)
+           for target, column in (("vs θ_*", "sigma_err_star"), ("vs θ_true", "sigma_err_true"))]
+    defined = krec.groupby(["panel", "k"])["bound"].apply(lambda b: b.notna().all()).rename("defined").reset_index()
+    bound = mean_ci(krec, ["panel", "k"], "bound").merge(defined, on=["panel", "k"])
+    bound = bound[bound["defined"]].drop(columns="defined").assign(method="eq. 16 bound", target="vs θ_*")
+    c_min = krec.groupby(["panel", "k"]).agg(c_min_median=("c_min", "median"),
+                                             bound_defined=("bound", lambda b: b.notna().mean())).reset_index()
+    return pd.concat(err + [bound], ignore_index=True), c_min
+
+
+def summary_table(nrec, krec, crec, slopes, *, n_grid, k_grid, pool_size: int, coverage_max_n: int):
+    """The toy's one-table summary at ``n_mid`` (the largest n of the grid at most N/4): errors, test accuracy and
+    log-det gain at ``n_mid``, the n-slope (:func:`erel_slopes`), the Sigma-norm errors at the largest k and, on
+    clustered pools, the clusters covered. Returns ``(table, n_mid)``."""
+    small = [m for m in n_grid if m <= pool_size // 4]
+    n_mid, k_max = (max(small) if small else min(n_grid)), max(k_grid)
+    keys = ["theta0", "shape", "method"]
+    table = nrec[nrec["n"] == n_mid].groupby(keys)[["erel_star", "erel_true", "test_accuracy", "logdet_gain"]].mean()
+    table = table.join(slopes.set_index(keys)["slope_n_le_N/2"])
+    table = table.join(krec[krec["k"] == k_max].groupby(keys)[["sigma_err_star", "sigma_err_true"]].mean()
+                       .rename(columns=lambda c: f"{c}_k{k_max}"))
+    if not crec.empty:
+        table = table.join(crec[(crec["n"] == min(n_mid, coverage_max_n)) & (crec["shape"] == "clustered")]
+                           .groupby(keys)["clusters_covered"].mean())
+    table = table.reset_index()
+    table.insert(3, "n", n_mid)
+    return table, n_mid
+
+
 def paired_differences(nrec, pool_size: int):
     """Section 7: D-optimal against random, its uncentred ablation, hardest and label-blind, and label-blind against
     random, paired by seed in every (theta0, shape, n < N) cell, on ``erel_star``, ``erel_true`` and

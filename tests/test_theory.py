@@ -469,3 +469,29 @@ def test_paired_differences_pair_by_seed_and_name_the_direction():
     row = paired.loc[(toy.DOPT, "random", "erel_star", 1)]
     assert row["mean"] == pytest.approx(1.0) and row["verdict"] == "higher"
     assert paired.loc[(toy.BLIND, "random", "erel_star", 2), "verdict"] == "no clear gap"  # identical: 0 +- 0
+
+
+def test_toy_tables_from_hand_made_records():
+    """The notebook's tables, computed in mass_dpo.toy: a known n^-1/2 and n^-1 law gives slopes -0.5 and -1
+    (mean over seeds), the summary sits at the largest n <= N/4, eq. 16 is drawn only where every run defines it."""
+    import pandas as pd
+
+    rows = [{"theta0": "zero", "shape": "isotropic", "method": m, "seed": s, "n": n,
+             "erel_star": (1 + s) * n ** rate, "erel_true": 0.1, "test_accuracy": 0.5, "logdet_gain": 1.0}
+            for m, rate in (("random", -0.5), ("dopt", -1.0)) for s in (0, 1) for n in (1, 2, 4, 8)]
+    nrec = pd.DataFrame(rows)
+    slopes = toy.erel_slopes(nrec, pool_size=8).set_index("method")
+    assert slopes.loc["random", "slope_n_le_N/2"] == pytest.approx(-0.5)
+    assert slopes.loc["dopt", "slope_n_lt_N"] == pytest.approx(-1.0)
+    krec = pd.DataFrame([{"theta0": "zero", "shape": "isotropic", "method": m, "seed": s, "k": k,
+                          "sigma_err_star": 1.0 / k, "sigma_err_true": 2.0 / k, "c_min": 0.5,
+                          "bound": None if (k == 10 and s == 1) else 3.0 / k}
+                         for m in ("random", "dopt") for s in (0, 1) for k in (10, 100)])
+    curves, c_min = toy.sigma_error_curves(krec, krec.iloc[:0])
+    bound = curves[curves["method"] == "eq. 16 bound"]
+    assert list(bound["k"]) == [100] and bound["mean"].iloc[0] == pytest.approx(0.03)
+    assert list(c_min["bound_defined"]) == [0.5, 1.0]  # seed 1 of both methods lacks it at k = 10
+    table, n_mid = toy.summary_table(nrec, krec, pd.DataFrame(), slopes.reset_index(), n_grid=[1, 2, 4, 8],
+                                     k_grid=[10, 100], pool_size=8, coverage_max_n=4)
+    assert n_mid == 2 and set(table["n"]) == {2}
+    assert table.set_index("method").loc["dopt", "sigma_err_true_k100"] == pytest.approx(0.02)
