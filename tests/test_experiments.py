@@ -479,3 +479,19 @@ def test_runner_trains_some_datasets_of_a_grid(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         runner.main(["table2", "table5", "--profile", "cpu", "--datasets", "qasc"])
     assert "table2 under profile cpu has no dataset qasc" in capsys.readouterr().err and not seen
+
+
+def test_quickstart_information_summary_and_sentences():
+    picks = pd.DataFrame({"prompt": [0, 0, 1, 1, 2], "info_dopt": [2.0, 2.0, 1.0, 1.0, 3.0],
+                          "info_random": [1.0, 1.0, 1.5, 1.5, 1.0]})  # one row per candidate: the first per prompt
+    table, sentence = E.information_summary(picks)
+    table = table.set_index("strategy")
+    assert table.loc["D-optimal", "mean information added"] == pytest.approx(2.0)
+    assert table.loc["random", "mean information added"] == pytest.approx(3.5 / 3)
+    assert table.loc["D-optimal", "share of prompts where it is larger"] == pytest.approx(2 / 3)
+    assert sentence == ("D-optimal subsets add more information to the design than random ones on 67% of the 3 "
+                        "prompts (mean log det(I + G_S) 2.000 against 1.167).")
+    results = pd.DataFrame({"method": ["MASS-DPO"], "accuracy": [0.25], "recall@1": [0.25], "mrr": [0.5],
+                            "train_prompts": [38], "test_prompts": [5]})
+    assert E.results_sentence(results, "loglinear") == (
+        "Trained on 38 prompts (loglinear), tested on 5: MASS-DPO accuracy 0.25, recall@1 0.25, MRR 0.50.")

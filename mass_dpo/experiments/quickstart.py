@@ -53,6 +53,28 @@ def compare_selections(records, ex, n: int = 3, *, beta: float = 0.1, gamma: flo
     return pd.DataFrame(rows)
 
 
+def information_summary(picks: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``(table, sentence)`` from :func:`compare_selections`' picks: per strategy, the mean information its subset adds
+    to the design (``log det(I + G_S)``, one value per prompt) and the share of prompts where it adds more than the
+    other strategy, and the sentence that quotes them."""
+    per_prompt = picks.groupby("prompt")[["info_dopt", "info_random"]].first()
+    dopt, rand = per_prompt["info_dopt"], per_prompt["info_random"]
+    table = pd.DataFrame({"strategy": ["D-optimal", "random"],
+                          "mean information added": [dopt.mean(), rand.mean()],
+                          "share of prompts where it is larger": [(dopt > rand).mean(), (rand > dopt).mean()]})
+    sentence = (f"D-optimal subsets add more information to the design than random ones on {(dopt > rand).mean():.0%} "
+                f"of the {len(per_prompt)} prompts (mean log det(I + G_S) {dopt.mean():.3f} against {rand.mean():.3f}).")
+    return table, sentence
+
+
+def results_sentence(results: pd.DataFrame, regime: str) -> str:
+    """The quickstart's training line: each method's test accuracy, Recall@1 and MRR, and the prompts it used."""
+    trained = "; ".join(f"{r['method']} accuracy {r['accuracy']:.2f}, recall@1 {r['recall@1']:.2f}, MRR {r['mrr']:.2f}"
+                        for _, r in results.iterrows())
+    return (f"Trained on {results['train_prompts'].iloc[0]} prompts ({regime}), tested on "
+            f"{results['test_prompts'].iloc[0]}: {trained}.")
+
+
 def pool_projection(ex, prompt: int) -> pd.DataFrame:
     """2-D PCA of one pool's feature differences ``phi_i = phi(x, y_i) - phi(x, y*)`` (the chosen one at 0):
     ``candidate, pc1, pc2`` and the share of variance the two components explain (``explained``)."""
