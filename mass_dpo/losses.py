@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._checks import bool_mask
+
 METHODS = ("dpo", "dpo_k", "dmpo", "sdpo", "mass_dpo")
 
 
@@ -105,7 +107,7 @@ def preference_loss(
     if mask is None:
         mask = torch.ones(pr.shape, dtype=torch.bool, device=pr.device)
     else:
-        mask = mask.to(device=pr.device, dtype=torch.bool)
+        mask = bool_mask(mask, device=pr.device)
         if not mask.any(-1).all():
             raise ValueError("every example needs at least one unmasked negative")
         zero = torch.zeros((), dtype=dt, device=pr.device)

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from ._checks import bool_mask
+
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error (``std(ddof=1) / sqrt(n)``; 0 for one value, nan for none) of a 1-D tensor."""
@@ -36,7 +38,10 @@ def mean_se(values: torch.Tensor) -> tuple[float, float]:
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]`` 1-based rank of ``target`` among the valid candidates of ``scores`` ``[B, N]``; ties count against it."""
     scores = torch.as_tensor(scores)
-    target = torch.as_tensor(target, device=scores.device).long()
+    target = torch.as_tensor(target, device=scores.device)
+    if target.is_floating_point() and not bool((target == target.round()).all()):
+        raise ValueError("target must hold candidate indices (integers), got fractional values")
+    target = target.long()
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, N], got {tuple(scores.shape)}")
     B, N = scores.shape
@@ -47,7 +52,7 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     else:
-        mask = torch.as_tensor(mask, device=scores.device).bool()
+        mask = bool_mask(mask, device=scores.device)
         if mask.shape != scores.shape:
             raise ValueError(f"mask must be [B, N] = {tuple(scores.shape)}, got {tuple(mask.shape)}")
     rows = torch.arange(B, device=scores.device)
@@ -90,7 +95,7 @@ def rank_bounds(scores, target, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     worst = target_ranks(scores, target, mask)
     scores = torch.as_tensor(scores)
     rows = torch.arange(scores.shape[0], device=scores.device)
-    m = torch.ones_like(scores, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=scores.device).bool()
+    m = torch.ones_like(scores, dtype=torch.bool) if mask is None else bool_mask(mask, device=scores.device)
     others = m.clone()
     others[rows, torch.as_tensor(target, device=scores.device).long()] = False
     t = scores[rows, torch.as_tensor(target, device=scores.device).long()]
@@ -151,7 +156,7 @@ def per_prompt_preference(chosen_scores, rejected_scores, *, mask=None, ties: st
     r = torch.as_tensor(rejected_scores).to(torch.float64)
     if c.dim() != 1 or r.dim() != 2 or r.shape[0] != c.shape[0]:
         raise ValueError(f"expected chosen [B] and rejected [B, K], got {tuple(c.shape)} and {tuple(r.shape)}")
-    m = torch.ones_like(r, dtype=torch.bool) if mask is None else torch.as_tensor(mask, device=r.device).bool()
+    m = torch.ones_like(r, dtype=torch.bool) if mask is None else bool_mask(mask, device=r.device)
     if m.shape != r.shape:
         raise ValueError(f"mask must be [B, K] = {tuple(r.shape)}, got {tuple(m.shape)}")
     if not m.any(-1).all():

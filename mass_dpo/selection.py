@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import bool_mask
+
 STRATEGIES = ("dopt", "random", "hardest", "all")
 #: Strategies :func:`select_negatives` accepts beyond :data:`STRATEGIES` (not yet wired into the preprocessing CLI).
 EXTRA_STRATEGIES = ("label_blind",)
@@ -308,7 +310,7 @@ def _prepare(phi, logits, mask):
     if mask is None:
         mask = torch.ones(logits.shape, dtype=torch.bool, device=phi.device)
     else:
-        mask = _as_tensor(mask, "mask").to(device=phi.device, dtype=torch.bool)
+        mask = bool_mask(_as_tensor(mask, "mask"), device=phi.device)
         if single and mask.dim() == 1:
             mask = mask[None]
     return phi, logits, mask, single

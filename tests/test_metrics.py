@@ -138,3 +138,25 @@ def test_expected_ties_in_pairwise_accuracy():
     m = preference_metrics(chosen, rejected, ties="expected")
     assert m["accuracy"] == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert preference_metrics(chosen, rejected)["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_masks_of_numbers_other_than_0_and_1_are_refused_everywhere():
+    """A float mask read with .bool() takes 0.3 for True: the core refuses it, and takes 0/1 numbers as bool."""
+    from mass_dpo.losses import preference_loss
+    from mass_dpo.selection import select_negatives
+
+    scores, target = torch.tensor([[0.1, 0.5, 0.2]]), torch.tensor([1])
+    fuzzy, exact = torch.tensor([[1.0, 1.0, 0.3]]), torch.tensor([[1.0, 1.0, 0.0]])
+    with pytest.raises(ValueError, match="mask must be bool .* or 0/1"):
+        ranking_metrics(scores, target, mask=fuzzy)
+    assert ranking_metrics(scores, target, mask=exact) == ranking_metrics(scores, target, mask=exact.bool())
+    with pytest.raises(ValueError, match="mask must be bool .* or 0/1"):
+        preference_metrics(torch.ones(1), scores, mask=fuzzy)
+    with pytest.raises(ValueError, match="mask must be bool .* or 0/1"):
+        select_negatives(torch.randn(1, 3, 2), torch.zeros(1, 3), 1, mask=fuzzy)
+    z1, z2 = torch.zeros(1), torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="mask must be bool .* or 0/1"):
+        preference_loss("sdpo", z1, z2, z1, z2, mask=fuzzy)
+    with pytest.raises(ValueError, match="target must hold candidate indices"):
+        ranking_metrics(scores, torch.tensor([1.7]))
+    assert ranking_metrics(scores, torch.tensor([1.0]))["mrr"] == 1.0
