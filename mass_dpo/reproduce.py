@@ -108,11 +108,14 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
     if "out_dir" in declared:
         params["out_dir"] = str(out_dir / name)
     start = time.perf_counter()
+    # papermill rewrites its output after every cell: it writes a temporary sibling, renamed over the executed copy
+    # when it ends (a failed run's too, which shows the failing cell), so a reader never finds half a notebook
+    partial = output.with_name(f".{output.stem}.partial~{os.getpid()}.ipynb")
     with open(log, "w") as log_file, _stderr_to(log_file):
         try:
             pm.execute_notebook(
                 str(source),
-                str(output),
+                str(partial),
                 parameters=params,
                 kernel_name=kernel,
                 cwd=str(repo_root()),
@@ -126,8 +129,19 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
             )
         except Exception as err:  # noqa: BLE001 - reported, then the next notebook runs
             log_file.write("\n" + "".join(traceback.format_exception(err)))
+            _keep(partial, output)
             return NotebookResult(name, False, time.perf_counter() - start, output, log, _describe_failure(err))
+        except BaseException:  # interrupted: the executed copy of the last whole run stays
+            partial.unlink(missing_ok=True)
+            raise
+    _keep(partial, output)
     return NotebookResult(name, True, time.perf_counter() - start, output, log)
+
+
+def _keep(partial: Path, output: Path) -> None:
+    """``partial`` renamed over ``output`` (when papermill got as far as writing it)."""
+    if partial.is_file():
+        os.replace(partial, output)
 
 
 def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: Path | None = None,
@@ -298,16 +312,23 @@ def _open_ledger(profile: str, caches: str) -> dict:
     import datetime
     import uuid
 
-    ledger = _read_ledger(profile)
-    if ledger and (ledger.get("complete") or (caches == "cold" and ledger.get("caches") == "warm")):
-        ledger = None
-    if ledger is None:
-        ledger = {"id": uuid.uuid4().hex, "profile": profile, "caches": caches, "complete": False, "pieces": []}
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    ledger["piece"] = uuid.uuid4().hex  # this run's piece
-    ledger["pieces"].append({"id": ledger["piece"], "started": started, "seconds": 0.0, "notebooks": [],
-                             "ended": None})
-    _save_ledger(ledger)
+    from .files import locked
+
+    path = ledger_path(profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # read, decide and save under the ledger's lock: two runs starting together join one ledger, not two that would
+    # overwrite each other (the lock is re-entrant, so _save_ledger takes it again here)
+    with locked(path, f"the timings of mass-dpo reproduce --profile {profile}"):
+        ledger = _read_ledger(profile)
+        if ledger and (ledger.get("complete") or (caches == "cold" and ledger.get("caches") == "warm")):
+            ledger = None
+        if ledger is None:
+            ledger = {"id": uuid.uuid4().hex, "profile": profile, "caches": caches, "complete": False, "pieces": []}
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        ledger["piece"] = uuid.uuid4().hex  # this run's piece
+        ledger["pieces"].append({"id": ledger["piece"], "started": started, "seconds": 0.0, "notebooks": [],
+                                 "ended": None})
+        _save_ledger(ledger)
     return ledger
 
 

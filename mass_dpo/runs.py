@@ -700,8 +700,10 @@ def train_run(
                            callbacks=callbacks)
         state = _state()
         if state is None or state.is_main_process:
-            with atomic_path(result.run_dir / "tuning.csv") as tmp:
-                tuned.table.to_csv(tmp, index=False)
+            with locked(result.run_dir, f"the run {result.run_dir.name}"):  # not beside a forced retrain of it
+                if result.run_dir.is_dir():
+                    with atomic_path(result.run_dir / "tuning.csv") as tmp:
+                        tuned.table.to_csv(tmp, index=False)
         result.info["tuning"] = tuned.options
         return result
     cfg = resolve_config(config, **overrides)

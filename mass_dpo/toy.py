@@ -328,19 +328,30 @@ def cached_records(name: str, params: dict, compute, *, cache: bool = True):
     """
     if not cache:
         return compute()
-    from .files import atomic_write_json
+    from .files import atomic_write_json, locked
 
     path = cache_dir() / f"{name}-{cache_key(name, **params)}.json"
-    if path.is_file():
+
+    def cached():
+        if not path.is_file():
+            return None
         try:
             with open(path) as f:
                 return _nan_for_null(json.load(f))
         except ValueError as err:  # a damaged file: said in one line, computed again
             import warnings
 
-            warnings.warn(f"cached toy records {path} do not load ({err}); computing them again", stacklevel=2)
-    out = compute()
-    atomic_write_json(path, out, indent=None)  # strict JSON: NaN is written as null, read back as NaN
+            warnings.warn(f"cached toy records {path} do not load ({err}); computing them again", stacklevel=3)
+            return None
+
+    out = cached()
+    if out is not None:
+        return out
+    with locked(path, f"the toy records {name}"):  # parallel jobs over one cache compute them once
+        out = cached()  # written by another process while this one waited
+        if out is None:
+            out = compute()
+            atomic_write_json(path, out, indent=None)  # strict JSON: NaN is written as null, read back as NaN
     return out
 
 

@@ -159,3 +159,47 @@ def test_disk_memo_reuses_an_analysis_by_its_inputs(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_NO_MEMO", "1")
     analysis(runs, k=3)
     assert calls == [3, 4, 3, 3]
+
+
+_TWICE = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from mass_dpo import experiments as E
+from mass_dpo import toy
+
+log = Path(sys.argv[1])
+
+def slow(tag):
+    with open(log, "a") as f:
+        f.write(tag + "\\n")
+    time.sleep(1.5)
+
+@E.core.disk_memo("probe-two")
+def analysis(runs):
+    slow("analysis")
+    return pd.DataFrame({"n": [len(runs)]})
+
+def records():
+    slow("toy")
+    return {"n": [{"x": 1.0}]}
+
+print(int(analysis(pd.DataFrame({"run_dir": ["/a"]}))["n"].iloc[0]), toy.cached_records("probe", {"a": 1}, records))
+"""
+
+
+def test_two_processes_compute_a_memoised_analysis_and_toy_records_once(tmp_path):
+    """Parallel notebooks or array jobs over one cache: the second waits for the first's lock, then reads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MASS_DPO_RUNS": str(tmp_path / "runs"), "MASS_DPO_CACHE": str(tmp_path / "cache")}
+    env.pop("MASS_DPO_NO_MEMO", None)
+    log = tmp_path / "computed.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWICE, str(log)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(log.read_text().split()) == ["analysis", "toy"]  # each computed once
+    assert outs[0][0] == outs[1][0] == "1 {'n': [{'x': 1.0}]}\n"

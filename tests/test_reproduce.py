@@ -1,5 +1,7 @@
 """The notebook runner: executes notebooks into the output folder, reports failures by cell, carries on."""
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -255,3 +257,32 @@ def test_sigterm_stops_the_notebook_keeps_its_time_and_leaves_no_kernel(tmp_path
     else:
         os.kill(kernel, signal.SIGKILL)
         pytest.fail(f"the kernel {kernel} outlived the interrupted reproduction")
+
+
+def test_the_executed_copy_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """papermill rewrites its output after every cell; the executed copy is a renamed temporary, so a reader never
+    finds half a notebook, and an interrupted run leaves the last whole one."""
+    import papermill as pm
+
+    from mass_dpo.reproduce import run_notebook
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "one.ipynb", "x = 1")
+    executed = tmp_path / "figs" / "executed"
+    calls = []
+
+    def fake(source, output, **kwargs):
+        calls.append(output)
+        Path(output).write_text(f"run {len(calls)}")
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pm, "execute_notebook", fake)
+    result = run_notebook("one", {}, notebooks_dir=nbs, out_dir=tmp_path / "figs")
+    assert result.ok and (executed / "one.ipynb").read_text() == "run 1"
+    assert Path(calls[0]) != executed / "one.ipynb" and Path(calls[0]).parent == executed  # a sibling, renamed
+    with pytest.raises(KeyboardInterrupt):
+        run_notebook("one", {}, notebooks_dir=nbs, out_dir=tmp_path / "figs")
+    assert (executed / "one.ipynb").read_text() == "run 1"  # the last whole run stays
+    assert sorted(p.name for p in executed.iterdir()) == ["one.ipynb", "one.log"]  # no temporary left

@@ -760,20 +760,32 @@ def disk_memo(tag: str, version: int = 1):
             digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
             root = args[0].root if args and isinstance(args[0], Setup) and args[0].root else None
             path = Path(root or runs_root()) / "analyses" / f"{tag}-{digest}.pkl"
-            if path.is_file():
+
+            def cached():
+                if not path.is_file():
+                    return None
                 try:
                     return pd.read_pickle(path)
                 except Exception as err:  # a damaged table: said in one line, computed again
                     import warnings
 
                     warnings.warn(f"memoised table {path} does not load ({type(err).__name__}); computing it again",
-                                  stacklevel=2)
-            out = fn(*args, **kwargs)
-            if isinstance(out, pd.DataFrame):
-                from ..files import atomic_path
+                                  stacklevel=3)
+                    return None
 
-                with atomic_path(path) as tmp:
-                    out.to_pickle(tmp, compression=None)
+            out = cached()
+            if out is not None:
+                return out
+            from ..files import atomic_path, locked
+
+            with locked(path, f"the analysis {tag}"):  # parallel notebooks or jobs compute it once
+                out = cached()  # written by another process while this one waited
+                if out is not None:
+                    return out
+                out = fn(*args, **kwargs)
+                if isinstance(out, pd.DataFrame):
+                    with atomic_path(path) as tmp:
+                        out.to_pickle(tmp, compression=None)
             return out
 
         return memoised

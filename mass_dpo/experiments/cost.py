@@ -108,23 +108,28 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
         if cache and kept.is_file():
             rows += json.loads(kept.read_text())
             continue
-        first = len(rows)
-        times: dict = {r.run_dir: [] for r in grp.itertuples()}
-        iters: dict = {}
-        for _ in range(int(repeats)):
-            for r in grp.itertuples():
-                fit, seconds, _ = refit(r.run_dir)
-                times[r.run_dir].append(seconds)
-                iters[r.run_dir] = fit.iterations
-        for r in grp.itertuples():
-            med = statistics.median(times[r.run_dir])
-            rows.append({"model": model, "dataset": dataset, "seed": int(seed), "component": f"refit_{method_key(r.method, r.n)}",
-                         "seconds": med, "iterations": iters[r.run_dir],
-                         "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
-        if cache:
-            from ..files import atomic_write_json
+        from ..files import atomic_write_json, locked
 
-            atomic_write_json(kept, rows[first:], indent=None)
+        # one timing at a time per group (a rival process would both repeat it and slow it down)
+        with locked(kept, f"the fit timings of {dataset} seed {seed}", enabled=cache):
+            if cache and kept.is_file():  # timed by another process while this one waited
+                rows += json.loads(kept.read_text())
+                continue
+            first = len(rows)
+            times: dict = {r.run_dir: [] for r in grp.itertuples()}
+            iters: dict = {}
+            for _ in range(int(repeats)):
+                for r in grp.itertuples():
+                    fit, seconds, _ = refit(r.run_dir)
+                    times[r.run_dir].append(seconds)
+                    iters[r.run_dir] = fit.iterations
+            for r in grp.itertuples():
+                med = statistics.median(times[r.run_dir])
+                rows.append({"model": model, "dataset": dataset, "seed": int(seed),
+                             "component": f"refit_{method_key(r.method, r.n)}", "seconds": med,
+                             "iterations": iters[r.run_dir], "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
+            if cache:
+                atomic_write_json(kept, rows[first:], indent=None)
     return rows
 
 

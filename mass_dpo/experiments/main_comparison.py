@@ -136,8 +136,6 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
     of the online-eval prompts at every evaluation, :class:`mass_dpo.training.PoolEval`; over optimizer steps); runs
     without them are skipped. ``cache``: each exact run's curve is kept in its folder (``common_curve_<split>.csv``;
     a retrained run starts from an empty folder), so a warm rerun fits nothing."""
-    from .core import config_of, load_split
-
     frames = []
     for row in runs.itertuples():
         if row.label == "reference":
@@ -160,20 +158,16 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
         if cache and kept.is_file():
             long = pd.read_csv(kept)
         else:
-            cfg = config_of(row)
-            pools = load_split(row, split)
-            points = []
+            from ..files import atomic_path, locked
 
-            def score(it, theta, pools=pools, beta=cfg.beta):
-                points.append({"step": it, **pool_curve_point(theta, pools.features, pools.mask, pools.target, beta)})
-
-            refit(row.run_dir, callback=score)
-            long = pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
-            if cache:
-                from ..files import atomic_path
-
-                with atomic_path(kept) as tmp:
-                    long.to_csv(tmp, index=False)
+            with locked(kept, f"the common-pool curve of {Path(row.run_dir).name}", enabled=cache):
+                if cache and kept.is_file():  # retraced by another process while this one waited
+                    long = pd.read_csv(kept)
+                else:
+                    long = _retraced_curve(row, split)
+                    if cache:
+                        with atomic_path(kept) as tmp:
+                            long.to_csv(tmp, index=False)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
     cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
@@ -222,6 +216,22 @@ def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
         share, chance = longest_share(candidates, split.lengths, split.mask, k)
         rows.append({"dataset": row.dataset, "label": row.label, "seed": row.seed, "share": share, "chance": chance})
     return pd.DataFrame(rows, columns=["dataset", "label", "seed", "share", "chance"])
+
+
+def _retraced_curve(row, split: str) -> pd.DataFrame:
+    """A finished exact-fit run's path re-fitted (deterministic), each iterate scored on the whole pools of
+    ``split``: long rows ``step, metric, value``."""
+    from .core import config_of, load_split
+
+    cfg = config_of(row)
+    pools = load_split(row, split)
+    points = []
+
+    def score(it, theta):
+        points.append({"step": it, **pool_curve_point(theta, pools.features, pools.mask, pools.target, cfg.beta)})
+
+    refit(row.run_dir, callback=score)
+    return pd.DataFrame(points).melt(id_vars="step", var_name="metric", value_name="value")
 
 
 def hold_last(curves_df: pd.DataFrame) -> pd.DataFrame:
