@@ -157,6 +157,7 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
             # axes by a hair, and the second file would differ from the first
             fig.draw_without_rendering()
             fig.set_layout_engine("none")
+        stamp.unlink(missing_ok=True)  # a kill between the two files below must not leave them stamped fresh
         with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
             with atomic_path(paths["pdf"]) as tmp:
                 fig.savefig(tmp, format="pdf", metadata=PDF_METADATA)

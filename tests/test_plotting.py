@@ -148,6 +148,19 @@ def test_an_unchanged_figure_is_not_drawn_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_DPO_REDRAW", "1")
     plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)
     assert len(calls) == 4
+    monkeypatch.delenv("MASS_DPO_REDRAW")
+
+    def killed_after_the_pdf(self, fname, *a, **k):  # the process dies between the PDF and the PNG
+        if str(fname).endswith(".png") or ".png." in str(fname):
+            raise KeyboardInterrupt
+        Path(fname).write_bytes(b"new pdf")
+
+    monkeypatch.setattr(plt.Figure, "savefig", killed_after_the_pdf)
+    with pytest.raises(KeyboardInterrupt):
+        plotting.save_figure(figure([1, 2, 5]), "f", data, tmp_path)
+    monkeypatch.setattr(plt.Figure, "savefig", fake_savefig)
+    plotting.save_figure(figure([1, 2, 4]), "f", data, tmp_path)  # the PDF on disk is [1, 2, 5]'s: not fresh
+    assert len(calls) == 6
 
 
 def _heatmap(labels=("a", "b"), loc="upper left", cell=1.0, note="x", layout="constrained"):
