@@ -748,7 +748,8 @@ def _train_locked(cfg: TrainConfig, path: Path, world: int, state, main: bool, f
         run_data = data(cfg) if callable(data) else data if data is not None else prepare_data(cfg)
         t_data = time.time() - t0
         if cfg.regime == "loglinear" and cfg.fit == "exact":
-            policy, train_info, online, optim, t_train = _train_exact(cfg, run_data, path)
+            if main:  # one deterministic full-batch fit: the other ranks would redo and rewrite the same files
+                policy, train_info, online, optim, t_train = _train_exact(cfg, run_data, path)
         else:
             policy, train_info, online, optim, t_train = _train_with_trainer(
                 cfg, run_data, path, checkpoints, callbacks, main)

@@ -96,3 +96,30 @@ def test_two_processes_with_the_ddp_config_match_one(tmp_path):
     for k in wa:
         assert float((wa[k] - wb[k]).abs().max()) <= 0.01 * moved, k
     assert a["test"]["mrr"] == pytest.approx(b["test"]["mrr"], abs=1e-6)
+
+
+EXACT = SCRIPT.replace('regime="full", method="sdpo"', 'regime="loglinear", method="mass_dpo"')
+
+
+def test_two_processes_fit_the_exact_loglinear_run_once_and_match_one(tmp_path):
+    """The log-linear regime's exact fit is one deterministic full-batch fit: under ``accelerate launch`` the main
+    process fits and writes it (the others wait), and the run equals a single process's."""
+    from safetensors.torch import load_file
+
+    assert EXACT != SCRIPT
+    script = tmp_path / "run.py"
+    script.write_text(EXACT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                          "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
+                          str(script), str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    a, b = _result(one), _result(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    ta = load_file(str(Path(a["run_dir"]) / "final" / "theta.safetensors"))["theta"]
+    tb = load_file(str(Path(b["run_dir"]) / "final" / "theta.safetensors"))["theta"]
+    assert float(ta.norm()) > 0 and torch.allclose(ta, tb, atol=1e-6)
+    assert a["test"]["mrr"] == pytest.approx(b["test"]["mrr"], abs=1e-6)
