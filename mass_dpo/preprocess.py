@@ -253,10 +253,12 @@ def _check_out(out: Path) -> None:
 
 
 def _write_selection(out: Path, rows: list[dict], summary: dict) -> Path:
-    """The rows (JSON lines) and the summary beside them, each written atomically as strict JSON."""
+    """The rows (JSON lines) and the summary beside them, each written atomically as strict JSON; an older summary
+    goes first, so a process killed between the two files never leaves new rows beside an old summary."""
     from .files import atomic_path, atomic_write_json, dumps_strict
 
     summary_path = summary_path_for(out)
+    summary_path.unlink(missing_ok=True)
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
