@@ -123,6 +123,11 @@ def test_score_candidates_of_a_causal_lm():
                 assert scores[p, c] == pytest.approx(float(lp), abs=1e-4)
     assert scores[1, 2] == 0
     out = evaluate(model, data, pools=pools)
-    assert out["prompts"] == 2 and 0 <= out["recall@1"] <= 1
+    from mass_dpo.metrics import ranking_metrics
+
+    expected = ranking_metrics(scores, data.target, mask=data.mask)  # the metrics of the scores checked above
+    assert out["prompts"] == 2
+    for key in ("recall@1", "recall@3", "ndcg@3", "mrr"):
+        assert out[key] == pytest.approx(expected[key]), key
     with pytest.raises(ValueError, match="pools"):
         score_candidates(model, data)

@@ -165,8 +165,12 @@ def test_stability_sentences_set_the_agreement_beside_chance():
 
 
 def test_grid_crosses_every_axis():
+    import itertools
+
     g = E.grid(["a", "b"], ["sdpo", "mass_dpo"], [0, 1], n=[1, 3], beta=0.1)
     assert len(g) == 16 and all(s["beta"] == 0.1 for s in g)
+    got = {(s["dataset"], s["method"], s["seed"], s["n"]) for s in g}
+    assert got == set(itertools.product(["a", "b"], ["sdpo", "mass_dpo"], [0, 1], [1, 3]))  # each combination once
 
 
 def test_train_limit_per_dataset_reaches_each_runs_configuration():

@@ -107,8 +107,18 @@ def test_tuning_picks_the_best_validation_value_ties_to_the_first(monkeypatch):
 
 
 def test_the_tuning_rule_is_written_in_params():
+    """The rule the notebooks apply is params/training.yaml's, read back: its metric and every grid combination."""
+    import itertools
+
+    from mass_dpo.params import load_params
+
+    written = load_params("training")["tuning"]
     rule = E.tuning_rule()
-    assert rule["metric"] and E.tuning_grid("loglinear")
+    assert rule["metric"] == written["metric"] == "mrr"
+    for regime, axes in written["grid"].items():
+        expected = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+        assert sorted(map(str, E.tuning_grid(regime))) == sorted(map(str, expected)), regime
+        assert len(E.tuning_grid(regime)) == len(expected) > 1
 
 
 def test_a_preference_file_runs_as_a_dataset_of_the_notebooks(tmp_path, monkeypatch):
@@ -138,6 +148,8 @@ def test_lm_regime_accuracy_is_the_generation_hit_ratio(tmp_path, monkeypatch):
     assert m["score"] == "logp" and m["prompts"] == 4
     table = pd.read_csv(ref.run_dir / "test_per_prompt.csv")
     assert set(table["accuracy"]) <= {0.0, 1.0} and table["valid"].mean() == pytest.approx(m["valid_ratio"])
+    assert table["accuracy"].mean() == pytest.approx(m["accuracy"])  # the reported accuracy is the hits' mean
+    assert ((table["accuracy"] == 1) <= (table["valid"] == 1)).all()  # a hit names exactly the target: it is valid
 
 
 def test_disk_memo_reuses_an_analysis_by_its_inputs(tmp_path, monkeypatch):
