@@ -118,3 +118,13 @@ def test_small_file_tops_up_from_other_subjects(tmp_path, settings):
     assert len(recs) == 12
     for rec in recs:
         assert len(set(rec["candidates"])) == 20
+    from mass_dpo.data.records import normalize_text
+
+    options = {r["question"]: {normalize_text(r[k]) for k in ("opa", "opb", "opc", "opd")} for r in rows}
+    big = set().union(*(options[r["question"]] for r in rows if r["subject_name"] == "Big"))
+    tiny = [rec for rec in recs if rec["subject"] == "Tiny"]
+    assert len(tiny) == 2
+    for rec in tiny:  # its subject holds 8 options: its own 4 kept, 12 or more topped up from the other subject
+        own = next(o for q, o in options.items() if rec["prompt"].startswith("Question: " + q))
+        cands = {normalize_text(c) for c in rec["candidates"]}
+        assert own <= cands and len(cands & big) >= 12
