@@ -158,8 +158,9 @@ def check_settings(options: dict, *, runs_root=None):
             path = check_preference_path(cfg.dataset)
         except (OSError, ValueError) as err:
             raise UsageError(f"--data {err}") from None
-        for split in _splits_read(cfg)[1:]:  # a split column lacking one: said now, not after extraction (train:
-            load_preferences(path, split=split)  # read by _pool_size below)
+        # a split column lacking a split the run reads is said now, not after extraction (train: _pool_size below)
+        for split in _splits_read(cfg)[1:]:
+            load_preferences(path, split=split)
     elif cfg.dataset not in BENCHMARKS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(BENCHMARKS)}, or give your own "
                          "preference file with --data FILE")
