@@ -253,17 +253,18 @@ def _check_out(out: Path) -> None:
 
 
 def _write_selection(out: Path, rows: list[dict], summary: dict) -> Path:
-    """The rows (JSON lines) and the summary beside them, each written atomically as strict JSON; an older summary
-    goes first, so a process killed between the two files never leaves new rows beside an old summary."""
-    from .files import atomic_path, atomic_write_json, dumps_strict
+    """The rows (JSON lines) and the summary beside them as strict JSON: both are written to temporary files first
+    and renamed only when both are whole, so a failed write (a full disk, a file-size limit) leaves the old pair as
+    it was, and the two renames follow each other at once."""
+    from .files import atomic_path, dumps_strict
 
     summary_path = summary_path_for(out)
-    summary_path.unlink(missing_ok=True)
-    with atomic_path(out) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp_rows, atomic_path(summary_path) as tmp_summary:
+        with open(tmp_rows, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(dumps_strict(row, ensure_ascii=False) + "\n")
-    atomic_write_json(summary_path, summary, indent=1)
+        Path(tmp_summary).write_text(dumps_strict(summary, indent=1, default=str, ensure_ascii=False) + "\n",
+                                     encoding="utf-8")
     return summary_path
 
 
