@@ -3,7 +3,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def positive_number(value, name: str, why: str = "") -> None:
+    """``value`` a finite number > 0 (a float, an int or a one-element tensor), else one ``ValueError`` naming
+    ``name`` (``why``: what it is, in the message). Strings, booleans, NaN and infinities are refused."""
+    try:
+        ok = not isinstance(value, (str, bytes, bool)) and math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError, RuntimeError):  # None, a tensor of several values
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number > 0{f' ({why})' if why else ''}, got {value!r}")
 
 
 def bool_mask(mask, name: str = "mask", device=None) -> torch.Tensor:

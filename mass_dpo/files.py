@@ -31,7 +31,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: A temporary written by a process on another host counts as orphaned after this many seconds.
 STALE_SECONDS = 24 * 3600
@@ -233,6 +233,22 @@ def locked(target: str | os.PathLike, what: str, *, enabled: bool = True) -> Ite
         yield
     finally:
         lock.release()
+
+
+def compute_once(target: str | os.PathLike, what: str, load: Callable[[], Any], compute: Callable[[], Any], *,
+                 enabled: bool = True) -> Any:
+    """A cached result that parallel processes compute once: ``load()`` (``None`` while there is none), else, under
+    ``target``'s lock (:func:`locked`), ``load()`` again (another process may have written it while this one
+    waited), else ``compute()``, which computes and writes it. ``enabled=False``: ``compute()``, nothing read, no
+    lock."""
+    if not enabled:
+        return compute()
+    out = load()
+    if out is not None:
+        return out
+    with locked(target, what):
+        out = load()
+        return compute() if out is None else out
 
 
 # ---------------------------------------------------------------- checks before slow work

@@ -22,13 +22,12 @@ the per-prompt loss of eq. 7 with its closed-form gradient (Lemma 4.2, eq. 9) an
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import bool_mask
+from ._checks import bool_mask, positive_number
 
 METHODS = ("dpo", "dpo_k", "dmpo", "sdpo", "mass_dpo")
 
@@ -95,12 +94,7 @@ def preference_loss(
             anything, even NaN, and receive zero gradient.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    try:  # beta <= 0 flips or zeroes every margin (eq. 5); inf makes every loss NaN
-        ok = not isinstance(beta, (str, bool)) and math.isfinite(float(beta)) and float(beta) > 0
-    except (TypeError, ValueError, RuntimeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"beta must be a finite number > 0 (the DPO scale), got {beta!r}; the paper uses 0.1")
+    positive_number(beta, "beta", "the DPO scale; the paper uses 0.1")  # <= 0 flips every margin (eq. 5), inf NaNs
     _check(method, pc, pr, rc, rr, mask)
     dt = torch.promote_types(pc.dtype, torch.float32)
     pc, pr, rc, rr = pc.to(dt), pr.to(dt), rc.to(dt), rr.to(dt)
@@ -141,9 +135,7 @@ def _scores(theta, phi, b, beta, mask):
     """``[..., n]`` ``s = beta (phi . theta + b)``, -inf where masked, after one check of every shape (a clear
     ``ValueError`` rather than a torch size mismatch; a row with no candidate would make its loss 0 and its gradient
     NaN)."""
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
-        if not (isinstance(beta, torch.Tensor) and beta.numel() == 1 and bool(torch.isfinite(beta)) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    positive_number(beta, "beta")
     if theta.dim() != 1 or phi.dim() < 2 or phi.shape[-1] != theta.shape[0]:
         raise ValueError(f"expected theta [d] and phi [..., n, d] with the same d, got {tuple(theta.shape)} and "
                          f"{tuple(phi.shape)}")

@@ -315,7 +315,6 @@ def _open_ledger(profile: str, caches: str) -> dict:
     from .files import locked
 
     path = ledger_path(profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # read, decide and save under the ledger's lock: two runs starting together join one ledger, not two that would
     # overwrite each other (the lock is re-entrant, so _save_ledger takes it again here)
     with locked(path, f"the timings of mass-dpo reproduce --profile {profile}"):

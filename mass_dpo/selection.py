@@ -23,14 +23,13 @@ d x d Sherman-Morrison form; no d x d matrix is ever formed. Everything is batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._checks import bool_mask
+from ._checks import bool_mask, positive_number
 
 STRATEGIES = ("dopt", "random", "hardest", "all")
 #: Strategies :func:`select_negatives` accepts beyond :data:`STRATEGIES` (not yet wired into the preprocessing CLI).
@@ -69,23 +68,13 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(x).__name__}")
 
 
-def _positive(value, name: str, why: str) -> None:
-    """``value`` a finite number > 0, else one ``ValueError`` naming ``name``."""
-    try:
-        ok = not isinstance(value, (str, bytes, bool)) and math.isfinite(float(value)) and float(value) > 0
-    except (TypeError, ValueError, RuntimeError):  # None, a tensor of several values
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a finite number > 0 ({why}), got {value!r}")
-
-
 def _validate(phi, logits, mask, n, beta, gamma):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise ValueError(f"n must be an integer, got {n!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    _positive(beta, "beta", "the DPO scale")
-    _positive(gamma, "gamma", "the ridge keeps H(S) invertible")
+    positive_number(beta, "beta", "the DPO scale")
+    positive_number(gamma, "gamma", "the ridge keeps H(S) invertible")
     if phi.dim() != 3:
         raise ValueError(f"phi must have shape [N, d] or [B, N, d], got {tuple(phi.shape)}")
     if phi.shape[0] == 0 or phi.shape[2] == 0:

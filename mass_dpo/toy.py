@@ -328,7 +328,7 @@ def cached_records(name: str, params: dict, compute, *, cache: bool = True):
     """
     if not cache:
         return compute()
-    from .files import atomic_write_json, locked
+    from .files import atomic_write_json, compute_once
 
     path = cache_dir() / f"{name}-{cache_key(name, **params)}.json"
 
@@ -344,15 +344,12 @@ def cached_records(name: str, params: dict, compute, *, cache: bool = True):
             warnings.warn(f"cached toy records {path} do not load ({err}); computing them again", stacklevel=3)
             return None
 
-    out = cached()
-    if out is not None:
+    def computed():
+        out = compute()
+        atomic_write_json(path, out, indent=None)  # strict JSON: NaN is written as null, read back as NaN
         return out
-    with locked(path, f"the toy records {name}"):  # parallel jobs over one cache compute them once
-        out = cached()  # written by another process while this one waited
-        if out is None:
-            out = compute()
-            atomic_write_json(path, out, indent=None)  # strict JSON: NaN is written as null, read back as NaN
-    return out
+
+    return compute_once(path, f"the toy records {name}", cached, computed)  # parallel jobs: computed once
 
 
 def _nan_for_null(records: dict) -> dict:

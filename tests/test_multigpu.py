@@ -62,16 +62,11 @@ def _result(proc) -> dict:
     return json.loads(line[-1][len("RESULT "):])
 
 
-def test_two_processes_with_the_ddp_config_match_one(tmp_path):
-    """Full fine-tuning of ``tiny`` for 2 steps: ``accelerate launch --config_file params/accelerate/ddp.yaml
-    --num_processes 2`` (torchrun underneath; without CUDA the processes train on the CPU over gloo) ends with the
-    weights, steps and test metrics of one process with the same effective batch."""
-    from safetensors.torch import load_file
-
-    from mass_dpo.models import load_model
-
+def _one_and_two(tmp_path, script_text: str) -> tuple[dict, dict]:
+    """``script_text`` run as one process and under ``accelerate launch`` with the DDP configuration and 2 processes
+    (gloo on the CPU); the RESULT line of each."""
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
+    script.write_text(script_text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")],
@@ -80,7 +75,18 @@ def test_two_processes_with_the_ddp_config_match_one(tmp_path):
                           "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
                           str(script), str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    a, b = _result(one), _result(two)
+    return _result(one), _result(two)
+
+
+def test_two_processes_with_the_ddp_config_match_one(tmp_path):
+    """Full fine-tuning of ``tiny`` for 2 steps: ``accelerate launch --config_file params/accelerate/ddp.yaml
+    --num_processes 2`` (torchrun underneath; without CUDA the processes train on the CPU over gloo) ends with the
+    weights, steps and test metrics of one process with the same effective batch."""
+    from safetensors.torch import load_file
+
+    from mass_dpo.models import load_model
+
+    a, b = _one_and_two(tmp_path, SCRIPT)
     assert a["step"] == b["step"] == 2
     assert (a["world"], b["world"]) == (1, 2)
     wa = load_file(str(Path(a["run_dir"]) / "final" / "model.safetensors"))
@@ -107,17 +113,7 @@ def test_two_processes_fit_the_exact_loglinear_run_once_and_match_one(tmp_path):
     from safetensors.torch import load_file
 
     assert EXACT != SCRIPT
-    script = tmp_path / "run.py"
-    script.write_text(EXACT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
-                          "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2",
-                          str(script), str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    a, b = _result(one), _result(two)
+    a, b = _one_and_two(tmp_path, EXACT)
     assert (a["world"], b["world"]) == (1, 2)
     ta = load_file(str(Path(a["run_dir"]) / "final" / "theta.safetensors"))["theta"]
     tb = load_file(str(Path(b["run_dir"]) / "final" / "theta.safetensors"))["theta"]

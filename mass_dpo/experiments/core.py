@@ -773,20 +773,16 @@ def disk_memo(tag: str, version: int = 1):
                                   stacklevel=3)
                     return None
 
-            out = cached()
-            if out is not None:
-                return out
-            from ..files import atomic_path, locked
-
-            with locked(path, f"the analysis {tag}"):  # parallel notebooks or jobs compute it once
-                out = cached()  # written by another process while this one waited
-                if out is not None:
-                    return out
+            def compute():
                 out = fn(*args, **kwargs)
                 if isinstance(out, pd.DataFrame):
                     with atomic_path(path) as tmp:
                         out.to_pickle(tmp, compression=None)
-            return out
+                return out
+
+            from ..files import atomic_path, compute_once
+
+            return compute_once(path, f"the analysis {tag}", cached, compute)  # parallel notebooks: once
 
         return memoised
 

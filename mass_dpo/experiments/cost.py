@@ -98,6 +98,7 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
     import json
     from pathlib import Path
 
+    from ..files import atomic_write_json, compute_once
     from .main_comparison import refit
 
     rows = []
@@ -105,17 +106,8 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
         names = sorted(Path(r).name for r in grp["run_dir"])
         digest = hashlib.sha256(json.dumps([names, int(repeats)]).encode()).hexdigest()[:16]
         kept = Path(grp["run_dir"].iloc[0]).parent / "timings" / f"{digest}.json"
-        if cache and kept.is_file():
-            rows += json.loads(kept.read_text())
-            continue
-        from ..files import atomic_write_json, locked
 
-        # one timing at a time per group (a rival process would both repeat it and slow it down)
-        with locked(kept, f"the fit timings of {dataset} seed {seed}", enabled=cache):
-            if cache and kept.is_file():  # timed by another process while this one waited
-                rows += json.loads(kept.read_text())
-                continue
-            first = len(rows)
+        def timed():  # called at once, inside this iteration
             times: dict = {r.run_dir: [] for r in grp.itertuples()}
             iters: dict = {}
             for _ in range(int(repeats)):
@@ -123,13 +115,20 @@ def refit_timing(runs: pd.DataFrame, *, repeats: int = 3, cache: bool = True) ->
                     fit, seconds, _ = refit(r.run_dir)
                     times[r.run_dir].append(seconds)
                     iters[r.run_dir] = fit.iterations
+            out = []
             for r in grp.itertuples():
                 med = statistics.median(times[r.run_dir])
-                rows.append({"model": model, "dataset": dataset, "seed": int(seed),
-                             "component": f"refit_{method_key(r.method, r.n)}", "seconds": med,
-                             "iterations": iters[r.run_dir], "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
+                out.append({"model": model, "dataset": dataset, "seed": int(seed),
+                            "component": f"refit_{method_key(r.method, r.n)}", "seconds": med,
+                            "iterations": iters[r.run_dir], "seconds_per_iteration": med / max(iters[r.run_dir], 1)})
             if cache:
-                atomic_write_json(kept, rows[first:], indent=None)
+                atomic_write_json(kept, out, indent=None)
+            return out
+
+        # one timing at a time per group (a rival process would both repeat it and slow it down)
+        rows += compute_once(kept, f"the fit timings of {dataset} seed {seed}",
+                             lambda: json.loads(kept.read_text()) if kept.is_file() else None, timed,
+                             enabled=cache)
     return rows
 
 

@@ -136,6 +136,8 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
     of the online-eval prompts at every evaluation, :class:`mass_dpo.training.PoolEval`; over optimizer steps); runs
     without them are skipped. ``cache``: each exact run's curve is kept in its folder (``common_curve_<split>.csv``;
     a retrained run starts from an empty folder), so a warm rerun fits nothing."""
+    from ..files import atomic_path, compute_once
+
     frames = []
     for row in runs.itertuples():
         if row.label == "reference":
@@ -155,19 +157,16 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
                                       negatives="common"))
             continue
         kept = Path(row.run_dir) / f"common_curve_{split}.csv"
-        if cache and kept.is_file():
-            long = pd.read_csv(kept)
-        else:
-            from ..files import atomic_path, locked
 
-            with locked(kept, f"the common-pool curve of {Path(row.run_dir).name}", enabled=cache):
-                if cache and kept.is_file():  # retraced by another process while this one waited
-                    long = pd.read_csv(kept)
-                else:
-                    long = _retraced_curve(row, split)
-                    if cache:
-                        with atomic_path(kept) as tmp:
-                            long.to_csv(tmp, index=False)
+        def retraced():  # called at once, inside this iteration
+            long = _retraced_curve(row, split)
+            if cache:
+                with atomic_path(kept) as tmp:
+                    long.to_csv(tmp, index=False)
+            return long
+
+        long = compute_once(kept, f"the common-pool curve of {kept.parent.name}",
+                            lambda: pd.read_csv(kept) if kept.is_file() else None, retraced, enabled=cache)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
     cols = ["dataset", "method", "label", "seed", "negatives", "step", "metric", "value"]
@@ -331,8 +330,8 @@ def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str
 
 
 def generation_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The LM regimes' test accuracy, generation HitRatio@1 (greedy, as S-DPO evaluates), with its valid ratio (the share of replies that name
-    some candidate of the pool), per (dataset, label), the untrained ``reference`` included: means over seeds of
+    """The LM regimes' test accuracy, generation HitRatio@1 (greedy, as S-DPO evaluates), with its valid ratio (the
+    share of replies that name some candidate of the pool), per (dataset, label), the untrained ``reference`` included: means over seeds of
     each run's value and of its standard error over test prompts (%). Empty where the runs' accuracy is not
     generated (the log-linear regime ranks, its accuracy is Recall@1)."""
     cols = ["dataset", "label", "seeds", "hit_ratio@1", "hit_ratio@1_se", "valid_ratio", "valid_ratio_se"]
