@@ -4,6 +4,9 @@ here by a local HTTP server on 127.0.0.1 from a zip built on the fly from ``../s
 import hashlib
 import http.server
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -32,13 +35,14 @@ def release(shared_data):
 
 @pytest.fixture
 def server():
-    """Serves ``routes[path] = bytes`` (``"slow"`` sleeps 3 s first); ``requests`` lists the paths asked for."""
+    """Serves ``routes[path] = bytes`` (paths starting ``/slow`` sleep 3 s first); ``requests`` lists the paths
+    asked for."""
     routes, requests = {}, []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
-            if self.path == "/slow":
+            if self.path.startswith("/slow"):
                 time.sleep(3)
             body = routes.get(self.path)
             if body is None:
@@ -71,7 +75,9 @@ def cache(monkeypatch, tmp_path):
 
 
 def _files(folder):
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    """The files under ``folder`` but lock files (the download's lock may stay; it holds no data)."""
+    files = folder.rglob("*") if folder.exists() else []
+    return sorted(p for p in files if p.is_file() and ".locks" not in p.relative_to(folder).parts)
 
 
 def test_checksums_are_those_of_the_release(release):
@@ -104,6 +110,23 @@ def test_wrong_checksum_caches_nothing(cache, server, release, monkeypatch):
     assert "checksum mismatch for ml-100k/u.item" in msg and "MASS_DPO_DATA" in msg and base in msg
     assert "\n" not in msg
     assert requests == ["/ml-100k.zip"] and _files(cache) == []
+
+
+def test_parallel_jobs_over_one_cache_download_once(cache, server, release):
+    """Two processes ask for MovieLens at once (as ranks or cluster jobs over one cache do): one downloads (a slow
+    server, 3 s), the other waits for its lock and reads its copy: one request, two identical answers."""
+    base, routes, requests = server
+    routes["/slow-ml-100k.zip"] = _zip(release)
+    env = {**os.environ, movielens.URL_ENV: base + "/slow-ml-100k.zip"}
+    code = "from mass_dpo.data import locate; print(locate('movielens', 'train', 'samples'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert [out.strip() for out, _ in results] == [str(cache_dir())] * 2
+    assert requests == ["/slow-ml-100k.zip"]
+    target = cache_dir() / "movielens" / "ml-100k"
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in release.iterdir())
 
 
 @pytest.mark.parametrize("route", ["/missing.zip", "/not-a-zip", "/slow"])

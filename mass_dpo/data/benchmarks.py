@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..files import compute_once
 from ..params import cache_root, load_params
 from . import lastfm, medmcqa, movielens, qasc
 from .records import rng_for, to_dataset
@@ -141,13 +142,15 @@ def locate(name: str, split: str, data_dir: str | os.PathLike | None = None) -> 
 def _movielens_cached_or_downloaded() -> Path:
     """MovieLens under no explicit folder ("samples" or nothing given): ``$MASS_DPO_DATA`` when it holds it, else
     the cache folder, downloading ml-100k there on first use (:func:`mass_dpo.data.movielens.download`; offline or
-    on failure a one-line :class:`~mass_dpo.data.movielens.MovieLensUnavailable`, a FileNotFoundError)."""
+    on failure a one-line :class:`~mass_dpo.data.movielens.MovieLensUnavailable`, a FileNotFoundError). Parallel
+    jobs over one cache download once: the others wait for the download's lock, then read its copy."""
     env = os.environ.get(ENV_VAR)
     if env and env != "samples" and _present(Path(env).expanduser(), movielens.NAME, "train"):
         return Path(env).expanduser()
-    if _present(cache_dir(), movielens.NAME, "train"):
-        return cache_dir()
-    return movielens.download(cache_dir())
+    root = cache_dir()
+    return compute_once(root / movielens.NAME, "the MovieLens download",
+                        load=lambda: root if _present(root, movielens.NAME, "train") else None,
+                        compute=lambda: movielens.download(root))
 
 
 def _fingerprint(paths: list[Path]) -> tuple:
