@@ -51,8 +51,9 @@ def _kept_files(run: Path) -> list[str]:
 
 def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
     """Write a record of every finished run of ``root`` (default the runs root) whose folder name matches the glob
-    ``match`` into ``dest/<run name>/`` (atomically; an older record of the same run is replaced). Runs still
-    training or interrupted are left out. Returns the records written."""
+    ``match`` into ``dest/<run name>/`` (atomically, under the record's lock: parallel exports into one folder
+    replace an older record of the same run one at a time). Runs still training or interrupted are left out.
+    Returns the records written."""
     root, dest = Path(root or runs_root()), Path(dest)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no runs root here; give --root (or set $MASS_DPO_RUNS) to the folder of "
@@ -63,7 +64,8 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
         raise ValueError(f"{dest} is a file; give a folder to export the records into")
     written = []
     for run in _folders(root, match):
-        with locked(run, f"the run {run.name}"):  # not while another process (re)trains it
+        # not while another process (re)trains the run, nor while another export writes the same record
+        with locked(run, f"the run {run.name}"), locked(dest / run.name, f"the record {run.name}"):
             if not is_finished(run):
                 continue
             try:

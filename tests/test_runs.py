@@ -336,11 +336,39 @@ def test_runs_named_by_an_older_hash_are_renamed_and_imported_under_the_current_
     assert runs.name_of(tmp_path / "old_format") == "old_format"  # unreadable by this version: its name is kept
 
     records.export_runs(tmp_path / "rec", root=tmp_path / "a")
-    (rec,) = (tmp_path / "rec").iterdir()
+    (rec,) = [p for p in (tmp_path / "rec").iterdir() if p.name != ".locks"]
     rec.rename(rec.with_name(rec.name[:-12] + "0123456789ab"))
     (imported,), _ = records.import_runs(tmp_path / "rec", root=tmp_path / "b")
     assert imported.name == first.run_dir.name
     assert runs.train_run(small(), root=tmp_path / "b", data=no_training).cached
+
+
+def test_an_export_waits_for_another_export_of_the_same_record(fake_module, tmp_path):
+    """Two exports into one folder (parallel jobs sharing it) write a record one at a time: while this process
+    holds the record's lock, an export in another process says it waits and writes nothing; then it finishes."""
+    import subprocess
+    import sys
+    import time
+
+    from mass_dpo import records
+    from mass_dpo.files import lock_path, locked
+
+    _, fake = fake_module
+    run = runs.train_run(small(), root=tmp_path / "a", data=fake.make_data).run_dir
+    record = tmp_path / "rec" / run.name
+    code = ("from mass_dpo import records\n"
+            f"print(len(records.export_runs({str(tmp_path / 'rec')!r}, root={str(tmp_path / 'a')!r})), flush=True)\n")
+    with locked(record, f"the record {run.name}"):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        first = proc.stderr.readline()  # blocks until the child says it waits (or ends)
+        time.sleep(0.5)
+        assert proc.poll() is None and not record.exists()  # still waiting, nothing written
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "1", err[-2000:]
+    assert first.strip() == f"waiting for another process that is computing the record {run.name} " \
+                            f"(lock {lock_path(record)})"
+    assert records.is_record(record) and runs.is_finished(record)
 
 
 def test_timings_sum_each_runs_own_seconds_per_dataset_and_kind(fake_module, tmp_path, capsys):
