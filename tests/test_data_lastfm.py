@@ -20,6 +20,7 @@ def test_rebuild_equals_sdpo_files(shared_data, settings, split, sdpo_file):
     """Every row's history, candidates and target rebuilt from *_data.jsonl equal S-DPO's own file."""
     reference = json.loads((shared_data / "lastfm" / sdpo_file).read_text(encoding="utf-8"))
     rebuilt = lastfm.build_llara(shared_data / "lastfm", split, settings)
+    # the rows of S-DPO's lastfm-val.json / lastfm-test.json (LLaRA's Val/Test_data.jsonl rows with len_seq >= 3)
     assert len(rebuilt) == len(reference) == {"valid": 2767, "test": 2495}[split]
     for k, (rec, row) in enumerate(zip(rebuilt, reference)):
         assert rec["history"] == row["historyList"].split("::"), k
@@ -35,7 +36,7 @@ def test_rebuild_equals_sdpo_files(shared_data, settings, split, sdpo_file):
 
 def test_train_rebuild(shared_data):
     ds = load_benchmark("lastfm", "train", data_dir=shared_data)
-    assert len(ds) == 47872  # train_data.jsonl rows with len_seq >= 3
+    assert len(ds) == 47872  # of train_data.jsonl's 50,800 rows, those with len_seq >= 3
     sample = ds.select(range(0, len(ds), 97)).to_list()
     for rec in sample:
         cands = rec["candidates"]
@@ -78,7 +79,7 @@ def test_sample_has_the_same_records_as_the_full_data(shared_data):
     seen = set()
     for split, source in (("train", full_valid), ("valid", full_valid), ("test", full_test)):
         sample = load_benchmark("lastfm", split, data_dir="samples").to_list()
-        assert len(sample) == {"train": 1200, "valid": 240, "test": 600}[split]
+        assert len(sample) == {"train": 1200, "valid": 240, "test": 600}[split]  # scripts/make_samples.py COUNTS
         for rec in sample:
             assert rec == source[rec["id"]]
         ids = {r["id"] for r in sample}

@@ -61,7 +61,7 @@ def test_env_var_points_at_shared_data(monkeypatch, shared_data):
 def test_no_data_dir_falls_back_to_the_sample_with_a_warning(no_env):
     with pytest.warns(SampleDataWarning, match="SAMPLE"):
         ds = load_benchmark("qasc", "valid")
-    assert len(ds) == 204
+    assert len(ds) == 204  # the sample's valid-carved QASC rows (tests/test_data_qasc.py)
     with pytest.raises(FileNotFoundError) as err:
         load_benchmark("movielens", "train")
     assert "u.data" in str(err.value) and "grouplens" in str(err.value).lower()

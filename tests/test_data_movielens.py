@@ -102,7 +102,7 @@ def test_user_split_is_disjoint(ml_data):
     train, valid, test = (set(parts[s]) for s in ("train", "valid", "test"))
     assert not train & valid and not train & test and not valid & test
     assert train | valid | test == set(seqs)
-    assert (len(train), len(valid), len(test)) == (755, 94, 94)
+    assert (len(train), len(valid), len(test)) == (755, 94, 94)  # round(0.1 * 943) valid and test, the rest train
     assert parts == movielens.split_users(list(reversed(list(seqs))), dataset_settings("movielens"))
     for split in ("valid", "test"):  # the records of a split come from its users only
         ds = load_benchmark("movielens", split, data_dir=ml_data)
@@ -111,7 +111,7 @@ def test_user_split_is_disjoint(ml_data):
 
 def test_test_split_records(ml_data):
     ds = load_benchmark("movielens", "test", data_dir=ml_data)
-    assert len(ds) == 9272
+    assert len(ds) == 9272  # sum over the 94 test users of len(sequence) - min_history (3): one record per target
     seqs = movielens.read_sequences(
         ml_data / "movielens" / "ml-100k" / "u.data",
         movielens.read_catalog(ml_data / "movielens" / "ml-100k" / "u.item")[1],

@@ -148,6 +148,8 @@ def _movielens_cached_or_downloaded() -> Path:
     if env and env != "samples" and _present(Path(env).expanduser(), movielens.NAME, "train"):
         return Path(env).expanduser()
     root = cache_dir()
+    if movielens.offline() and not _present(root, movielens.NAME, "train"):
+        return movielens.download(root)  # its one-line offline message; no lock taken, nothing written
     return compute_once(root / movielens.NAME, "the MovieLens download",
                         load=lambda: root if _present(root, movielens.NAME, "train") else None,
                         compute=lambda: movielens.download(root))
