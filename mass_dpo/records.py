@@ -217,21 +217,31 @@ def timings_markdown(src) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import,rename,timings}")
     ex = sub.add_parser("export", help="write records (finished runs without weights) of the runs root into a folder",
-                        description=export_runs.__doc__.split("\n\n")[0])
+                        description="Write a record (the run without its weights: config, metrics, per-prompt "
+                        "results, log, tens of kB) of every finished run of the runs root into DEST/<run name>/, "
+                        "atomically; an older record of the same run is replaced. Runs still training or "
+                        "interrupted are left out.")
     ex.add_argument("dest", help="the folder to write the records into")
     ex.add_argument("--match", default="*", help="only runs whose folder name matches this glob, e.g. 'medmcqa_*'")
     ex.add_argument("--root", default=None, help="the runs root to export from (default: $MASS_DPO_RUNS, else "
                                                  "<cache>/runs)")
     im = sub.add_parser("import", help="copy the records of a folder into the runs root",
-                        description=import_runs.__doc__.split("\n\n")[0])
+                        description="Copy every record (or finished run) of SRC into the runs root, under the name "
+                        "this version gives it; a run already finished there is kept (it may hold weights a record "
+                        "lacks). A grid run afterwards loads the imported runs instead of training them.")
     im.add_argument("src", help="a folder written by `mass-dpo runs export`")
     im.add_argument("--root", default=None, help="the runs root to import into (default: $MASS_DPO_RUNS, else "
                                                  "<cache>/runs)")
     rn = sub.add_parser("rename", help="file the runs of a runs root under the current code's names",
-                        description=rename_runs.__doc__.split("\n\n")[0])
+                        description="File every finished run of the runs root under the name this version gives "
+                        "it, so that runs made before a change of the run hash are found again instead of trained "
+                        "again.")
     rn.add_argument("--root", default=None, help="the runs root (default: $MASS_DPO_RUNS, else <cache>/runs)")
     ti = sub.add_parser("timings", help="the measured seconds of the finished runs (or records) of a folder, "
-                                        "summed per dataset", description=timings_markdown.__doc__.split("\n\n")[0])
+                                        "summed per dataset",
+                        description="Each run's own measured seconds (data preparation, training, test "
+                        "evaluation) summed per dataset and kind (tuning or seed runs), in hours, with the total: "
+                        "what training SRC's runs one after another cost on the machines that ran them.")
     ti.add_argument("src", help="a runs root or a folder written by `mass-dpo runs export`")
     ti.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file (atomically)")
 
