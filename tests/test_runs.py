@@ -269,7 +269,7 @@ def test_a_record_carries_a_finished_run_to_another_cache(fake_module, tmp_path,
     monkeypatch.setenv("MASS_DPO_RUNS", str(tmp_path / "a"))
     assert cli.main(["runs", "export", str(tmp_path / "rec")]) == 0
     assert "exported 1 finished run(s)" in capsys.readouterr().out
-    (rec,) = (tmp_path / "rec").iterdir()
+    (rec,) = [p for p in (tmp_path / "rec").iterdir() if p.name != ".locks"]  # the records' locks: hidden, skipped
     assert rec.name == first.run_dir.name and records.is_record(rec) and runs.is_finished(rec)
     assert not (rec / "final").exists() and (first.run_dir / "final" / "model.safetensors").is_file()
     assert {"config.json", "metrics.json", "log.csv", "run.log"} <= {p.name for p in rec.iterdir()}
