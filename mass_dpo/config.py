@@ -159,6 +159,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value} ({self.flag(f.name)})")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX:
+                raise ValueError(f"{f.name} must be a number float32 holds (at most {FLOAT32_MAX:.3g}), got "
+                                 f"{value:g} ({self.flag(f.name)})")
+        for name in ("eval_steps", "logging_steps", "save_steps"):  # transformers: a fraction of the steps, or steps
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and value > 1 and value != int(value):
+                raise ValueError(f"{name} must be a fraction < 1 of the training steps or a whole number of steps, "
+                                 f"got {value:g} ({self.flag(name)})")
         for name, (low, none_ok) in self.INT_RANGES.items():
             value = getattr(self, name)
             if value is None and none_ok:
@@ -189,6 +197,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: The largest float32: options are used as float32 tensors (a learning rate of 1e39 overflows there).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _fields() -> set[str]:

@@ -374,6 +374,34 @@ def _random_model(params: dict, tokenizer, dtype: torch.dtype):
     return model.to(dtype)
 
 
+def block_count(name: str) -> int | None:
+    """The transformer blocks of model ``name`` (``num_hidden_layers``), read from its config without loading any
+    weights: a saved folder's ``config.json``, a random model's params, a converted GGUF folder in the cache, or a
+    hub model's config in the Hugging Face cache (no connection); ``None`` where it is not known yet (not converted
+    or not downloaded: the load checks it then)."""
+    import json
+
+    from .params import saved_model_folder
+
+    path = saved_model_folder(name)
+    try:
+        if path is not None:
+            return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+        params = load_params(f"models/{name}")
+        if params.get("source") == "random":
+            return int(params["config"]["num_hidden_layers"])
+        if params.get("source") == "gguf":
+            folder = cache_dir() / "models" / params["name"]
+            if not _complete(folder):
+                return None
+            return int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(params["repo"], local_files_only=True).num_hidden_layers)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def planned_dtype(name: str, *, device=None) -> torch.dtype:
     """The dtype ``load_model(name, device=device)`` computes in, without loading it: ``$MASS_DPO_DTYPE``, else the
     params' dtype for the device, where ``auto`` depends on the machine (bf16 on a CPU with native bf16). Runs hash

@@ -470,7 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="one row per (chosen, negative) pair, which trl.DPOTrainer trains on: the default")
     add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else ~/.cache/mass_dpo)")
     add("--no-cache", dest="use_cache", action="store_false", help="neither read nor write the extraction cache")
-    add("--batch-tokens", type=int, default=None, help="bound on rows x longest row per forward")
+    add("--batch-tokens", type=positive_int, default=None, help="bound on rows x longest row per forward")
     add("--max-length", type=positive_int, default=None,
         help="tokens of a prompt + response, the response's tail cut beyond (TRL's max_length; default: the model's "
              "context)")

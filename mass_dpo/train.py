@@ -11,8 +11,11 @@ live under the runs root (``--out``/``--runs-root``, else ``$MASS_DPO_RUNS``, el
 (:func:`mass_dpo.data.load_preferences`: train/valid/test from its ``split`` column, or carved by a fixed seed).
 
 Settings are checked before any work (known dataset and model, a model folder with weights, data present, every
-number finite and in range: beta > 0, gamma > 0, n >= 1, ...; the runs root and the cache writable); an ``n`` larger
-than the largest negative pool warns once and the run uses, and is named by, the pool size. ``--max-length`` and
+number finite and in range: beta > 0, gamma > 0, n >= 1, ...; ``--trainable-layers`` at most the model's blocks;
+the runs root and the cache writable); an option the run would not use (``--trainable-layers`` outside the freeze
+regime, ``--ridge`` outside the log-linear one, ``--pool-eval`` without online evaluation, ``--data-dir`` with
+``--data``) is refused. An ``n`` larger than the largest negative pool warns once and the run uses, and is named by,
+the pool size; prompts that offer fewer than ``n`` negatives are counted in one warning (they train on all they have). ``--max-length`` and
 ``--max-prompt-length`` cut prompts and responses the way TRL does (:func:`mass_dpo.data.formatting.truncate_pool`).
 """
 
@@ -128,13 +131,13 @@ def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
                      "overrides them, and the options given here override everything.")
 
 
-def _pool_size(dataset: str, data_dir: str | None) -> int:
-    """The most negatives a training prompt offers: a file's largest pool, a benchmark's candidate cap less one."""
+def _pool_sizes(dataset: str, data_dir: str | None) -> list[int]:
+    """The negatives each training prompt offers: a file's pools, a benchmark's candidate cap less one."""
     from .data import benchmark_sizes, is_preference_file, load_preferences
 
     if is_preference_file(dataset):
-        return max(len(r) for r in load_preferences(dataset, split="train")["rejected"])
-    return benchmark_sizes(dataset)["candidates"] - 1
+        return [len(r) for r in load_preferences(dataset, split="train")["rejected"]]
+    return [benchmark_sizes(dataset)["candidates"] - 1]
 
 
 def check_settings(options: dict, *, runs_root=None):
@@ -147,10 +150,13 @@ def check_settings(options: dict, *, runs_root=None):
     from .data.preferences import check_preference_path
     from .config import resolve_config
 
+    if "profile" in options and not options["profile"]:
+        raise UsageError("--profile: empty name; give a profile of params/training.yaml (cpu, cpu-lm, smoke, paper)")
     try:
         cfg = resolve_config(**options)
     except ValueError as err:  # a value from a --profile or params/training.yaml: one line naming it
         raise UsageError(str(err)) from None
+    _check_regime_options(options, cfg)
     check_model(cfg.model)
     _check_folders(runs_root)
     if is_preference_file(cfg.dataset):
@@ -158,7 +164,7 @@ def check_settings(options: dict, *, runs_root=None):
             path = check_preference_path(cfg.dataset)
         except (OSError, ValueError) as err:
             raise UsageError(f"--data {err}") from None
-        # a split column lacking a split the run reads is said now, not after extraction (train: _pool_size below)
+        # a split column lacking a split the run reads is said now, not after extraction (train: _pool_sizes below)
         for split in _splits_read(cfg)[1:]:
             load_preferences(path, split=split)
     elif cfg.dataset not in BENCHMARKS:
@@ -172,12 +178,56 @@ def check_settings(options: dict, *, runs_root=None):
             raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)} (from a --profile or "
                              f"params/training.yaml); pass --{name.replace('_', '-')} with a positive value")
     _check_optim(cfg.optim)
-    pool = _pool_size(cfg.dataset, cfg.data_dir)
+    _check_trainable_layers(cfg)
+    pools = _pool_sizes(cfg.dataset, cfg.data_dir)
+    pool = max(pools)
     if cfg.method != "dpo" and cfg.n > pool:
         warnings.warn(f"n={cfg.n} is more than the largest negative pool ({pool} negatives): training with n={pool}")
         options["n"] = pool
         cfg = resolve_config(**options)
+    short = [size for size in pools if size < cfg.n]
+    if cfg.method != "dpo" and short:
+        warnings.warn(f"{len(short)} of {len(pools)} training prompts offer fewer than n={cfg.n} negatives (as few "
+                      f"as {min(short)}): they train on all they have")
     return cfg
+
+
+def _check_regime_options(options: dict, cfg) -> None:
+    """Options given on the command line that the run would not use: one line instead of a silent no-op. A value
+    that only a ``--profile`` set (e.g. cpu-lm's pool_eval under ``--regime loglinear``) warns."""
+    import warnings
+
+    from .cli import UsageError
+    from .data import is_preference_file
+
+    if options.get("data_dir") is not None and is_preference_file(cfg.dataset):
+        raise UsageError("--data-dir applies to --dataset benchmarks; --data names your file: drop --data-dir")
+    if options.get("trainable_layers") is not None and cfg.regime != "freeze":
+        raise UsageError(f"--trainable-layers applies to --regime freeze only (this run: {cfg.regime}); drop it or "
+                         "add --regime freeze")
+    if options.get("ridge") is not None and cfg.regime != "loglinear":
+        raise UsageError(f"--ridge applies to --regime loglinear only (this run: {cfg.regime}); drop it")
+    if cfg.pool_eval:
+        why = ("the loglinear regime does not evaluate whole pools while training" if cfg.regime == "loglinear"
+               else "online evaluation is off (--no-online-eval)" if not cfg.online_eval
+               else "there are no online-eval prompts (--eval-limit 0)" if cfg.eval_limit == 0 else None)
+        if why and options.get("pool_eval"):
+            raise UsageError(f"--pool-eval scores the online evaluations' whole pools, and {why}; drop --pool-eval")
+        if why:
+            warnings.warn(f"pool_eval (from --profile {options.get('profile')}) does nothing here: {why}")
+
+
+def _check_trainable_layers(cfg) -> None:
+    """The freeze regime's ``trainable_layers`` at most the model's blocks (read from its config, no weights)."""
+    from .cli import UsageError
+    from .models import block_count
+
+    if cfg.regime != "freeze":
+        return
+    blocks = block_count(cfg.model)
+    if blocks is not None and cfg.trainable_layers > blocks:
+        raise UsageError(f"--trainable-layers {cfg.trainable_layers}: the model {cfg.model} has {blocks} blocks; "
+                         f"give 1 to {blocks}")
 
 
 def _splits_read(cfg) -> list[str]:
@@ -219,7 +269,7 @@ def _config_args(args: argparse.Namespace) -> dict:
         from .data.preferences import resolve_path
 
         out["dataset"] = str(resolve_path(args.data).resolve())
-    if getattr(args, "profile", None):
+    if getattr(args, "profile", None) is not None:
         out["profile"] = args.profile
     return out
 

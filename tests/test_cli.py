@@ -311,6 +311,35 @@ def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, is
     assert Path(plan["run_dir"]).name.startswith("small_tiny_mass_dpo_n3_")
 
 
+def test_prompts_with_fewer_negatives_than_n_are_said_once(capsys, isolated):
+    """A file whose pools differ: the prompts that offer fewer than n negatives are counted in one warning."""
+    rows = [{"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": [f"no {i}.{j}" for j in range(1 if i % 2 else 5)]}
+            for i in range(12)]
+    data = isolated / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--data", str(data), "--model", "tiny", "--n", "3", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    from mass_dpo.data import load_preferences
+
+    train = load_preferences(data, split="train")["rejected"]
+    short = sum(len(r) < 3 for r in train)
+    assert 0 < short < len(train)  # the carve keeps both kinds in train
+    assert err.count("warning") == 1
+    assert f"{short} of {len(train)} training prompts offer fewer than n=3 negatives (as few as 1)" in err
+    assert main(["train", "--data", str(data), "--model", "tiny", "--n", "1", "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_profiles_pool_eval_that_does_nothing_warns(capsys, isolated):
+    data = _prefs(isolated / "p.jsonl")
+    argv = ["train", "--data", str(data), "--model", "tiny", "--profile", "cpu-lm", "--dry-run"]
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err  # cpu-lm: the freeze regime, pool_eval on and used
+    assert main([*argv, "--regime", "loglinear"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "pool_eval (from --profile cpu-lm) does nothing here" in err
+
+
 def test_train_own_file_end_to_end(capsys, isolated):
     data = _prefs(isolated / "mine.jsonl", rows=20, negatives=3)
     argv = ["train", "--data", str(data), "--model", "tiny", "--method", "mass_dpo", "--n", "2", "--regime",

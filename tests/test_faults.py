@@ -206,6 +206,22 @@ def test_a_second_process_waits_for_the_lock_with_one_line_and_then_goes_on(tmp_
     (["train", "--gamma", "inf"], "argument --gamma: must be a finite number > 0, got inf"),
     (["train", "--beta", "nan"], "argument --beta: must be a finite number > 0, got nan"),
     (["train", "--lr", "inf"], "argument --learning-rate/--lr: must be a finite number > 0, got inf"),
+    (["train", "--lr", "1e300"], "learning_rate must be a number float32 holds (at most 3.4e+38), got 1e+300 "
+                                 "(--learning-rate)"),
+    (["train", "--eval-steps", "2.5"], "eval_steps must be a fraction < 1 of the training steps or a whole number "
+                                       "of steps, got 2.5 (--eval-steps)"),
+    (["train", "--save-steps", "1.5"], "save_steps must be a fraction < 1"),
+    (["train", "--regime", "freeze", "--trainable-layers", "3"],
+     "--trainable-layers 3: the model tiny has 2 blocks; give 1 to 2"),
+    (["train", "--regime", "lora", "--trainable-layers", "1"], "--trainable-layers applies to --regime freeze only "
+                                                                "(this run: lora)"),
+    (["train", "--regime", "freeze", "--ridge", "0.5"], "--ridge applies to --regime loglinear only"),
+    (["train", "--regime", "loglinear", "--pool-eval"], "the loglinear regime does not evaluate whole pools"),
+    (["train", "--regime", "freeze", "--pool-eval", "--no-online-eval"], "online evaluation is off"),
+    (["train", "--regime", "freeze", "--pool-eval", "--eval-limit", "0"], "there are no online-eval prompts"),
+    (["train", "--profile="], "--profile: empty name"),
+    (["train", "--data-dir", "samples"], "--data-dir applies to --dataset benchmarks; --data names your file"),
+    (["select", "--batch-tokens", "0"], "argument --batch-tokens: must be an integer >= 1, got 0"),
 ])
 def test_non_finite_or_out_of_range_options_are_refused_in_one_line(capsys, isolated, argv, says):
     data = _prefs(isolated / "p.jsonl", rows=12)

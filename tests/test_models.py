@@ -113,6 +113,9 @@ def test_smollm2_converted_once_and_reloaded():
     assert (folder / "COMPLETE").is_file() and (folder / "config.json").is_file()
     assert not any(p.name.startswith(".smollm2-") for p in folder.parent.iterdir())  # no leftover temp folders
     assert bundle.model.config.hidden_size == 576  # fp32 on disk, loaded in the params' dtype (cpu: auto)
+    from mass_dpo.models import block_count
+
+    assert block_count("smollm2") == len(bundle.model.model.layers) == 30  # read from the converted config
     assert bundle.model.dtype == resolve_dtype(None, torch.device("cpu"), bundle.config)
     assert not hasattr(bundle.model.config, "quantization_config")
     ids = bundle.tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -121,3 +124,16 @@ def test_smollm2_converted_once_and_reloaded():
     assert out.loss.item() < 6.0  # real weights: far below log(49152) = 10.8 of a random model
     nxt = bundle.tokenizer.decode(out.logits[0, -1].argmax())
     assert nxt.strip() == "Paris"
+
+
+def test_block_count_reads_configs_without_loading_weights(tmp_path, monkeypatch):
+    from mass_dpo.models import block_count
+
+    tiny = load_model("tiny", device="cpu")
+    assert block_count("tiny") == len(tiny.model.model.layers) == 2
+    tiny.model.save_pretrained(tmp_path / "saved")
+    tiny.tokenizer.save_pretrained(tmp_path / "saved")
+    assert block_count(str(tmp_path / "saved")) == 2
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path / "empty"))  # smollm2 not converted here yet: unknown
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # a hub model never downloaded: unknown, no connection
+    assert block_count("smollm2") is None and block_count("llama3") is None
