@@ -211,16 +211,18 @@ def _summary(rows, ex, picked, settings, t_extract, t_select) -> dict:
 
 def default_out(dataset: str, split: str, model: str, pooling: str, strategy: str, n: int,
                 source: str | None = None) -> Path:
-    """``<runs root>/select/<dataset>-<source>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl``; the runs root is
-    ``mass-dpo train``'s: ``$MASS_DPO_RUNS``, else ``<cache>/runs``. ``source``: a short hash of the input
-    (:func:`source_tag`), so that two files with the same name in different folders get different outputs."""
+    """``<runs root>/select/<dataset>-<source>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl`` (strategy ``all``,
+    which keeps every negative whatever ``n``: ``...-all.jsonl``); the runs root is ``mass-dpo train``'s:
+    ``$MASS_DPO_RUNS``, else ``<cache>/runs``. ``source``: a short hash of the input (:func:`source_tag`), so that
+    two files with the same name in different folders get different outputs."""
     from .params import cache_root
 
     env = os.environ.get("MASS_DPO_RUNS")
     root = Path(env).expanduser() if env else cache_root() / "runs"
     name = Path(str(model)).name
     tag = f"-{source}" if source else ""
-    return root / "select" / f"{dataset}{tag}-{split}-{name}-{pooling}-{strategy}-n{n}.jsonl"
+    size = "" if strategy == "all" else f"-n{n}"
+    return root / "select" / f"{dataset}{tag}-{split}-{name}-{pooling}-{strategy}{size}.jsonl"
 
 
 def source_tag(text: str) -> str:
@@ -519,8 +521,9 @@ def _run(args: argparse.Namespace) -> int:
         max_prompt_length=args.max_prompt_length,
     )
     s = result.summary
+    size = "" if s["strategy"] == "all" else f", n={s['n']}"  # all: every negative, whatever n
     print(
-        f"{s['dataset']}/{s['split']} with {s['model']} ({s['pooling']}, {s['strategy']}, n={s['n']}): "
+        f"{s['dataset']}/{s['split']} with {s['model']} ({s['pooling']}, {s['strategy']}{size}): "
         f"{s['prompts']} prompts, {s['negatives_mean']:.2f} negatives each, mean logdet {s['logdet_mean']:.3f}; "
         f"extraction {s['extraction_seconds']:.1f} s{' (cached)' if s['cache_hit'] else ''}, "
         f"selection {s['selection_seconds']:.2f} s"

@@ -311,6 +311,15 @@ def test_n_larger_than_the_pool_warns_once_and_names_the_output_by_it(capsys, is
     assert Path(plan["run_dir"]).name.startswith("small_tiny_mass_dpo_n3_")
 
 
+def test_strategy_all_keeps_every_negative_and_its_output_name_has_no_n(capsys, isolated):
+    data = _prefs(isolated / "small.jsonl", rows=4, negatives=3)
+    assert main(["select", "--data", str(data), "--model", "tiny", "--strategy", "all", "--n", "2", "--grouped",
+                 "--no-progress"]) == 0
+    assert "(all, all): 4 prompts, 3.00 negatives each" in capsys.readouterr().out
+    (path,) = (isolated / "runs" / "select").glob("small-*-all-tiny-all-all-grouped.jsonl")
+    assert [len(json.loads(line)["rejected"]) for line in path.read_text().splitlines()] == [3] * 4
+
+
 def test_prompts_with_fewer_negatives_than_n_are_said_once(capsys, isolated):
     """A file whose pools differ: the prompts that offer fewer than n negatives are counted in one warning."""
     rows = [{"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": [f"no {i}.{j}" for j in range(1 if i % 2 else 5)]}
