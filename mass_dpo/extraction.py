@@ -1039,6 +1039,8 @@ def extract(
         try:
             check_writable(root, "extraction cache", "give a writable folder with --cache-dir or $MASS_DPO_CACHE")
         except OSError as err:
+            if not root.is_dir():  # a folder that is not there holds no entry either: say it now
+                raise
             unwritable = err
     state = process_state()
     multi = state is not None and state.num_processes > 1

@@ -432,7 +432,13 @@ def _unwritable(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("where", ["out-under-file", "out-unwritable", "cache-under-file", "cache-unwritable"])
-def test_select_output_and_cache_problems_are_found_before_extraction(capsys, isolated, where):
+def test_select_output_and_cache_problems_are_found_before_extraction(capsys, isolated, monkeypatch, where):
+    import mass_dpo.extraction as extraction
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the problem was said")
+
+    monkeypatch.setattr(extraction, "_as_bundle", no_model)
     data = _prefs(isolated / "p.jsonl", rows=12)
     (isolated / "a-file").write_text("x")
     bad = isolated / "a-file" / "sub" if "under-file" in where else _unwritable(isolated) / "sub"
