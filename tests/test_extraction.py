@@ -250,6 +250,23 @@ def test_extract_cache_hit_and_miss(tiny, records, tmp_path):
     assert len(entries(tmp_path)) == 2
 
 
+def test_a_read_only_cache_is_read_and_a_missing_one_is_said_first(tiny, records, tmp_path, monkeypatch):
+    """A cache folder that cannot be written still serves the entries it holds; an entry it lacks is one clear
+    error, and a cache folder that is not there (and cannot be made) is that error before the model is used."""
+    ex = extract(records, tiny, cache_dir=tmp_path / "c", progress=False)
+
+    def read_only(folder, what, fix):
+        raise PermissionError(f"{what} {folder}: cannot write there (read-only); {fix}")
+
+    monkeypatch.setattr(X, "check_writable", read_only)
+    _same(ex, extract(records, tiny, cache_dir=tmp_path / "c", progress=False))  # the entry is there: read
+    with pytest.raises(PermissionError, match="read-only"):
+        extract(records[:3], tiny, cache_dir=tmp_path / "c", progress=False)  # not there: it cannot be stored
+    monkeypatch.setattr(X, "_as_bundle", lambda *a, **k: pytest.fail("the model was used first"))
+    with pytest.raises(PermissionError, match="read-only"):
+        extract(records, tiny, cache_dir=tmp_path / "absent", progress=False)
+
+
 def test_extract_version_is_in_the_key(tiny, records, tmp_path, monkeypatch):
     extract(records, tiny, cache_dir=tmp_path, progress=False)
     monkeypatch.setattr(X, "EXTRACTION_VERSION", X.EXTRACTION_VERSION + 1)
