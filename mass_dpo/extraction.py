@@ -43,6 +43,9 @@ from .files import atomic_path, atomic_write_json, check_writable, clean_orphans
 #: Bump when the extraction's numbers or stored tensors change (formatting, pooling, packing): old caches are then
 #: ignored. 2: both poolings and the response lengths in one cache entry.
 EXTRACTION_VERSION = 2
+#: The tokenization of preference-file records (TRL's, ``trl.DPOTrainer`` 1.16): part of their fingerprint, so that
+#: entries made under the earlier chat-formatted layout are not read for them (benchmark entries keep their keys).
+TRL_LAYOUT = "trl-dpo-1"
 
 POOLINGS = ("all", "response")
 
@@ -608,10 +611,15 @@ def _check_records(records: list[dict]):
 
 
 def dataset_fingerprint(records: list[dict]) -> str:
-    """sha256 of the records' ids, prompts, candidates and targets (what the extraction reads)."""
+    """sha256 of the records' ids, prompts, candidates and targets (what the extraction reads); for a record of a
+    preference file also its message lists and :data:`TRL_LAYOUT` (its tokenization is TRL's,
+    :func:`mass_dpo.data.formatting.encode_trl_pool`)."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([str(r["id"]), r["prompt"], list(r["candidates"]), int(r["target"])]).encode())
+        item = [str(r["id"]), r["prompt"], list(r["candidates"]), int(r["target"])]
+        if "messages" in r:
+            item += [r["messages"], TRL_LAYOUT]
+        h.update(json.dumps(item).encode())
     return h.hexdigest()
 
 

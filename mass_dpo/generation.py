@@ -29,8 +29,8 @@ decoded text of the generated tokens up to the first end-of-turn token (the toke
 markers of :mod:`mass_dpo.data.formatting`), special tokens skipped.
 
 The prompts are rendered exactly as training and extraction render them
-(:func:`mass_dpo.data.formatting.format_prompt` then :func:`~mass_dpo.data.formatting.encode_text`, the prompt part of
-:func:`~mass_dpo.data.formatting.encode_pool`), left-padded into batches (sorted by length, so padding is small; the
+(:func:`mass_dpo.data.formatting.encode_prompt`, the prompt part of :func:`~mass_dpo.data.formatting.encode_pool`),
+left-padded into batches (sorted by length, so padding is small; the
 outputs come back in record order). Standard errors are :func:`mass_dpo.metrics.mean_se` of the 0/1 indicators,
 ``sqrt(p (1 - p) / (n - 1))``: the binomial ``sqrt(p (1 - p) / n)`` times ``sqrt(n / (n - 1))``, the same formula
 as every ranking metric, so HitRatio@1 and Recall@1 carry comparable errors.
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .data.formatting import _end_markers, encode_text, format_prompt
+from .data.formatting import _end_markers, encode_prompt
 from .data.records import letters, normalize_text
 from .metrics import mean_se
 
@@ -156,7 +156,7 @@ def generate_replies(
 
     Args:
         model: a causal LM, plain or peft-wrapped (anything with ``generate``); its train/eval mode is restored.
-        prompts: ``P`` lists of token ids (chat-formatted, ``encode_text(format_prompt(...))``).
+        prompts: ``P`` lists of token ids (:func:`~mass_dpo.data.formatting.encode_prompt`).
         max_new_tokens, batch_size: generated tokens per reply; prompts per ``generate`` call (left padding).
         prefill: ``prefill(input_ids, attention_mask) -> cache`` (or ``None``), the model's key/value cache over
             all but the last token of a left-padded batch, computed another way (the ``freeze`` regime shares its
@@ -231,7 +231,7 @@ def hit_ratio(
         ``matched`` (``[P]`` long, the named candidate or -1), ``outputs`` (list of str), ``ids`` (list).
     """
     rows = _records(records)
-    prompts = [encode_text(format_prompt(r, tokenizer), tokenizer) for r in rows]
+    prompts = [encode_prompt(r, tokenizer) for r in rows]
     outputs = generate_replies(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
         prefill=prefill,

@@ -102,7 +102,10 @@ def _data_location(config: TrainConfig) -> str:
         if not path.is_file():
             return f"{path.resolve()}#sha256=missing"
         stat = path.stat()
-        return f"{path.resolve()}#sha256={_file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)}"
+        from .extraction import TRL_LAYOUT  # its tokenization: a run made under another layout is another run
+
+        digest = _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        return f"{path.resolve()}#sha256={digest}#layout={TRL_LAYOUT}"
     try:
         from .data import resolve_data_dir
         from .data.benchmarks import SAMPLES_DIR

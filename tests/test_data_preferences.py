@@ -126,6 +126,22 @@ def test_rows_reported_by_row_for_tables():
         load_preferences(datasets.Dataset.from_list([ROWS[0], {"prompt": "p", "chosen": "", "rejected": "x"}]))
 
 
+def test_trls_implicit_prompt_form_is_refused_with_the_fix(tmp_path):
+    """TRL's implicit-prompt form (the prompt's turns inside chosen and rejected) would score the prompt twice."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    with pytest.raises(RecordError, match=r"no 'prompt' in any row .*TRL's implicit-prompt form is not read: move "
+                                          r"the shared turns into a 'prompt' column"):
+        load_preferences(_jsonl(tmp_path / "implicit.jsonl", [{"chosen": "a", "rejected": ["b"]}] * 3))
+    rows = [{"prompt": "q0", "chosen": [turn("user", "q0"), turn("assistant", "yes")],
+             "rejected": [[turn("assistant", "no")]]},
+            {"prompt": "q1", "chosen": [turn("assistant", "yes")],
+             "rejected": [[turn("system", "s"), turn("assistant", "no")]]}]
+    with pytest.raises(RecordError) as err:
+        load_preferences(_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert "line 1 (id mixed-000000): 'chosen' holds a user message; give the prompt's turns in 'prompt'" in str(err.value)
+    assert "line 2 (id mixed-000001): 'rejected' holds a system message" in str(err.value)
+
+
 def test_conversational_form_reads_as_text(tmp_path):
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731

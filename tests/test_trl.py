@@ -84,6 +84,16 @@ def test_dpo_trainer_trains_on_select_output_and_losses_agree(tmp_path, caplog, 
     assert [e["id"] for e in examples] == [r["id"] for r in picked.rows]
     if conversational:  # TRL applied the chat template: the prompt ends with the assistant's generation prompt
         assert trainer.processing_class.decode(examples[0]["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    # the selection scored the very token ids TRL trains on: prompt, chosen and each selected negative
+    from mass_dpo.data import load_preferences
+    from mass_dpo.data.formatting import encode_pool
+
+    pools = {r["id"]: encode_pool(r, trainer.processing_class)
+             for r in load_preferences(tmp_path / "prefs.jsonl").to_list()}
+    for e in examples:
+        prompt_ids, cand_ids = pools[e["id"]]
+        assert e["prompt_ids"] == prompt_ids and e["chosen_ids"] == cand_ids[0]
+        assert e["rejected_ids"] in cand_ids[1:]
 
     # given reference log-probs: TRL's precomputed ones, moved by a fixed offset per prompt (chosen) and per pair
     # (rejected), so that the margins, and the losses, spread
@@ -113,3 +123,37 @@ def test_dpo_trainer_trains_on_select_output_and_losses_agree(tmp_path, caplog, 
         assert len(mine) == N and torch.allclose(pc[mine], pc[mine[0]], atol=1e-5)  # one chosen per prompt
         k = preference_loss("dpo_k", pc[mine[:1]], pr[mine][None], rc[mine[:1]], rr[mine][None], beta=BETA).loss
         assert float(k) == pytest.approx(float(trl_losses[mine].mean()), abs=1e-5)
+
+
+def test_preference_rows_are_tokenized_as_trl_tokenizes_them(tmp_path):
+    """Plain text (not chat-formatted, EOS appended), and conversations with a system turn and earlier turns
+    (rendered as they are): mass_dpo's pool ids equal TRL's prompt / completion split of every pair."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from mass_dpo.data import load_preferences
+    from mass_dpo.data.formatting import encode_pool
+    from mass_dpo.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    say = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [{"prompt": "What is 2+2? Answer:", "chosen": " 4", "rejected": [" 5", " five"]},
+            {"prompt": [say("system", "Be terse."), say("user", "Hi"), say("assistant", "Hello!"), say("user", "2+2?")],
+             "chosen": [say("assistant", "4")], "rejected": [[say("assistant", "5")], [say("assistant", "22")]]},
+            {"prompt": "Name a colour.", "chosen": "red", "rejected": ["blue", "green"]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for rec, row in zip(load_preferences(path).to_list(), rows):
+        prompt_ids, cand_ids = encode_pool(rec, tok)
+        for response, ids in zip([row["chosen"], *row["rejected"]], cand_ids):
+            if isinstance(row["prompt"], list):
+                trl_prompt = _tokenize(tok, row["prompt"], add_generation_prompt=True)["input_ids"]
+                trl_full = _tokenize(tok, row["prompt"] + response)["input_ids"]
+            else:
+                trl_prompt = _tokenize(tok, row["prompt"])["input_ids"]
+                trl_full = _tokenize(tok, row["prompt"] + response + tok.eos_token)["input_ids"]
+            cut = common_prefix_length(trl_prompt, trl_full)
+            assert (prompt_ids, ids) == (trl_prompt[:cut], trl_full[cut:]), rec["id"]
+        if isinstance(row["prompt"], list):
+            assert "Be terse." in tok.decode(prompt_ids) and "<|im_start|>system\nBe terse." in tok.decode(prompt_ids)
+        else:
+            assert tok.decode(prompt_ids) == row["prompt"]  # no chat template around a plain-text prompt

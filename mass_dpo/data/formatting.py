@@ -14,9 +14,20 @@ response): that is what a model sees when it generates the response after the pr
 chat text. Where a tokenizer would merge characters across the boundary (a byte-level BPE whose regex keeps
 ``"\n\n"`` whole at the end of the prompt but splits it before a letter), the separate tokenization is the one used.
 Tokenizers without a chat template get a plain-text layout (:data:`PLAIN_PROMPT`).
+
+Records read from a preference file (:func:`mass_dpo.data.load_preferences`: they carry a ``messages`` field) are
+tokenized exactly as ``trl.DPOTrainer`` tokenizes the same rows (TRL 1.16, ``_prepare_dataset``), so that the
+negatives are scored, and ``mass-dpo train --data`` trains, on the very sequences TRL trains on
+(:func:`trl_layout`, :func:`encode_trl_pool`): a plain-text (standard) row is not chat-formatted (the prompt as given,
+tokenized with the tokenizer's special tokens; each response + EOS); a conversational row renders its own message
+lists (system turns and earlier turns included) with ``add_generation_prompt=True`` for the prompt, and the whole
+conversation for each response; the response is what follows the longest common prefix of the prompt's and the
+conversation's tokens (TRL's ``common_prefix_length``), the template's text after the end-of-turn marker included.
 """
 
 from __future__ import annotations
+
+import json
 
 from typing import Any, Mapping
 
@@ -53,8 +64,59 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     )
 
 
+def trl_layout(record: Mapping[str, Any]) -> str | None:
+    """``"standard"`` / ``"conversational"``: the TRL form of a record read from a preference file; ``None`` for a
+    benchmark record (chat-formatted as the module docstring says)."""
+    if "messages" not in record:
+        return None
+    return "conversational" if record["messages"] else "standard"
+
+
+def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def encode_trl_prompt(record: Mapping[str, Any], tokenizer) -> list[int]:
+    """The prompt ids ``trl.DPOTrainer`` builds for a preference-file record (:func:`trl_layout`): the plain text
+    with the tokenizer's special tokens, or the prompt's messages with the generation prompt."""
+    if trl_layout(record) == "conversational":
+        return _chat_ids(tokenizer, json.loads(record["messages"])["prompt"], add_generation_prompt=True)
+    return list(tokenizer(_prompt_text(record))["input_ids"])
+
+
+def encode_trl_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [candidate_ids, ...])`` of a preference-file record as ``trl.DPOTrainer`` tokenizes each of
+    its pairs: prompt + response tokenized whole (a plain-text response with EOS appended unless it ends with it),
+    the response being what follows the common prefix of the prompt's ids and those (the shortest over the pool,
+    so that the prompt is shared)."""
+    prompt_ids = encode_trl_prompt(record, tokenizer)
+    if trl_layout(record) == "conversational":
+        conv = json.loads(record["messages"])
+        fulls = [_chat_ids(tokenizer, conv["prompt"] + c) for c in conv["candidates"]]
+    else:
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        prompt = _prompt_text(record)
+        fulls = [list(tokenizer(prompt + c + ("" if c.endswith(eos) else eos))["input_ids"])
+                 for c in record["candidates"]]
+    cut = min(_common_prefix(prompt_ids, f) for f in fulls)
+    return prompt_ids[:cut], [f[cut:] for f in fulls]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def format_prompt(record: Mapping[str, Any], tokenizer) -> str:
-    """The chat-formatted prompt: ``record["prompt"]`` as the user turn, followed by the generation prompt."""
+    """The chat-formatted prompt: ``record["prompt"]`` as the user turn, followed by the generation prompt (a
+    preference-file record: the text of :func:`encode_trl_prompt`)."""
+    if trl_layout(record) is not None:
+        return tokenizer.decode(encode_trl_prompt(record, tokenizer))
     prompt = _prompt_text(record)
     if not _has_template(tokenizer):
         return PLAIN_PROMPT.format(prompt=prompt)
@@ -98,20 +160,30 @@ def encode_text(text: str, tokenizer) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompt(record: Mapping[str, Any], tokenizer) -> list[int]:
+    """The prompt ids a model generates after: :func:`encode_trl_prompt` for a preference-file record, else the
+    chat-formatted prompt (:func:`format_prompt`)."""
+    if trl_layout(record) is not None:
+        return encode_trl_prompt(record, tokenizer)
+    return encode_text(format_prompt(record, tokenizer), tokenizer)
+
+
 def encode_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], list[list[int]]]:
     """``(prompt_ids, [candidate_ids, ...])`` of a record: the chat-formatted prompt once, then each candidate's
-    response tokens (see :func:`format_pair`); ``prompt_ids + candidate_ids[c]`` is the full chat for candidate c."""
+    response tokens (see :func:`format_pair`); ``prompt_ids + candidate_ids[c]`` is the full chat for candidate c.
+    A preference-file record: TRL's tokenization (:func:`encode_trl_pool`)."""
     if "candidates" not in record:
         raise KeyError(f"record has no 'candidates' field (fields: {', '.join(map(str, record))})")
-    prompt_text = format_prompt(record, tokenizer)
-    prompt_ids = encode_text(prompt_text, tokenizer)
-    cand_ids = []
-    for c in record["candidates"]:
-        _, response = format_pair(record, c, tokenizer, prompt_text=prompt_text)
-        ids = encode_text(response, tokenizer)
+    if trl_layout(record) is not None:
+        prompt_ids, cand_ids = encode_trl_pool(record, tokenizer)
+    else:
+        prompt_text = format_prompt(record, tokenizer)
+        prompt_ids = encode_text(prompt_text, tokenizer)
+        cand_ids = [encode_text(format_pair(record, c, tokenizer, prompt_text=prompt_text)[1], tokenizer)
+                    for c in record["candidates"]]
+    for c, ids in zip(record["candidates"], cand_ids):
         if not ids:
             raise ValueError(f"candidate {c!r} of record {record.get('id', '?')!r} tokenizes to nothing")
-        cand_ids.append(ids)
     return prompt_ids, cand_ids
 
 

@@ -8,7 +8,9 @@ responses (the negative pool; TRL reads one only). Both of TRL's forms are read:
 - conversational: message lists (``"prompt": [{"role": "user", "content": "..."}]``, ``"chosen": [{"role":
   "assistant", "content": "..."}]``, ``"rejected"``: one such list or a list of them). A prompt of one message
   becomes its content; a longer one becomes ``"<Role>: <content>"`` lines. A response becomes the content of its
-  messages, joined by newlines. The chat template is applied later, by the model's tokenizer.
+  messages, joined by newlines. These texts name and check the rows; the tokens scored are TRL's own, from the
+  message lists (:func:`mass_dpo.data.formatting.encode_trl_pool`). A response holding a user or system message
+  (TRL's implicit-prompt form) is refused: the prompt would be scored twice.
 
 A conversational row keeps its message lists beside the text, in the record's ``messages`` column (JSON text of
 ``{"prompt": [...], "candidates": [[...], ...]}``, aligned with ``candidates``; ``""`` for a plain-text row): a field
@@ -148,6 +150,11 @@ def _messages_text(messages: list[dict], prompt: bool) -> str | None:
 
 
 def _text(value: Any, field: str) -> tuple[str | None, str | None]:
+    if _is_messages(value) and field != "prompt":
+        roles = [str(m.get("role")) for m in value if m.get("role") in ("user", "system")]
+        if roles:  # the prompt repeated inside the response (TRL's implicit-prompt form): it would be scored twice
+            return None, (f"'{field}' holds a {roles[0]} message; give the prompt's turns in 'prompt' and only the "
+                          f"reply in '{field}' (trl.data_utils.extract_prompt splits them)")
     if _is_messages(value):
         text = _messages_text(value, prompt=field == "prompt")
         return (text, None) if text else (None, f"a message of '{field}' has no text content")
@@ -304,6 +311,8 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
                 rej = [rej]  # one negative
             if isinstance(rej, list):  # conversational negatives -> text (None marks one without content)
                 raw = list(rej)
+                inside = [e for e in (_text(r, "rejected")[1] for r in rej if _is_messages(r)) if e and "holds" in e]
+                errs += inside[:1]
                 rej = [(_messages_text(r, prompt=False) if _is_messages(r) else r) for r in rej]
             if rej is None or (isinstance(rej, list) and not rej):
                 errs.append("empty negative pool ('rejected')")
@@ -345,9 +354,12 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
     absent = [f for f in FIELDS if rows and all(isinstance(r, dict) and f not in r for r in rows if r is not None)]
     if absent and on_error == "raise":  # a file of other columns: say so once, not once per row
         columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        implicit = absent == ["prompt"]  # TRL's implicit-prompt form: the prompt inside chosen and rejected
         raise RecordError(f"{where}: no {', '.join(repr(f) for f in absent)} in any row (its fields: "
                           f"{', '.join(columns[:12]) or 'none'}); name them {', '.join(FIELDS)} (rejected: a list of "
-                          "rejected responses)")
+                          "rejected responses)" + ("; TRL's implicit-prompt form is not read: move the shared turns "
+                                                   "into a 'prompt' column (trl.data_utils.extract_prompt does it)"
+                                                   if implicit else ""))
     if problems:
         head = f"{len(problems)} unusable preference row(s) in {where}"
         if on_error == "raise":
