@@ -163,9 +163,109 @@ def resolve(name: str, given: dict[str, Any], *, defaults: dict[str, Any] | None
                 f"give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb -y '{key}: {shown}'")
         if values[key] is None and key in from_profile:
             values[key], sources[key] = from_profile[key], f"profile {profile}"
+    expected = {k: defaults[k] if defaults.get(k) is not None else from_profile.get(k) for k in declared}
+    check_parameters(name, values, expected, given if defaults else None)
     for model in ([values["model"]] if values.get("model") else []) + list(values.get("models") or []):
         check_model(model)
     return Resolved(name, profile, values, sources)
+
+
+#: Integer parameters that may be 0 (seeds, a count where 0 means none, an index); every other integer is >= 1.
+MAY_BE_ZERO = {"seed", "seeds", "eval_limit", "example"}
+#: Number parameters that must be > 0 (every other number: finite and >= 0).
+POSITIVE = {"beta", "betas", "gamma", "tol", "sweep_gram_scales"}
+#: The first line of the cell papermill injects after the parameters cell (its ``PythonTranslator``).
+INJECTED_HEADER = "# Parameters\n"
+
+
+def _injected_names(given: dict[str, Any]) -> list[str]:
+    """The names papermill assigned in its injected cell, read from the kernel's input history (``In``): a name
+    there that the parameters cell does not declare was a typo on the command line (papermill only warns)."""
+    import ast
+
+    names: list[str] = []
+    for source in given.get("In") or []:
+        if isinstance(source, str) and source.startswith(INJECTED_HEADER):
+            for stmt in ast.parse(source).body:
+                if isinstance(stmt, ast.Assign):
+                    names += [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+    return list(dict.fromkeys(names))
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The values a list parameter of names may hold."""
+    from .experiments.ablations import LABEL_BLIND
+    from .extraction import SELECTION_SCORES
+    from .losses import METHODS
+
+    return {"methods": METHODS, "readings": SELECTION_SCORES, "label_blind": LABEL_BLIND}
+
+
+def _kind_error(key: str, value: Any, like: Any, name: str) -> str | None:
+    """Why ``value`` cannot be parameter ``key`` whose values look like ``like`` (its default or the profile's),
+    or ``None`` when it can."""
+    if isinstance(like, bool):
+        return None if isinstance(value, bool) else f"must be True or False, got {value!r}"
+    if isinstance(like, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+        low = 0 if key in MAY_BE_ZERO else 1
+        return None if value >= low else f"must be >= {low}, got {value}"
+    if isinstance(like, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            return f"must be a finite number, got {value!r}"
+        if key in POSITIVE:
+            return None if value > 0 else f"must be > 0, got {value}"
+        return None if value >= 0 else f"must be >= 0, got {value}"
+    if isinstance(like, str):
+        return None if isinstance(value, str) and value.strip() else f"must be a non-empty name or path, got {value!r}"
+    if isinstance(like, list):
+        if not isinstance(value, (list, tuple)):
+            return (f"is a list, got {value!r}: give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb "
+                    f"-y '{key}: [{value}]'")
+        if not value:
+            return "is an empty list: give at least one value, or leave it out for the default"
+        choices = _choices().get(key)
+        for item in value:
+            why = (None if item in choices else f"holds {item!r}, not one of {', '.join(choices)}") if choices else \
+                (_kind_error(key, item, like[0], name) if like else None)
+            if why:
+                return why if why.startswith("holds") or why.startswith("is") else f"holds {item!r}: each {why}"
+    return None
+
+
+def check_parameters(name: str, values: dict[str, Any], expected: dict[str, Any],
+                     given: dict[str, Any] | None = None) -> None:
+    """A ``ValueError`` of one line naming the first bad parameter of notebook ``name`` and the fix, before any
+    work: a value of another kind than ``expected[key]`` (the parameters cell's default, else the profile's value:
+    an integer, a finite number, a name, a non-empty list of those), a count < 1 (a seed or a count in
+    :data:`MAY_BE_ZERO` < 0), a number < 0 (one in :data:`POSITIVE` <= 0), a method, reading or label-blind strategy
+    that does not exist, a ``data_dir`` that is not a folder; and, with ``given`` (the notebook's ``globals()``), a
+    name papermill injected that the parameters cell does not declare (:func:`_injected_names`; papermill only
+    warns). Other globals are never read: a setup cell run again in JupyterLab sees the later cells' variables."""
+    for key, value in values.items():
+        like = expected.get(key)
+        if value is None or like is None:
+            continue
+        why = _kind_error(key, value, like, name)
+        if why:
+            raise ValueError(f"parameter {key} of {name} {why}")
+    folder = values.get("data_dir")
+    if isinstance(folder, str) and folder != "samples" and not Path(folder).expanduser().is_dir():
+        raise ValueError(f"parameter data_dir of {name}: no folder {folder}; give a folder holding the benchmarks "
+                         "(docs/data.md), or 'samples' for the shipped samples")
+    if given is not None:
+        unknown = [k for k in _injected_names(given) if k not in values]
+        if unknown:
+            raise ValueError(f"{name} has no parameter {unknown[0]!r} (its parameters: {', '.join(values)}); "
+                             "check the name given with -p / -y")
+
+
+def check_notebook(name: str, given: dict[str, Any]) -> None:
+    """:func:`check_parameters` for a notebook that does not :func:`resolve` (its parameters cell holds every
+    value): ``check_notebook("toy_loglinear", globals())`` first thing in its setup cell."""
+    defaults = notebook_defaults(name)
+    check_parameters(name, {k: given.get(k, v) for k, v in defaults.items()}, defaults, given)
 
 
 def papermill_parameters(name: str | Path, profile: str) -> dict[str, Any]:

@@ -259,3 +259,39 @@ def test_the_lm_profile_runs_table3_at_the_main_setting_with_the_hardest_negativ
     new = [s for s in specs if s not in table1]
     assert new and all(s.get("negatives") == "hardest" and s["method"] == "sdpo" for s in new)
     assert len(new) == len(p["datasets"]) * len(p["seeds"]) and set(p["datasets"]) == {"lastfm", "movielens"}
+
+
+@pytest.mark.parametrize("name, given, says", [
+    ("table1", {"seeds": 3}, "parameter seeds of table1 is a list, got 3: give it with -y"),
+    ("table1", {"n": "three"}, "parameter n of table1 must be an integer, got 'three'"),
+    ("table1", {"n": 0}, "parameter n of table1 must be >= 1, got 0"),
+    ("table1", {"train_limit": -5}, "parameter train_limit of table1 must be >= 1, got -5"),
+    ("table1", {"methods": ["dpo", "masdpo"]}, "holds 'masdpo', not one of dpo, dpo_k, dmpo, sdpo, mass_dpo"),
+    ("table1", {"datasets": []}, "parameter datasets of table1 is an empty list"),
+    ("table1", {"seeds": [-1]}, "parameter seeds of table1 holds -1: each must be >= 0, got -1"),
+    ("table1", {"data_dir": "/no/such/folder"}, "parameter data_dir of table1: no folder /no/such/folder"),
+    ("table3", {"betas": [0.1, -1]}, "parameter betas of table3 holds -1: each must be > 0"),
+    ("table3", {"readings": ["delt"]}, "holds 'delt', not one of delta, reference, offset"),
+    ("table8", {"epochs": 2}, "parameter epochs of table8 is a list, got 2"),
+    ("quickstart", {"beta": 0.0}, "parameter beta of quickstart must be > 0, got 0.0"),
+    ("table1", {"In": ["", "# Parameters\nprofile = \"smoke\"\nnseeds = 3\n"]},
+     "table1 has no parameter 'nseeds' (its parameters: profile, model"),
+])
+def test_a_bad_parameter_is_one_line_naming_it(name, given, says):
+    defaults, _ = parameters_cell(name)
+    with pytest.raises(ValueError) as err:
+        resolve(name, {**defaults, "profile": "smoke", **given})
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_later_globals_are_not_parameters_and_the_toy_notebook_is_checked_too():
+    defaults, _ = parameters_cell("table1")
+    later = {"rows": [1, 2], "n_runs": 3, "In": ["# Parameters (papermill: -p name value ...)\nn: int = 3\n"]}
+    assert resolve("table1", {**defaults, "profile": "smoke", **later}).values["n"] == 3  # setup run again
+    toy, _ = parameters_cell("toy_loglinear")
+    NP.check_notebook("toy_loglinear", dict(toy))
+    for bad, says in (({"shapes": "isotropic"}, "is a list"), ({"use_cache": "no"}, "must be True or False"),
+                      ({"d": 0}, "parameter d of toy_loglinear must be >= 1"),
+                      ({"num_seeds": "three"}, "must be an integer")):
+        with pytest.raises(ValueError, match=says):
+            NP.check_notebook("toy_loglinear", {**toy, **bad})
