@@ -193,12 +193,13 @@ def _injected_names(given: dict[str, Any]) -> list[str]:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    """The values a list parameter of names may hold."""
+    """The values a parameter of names (or a list of them) may hold."""
+    from .config import REGIMES
     from .experiments.ablations import LABEL_BLIND
     from .extraction import SELECTION_SCORES
     from .losses import METHODS
 
-    return {"methods": METHODS, "readings": SELECTION_SCORES, "label_blind": LABEL_BLIND}
+    return {"methods": METHODS, "readings": SELECTION_SCORES, "label_blind": LABEL_BLIND, "regime": REGIMES}
 
 
 def _kind_error(key: str, value: Any, like: Any, name: str) -> str | None:
@@ -218,7 +219,10 @@ def _kind_error(key: str, value: Any, like: Any, name: str) -> str | None:
             return None if value > 0 else f"must be > 0, got {value}"
         return None if value >= 0 else f"must be >= 0, got {value}"
     if isinstance(like, str):
-        return None if isinstance(value, str) and value.strip() else f"must be a non-empty name or path, got {value!r}"
+        if not (isinstance(value, str) and value.strip()):
+            return f"must be a non-empty name or path, got {value!r}"
+        choices = _choices().get(key)
+        return None if not choices or value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
     if isinstance(like, list):
         if not isinstance(value, (list, tuple)):
             return (f"is a list, got {value!r}: give it with -y, e.g. papermill notebooks/{name}.ipynb out.ipynb "

@@ -274,6 +274,7 @@ def test_the_lm_profile_runs_table3_at_the_main_setting_with_the_hardest_negativ
     ("table3", {"readings": ["delt"]}, "holds 'delt', not one of delta, reference, offset"),
     ("table8", {"epochs": 2}, "parameter epochs of table8 is a list, got 2"),
     ("quickstart", {"beta": 0.0}, "parameter beta of quickstart must be > 0, got 0.0"),
+    ("quickstart", {"regime": "nosuch"}, "parameter regime of quickstart must be one of full, lora, loglinear, freeze"),
     ("table1", {"In": ["", "# Parameters\nprofile = \"smoke\"\nnseeds = 3\n"]},
      "table1 has no parameter 'nseeds' (its parameters: profile, model"),
 ])
