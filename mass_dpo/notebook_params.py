@@ -23,6 +23,7 @@ The values of notebook ``name`` under profile ``p`` (:func:`profile_values`), la
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def _kind_error(key: str, value: Any, like: Any, name: str) -> str | None:
         low = 0 if key in MAY_BE_ZERO else 1
         return None if value >= low else f"must be >= {low}, got {value}"
     if isinstance(like, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
         if key in POSITIVE:
             return None if value > 0 else f"must be > 0, got {value}"
@@ -231,10 +232,11 @@ def _kind_error(key: str, value: Any, like: Any, name: str) -> str | None:
             return "is an empty list: give at least one value, or leave it out for the default"
         choices = _choices().get(key)
         for item in value:
-            why = (None if item in choices else f"holds {item!r}, not one of {', '.join(choices)}") if choices else \
-                (_kind_error(key, item, like[0], name) if like else None)
+            if choices and item not in choices:
+                return f"holds {item!r}, not one of {', '.join(choices)}"
+            why = None if choices or not like else _kind_error(key, item, like[0], name)
             if why:
-                return why if why.startswith("holds") or why.startswith("is") else f"holds {item!r}: each {why}"
+                return f"holds {item!r}: each {why}"
     return None
 
 

@@ -15,8 +15,9 @@ number finite and in range: beta > 0, gamma > 0, n >= 1, ...; ``--trainable-laye
 the runs root and the cache writable); an option the run would not use (``--trainable-layers`` outside the freeze
 regime, ``--ridge`` outside the log-linear one, ``--pool-eval`` without online evaluation, ``--data-dir`` with
 ``--data``) is refused. An ``n`` larger than the largest negative pool warns once and the run uses, and is named by,
-the pool size; prompts that offer fewer than ``n`` negatives are counted in one warning (they train on all they have). ``--max-length`` and
-``--max-prompt-length`` cut prompts and responses the way TRL does (:func:`mass_dpo.data.formatting.truncate_pool`).
+the pool size; prompts that offer fewer than ``n`` negatives are counted in one warning (they train on all they
+have). ``--max-length`` and ``--max-prompt-length`` cut prompts and responses the way TRL does
+(:func:`mass_dpo.data.formatting.truncate_pool`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ conversation's tokens (TRL's ``common_prefix_length``), the template's text afte
 from __future__ import annotations
 
 import json
+import os
 
 from typing import Any, Mapping
 
@@ -99,17 +100,8 @@ def encode_trl_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], li
         prompt = _prompt_text(record)
         fulls = [list(tokenizer(prompt + c + ("" if c.endswith(eos) else eos))["input_ids"])
                  for c in record["candidates"]]
-    cut = min(_common_prefix(prompt_ids, f) for f in fulls)
+    cut = min(len(os.path.commonprefix([prompt_ids, f])) for f in fulls)
     return prompt_ids[:cut], [f[cut:] for f in fulls]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def format_prompt(record: Mapping[str, Any], tokenizer) -> str:
