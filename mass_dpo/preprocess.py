@@ -130,15 +130,19 @@ def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
     """One row per prompt: ``prompt``, ``chosen``, ``rejected`` (the picks, in selection order), ``id``,
     ``target``, ``indices``, ``gains``, ``logdet`` (see the module docstring). When any record was read from
     conversational rows, every row is written as message lists (:func:`mass_dpo.data.preferences.conversation`),
-    so that the file has one form; otherwise as text."""
-    from .data.preferences import conversation, is_conversational
+    so that the file has one form, with TRL's ``tools`` and ``chat_template_kwargs`` columns on every row once any
+    record has them; otherwise as text."""
+    from .data.preferences import TEMPLATE_COLUMNS, conversation, is_conversational
 
     conversational = any(is_conversational(r) for r in records)
+    convs = [conversation(r) if conversational else None for r in records]
+    # TRL's template columns, on every row once any row has one (a row without: no tools, no variables)
+    template = [k for k in TEMPLATE_COLUMNS if any(c and c.get(k) for c in convs)]
     rows = []
     for i, r in enumerate(records):
         keep = picked["indices"][i] >= 0
         idx = picked["indices"][i][keep].tolist()
-        conv = conversation(r) if conversational else None
+        conv = convs[i]
         cands = conv["candidates"] if conv else r["candidates"]
         rows.append({
             "prompt": conv["prompt"] if conv else r["prompt"],
@@ -149,6 +153,7 @@ def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
             "indices": idx,
             "gains": [_finite(g) for g in picked["gains"][i][keep].tolist()],
             "logdet": _finite(picked["logdet"][i]),
+            **{k: conv.get(k) or ({} if k == "chat_template_kwargs" else None) for k in template},
         })
     return rows
 
@@ -156,10 +161,11 @@ def _rows(records: list[dict], ex: Extracted, picked: dict) -> list[dict]:
 def pair_rows(rows: list[dict]) -> list[dict]:
     """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, TRL's preference form: ``prompt``,
     ``chosen``, ``rejected`` (one response: text or a message list), ``id``, ``rank`` (selection order), ``index``,
-    ``gain``, ``logdet`` (the prompt's subset)."""
+    ``gain``, ``logdet`` (the prompt's subset), and TRL's template columns where the rows have them."""
     return [
         {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": negative, "id": r["id"], "rank": k,
-         "index": r["indices"][k], "gain": r["gains"][k], "logdet": r["logdet"]}
+         "index": r["indices"][k], "gain": r["gains"][k], "logdet": r["logdet"],
+         **{c: r[c] for c in ("tools", "chat_template_kwargs") if c in r}}
         for r in rows
         for k, negative in enumerate(r["rejected"])
     ]

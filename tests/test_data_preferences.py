@@ -246,3 +246,19 @@ def test_pairs_that_share_an_id_read_as_one_prompt(tmp_path):
         load_preferences(_jsonl(tmp_path / "clash.jsonl", rows))
     # rows without ids stay one record each
     assert len(load_preferences([{k: v for k, v in r.items() if k != "id"} for r in rows[:4]])) == 4
+
+
+def test_bad_tools_or_template_variables_are_reported_by_line(tmp_path):
+    conv = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [[{"role": "assistant", "content": "b"}]]}
+    rows = [{**conv, "id": "ok", "tools": '[{"name": "f"}]', "chat_template_kwargs": {"x": 1}},
+            {**conv, "id": "t1", "tools": "[not json"},
+            {**conv, "id": "t2", "tools": {"name": "f"}},
+            {**conv, "id": "k", "chat_template_kwargs": ["x"]}]
+    with pytest.raises(RecordError) as err:
+        load_preferences(_jsonl(tmp_path / "tools.jsonl", rows))
+    msg = str(err.value)
+    assert "3 unusable" in msg and "line 1 " not in msg
+    assert "line 2 (id t1): 'tools' is text that is not JSON" in msg
+    assert "line 3 (id t2): 'tools' is dict, not a list of tool schemas" in msg
+    assert "line 4 (id k): 'chat_template_kwargs' is list, not a dict" in msg

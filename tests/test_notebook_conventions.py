@@ -65,3 +65,62 @@ def test_papermill_parses_every_parameter(notebook):
     source = _parameters_cells(nb)[0].source
     names = [s.target.id for s in ast.parse(source).body]
     assert list(papermill.inspect_notebook(str(path)).keys()) == names
+
+
+def _read_keys(tree) -> set[str]:
+    """Names a piece of code reads: variables, and string keys of subscripts and ``.get`` calls
+    (``P.values["model"]``, ``p["ns"]``, ``params.get("models")``)."""
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            keys.add(node.id)
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            keys.add(node.slice.value)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            keys.add(node.args[0].value)
+    return keys
+
+
+def test_every_parameter_is_read(notebook):
+    """A parameter nothing reads is a setting a user changes to no effect: each one is read by a later cell (or,
+    through ``E.setup_from(P.values)``, by the run setup)."""
+    path, nb = notebook
+    params = _parameters_cells(nb)[0]
+    declared = [s.target.id for s in ast.parse(params.source).body]
+    later = [c for c in nb.cells if c.cell_type == "code" and c is not params]
+    used = set().union(*(_read_keys(ast.parse(_without_magics(c.source))) for c in later))
+    if any("resolve(" in c.source for c in later):
+        used.add("profile")  # resolve() reads the profile itself
+    if any("setup_from(P.values)" in c.source for c in later):
+        used |= _read_keys(_function("setup_from"))
+    if any(f'notebook_specs("{path.stem}", P.values)' in c.source for c in later):
+        used |= _specs_branch_keys(path.stem)
+    unread = [name for name in declared if name not in used]
+    assert not unread, f"{path.name}: parameter(s) {', '.join(unread)} declared but never read"
+
+
+def _without_magics(source: str) -> str:
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+
+
+def _function(name: str) -> ast.FunctionDef:
+    import inspect
+
+    from mass_dpo.experiments import runner
+
+    return ast.parse(inspect.getsource(getattr(runner, name))).body[0]
+
+
+def _specs_branch_keys(stem: str) -> set[str]:
+    """The keys ``runner.notebook_specs`` reads for notebook ``stem``: its preamble and the branch that names it."""
+    keys = set()
+    for stmt in _function("notebook_specs").body:
+        if not isinstance(stmt, ast.If):
+            keys |= _read_keys(stmt)
+            continue
+        test = stmt.test  # name == "x" or name in ("x", "y")
+        names = {n.value for n in ast.walk(test.comparators[0]) if isinstance(n, ast.Constant)}
+        if stem in names:
+            keys |= set().union(*(_read_keys(b) for b in stmt.body))
+    return keys

@@ -296,3 +296,27 @@ def test_later_globals_are_not_parameters_and_the_toy_notebook_is_checked_too():
                       ({"num_seeds": "three"}, "must be an integer")):
         with pytest.raises(ValueError, match=says):
             NP.check_notebook("toy_loglinear", {**toy, **bad})
+
+
+def test_quickstart_example_out_of_range_is_one_line_once_the_file_is_read():
+    from mass_dpo.data import load_preferences
+    from mass_dpo.experiments import check_example
+
+    records = load_preferences(REPO / "notebooks" / "data" / "quickstart_preferences.jsonl")
+    check_example(records, 0)
+    check_example(records, len(records) - 1)
+    for bad in (len(records), 999, -1):
+        with pytest.raises(ValueError) as err:
+            check_example(records, bad)
+        assert f"from 0 to {len(records) - 1}" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted((REPO / "notebooks").glob("*.ipynb"))])
+def test_a_bad_parameter_creates_no_output_folder(name):
+    """The setup cell checks its parameters before it creates ``out_dir``: a typo leaves nothing behind."""
+    import nbformat
+
+    setup = next(c.source for c in nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4).cells
+                 if c.cell_type == "code" and "resolve_out_dir(" in c.source)
+    check = min(i for i in (setup.find("resolve(\""), setup.find("check_notebook(")) if i >= 0)
+    assert 0 <= check < setup.find("resolve_out_dir("), name

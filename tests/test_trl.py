@@ -157,3 +157,66 @@ def test_preference_rows_are_tokenized_as_trl_tokenizes_them(tmp_path):
             assert "Be terse." in tok.decode(prompt_ids) and "<|im_start|>system\nBe terse." in tok.decode(prompt_ids)
         else:
             assert tok.decode(prompt_ids) == row["prompt"]  # no chat template around a plain-text prompt
+
+
+def test_tools_and_template_variables_reach_the_template_as_trl_passes_them(tmp_path):
+    """TRL passes a conversational row's ``tools`` (a list, or its JSON text) and ``chat_template_kwargs`` to
+    ``apply_chat_template``: our pool ids equal TRL's under a template that renders both, and ``select`` writes the
+    columns back on every row (a row without them: no tools, no variables). A plain-text row ignores them, as TRL."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from mass_dpo.data import load_preferences
+    from mass_dpo.data.formatting import encode_pool
+    from mass_dpo.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    tok.chat_template = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t.name }};{% endfor %}</tools>{% endif %}"
+        "{% if persona %}<persona>{{ persona }}</persona>{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    say = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    tools = [{"name": "calculator", "description": "adds", "parameters": {}}]
+    rows = [
+        {"id": "a", "prompt": [say("user", "2+2?")], "chosen": [say("assistant", "4")],
+         "rejected": [[say("assistant", "5")], [say("assistant", "22")]], "tools": tools,
+         "chat_template_kwargs": {"persona": "terse"}},
+        {"id": "b", "prompt": [say("user", "3+3?")], "chosen": [say("assistant", "6")],
+         "rejected": [[say("assistant", "7")]], "tools": json.dumps(tools)},  # JSON text, as TRL also reads it
+        {"id": "c", "prompt": [say("user", "1+1?")], "chosen": [say("assistant", "2")],
+         "rejected": [[say("assistant", "3")]]},
+        {"id": "d", "prompt": "Name a colour.", "chosen": "red", "rejected": ["blue"], "tools": tools},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for rec, row in zip(load_preferences(path).to_list(), rows):
+        prompt_ids, cand_ids = encode_pool(rec, tok)
+        tools_given = row.get("tools")
+        kw = {"tools": json.loads(tools_given) if isinstance(tools_given, str) else tools_given,
+              **row.get("chat_template_kwargs", {})}
+        for response, ids in zip([row["chosen"], *row["rejected"]], cand_ids):
+            if isinstance(row["prompt"], list):
+                trl_prompt = _tokenize(tok, row["prompt"], add_generation_prompt=True, **kw)["input_ids"]
+                trl_full = _tokenize(tok, row["prompt"] + response, **kw)["input_ids"]
+            else:
+                trl_prompt = _tokenize(tok, row["prompt"])["input_ids"]
+                trl_full = _tokenize(tok, row["prompt"] + response + tok.eos_token)["input_ids"]
+            cut = common_prefix_length(trl_prompt, trl_full)
+            assert (prompt_ids, ids) == (trl_prompt[:cut], trl_full[cut:]), rec["id"]
+        text = tok.decode(prompt_ids)
+        assert ("<tools>calculator;</tools>" in text) is (row["id"] in "ab")
+        assert ("<persona>terse</persona>" in text) is (row["id"] == "a")
+
+    from mass_dpo.preprocess import _rows, pair_rows
+
+    records = load_preferences(path).to_list()
+    picked = {"indices": [torch.arange(len(r["candidates"]) - 1) + 1 for r in records],
+              "gains": [torch.zeros(len(r["candidates"]) - 1) for r in records], "logdet": [0.0] * len(records)}
+    written = _rows(records, None, picked)
+    assert [r["tools"] for r in written] == [tools, tools, None, None]
+    assert [r["chat_template_kwargs"] for r in written] == [{"persona": "terse"}, {}, {}, {}]
+    assert all(p["tools"] == w["tools"] for w in written for p in pair_rows([w]))
+    back = tmp_path / "back.jsonl"
+    back.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(written)))
+    for again, first in zip(load_preferences(back).to_list()[:3], records[:3]):  # the conversational rows read back
+        assert json.loads(again["messages"]) == json.loads(first["messages"])

@@ -78,11 +78,19 @@ def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(out["input_ids"])
 
 
+def _template_kwargs(conv: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``trl.DPOTrainer`` passes to ``apply_chat_template`` besides the messages: the row's ``tools`` and its
+    ``chat_template_kwargs``."""
+    return {"tools": conv.get("tools"), **(conv.get("chat_template_kwargs") or {})}
+
+
 def encode_trl_prompt(record: Mapping[str, Any], tokenizer) -> list[int]:
     """The prompt ids ``trl.DPOTrainer`` builds for a preference-file record (:func:`trl_layout`): the plain text
-    with the tokenizer's special tokens, or the prompt's messages with the generation prompt."""
+    with the tokenizer's special tokens, or the prompt's messages with the generation prompt (and the row's tools
+    and template variables)."""
     if trl_layout(record) == "conversational":
-        return _chat_ids(tokenizer, json.loads(record["messages"])["prompt"], add_generation_prompt=True)
+        conv = json.loads(record["messages"])
+        return _chat_ids(tokenizer, conv["prompt"], add_generation_prompt=True, **_template_kwargs(conv))
     return list(tokenizer(_prompt_text(record))["input_ids"])
 
 
@@ -94,7 +102,7 @@ def encode_trl_pool(record: Mapping[str, Any], tokenizer) -> tuple[list[int], li
     prompt_ids = encode_trl_prompt(record, tokenizer)
     if trl_layout(record) == "conversational":
         conv = json.loads(record["messages"])
-        fulls = [_chat_ids(tokenizer, conv["prompt"] + c) for c in conv["candidates"]]
+        fulls = [_chat_ids(tokenizer, conv["prompt"] + c, **_template_kwargs(conv)) for c in conv["candidates"]]
     else:
         eos = getattr(tokenizer, "eos_token", None) or ""
         prompt = _prompt_text(record)

@@ -14,8 +14,9 @@ responses (the negative pool; TRL reads one only). Both of TRL's forms are read:
 
 A conversational row keeps its message lists beside the text, in the record's ``messages`` column (JSON text of
 ``{"prompt": [...], "candidates": [[...], ...]}``, aligned with ``candidates``; ``""`` for a plain-text row): a field
-given as plain text in such a row becomes a user turn (prompt) or an assistant turn (response). ``mass-dpo select``
-writes those message lists back, so its output stays in TRL's conversational form.
+given as plain text in such a row becomes a user turn (prompt) or an assistant turn (response). TRL's ``tools`` and
+``chat_template_kwargs`` columns go with them (:data:`TEMPLATE_COLUMNS`; a plain-text row ignores them, as TRL does).
+``mass-dpo select`` writes those message lists and columns back, so its output stays in TRL's conversational form.
 
 An ``id`` column, when present, gives the record ids; otherwise they are ``<file stem>-<row>``. Rows that share an
 ``id``, a prompt and a chosen response are one prompt's pairs (``mass-dpo select``'s default output, one row per
@@ -38,7 +39,9 @@ empty pool, the chosen text among the rejected, a message list without content, 
 that repeats an earlier row's prompt, chosen and rejected)
 are reported by row number ("line N" of a JSONL file, 1-based; "row N" of a table, 0-based); nothing is dropped
 silently: ``on_error="raise"`` (default) raises, ``on_error="drop"`` drops those rows with a warning listing them.
-A negative repeated within one pool is kept once, with a warning.
+A negative repeated within one pool is kept once, with a warning. Texts are compared without their surrounding
+whitespace: ``"yes"`` and ``"yes "`` are the same answer here (one would teach the model only a trailing space),
+so such a negative is a repeat, and such a chosen text is among the rejected.
 """
 
 from __future__ import annotations
@@ -175,7 +178,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def group_pairs(rows: list[Any]) -> list[Any]:
-    """Rows that share an ``id``, a ``prompt``, a ``chosen`` and a ``split`` merged into the first of them, its
+    """Rows that share an ``id``, a ``prompt``, a ``chosen``, a ``split`` and the template columns
+    (:data:`TEMPLATE_COLUMNS`) merged into the first of them, its
     ``rejected`` the list of theirs in file order (pairwise rows back to one row per prompt). The merged rows become
     ``None`` so that ``rows[i]`` stays line ``i + 1``; a repeated id with another prompt or chosen is left for the
     caller to report."""
@@ -191,7 +195,7 @@ def group_pairs(rows: list[Any]) -> list[Any]:
         head = out[j]
         had, add = _as_pool(head["rejected"]), _as_pool(row["rejected"])
         if had is not None and add is not None and all(_same(head.get(k), row.get(k))
-                                                       for k in ("prompt", "chosen", "split")):
+                                                       for k in ("prompt", "chosen", "split", *TEMPLATE_COLUMNS)):
             out[j] = {**head, "rejected": had + add}
             out[i] = None
     return out
@@ -232,13 +236,43 @@ def carve_splits(ids: list[str], seed: int = 0, groups: list[str] | None = None)
     return [held.get(g, "train") for g in groups]
 
 
-def _conversation(prompt: Any, chosen: Any, rejected: list[Any]) -> str:
+#: TRL's per-row chat-template columns: ``tools`` (a list of tool schemas, or its JSON text) and
+#: ``chat_template_kwargs`` (a dict of template variables); ``trl.DPOTrainer`` passes both to ``apply_chat_template``
+#: for a conversational row and ignores them on a plain-text one.
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+
+
+def _template_columns(row: dict) -> tuple[dict[str, Any], str | None]:
+    """``({column: value}, error)``: a row's :data:`TEMPLATE_COLUMNS` that hold something, ``tools`` parsed from
+    JSON text as TRL parses it."""
+    out: dict[str, Any] = {}
+    tools = row.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return {}, "'tools' is text that is not JSON (give a list of tool schemas, or its JSON text)"
+    if tools not in (None, "", []):
+        if not isinstance(tools, list):
+            return {}, f"'tools' is {type(tools).__name__}, not a list of tool schemas"
+        out["tools"] = tools
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs not in (None, {}):
+        if not isinstance(kwargs, dict):
+            return {}, f"'chat_template_kwargs' is {type(kwargs).__name__}, not a dict of template variables"
+        out["chat_template_kwargs"] = kwargs
+    return out, None
+
+
+def _conversation(prompt: Any, chosen: Any, rejected: list[Any], template: dict[str, Any] | None = None) -> str:
     """The ``messages`` field of a record: ``""`` for a plain-text row, else JSON text of its message lists
-    (``{"prompt": [...], "candidates": [chosen, *rejected]}``, plain-text fields as user / assistant turns)."""
+    (``{"prompt": [...], "candidates": [chosen, *rejected]}``, plain-text fields as user / assistant turns), with
+    its ``tools`` and ``chat_template_kwargs`` (:data:`TEMPLATE_COLUMNS`) where the row has them."""
     if not any(_is_messages(v) for v in (prompt, chosen, *rejected)):
         return ""
     return json.dumps({"prompt": _as_messages(prompt, "user"),
-                       "candidates": [_as_messages(c, "assistant") for c in (chosen, *rejected)]}, ensure_ascii=False)
+                       "candidates": [_as_messages(c, "assistant") for c in (chosen, *rejected)],
+                       **(template or {})}, ensure_ascii=False)
 
 
 def is_conversational(record: dict) -> bool:
@@ -341,6 +375,8 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
             if content in contents:
                 errs.append(f"repeats {contents[content]} (the same prompt, chosen and rejected)")
             contents.setdefault(content, label)
+        template, bad_template = _template_columns(row)
+        errs += [bad_template] if bad_template else []
         if errs:
             problems.append(f"{label} (id {rid}): " + "; ".join(errs))
             continue
@@ -349,7 +385,7 @@ def load_preferences(path_or_dataset, *, split: str | None = None, split_seed: i
             problems.append(f"{label} (id {rid}): unknown split {own!r} (train, valid or test)")
             continue
         records.append(make_record(rid, prompt, [chosen, *pool], 0,
-                                   messages=_conversation(row["prompt"], row["chosen"], raw_pool)))
+                                   messages=_conversation(row["prompt"], row["chosen"], raw_pool, template)))
         splits.append(_split_name(own))
     absent = [f for f in FIELDS if rows and all(isinstance(r, dict) and f not in r for r in rows if r is not None)]
     if absent and on_error == "raise":  # a file of other columns: say so once, not once per row

@@ -25,6 +25,14 @@ def quickstart_extract(path, model: str = "smollm2"):
     return records, ex
 
 
+def check_example(records, example: int) -> None:
+    """A ``ValueError`` of one line when ``example`` (the prompt the notebook looks at closely) is not the index of
+    a prompt of ``records``: said once the file is read, before any extraction."""
+    if not 0 <= example < len(records):
+        raise ValueError(f"parameter example of quickstart is {example}, but the file holds {len(records)} prompts: "
+                         f"give -p example with a value from 0 to {len(records) - 1}")
+
+
 def compare_selections(records, ex, n: int = 3, *, beta: float = 0.1, gamma: float = 0.1, seed: int = 0
                        ) -> pd.DataFrame:
     """Per prompt and candidate: the text, whether D-optimal and random picked it (and at which step), and the
