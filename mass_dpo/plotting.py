@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .files import atomic_path, atomic_write_text, clean_orphans
+from .files import atomic_path, atomic_write_text, clean_orphans, locked
 
 #: rcParams fixed by :func:`set_theme` (on top of seaborn's theme).
 RC = {
@@ -139,7 +139,9 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
 
     When the PDF and PNG on disk were drawn from a figure with the same :func:`figure_fingerprint` (kept in
     ``<name>.fig.sha256``), they are left as they are and nothing is rendered: a warm rerun draws no figure twice
-    (``MASS_DPO_REDRAW=1`` redraws anyway). Returns ``{"pdf": path, "png": path, "csv": path}``.
+    (``MASS_DPO_REDRAW=1`` redraws anyway). The check and the writes hold the lock of ``<out_dir>/<name>``, so two
+    processes writing one figure leave all its files from one of them. Returns ``{"pdf": path, "png": path, "csv":
+    path}``.
     """
     import os
 
@@ -149,22 +151,23 @@ def save_figure(fig, name: str, data: pd.DataFrame, out_dir) -> dict[str, Path]:
     paths = {"pdf": out / f"{name}.pdf", "png": out / f"{name}.png", "csv": out / f"{name}.csv"}
     stamp = out / f"{name}.fig.sha256"
     key = figure_fingerprint(fig, data)
-    fresh = (stamp.is_file() and stamp.read_text().strip() == key and paths["pdf"].is_file()
-             and paths["png"].is_file() and os.environ.get("MASS_DPO_REDRAW", "") in ("", "0"))
-    if not fresh:
-        if isinstance(fig.get_layout_engine(), matplotlib.layout_engine.ConstrainedLayoutEngine):
-            # lay the figure out once and keep that layout: constrained layout run again at every save moves the
-            # axes by a hair, and the second file would differ from the first
-            fig.draw_without_rendering()
-            fig.set_layout_engine("none")
-        stamp.unlink(missing_ok=True)  # a kill between the two files below must not leave them stamped fresh
-        with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
-            with atomic_path(paths["pdf"]) as tmp:
-                fig.savefig(tmp, format="pdf", metadata=PDF_METADATA)
-            with atomic_path(paths["png"]) as tmp:
-                fig.savefig(tmp, format="png", metadata=PNG_METADATA)
-        atomic_write_text(stamp, key + "\n")
-    _write_csv(data, paths["csv"])
+    with locked(out / name, f"the figure {out / name}"):  # two writers of one figure: its files all from one
+        fresh = (stamp.is_file() and stamp.read_text().strip() == key and paths["pdf"].is_file()
+                 and paths["png"].is_file() and os.environ.get("MASS_DPO_REDRAW", "") in ("", "0"))
+        if not fresh:
+            if isinstance(fig.get_layout_engine(), matplotlib.layout_engine.ConstrainedLayoutEngine):
+                # lay the figure out once and keep that layout: constrained layout run again at every save moves
+                # the axes by a hair, and the second file would differ from the first
+                fig.draw_without_rendering()
+                fig.set_layout_engine("none")
+            stamp.unlink(missing_ok=True)  # a kill between the two files below must not leave them stamped fresh
+            with matplotlib.rc_context({"svg.hashsalt": RC["svg.hashsalt"]}):
+                with atomic_path(paths["pdf"]) as tmp:
+                    fig.savefig(tmp, format="pdf", metadata=PDF_METADATA)
+                with atomic_path(paths["png"]) as tmp:
+                    fig.savefig(tmp, format="png", metadata=PNG_METADATA)
+            atomic_write_text(stamp, key + "\n")
+        _write_csv(data, paths["csv"])
     fig._mass_dpo_png = paths["png"]  # show() displays this file instead of rendering again
     return paths
 
@@ -187,13 +190,15 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def save_table(df: pd.DataFrame, name: str, out_dir) -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.csv``, ``.md`` (pipe table) and ``.tex`` (booktabs tabular). Returns the paths."""
+    """Write ``<out_dir>/<name>.csv``, ``.md`` (pipe table) and ``.tex`` (booktabs tabular), under the lock of
+    ``<out_dir>/<name>`` (all three from one writer). Returns the paths."""
     out = resolve_out_dir(out_dir)
     paths = {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"}
-    _write_csv(df, paths["csv"])
-    atomic_write_text(paths["md"], to_markdown(df))
     tex = df.to_latex(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
-    atomic_write_text(paths["tex"], tex)
+    with locked(out / name, f"the table {out / name}"):  # two writers of one table: its three files all from one
+        _write_csv(df, paths["csv"])
+        atomic_write_text(paths["md"], to_markdown(df))
+        atomic_write_text(paths["tex"], tex)
     return paths
 
 

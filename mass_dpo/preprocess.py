@@ -29,6 +29,7 @@ theta0, ``all`` every candidate. ``--selection-score`` is the reading of the pre
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -216,11 +217,13 @@ def _summary(rows, ex, picked, settings, t_extract, t_select) -> dict:
 
 
 def default_out(dataset: str, split: str, model: str, pooling: str, strategy: str, n: int,
-                source: str | None = None) -> Path:
-    """``<runs root>/select/<dataset>-<source>-<split>-<model>-<pooling>-<strategy>-n<n>.jsonl`` (strategy ``all``,
-    which keeps every negative whatever ``n``: ``...-all.jsonl``); the runs root is ``mass-dpo train``'s:
-    ``$MASS_DPO_RUNS``, else ``<cache>/runs``. ``source``: a short hash of the input (:func:`source_tag`), so that
-    two files with the same name in different folders get different outputs."""
+                source: str | None = None, settings: str | None = None) -> Path:
+    """``<runs root>/select/<dataset>-<source>-<split>-<model>-<pooling>-<strategy>-n<n>[-<settings>].jsonl``
+    (strategy ``all``, which keeps every negative whatever ``n``: no ``-n<n>``); the runs root is ``mass-dpo
+    train``'s: ``$MASS_DPO_RUNS``, else ``<cache>/runs``. ``source``: a short hash of the input (:func:`source_tag`),
+    so that two files with the same name in different folders get different outputs; ``settings``: a short hash of
+    the options left out of the name that differ from their defaults (:func:`settings_tag`), so that a sweep over
+    ``gamma`` or ``seed`` writes one file per setting."""
     from .params import cache_root
 
     env = os.environ.get("MASS_DPO_RUNS")
@@ -228,7 +231,24 @@ def default_out(dataset: str, split: str, model: str, pooling: str, strategy: st
     name = Path(str(model)).name
     tag = f"-{source}" if source else ""
     size = "" if strategy == "all" else f"-n{n}"
-    return root / "select" / f"{dataset}{tag}-{split}-{name}-{pooling}-{strategy}{size}.jsonl"
+    more = f"-{settings}" if settings else ""
+    return root / "select" / f"{dataset}{tag}-{split}-{name}-{pooling}-{strategy}{size}{more}.jsonl"
+
+
+#: The options of :func:`select_dataset` that change its output but not its default file name.
+NAMELESS_SETTINGS = ("beta", "gamma", "selection_score", "center", "limit", "seed", "checkpoint", "max_length",
+                     "max_prompt_length", "dtype")
+
+
+def settings_tag(**given: Any) -> str | None:
+    """8 hex digits of sha256 of the :data:`NAMELESS_SETTINGS` in ``given`` that differ from :func:`select_dataset`'s
+    defaults (``None`` when none does: the default name)."""
+    import inspect
+
+    defaults = inspect.signature(select_dataset).parameters
+    changed = {k: (str(getattr(v, "name", v)) if k == "checkpoint" else v) for k, v in given.items()
+               if k in NAMELESS_SETTINGS and v != defaults[k].default}
+    return source_tag(json.dumps(changed, sort_keys=True, default=str)) if changed else None
 
 
 def source_tag(text: str) -> str:
@@ -380,8 +400,11 @@ def select_dataset(
         if out is None:
             from .extraction import dataset_fingerprint
 
+            settings = settings_tag(beta=beta, gamma=gamma, selection_score=selection_score, center=center,
+                                    limit=limit, seed=seed, checkpoint=checkpoint, max_length=max_length,
+                                    max_prompt_length=max_prompt_length, dtype=dtype)
             out = default_out(name, split, str(model_name), pooling, strategy, n,
-                              source or source_tag(dataset_fingerprint(records)))
+                              source or source_tag(dataset_fingerprint(records)), settings)
             out = out.with_name(out.stem + "-grouped.jsonl") if grouped else out
         out = Path(out).expanduser()
         _check_out(out)  # before the slow work
@@ -468,8 +491,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint", default=None, help="preprocessing checkpoint theta0 (default: the model itself)")
     add("--out", default=None,
         help="JSONL output (default: <runs root>/select/<dataset>-<hash>-<split>-<model>-<pooling>-<strategy>-n<n>"
-             ".jsonl, <hash> a short hash of the input file, or of the benchmark and its data folder; runs root: "
-             "$MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
+             ".jsonl, <hash> a short hash of the input file, or of the benchmark and its data folder; a further "
+             "-<hash> of the other options that differ from their defaults (--beta, --gamma, --seed, ...) before "
+             ".jsonl; runs root: $MASS_DPO_RUNS, else <cache>/runs, where mass-dpo train writes too)")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--grouped", action="store_true",
                       help="one row per prompt, 'rejected' the list of selected negatives (what mass-dpo train --data "

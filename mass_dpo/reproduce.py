@@ -327,7 +327,7 @@ def _open_ledger(profile: str, caches: str) -> dict:
         ledger["piece"] = uuid.uuid4().hex  # this run's piece
         ledger["pieces"].append({"id": ledger["piece"], "started": started, "seconds": 0.0, "notebooks": [],
                                  "ended": None})
-        _save_ledger(ledger)
+        _save_ledger(ledger, new=True)
     return ledger
 
 
@@ -392,19 +392,24 @@ def _heartbeat(ledger: dict | None, name: str, began: float, start: float):
         thread.join()
 
 
-def _save_ledger(ledger: dict) -> None:
+def _save_ledger(ledger: dict, *, new: bool = False) -> None:
     """Write this run's piece into the ledger file under its lock, keeping the pieces another process wrote to the
-    same ledger meanwhile (two whole runs over one cache lose nothing of each other's record)."""
+    same ledger meanwhile (two whole runs over one cache lose nothing of each other's record), and a ``complete``
+    another run set. A ledger on disk with another id is a newer run's (a run that began after this one's ledger
+    was completed): it is left as it is. ``new``: this run starts the ledger (:func:`_open_ledger`)."""
     from .files import atomic_write_json, locked
 
     path = ledger_path(ledger["profile"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path, f"the timings of mass-dpo reproduce --profile {ledger['profile']}"):
         on_disk = _read_ledger(ledger["profile"])
+        if on_disk and on_disk["id"] != ledger["id"] and not new:
+            return
         if on_disk and on_disk["id"] == ledger["id"]:
             mine = _piece(ledger)
             others = [p for p in on_disk["pieces"] if p["id"] != mine["id"]]
             ledger["pieces"] = sorted(others + [mine], key=lambda p: p["started"])
+            ledger["complete"] = bool(ledger["complete"] or on_disk.get("complete"))
         atomic_write_json(path, {k: v for k, v in ledger.items() if k != "piece"})
 
 

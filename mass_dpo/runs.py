@@ -671,7 +671,7 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
 def train_run(
     config: TrainConfig | dict | None = None,
     *,
-    force: bool = False,
+    force: bool | Callable[[Path], bool] = False,
     root=None,
     data: RunData | Callable[[TrainConfig], RunData] | None = None,
     keep_checkpoints: bool = False,
@@ -688,7 +688,9 @@ def train_run(
             in the log-linear regime) on the validation split by the rule (:func:`mass_dpo.tuning.tune`), for this
             (model, dataset, method); options given explicitly in ``config`` / ``overrides`` stay fixed. The choice
             is printed, and saved as ``tuning.csv`` in the run folder.
-        force: retrain even when a finished run exists (its folder is wiped first).
+        force: retrain even when a finished run exists (its folder is wiped first); or a function of the run
+            folder saying whether to, asked again once the run's lock is held (so that jobs waiting on one run
+            retrain it once, not once each).
         root: the runs root (default :func:`runs_root`).
         data: the training data, or a function of the resolved config returning it (default :func:`prepare_data`).
         keep_checkpoints: keep ``checkpoints/`` after the run finishes.
@@ -715,14 +717,19 @@ def train_run(
     state = _state()
     main = state is None or state.is_main_process
     multi = state is not None and state.num_processes > 1
-    if not multi and is_finished(path) and not force:  # several processes decide together, below
+    if not multi and is_finished(path) and not _forced(force, path):  # several processes decide together, below
         return load_run(path)
     check_writable(path.parent, "runs root", "give --out a folder you can write, or set $MASS_DPO_RUNS")
     with locked(path, f"the run {path.name}", enabled=main):
         _barrier(state)  # the other processes go on once the main one holds the lock
-        if is_finished(path) and not force:  # trained by another process while this one waited
+        forced = _forced(force, path)  # asked again: another process may have retrained it while this one waited
+        if is_finished(path) and not forced:  # trained by another process while this one waited
             return load_run(path)
-        return _train_locked(cfg, path, world, state, main, force, data, keep_checkpoints, callbacks)
+        return _train_locked(cfg, path, world, state, main, forced, data, keep_checkpoints, callbacks)
+
+
+def _forced(force: bool | Callable[[Path], bool], path: Path) -> bool:
+    return bool(force(path)) if callable(force) else bool(force)
 
 
 def _train_locked(cfg: TrainConfig, path: Path, world: int, state, main: bool, force: bool, data,

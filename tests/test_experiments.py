@@ -2,6 +2,7 @@
 
 import ast
 import math
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -226,8 +227,9 @@ def test_cpu_profile_takes_effect_in_every_notebook(name):
     for key in ("model", "regime", "profile", "out_dir", "seeds" if name != "quickstart" else "seed"):
         assert key in defaults, f"{name} lacks the {key} parameter"
     if name != "quickstart":
-        for key in ("datasets", "data_dir", "n", "beta", "train_limit", "eval_limit", "test_limit"):
+        for key in ("datasets", "data_dir", "beta", "train_limit", "eval_limit", "test_limit"):
             assert key in defaults, f"{name} lacks the {key} parameter"
+        assert {"n", "ns", "n_selected"} & set(defaults), f"{name} has no budget of negatives (n, ns or n_selected)"
     assert defaults["out_dir"] == f"papers_figures/{name}"
 
 
@@ -405,7 +407,13 @@ def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(t
                      ignore_index=True)
     assert E.curve_axis(runs[runs["label"] != "reference"]) == "L-BFGS iteration"
     own = E.curves(runs)
+    from mass_dpo import files
+
+    locks, compute_once = [], files.compute_once  # each curve under its run's own lock (training's), outside it
+    monkeypatch.setattr(files, "compute_once", lambda target, *a, **k: (locks.append(Path(target)),
+                                                                        compute_once(target, *a, **k))[1])
     common = E.common_curves(runs, split="test")  # scored on the test pools: its last iterate is the run's test
+    assert sorted(locks) == sorted(Path(d) for d in runs[runs["label"] != "reference"]["run_dir"])
     ref = runs[runs["label"] == "reference"].iloc[0]
     for _, row in runs[runs["label"] != "reference"].iterrows():
         mine = common[common["label"] == row["label"]].pivot_table(index="step", columns="metric", values="value")
@@ -418,7 +426,6 @@ def test_common_curves_retrace_each_fit_from_the_reference_to_its_test_metrics(t
     assert set(common["negatives"]) == {"common"} and set(own["negatives"]) == {"own"}
     pd.testing.assert_frame_equal(E.common_curves(runs, split="test"), common)  # kept in the run folders
     # a run whose saved theta the refit does not reach is refused, not silently replaced
-    from pathlib import Path
 
     run = Path(runs[runs["label"] == "S-DPO"].iloc[0]["run_dir"])
     snap = torch.load(run / "snapshots" / "final.pt")

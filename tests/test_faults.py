@@ -561,3 +561,48 @@ def test_no_progress_quiets_the_model_loading_bars(cold_env, tmp_path):
     rc, _, err = _finish(_start([*args, "--no-progress"], cold_env))
     assert rc == 0, err
     assert "Loading weights" not in err and "%|" not in err, err
+
+
+def test_selections_with_other_settings_get_distinct_default_outputs(isolated):
+    """A sweep over gamma or seed without --out: one file per setting (found by a concurrency audit: the last job
+    overwrote the others, and its summary then described a setting the others asked for); the defaults keep the
+    documented name."""
+    import json
+
+    from mass_dpo.preprocess import select_dataset, settings_tag
+
+    data = _prefs(isolated / "prefs.jsonl", rows=12)
+    runs = {kw: select_dataset(str(data), "tiny", split=None, n=2, progress=False, **dict(kw))
+            for kw in ((), (("gamma", 5.0),), (("seed", 1),), (("gamma", 5.0), ("seed", 1)), (("gamma", 0.1),))}
+    outs = {kw: r.out for kw, r in runs.items()}
+    assert outs[(("gamma", 0.1),)] == outs[()] and outs[()].name.endswith("-dopt-n2.jsonl")  # 0.1: the default
+    assert len({outs[k] for k in list(outs)[:4]}) == 4
+    for kw, out in outs.items():
+        summary = json.loads(out.with_name(out.stem + ".summary.json").read_text())
+        assert summary["gamma"] == dict(kw).get("gamma", 0.1) and summary["seed"] == dict(kw).get("seed", 0)
+        tag = settings_tag(**dict(kw))
+        assert (tag is None) is (dict(kw) in ({}, {"gamma": 0.1})) and (tag is None or tag in out.name)
+
+
+@pytest.mark.parametrize("kind", ["figure", "table"])
+def test_a_figure_or_table_is_written_under_its_lock(tmp_path, kind):
+    """Two writers of one figure (or table) must not mix their files (found by a concurrency audit: the PDF of one
+    and the PNG, CSV and stamp of the other, which a warm rerun then kept as fresh): the writes wait for the lock of
+    ``<out_dir>/<name>``."""
+    from mass_dpo.files import locked
+
+    write = ("import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt, pandas as pd\n"
+             "from mass_dpo import plotting\n"
+             "df = pd.DataFrame({'x': [1, 2], 'y': [3, 4]})\n"
+             + ("fig, ax = plt.subplots(); ax.plot(df.x, df.y)\n"
+                f"plotting.save_figure(fig, 'f', df, {str(tmp_path)!r})\n" if kind == "figure" else
+                f"plotting.save_table(df, 'f', {str(tmp_path)!r})\n"))
+    with locked(tmp_path / "f", "the test"):
+        proc = subprocess.Popen([sys.executable, "-c", write], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        waiting = proc.stderr.readline()  # blocks until the child says it waits (or ends)
+        assert "waiting for another process" in waiting and proc.poll() is None
+        assert not (tmp_path / "f.csv").exists()  # nothing written while another writer holds the figure
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "f.csv").is_file() and (tmp_path / ("f.png" if kind == "figure" else "f.md")).is_file()

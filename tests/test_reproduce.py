@@ -203,6 +203,28 @@ def test_two_runs_resuming_one_ledger_keep_each_others_pieces(tmp_path):
         "quickstart", "toy_loglinear", "toy_loglinear"]
 
 
+
+def test_a_run_on_a_ledger_that_was_completed_leaves_the_next_ledger_alone(tmp_path, monkeypatch):
+    """Found by a concurrency audit: a run still beating on a completed ledger overwrote the ledger a newer run had
+    started (losing its piece), and an interrupted run reset another's ``complete``."""
+    import json
+
+    from mass_dpo.reproduce import _open_ledger, _record, ledger_path
+
+    monkeypatch.setenv("MASS_DPO_CACHE", str(tmp_path))  # a ledger of its own
+    a, b = _open_ledger("smoke", "cold"), _open_ledger("smoke", "cold")  # two runs share ledger L1
+    _record(a, None, None, 0.0, 9.0, ended="finished")  # A completes L1
+    _record(b, "quickstart", "ok", 4.0, 4.0)  # B goes on: L1 stays complete
+    assert json.loads(ledger_path("smoke").read_text())["complete"] is True
+    c = _open_ledger("smoke", "cold")  # a new run starts ledger L2
+    assert c["id"] != a["id"]
+    _record(c, "toy_loglinear", "interrupted", 3.0, 3.0, ended="interrupted")
+    _record(b, None, None, 0.0, 6.0, ended="interrupted")  # B's last save must not bring L1 back over L2
+    on_disk = json.loads(ledger_path("smoke").read_text())
+    assert on_disk["id"] == c["id"] and not on_disk["complete"]
+    assert [nb["name"] for p in on_disk["pieces"] for nb in p["notebooks"]] == ["toy_loglinear"]
+    assert _open_ledger("smoke", "cold")["id"] == c["id"]  # the next run resumes L2, C's piece in it
+
 _SIGTERM_DRIVER = """
 import sys
 from pathlib import Path

@@ -163,6 +163,14 @@ def test_finished_run_is_reused(fake_module, tmp_path):
     third = runs.train_run(small(), root=tmp_path, data=data, force=True)
     assert not third.cached and len(calls) == 2
     assert torch.allclose(theta_of(third.run_dir), theta_of(first.run_dir))
+    # force as a question, asked again under the run's lock: a job that waited while another retrained the run
+    # (the answer changed meanwhile) loads it instead of retraining it a second time (found by a concurrency audit)
+    asked = []
+    fourth = runs.train_run(small(), root=tmp_path, data=data, force=lambda folder: asked.append(folder) or
+                            len(asked) == 1)
+    assert asked == [third.run_dir] * 2 and fourth.cached and len(calls) == 2
+    fifth = runs.train_run(small(), root=tmp_path, data=data, force=lambda folder: True)
+    assert not fifth.cached and len(calls) == 3
 
 
 class Interrupt(Exception):

@@ -251,7 +251,8 @@ def run_one(setup: Setup, spec, *, data_dir: str | None = None, snapshots: bool 
     path = run_dir(cfg, root=setup.root)
     adam = cfg.regime == "loglinear" and cfg.fit == "adam"
     callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
-    force = bool(snapshots and cfg.regime == "loglinear" and is_finished(path) and not has_snapshots(path))
+    # retrain a finished run without snapshots, asked under the run's lock: jobs waiting on it retrain it once
+    force = (lambda folder: not has_snapshots(folder)) if snapshots and cfg.regime == "loglinear" else False
     quiet = contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext()
     with quiet:
         return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)

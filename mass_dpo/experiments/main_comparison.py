@@ -165,7 +165,9 @@ def common_curves(runs: pd.DataFrame, *, split: str = "valid", cache: bool = Tru
                     long.to_csv(tmp, index=False)
             return long
 
-        long = compute_once(kept, f"the common-pool curve of {kept.parent.name}",
+        # under the run's own lock (the one training takes, outside the folder): a retrain, `runs import` or
+        # `runs rename` replacing the folder meanwhile can neither take a second lock nor receive the old curve
+        long = compute_once(kept.parent, f"the common-pool curve of {kept.parent.name}",
                             lambda: pd.read_csv(kept) if kept.is_file() else None, retraced, enabled=cache)
         frames.append(long.assign(dataset=row.dataset, method=row.method, label=row.label, seed=row.seed,
                                   negatives="common"))
