@@ -500,7 +500,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "reads) instead of one row per (chosen, negative) pair in TRL's form")
     form.add_argument("--pairs", action="store_true",
                       help="one row per (chosen, negative) pair, which trl.DPOTrainer trains on: the default")
-    add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else ~/.cache/mass_dpo)")
+    add("--cache-dir", default=None, help="extraction cache (default <cache>/extraction; <cache> = $MASS_DPO_CACHE, else $XDG_CACHE_HOME/mass_dpo, else ~/.cache/mass_dpo)")
     add("--no-cache", dest="use_cache", action="store_false", help="neither read nor write the extraction cache")
     add("--batch-tokens", type=positive_int, default=None, help="bound on rows x longest row per forward")
     add("--max-length", type=positive_int, default=None,
@@ -509,7 +509,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-prompt-length", type=positive_int, default=None,
         help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
     add("--device", default=None, help="cpu, cuda, ... (default from the model params)")
-    add("--dtype", default=None, help="float32, bfloat16, ... (default: bf16 on GPU, fp32 on CPU)")
+    add("--dtype", default=None, help="float32, bfloat16, ... (default: the model's params: bf16 on GPU; on CPU, smollm2 bf16 where the CPU has native bf16, else fp32)")
     add("--no-progress", dest="progress", action="store_false",
         help="no progress bars (extraction, model conversion and loading)")
 

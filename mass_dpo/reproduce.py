@@ -168,7 +168,12 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}; the notebooks there: {known}")
     if profile != "paper":  # the offline profiles never reach for the hub (MovieLens from GroupLens still downloads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    data_sources(profile, names, echo=echo)
+    sources = data_sources(profile, names, echo=echo)
+    if sources and not any(sources.values()):  # every table would be empty, written over the gallery's
+        raise FileNotFoundError(
+            f"no benchmark data for --profile {profile} ({', '.join(sources)} all missing, above); set "
+            f"MASS_DPO_DATA to a folder holding them (docs/data.md) or name the profile's data folder, or run "
+            "--profile cpu on the shipped samples")
     report = ReproduceReport()
     caches = _cache_state(profile)
     ledger = None if only else _open_ledger(profile, caches)  # a whole run's timings, across interruptions

@@ -16,7 +16,8 @@ A run folder ``<runs root>/<dataset>_<model>_<method>_n<n>_<regime>_s<seed>_<has
     manifest.json              written last: the run's files and their sizes; a run is finished when it is there
                                and every file it lists is (:func:`is_finished`)
 
-The runs root is ``$MASS_DPO_RUNS``, else ``<cache>/runs`` with cache = ``$MASS_DPO_CACHE`` else ``~/.cache/mass_dpo``.
+The runs root is ``$MASS_DPO_RUNS``, else ``<cache>/runs`` with cache = ``$MASS_DPO_CACHE``, else
+``$XDG_CACHE_HOME/mass_dpo``, else ``~/.cache/mass_dpo``.
 The hash covers the resolved config, the world size (it changes the effective batch) and the data folder, so two
 notebooks asking for the same run share one folder; a finished run is loaded, not retrained. One process trains a
 run at a time (the folder's lock, :func:`mass_dpo.files.locked`; under ``accelerate launch`` the main process holds
@@ -73,7 +74,8 @@ LAYOUT = 2
 
 
 def runs_root() -> Path:
-    """``$MASS_DPO_RUNS``, else ``<cache>/runs`` (cache: ``$MASS_DPO_CACHE``, else ``~/.cache/mass_dpo``)."""
+    """``$MASS_DPO_RUNS``, else ``<cache>/runs`` (cache: ``$MASS_DPO_CACHE``, else ``$XDG_CACHE_HOME/mass_dpo``, else
+    ``~/.cache/mass_dpo``)."""
     env = os.environ.get("MASS_DPO_RUNS")
     if env:
         return Path(env).expanduser()
@@ -431,14 +433,19 @@ def prepare_data(config: TrainConfig) -> RunData:
     from .training import PoolEval, PreferenceDataset, build_policy, select_training_negatives
     from .extraction import encode_records, model_context
 
+    from .data import load_benchmark
+
     lm = config.regime != "loglinear"
     freeze = config.regime == "freeze"
     keep = None
+    limits = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}
+    for split, limit in limits.items():  # every split read before the model loads: a bad file is said first
+        if limit != 0 and not (split == "test" and config.test_split == "valid"):
+            load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
     if freeze:
         bundle, keep = _freeze_bundle(config)
     else:
         bundle = _model(config.model, lm)
-    limits = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}
     records, extracted = {}, {}
     for split, limit in limits.items():
         if split == "valid" and limit == 0:
@@ -891,7 +898,7 @@ def name_of(run_dir) -> str:
 def reference_run(config: TrainConfig | dict | None = None, *, root=None, **overrides) -> RunResult:
     """The untrained policy (theta = 0 in the log-linear regime, the pretrained model in the LM regimes) evaluated
     exactly like a trained run on the same test prompts: every table's ``reference`` row. Cached in
-    ``<runs root>/reference_<dataset>_<model>_<regime>_<hash>/`` (``metrics.json``, ``test_per_prompt.csv``);
+    ``<runs root>/reference_<dataset>_<model>_<regime>_<test split>_<hash>/`` (``metrics.json``, ``test_per_prompt.csv``);
     the hash leaves out what cannot change an untrained policy (:data:`REFERENCE_FREE`)."""
     from .evaluation import evaluate, reference_policy
 

@@ -147,7 +147,7 @@ def check_settings(options: dict, *, runs_root=None):
     import warnings
 
     from .cli import UsageError, check_model
-    from .data import BENCHMARKS, is_preference_file, load_preferences, locate
+    from .data import BENCHMARKS, is_preference_file, load_benchmark, load_preferences, locate
     from .data.preferences import check_preference_path
     from .config import resolve_config
 
@@ -174,6 +174,8 @@ def check_settings(options: dict, *, runs_root=None):
     else:
         for split in ("train", "valid", "test"):
             locate(cfg.dataset, split, cfg.data_dir)  # FileNotFoundError naming the folder and the fix
+        for split in _splits_read(cfg):  # read now (kept in memory for the run): a bad row is said before the model
+            load_benchmark(cfg.dataset, split, data_dir=cfg.data_dir)
     for name in ("beta", "gamma", "learning_rate"):
         if not float(getattr(cfg, name)) > 0:
             raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)} (from a --profile or "

@@ -219,16 +219,26 @@ def select_training_negatives(
 
 
 def negatives_from_jsonl(path, ids: Sequence[str], n: int | None = None) -> torch.Tensor:
-    """``[P, n]`` negatives read from a ``mass-dpo select`` JSONL file (fields ``id`` and ``indices``), in the order
-    of ``ids``; ``n`` defaults to the longest list, ``-1`` pads shorter ones."""
+    """``[P, n]`` negatives read from a ``mass-dpo select`` JSONL file, in the order of ``ids``: its default pair rows
+    (``id``, ``rank``, ``index``: one per kept negative) or its ``--grouped`` rows (``id``, ``indices``); ``n``
+    defaults to the longest list, ``-1`` pads shorter ones."""
     import json
 
     by_id: dict[str, list[int]] = {}
+    ranked: dict[str, list[tuple[int, int]]] = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "indices" in row:
                 by_id[str(row["id"])] = [int(i) for i in row["indices"] if int(i) >= 0]
+            elif "index" in row and "rank" in row:
+                ranked.setdefault(str(row["id"]), []).append((int(row["rank"]), int(row["index"])))
+            else:
+                raise KeyError(f"{path} line {lineno}: neither 'indices' (select --grouped) nor 'index' and 'rank' "
+                               "(select's pair rows): not a mass-dpo select output")
+    by_id.update({i: [index for _, index in sorted(pairs)] for i, pairs in ranked.items()})
     missing = [i for i in ids if str(i) not in by_id]
     if missing:
         raise KeyError(f"{len(missing)} prompt(s) have no selection in {path}, e.g. {missing[:3]}")

@@ -300,6 +300,15 @@ def test_negatives_from_jsonl(tmp_path):
     assert negatives_from_jsonl(path, ["a", "b"]).tolist() == [[3, 0, -1], [4, 1, 2]]
     with pytest.raises(KeyError):
         negatives_from_jsonl(path, ["a", "c"])
+    # select's default output, one row per (chosen, negative), in any row order: the same tensor
+    from mass_dpo.preprocess import pair_rows
+
+    pairs = pair_rows([{**r, "prompt": "q", "chosen": "c", "rejected": [f"r{i}" for i in r["indices"]]} for r in rows])
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(pairs)))
+    assert negatives_from_jsonl(path, ["a", "b"]).tolist() == [[3, 0, -1], [4, 1, 2]]
+    path.write_text(json.dumps({"id": "a", "prompt": "q"}) + "\n")
+    with pytest.raises(KeyError, match="not a mass-dpo select output"):
+        negatives_from_jsonl(path, ["a"])
 
 
 # ---------------------------------------------------------------- configuration

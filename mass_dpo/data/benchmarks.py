@@ -28,7 +28,7 @@ from typing import Any
 from ..files import compute_once
 from ..params import cache_root, load_params
 from . import lastfm, medmcqa, movielens, qasc
-from .records import rng_for, to_dataset
+from .records import RecordError, rng_for, to_dataset
 
 BENCHMARKS = {"lastfm": lastfm, "movielens": movielens, "medmcqa": medmcqa, "qasc": qasc}
 SPLITS = ("train", "valid", "test")
@@ -74,7 +74,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, s
         return cache_dir(), "the default cache folder"
     if str(value) == "samples":
         return SAMPLES_DIR, f"{origin} ('samples': the shipped samples)"
-    return Path(value).expanduser(), origin
+    folder = Path(value).expanduser().absolute()  # a relative path means the same folder from every working folder
+    return folder, f"{origin}={value}" if str(value) != str(folder) else origin
 
 
 def _module(name: str):
@@ -106,8 +107,9 @@ def _present(folder: Path, name: str, split: str) -> list[Path] | None:
 def _missing_message(folder: Path, origin: str, name: str, split: str, settings: dict[str, Any]) -> str:
     alternatives = [" + ".join(alt) for alt in _module(name).required_files(split)]
     expected = alternatives[0] + "".join(f", or {a}" for a in alternatives[1:])
+    state = " (a file, not a folder)" if folder.is_file() else " (no such folder)" if not folder.exists() else ""
     msg = (
-        f"{name} {split}: data files not found. Expected {expected} under {folder} (from {origin}). "
+        f"{name} {split}: data files not found. Expected {expected} under {folder}{state} (from {origin}). "
         f"Get them from {settings['upstream']}; then pass data_dir=<folder> or set {ENV_VAR}=<folder>, the "
         f"folder laid out as <folder>/{name}/... (e.g. {ENV_VAR}=../shared/data in a checkout)."
     )
@@ -208,6 +210,8 @@ def load_benchmark(
     """
     from .preferences import is_preference_file, limit_preferences, load_preferences
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a whole number >= 1 (or None for the whole split), got {limit!r}")
     if is_preference_file(name):
         return limit_preferences(load_preferences(name, split=split), limit, seed, split)
     mod = _module(name)
@@ -219,6 +223,15 @@ def load_benchmark(
         folder = locate(name, split, data_dir)
         paths = _present(folder, name, split)
         ds = _build_local(mod.NAME, split, str(folder), _fingerprint(paths), settings_json)
+        if len(ds) == 0:
+            blank = [p for p in paths if not p.read_bytes().strip()]
+            if blank:
+                raise RecordError(f"{mod.NAME} {split}: {' + '.join(map(str, blank))} holds nothing (an empty or "
+                                  f"truncated copy); restore it from {dataset_settings(name)['upstream']}")
+            warnings.warn(f"{mod.NAME} {split}: no prompts from {' + '.join(map(str, paths))} (a copy this small "
+                          "leaves the split empty)")
     else:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if limit is not None and limit > len(ds):
+        warnings.warn(f"{mod.NAME} {split}: {len(ds)} prompts, fewer than limit={limit}; using all {len(ds)}")
     return apply_limit(ds, limit, seed, key=f"{name}:{split}")

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .records import RecordError, make_record, sdpo_candidates, summarize
+from .records import RecordError, make_record, read_text, sdpo_candidates, summarize
 
 NAME = "lastfm"
 HAS_SAMPLE = True
@@ -43,16 +43,17 @@ def read_id2name(path: Path) -> dict[int, str]:
     """``id::name`` lines, in file order (S-DPO's candidate draw depends on this order)."""
     out: dict[int, str] = {}
     errors = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.strip("\n").split("::")
-            if len(parts) < 2 or not parts[0].strip().lstrip("-").isdigit():
-                if line.strip():
-                    errors.append(f"line {lineno}: expected 'id::name', got {line.strip()[:80]!r}")
-                continue
-            out[int(parts[0])] = parts[1].strip()
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):  # UTF-8 (a BOM dropped), or one clear error
+        parts = line.split("::")
+        if len(parts) < 2 or not parts[0].strip().lstrip("-").isdigit():
+            if line.strip():
+                errors.append(f"line {lineno}: expected 'id::name', got {line.strip()[:80]!r}")
+            continue
+        out[int(parts[0])] = parts[1].strip()
     if errors:
         raise RecordError(summarize(f"{path}: {len(errors)} malformed line(s)", errors))
+    if not out:
+        raise RecordError(f"{path}: no 'id::name' lines (an empty or truncated copy); restore it from LLaRA's release")
     return out
 
 
@@ -78,32 +79,31 @@ def build_llara(folder: Path, split: str, settings: dict[str, Any]) -> list[dict
     position = {x: i for i, x in enumerate(universe)}
     path = folder / LLARA_FILES[split]
     records, errors, k = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                seq, len_seq, nxt = row["seq"], int(row["len_seq"]), int(row["next"])
-            except (ValueError, KeyError, TypeError) as err:
-                errors.append(f"line {lineno}: not a {{seq, len_seq, next}} row ({err})")
-                continue
-            if len_seq < min_history:
-                continue
-            history_ids = [x for x in seq if x != pad]
-            missing = [x for x in [*history_ids, nxt] if x not in id2name]
-            if missing:
-                errors.append(f"line {lineno} (record {record_id(split, k)}): item ids {missing} not in {ID2NAME}")
-                k += 1
-                continue
-            cand_ids = sdpo_candidates(universe, position, history_ids, nxt, n_cands)
-            records.append(
-                _record(
-                    split, k, [id2name[x] for x in history_ids], [id2name[x] for x in cand_ids],
-                    cand_ids.index(nxt), settings,
-                )
-            )
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):  # UTF-8 (a BOM dropped), or one clear error
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            seq, len_seq, nxt = list(row["seq"]), int(row["len_seq"]), int(row["next"])
+        except (ValueError, KeyError, TypeError) as err:
+            errors.append(f"line {lineno}: not a {{seq, len_seq, next}} row ({err})")
+            continue
+        if len_seq < min_history:
+            continue
+        history_ids = [x for x in seq if x != pad]
+        missing = [x for x in [*history_ids, nxt] if x not in id2name]
+        if missing:
+            errors.append(f"line {lineno} (record {record_id(split, k)}): item ids {missing} not in {ID2NAME}")
             k += 1
+            continue
+        cand_ids = sdpo_candidates(universe, position, history_ids, nxt, n_cands)
+        records.append(
+            _record(
+                split, k, [id2name[x] for x in history_ids], [id2name[x] for x in cand_ids],
+                cand_ids.index(nxt), settings,
+            )
+        )
+        k += 1
     if errors:
         raise RecordError(summarize(f"{path}: {len(errors)} bad row(s)", errors))
     return records
@@ -111,12 +111,18 @@ def build_llara(folder: Path, split: str, settings: dict[str, Any]) -> list[dict
 
 def read_sdpo(path: Path, split: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """Read an S-DPO prompt file (a JSON list of ``historyList`` / ``itemList`` / ``trueSelection``)."""
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+    try:
+        rows = json.loads(read_text(path))  # UTF-8 (a BOM dropped), or one clear error
+    except ValueError as err:
+        raise RecordError(f"{path}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); an empty, "
+                          "truncated or edited copy: restore it from S-DPO's release") from None
     if not isinstance(rows, list):
         raise RecordError(f"{path}: expected a JSON list of S-DPO rows")
     records, errors = [], []
     for k, row in enumerate(rows):
+        if not isinstance(row, dict):
+            errors.append(f"row {k}: not an object with historyList, itemList, trueSelection")
+            continue
         rid = row.get("id") or record_id(split, k)
         try:
             hist = row["historyList"]

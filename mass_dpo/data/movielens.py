@@ -83,10 +83,14 @@ def download_url(url: str | None = None) -> str:
 
 def _unavailable(url: str, why: str) -> MovieLensUnavailable:
     why = " ".join(str(why).split())  # one line
+    env = os.environ.get("MASS_DPO_DATA")
+    now = (f" (now MASS_DPO_DATA={env}, which has no movielens/ml-100k/u.data and u.item)"
+           if env and env != "samples" else "")
+    quiet = "" if offline() else "; without network, MASS_DPO_OFFLINE=1 says so at once instead of trying"
     return MovieLensUnavailable(
         f"movielens: {why}, so {url} cannot be fetched; MovieLens ships no sample (its licence forbids "
         f"redistribution): set MASS_DPO_DATA=<folder> with movielens/ml-100k/u.data and u.item in it (GroupLens' "
-        f"ml-100k.zip unzipped there), or run once with network access to download it into the cache."
+        f"ml-100k.zip unzipped there){now}, or run once with network access to download it into the cache{quiet}."
     )
 
 
@@ -237,7 +241,7 @@ def read_sequences(path: Path, canonical: dict[int, int]) -> dict[int, list[int]
             if not line.strip():
                 continue
             parts = line.split()
-            if len(parts) < 4:
+            if len(parts) < 4 or not all(parts[i].isdigit() for i in (0, 1, 3)):
                 errors.append(f"line {lineno}: not a 'user item rating timestamp' row")
                 continue
             user, item, ts = int(parts[0]), int(parts[1]), int(parts[3])
@@ -276,8 +280,22 @@ def windows(seq: list[int], window: int, min_history: int):
         yield t, seq[max(0, t - window) : t], seq[t]
 
 
+def check_release(folder: Path) -> None:
+    """One warning per file of ``folder`` whose SHA-256 is not the GroupLens release's (:data:`SHA256`): a truncated
+    copy, or one re-saved in another encoding, builds other splits than the paper's without any error."""
+    import warnings
+
+    for name, expected in SHA256.items():
+        got = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        if got != expected:
+            warnings.warn(f"{folder / name} is not the GroupLens ml-100k release (sha256 {got[:16]}..., expected "
+                          f"{expected[:16]}...; truncated, edited or re-encoded?): its splits are not the paper's. "
+                          f"Restore it from {URL}", stacklevel=4)
+
+
 def build(data_dir: Path, split: str, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], Path]:
     folder = data_dir / "movielens" / "ml-100k"
+    check_release(folder)
     cons = settings["construction"]
     names, canonical = read_catalog(folder / "u.item")
     sequences = read_sequences(folder / "u.data", canonical)

@@ -41,7 +41,7 @@ def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
     if name == "table3":
         return table3_specs(ds, seeds, betas=p["betas"], ns=p["ns"], n=p["n"], beta=p["beta"],
                             readings=p["readings"], label_blind=p["label_blind"])  # every axis from the profile
-    if name == "table4":  # as the notebook asks stability() for it: trivial budgets dropped, loglinear only
+    if name == "table4":  # as the notebook asks stability() for it: trivial budgets dropped, loglinear or freeze
         setup = setup_from(p)
         check_stability_regime(setup)  # before budget_table reads any extraction
         return stability_specs(setup, ds, ns=p["ns"], seeds=seeds, beta=p["beta"],
