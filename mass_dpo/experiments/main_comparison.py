@@ -333,8 +333,9 @@ def comparison_sentences(summary: pd.DataFrame, pairs: pd.DataFrame, metric: str
 
 def generation_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The LM regimes' test accuracy, generation HitRatio@1 (greedy, as S-DPO evaluates), with its valid ratio (the
-    share of replies that name some candidate of the pool), per (dataset, label), the untrained ``reference`` included: means over seeds of
-    each run's value and of its standard error over test prompts (%). Empty where the runs' accuracy is not
+    share of replies that name exactly one candidate of the pool), per (dataset, label), the untrained ``reference``
+    included: means over seeds of each run's value and of its standard error over test prompts (%; a per-run error,
+    not the error of the mean over seeds). Empty where the runs' accuracy is not
     generated (the log-linear regime ranks, its accuracy is Recall@1)."""
     cols = ["dataset", "label", "seeds", "hit_ratio@1", "hit_ratio@1_se", "valid_ratio", "valid_ratio_se"]
     if runs.empty or "accuracy_kind" not in runs or "valid_ratio" not in runs:
