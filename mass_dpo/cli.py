@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 
@@ -105,6 +106,13 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0 (a count where 0 means none)."""
     return _int_at_least(0, text)
+
+
+def path_text(text: str) -> Path:
+    """argparse type: a path that is not empty (``--out-dir=`` would otherwise mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder or file path")
+    return Path(text).expanduser()
 
 
 def check_model(name: str) -> None:

@@ -509,7 +509,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-prompt-length", type=positive_int, default=None,
         help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
     add("--device", default=None, help="cpu, cuda, ... (default from the model params)")
-    add("--dtype", default=None, help="float32, bfloat16, ... (default: the model's params: bf16 on GPU; on CPU, smollm2 bf16 where the CPU has native bf16, else fp32)")
+    add("--dtype", default=None, help="float32, bfloat16, ... (default: the model's params: bf16 on GPU; on CPU, "
+                                      "smollm2 bf16 where the CPU has native bf16, else fp32)")
     add("--no-progress", dest="progress", action="store_false",
         help="no progress bars (extraction, model conversion and loading)")
 

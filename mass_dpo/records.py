@@ -23,7 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .files import atomic_folder, atomic_write_json, locked
+from .files import atomic_folder, atomic_write_json, check_writable, locked
 from .runs import MANIFEST, is_finished, name_of, runs_root
 
 #: The folders of a run that hold weights: left out of a record.
@@ -36,6 +36,21 @@ def is_record(path) -> bool:
         return bool(json.loads((Path(path) / MANIFEST).read_text()).get("record"))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _read_json(path: Path, fix: str):
+    """The JSON of ``path``, or one ``ValueError`` naming the file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); {fix}") from None
+
+
+def _check_readable(run: Path, fix: str) -> None:
+    """A finished run's or record's ``config.json`` and ``metrics.json`` parse (before anything is copied)."""
+    for name in ("config.json", "metrics.json"):
+        if (run / name).is_file():
+            _read_json(run / name, fix)
 
 
 def _kept_files(run: Path) -> list[str]:
@@ -55,6 +70,8 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
     replace an older record of the same run one at a time). Runs still training or interrupted are left out.
     Returns the records written."""
     root, dest = Path(root or runs_root()), Path(dest)
+    if not match or "/" in match or "\\" in match or match.startswith(".."):
+        raise ValueError(f"--match {match!r}: give a glob of run folder names, e.g. 'medmcqa_*' (no path)")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no runs root here; give --root (or set $MASS_DPO_RUNS) to the folder of "
                                 "the runs to export")
@@ -62,12 +79,14 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
         raise ValueError(f"{dest}: is the runs root itself; export into another folder")
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest} is a file; give a folder to export the records into")
+    check_writable(dest, "records folder", "give a folder you can write")
     written = []
     for run in _folders(root, match):
         # not while another process (re)trains the run, nor while another export writes the same record
         with locked(run, f"the run {run.name}"), locked(dest / run.name, f"the record {run.name}"):
             if not is_finished(run):
                 continue
+            _check_readable(run, "retrain that run, or leave it out with --match")
             try:
                 manifest = json.loads((run / MANIFEST).read_text())
             except FileNotFoundError:  # a folder of an earlier layout: finished by its config and metrics
@@ -96,11 +115,16 @@ def import_runs(src, *, root=None) -> tuple[list[Path], list[Path]]:
     src, root = Path(src), Path(root or runs_root())
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder; give the folder that `mass-dpo runs export` wrote")
+    if is_finished(src):
+        raise ValueError(f"{src} is itself a record; give the folder holding it ({src.parent})")
     candidates = _folders(src)
     unfinished = [p.name for p in candidates if not is_finished(p)]
     if unfinished:
         raise ValueError(f"{src}: {len(unfinished)} folder(s) are not finished runs or records (e.g. "
                          f"{unfinished[0]}); give the folder that `mass-dpo runs export` wrote")
+    for rec in candidates:  # every record readable before any is copied
+        _check_readable(rec, "export that record again")
+    check_writable(root, "runs root", "give --root a folder you can write (or set $MASS_DPO_RUNS)")
     imported, present = [], []
     for rec in candidates:
         target = root / name_of(rec)  # the current code's name (older records hashed their checkout's path)
@@ -119,8 +143,11 @@ def rename_runs(root=None) -> list[tuple[Path, Path]]:
     (:func:`mass_dpo.runs.name_of`), so that runs made before the run hash changed are found again instead of
     trained again; a run whose new name is already a finished run is left where it is. Returns (old, new) pairs."""
     root = Path(root or runs_root())
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no runs root here; give --root (or set $MASS_DPO_RUNS) to the folder of "
+                                "the runs to rename")
     moved = []
-    for run in _folders(root) if root.is_dir() else []:
+    for run in _folders(root):
         if not is_finished(run):
             continue
         target = root / name_of(run)
@@ -144,7 +171,7 @@ def dtype_mismatches(runs) -> list[str]:
 
     found: dict[tuple[str, str], int] = {}
     for run in runs:
-        meta = json.loads((Path(run) / "config.json").read_text())
+        meta = _read_json(Path(run) / "config.json", "export that record again")
         key = (str(meta["config"].get("model")), meta.get("extraction_dtype") or "float32")
         found[key] = found.get(key, 0) + 1
     lines = []
@@ -169,8 +196,8 @@ def timings(src) -> list[dict]:
     for run in _folders(src):
         if not is_finished(run):
             continue
-        metrics = json.loads((run / "metrics.json").read_text())
-        cfg = json.loads((run / "config.json").read_text())["config"]
+        metrics = _read_json(run / "metrics.json", "export that record again, or retrain the run")
+        cfg = _read_json(run / "config.json", "export that record again, or retrain the run")["config"]
         kind = ("reference" if run.name.startswith("reference_")
                 else "tuning" if cfg.get("test_split") == "valid" else "seed")
         seconds = metrics.get("seconds") or {}
@@ -215,35 +242,39 @@ def timings_markdown(src) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import path_text
+
     sub = parser.add_subparsers(dest="action", required=True, metavar="{export,import,rename,timings}")
     ex = sub.add_parser("export", help="write records (finished runs without weights) of the runs root into a folder",
                         description="Write a record (the run without its weights: config, metrics, per-prompt "
                         "results, log, tens of kB) of every finished run of the runs root into DEST/<run name>/, "
                         "atomically; an older record of the same run is replaced. Runs still training or "
                         "interrupted are left out.")
-    ex.add_argument("dest", help="the folder to write the records into")
+    ex.add_argument("dest", type=path_text, help="the folder to write the records into")
     ex.add_argument("--match", default="*", help="only runs whose folder name matches this glob, e.g. 'medmcqa_*'")
-    ex.add_argument("--root", default=None, help="the runs root to export from (default: $MASS_DPO_RUNS, else "
-                                                 "<cache>/runs)")
+    ex.add_argument("--root", type=path_text, default=None,
+                    help="the runs root to export from (default: $MASS_DPO_RUNS, else <cache>/runs)")
     im = sub.add_parser("import", help="copy the records of a folder into the runs root",
                         description="Copy every record (or finished run) of SRC into the runs root, under the name "
                         "this version gives it; a run already finished there is kept (it may hold weights a record "
                         "lacks). A grid run afterwards loads the imported runs instead of training them.")
-    im.add_argument("src", help="a folder written by `mass-dpo runs export`")
-    im.add_argument("--root", default=None, help="the runs root to import into (default: $MASS_DPO_RUNS, else "
-                                                 "<cache>/runs)")
+    im.add_argument("src", type=path_text, help="a folder written by `mass-dpo runs export`")
+    im.add_argument("--root", type=path_text, default=None,
+                    help="the runs root to import into (default: $MASS_DPO_RUNS, else <cache>/runs)")
     rn = sub.add_parser("rename", help="file the runs of a runs root under the current code's names",
                         description="File every finished run of the runs root under the name this version gives "
                         "it, so that runs made before a change of the run hash are found again instead of trained "
                         "again.")
-    rn.add_argument("--root", default=None, help="the runs root (default: $MASS_DPO_RUNS, else <cache>/runs)")
+    rn.add_argument("--root", type=path_text, default=None,
+                    help="the runs root (default: $MASS_DPO_RUNS, else <cache>/runs)")
     ti = sub.add_parser("timings", help="the measured seconds of the finished runs (or records) of a folder, "
                                         "summed per dataset",
                         description="Each run's own measured seconds (data preparation, training, test "
                         "evaluation) summed per dataset and kind (tuning or seed runs), in hours, with the total: "
                         "what training SRC's runs one after another cost on the machines that ran them.")
-    ti.add_argument("src", help="a runs root or a folder written by `mass-dpo runs export`")
-    ti.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file (atomically)")
+    ti.add_argument("src", type=path_text, help="a runs root or a folder written by `mass-dpo runs export`")
+    ti.add_argument("--out", type=path_text, default=None,
+                    help="also write the table to this markdown file (atomically)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +287,9 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None:
             from .files import atomic_write_text
 
+            if args.out.is_dir():
+                raise ValueError(f"--out {args.out} is a folder; give a markdown file path")
+            check_writable(args.out.parent, "--out folder", "give --out a file in a folder you can write")
             atomic_write_text(args.out, f"# Measured time of the runs in `{args.src}`\n\n{text}")
     elif args.action == "rename":
         moved = rename_runs(args.root)

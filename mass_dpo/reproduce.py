@@ -155,7 +155,7 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
         raise FileNotFoundError(f"no notebooks folder at {notebooks_dir}: mass-dpo reproduce runs the notebooks of a "
                                 "checkout; clone the repository and install it there (pip install -e .)")
     profile = auto_profile() if profile == AUTO else profile
-    if not (params_dir() / "profiles" / f"{profile}.yaml").is_file():
+    if profile not in available("profiles"):  # a name of params/profiles/, never a path ("../models/tiny")
         known = ", ".join(available("profiles"))
         raise FileNotFoundError(f"no profile {profile!r} in {params_dir() / 'profiles'}; choose one of {known}")
     plan = reproduce_plan(profile)
@@ -166,6 +166,9 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     if unknown:
         known = ", ".join(sorted(p.stem for p in notebooks_dir.glob("*.ipynb"))) or "none"
         raise FileNotFoundError(f"no notebook {', '.join(unknown)} in {notebooks_dir}; the notebooks there: {known}")
+    from .files import check_writable
+
+    check_writable(out_dir, "gallery folder", "give --out-dir a folder you can write")  # before any data or notebook
     if profile != "paper":  # the offline profiles never reach for the hub (MovieLens from GroupLens still downloads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sources = data_sources(profile, names, echo=echo)
@@ -458,11 +461,13 @@ def write_timings(ledger: dict, out_dir: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import path_text
+
     parser.add_argument("--profile", default="cpu",
                         help=f"params/profiles/<profile>.yaml: {', '.join(available('profiles'))}, or auto (paper "
                              "with CUDA, else cpu)")
     parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
-    parser.add_argument("--out-dir", type=Path, default=None,
+    parser.add_argument("--out-dir", type=path_text, default=None,
                         help="the gallery folder (default: papers_figures/); a profile may write into a folder of it "
                              "(cpu-lm: lm/)")
 

@@ -244,7 +244,7 @@ def test_every_paper_notebook_runs_in_the_reproduce_order():
 
 def test_table4_runner_grid_is_the_notebooks(tmp_path, monkeypatch):
     # the runner trains what stability() asks for: an LM regime is refused before any extraction or training
-    paper = E.notebook_parameters("table4", "paper")
+    paper = {**E.notebook_parameters("table4", "paper"), "regime": "full"}  # the paper profile itself: freeze
     from mass_dpo.experiments import runner
 
     monkeypatch.setattr(runner, "budget_table", lambda *a, **k: pytest.fail("budget_table read before the regime check"))

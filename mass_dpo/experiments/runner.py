@@ -28,6 +28,10 @@ def setup_from(params: dict[str, Any]) -> Setup:
                  train_limit=params["train_limit"], eval_limit=params["eval_limit"], test_limit=params["test_limit"])
 
 
+#: The notebooks with a run grid (:func:`notebook_specs`): the ones ``python -m mass_dpo.experiments`` trains for.
+GRID_NOTEBOOKS = ("training_dynamics", "table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8")
+
+
 def notebook_specs(name: str, p: dict[str, Any]) -> list[dict]:
     """The run grid of a paper notebook (what its setup cell asks :func:`run_grid` for)."""
     ds, seeds = p["datasets"], p["seeds"]
@@ -61,16 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     notebooks with ``MASS_DPO_TRAINED_WORLD_SIZE=<processes>`` so that they load these runs."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mass_dpo.experiments", description=main.__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+")
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="only these of each notebook's datasets (one job per dataset on a cluster, or a round "
                              "of a long grid); the notebook later loads them from the cache")
     args = parser.parse_args(argv)
+    from ..params import available
+
+    profiles = available("profiles")
+    if args.profile not in profiles + ["auto"]:  # an empty --profile= would otherwise mean auto
+        parser.error(f"--profile {args.profile!r}: choose one of {', '.join(profiles)} or auto")
+    unknown = [n for n in args.notebooks if n not in GRID_NOTEBOOKS]
+    if unknown:
+        parser.error(f"{', '.join(unknown)}: no run grid to train; choose among {', '.join(GRID_NOTEBOOKS)}")
     plans = []
     for name in args.notebooks:  # every notebook's grid resolved before the first run trains
-        p = notebook_parameters(name, args.profile)
+        try:
+            p = notebook_parameters(name, args.profile)
+        except (OSError, ValueError) as err:  # a bad value of the profile: one line
+            parser.error(str(err))
         if args.datasets:
             unknown = [d for d in args.datasets if d not in p["datasets"]]
             if unknown:
