@@ -130,17 +130,36 @@ def dumps_strict(obj: Any, **kwargs) -> str:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file name beside ``path``; when the block ends without an error it is renamed to ``path``,
-    otherwise removed (``path`` is left as it was). The parent folder is created."""
+    """Yield a temporary file name beside ``path``; when the block ends without an error it is flushed to disk
+    (``fsync``, whatever wrote it: ``torch.save``, ``to_csv``, ``savefig``), renamed to ``path`` and the rename
+    flushed too, so that a power loss never leaves an empty file under the final name; on an error it is removed
+    (``path`` is left as it was). The parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (best effort: a platform or file system that cannot
+    open a folder for it is skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -148,8 +167,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
     return Path(path)
 
 

@@ -606,3 +606,24 @@ def test_a_figure_or_table_is_written_under_its_lock(tmp_path, kind):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert (tmp_path / "f.csv").is_file() and (tmp_path / ("f.png" if kind == "figure" else "f.md")).is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the flushed file's name from /proc (Linux)")
+def test_atomic_path_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Whatever wrote the temporary (torch.save, to_csv, savefig), its bytes reach the disk before it takes the
+    final name, and the rename itself is flushed: a power loss leaves the old file or the whole new one."""
+    import os
+
+    from mass_dpo import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                       real_fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    target = tmp_path / "table.csv"
+    with files.atomic_path(target) as tmp:
+        tmp.write_text("a,b\n1,2\n")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert ".tmp~" in events[0][1] and events[1][1] == str(target) and events[2][1] == str(tmp_path)
+    assert target.read_text() == "a,b\n1,2\n"
