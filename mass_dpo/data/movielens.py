@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -156,7 +155,11 @@ def download(data_dir: Path, url: str | None = None, timeout: float = TIMEOUT_S)
         raise _unavailable(url, f"{target} exists without u.data and u.item: remove that folder and retry")
     created = [p for p in (data_dir, data_dir / "movielens") if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ml-100k-partial-", dir=target.parent))
+    from ..files import clean_orphans, temp_name
+
+    clean_orphans(target.parent, prefix=target.name)  # the partial folder of a killed download on this host
+    tmp = temp_name(target)  # named so that clean_orphans recognises it
+    tmp.mkdir()
     try:
         for name, data in contents.items():
             (tmp / name).write_bytes(data)
