@@ -58,6 +58,9 @@ def _check(method, pc, pr, rc, rr, mask):
     for name, t in zip(names, (pc, pr, rc, rr)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; wrap it with torch.as_tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must hold float log-probabilities, got {t.dtype}; pass sequence log-probs "
+                            "(.float() if they are right but stored as integers)")
     if pc.dim() != 1 or rc.shape != pc.shape:
         raise ValueError(f"chosen log-probs must both be [B]; got {tuple(pc.shape)} and {tuple(rc.shape)}")
     if pr.dim() != 2 or rr.shape != pr.shape or pr.shape[0] != pc.shape[0]:
@@ -71,6 +74,22 @@ def _check(method, pc, pr, rc, rr, mask):
     if method == "dpo" and pr.shape[1] != 1:
         raise ValueError(f"method 'dpo' takes exactly one negative per example, got K = {pr.shape[1]}; "
                          "use 'dpo_k', 'dmpo' or 'sdpo' for several")
+
+
+def _check_finite(pc, pr, rc, rr, mask) -> None:
+    """NaN or infinite log-probs (masked negatives aside) would make the loss NaN in silence: one line naming the
+    first. The reference log-probs are data, always checked; the policy's only when they carry no graph (a direct
+    call), so that training pays no device sync for them and mixed-precision loss scaling keeps its overflow steps."""
+    pairs = [("ref_chosen_logps", rc[:, None], None), ("ref_rejected_logps", rr, mask)]
+    pairs += [(name, t, m) for name, t, m in (("policy_chosen_logps", pc[:, None], None),
+                                              ("policy_rejected_logps", pr, mask)) if not t.requires_grad]
+    for name, t, m in pairs:
+        bad = ~torch.isfinite(t) if m is None else ~torch.isfinite(t) & m
+        if bool(bad.any()):
+            b, k = (int(i) for i in bad.nonzero()[0])
+            where = f"example {b}" + (f", negative {k}" if t.shape[1] > 1 or m is not None else "")
+            raise ValueError(f"{name} is {float(t[b, k])} at {where}: every scored sequence needs a finite "
+                             "log-probability (mask out a negative that has none)")
 
 
 def preference_loss(
@@ -95,17 +114,20 @@ def preference_loss(
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     positive_number(beta, "beta", "the DPO scale; the paper uses 0.1")  # <= 0 flips every margin (eq. 5), inf NaNs
+    if mask is not None and isinstance(pr, torch.Tensor):
+        mask = bool_mask(mask, device=pr.device)
     _check(method, pc, pr, rc, rr, mask)
-    dt = torch.promote_types(pc.dtype, torch.float32)
+    dt = torch.promote_types(torch.promote_types(torch.promote_types(pc.dtype, pr.dtype),
+                                                 torch.promote_types(rc.dtype, rr.dtype)), torch.float32)
     pc, pr, rc, rr = pc.to(dt), pr.to(dt), rc.to(dt), rr.to(dt)
     if mask is None:
         mask = torch.ones(pr.shape, dtype=torch.bool, device=pr.device)
     else:
-        mask = bool_mask(mask, device=pr.device)
         if not mask.any(-1).all():
             raise ValueError("every example needs at least one unmasked negative")
         zero = torch.zeros((), dtype=dt, device=pr.device)
         pr, rr = torch.where(mask, pr, zero), torch.where(mask, rr, zero)
+    _check_finite(pc, pr, rc, rr, mask)
     count = mask.sum(-1).to(dt)
 
     r_c = beta * (pc - rc)  # [B]

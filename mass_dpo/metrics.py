@@ -78,10 +78,16 @@ def _no_nan(values: torch.Tensor, mask: torch.Tensor, name: str) -> None:
 
 
 def _check_ks(ks) -> tuple[int, ...]:
-    """``ks`` as a tuple of cut-offs ``>= 1``, else one ``ValueError`` with the fix."""
-    if isinstance(ks, (int, str)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+    """``ks`` as a tuple of cut-offs ``>= 1`` (any iterable of integers, numpy's included; read once, so a generator
+    works), else one ``ValueError`` with the fix."""
+    import numbers
+
+    if isinstance(ks, (int, str)):
         raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {ks!r} (e.g. ks=(1, 3, 5))")
-    return tuple(ks)
+    ks = tuple(ks)
+    if not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {ks!r} (e.g. ks=(1, 3, 5))")
+    return tuple(int(k) for k in ks)
 
 
 def _check_ties(ties: str) -> None:
@@ -139,7 +145,8 @@ def ranking_metrics(scores, target, *, ks=(1, 3, 5), mask=None, ties: str = "exp
         ties: ``"expected"`` (random tie-breaking in expectation) or ``"pessimistic"`` (ties count against).
 
     Returns:
-        ``{"recall@1": ..., "recall@1_se": ..., "ndcg@1": ..., ..., "mrr": ..., "mrr_se": ...}`` as floats.
+        ``{"recall@1": ..., "recall@1_se": ..., "ndcg@1": ..., ..., "mrr": ..., "mrr_se": ...}`` as floats; with one
+        prompt every ``_se`` is 0 (no spread to measure), with none every value is NaN (:func:`mean_se`).
     """
     out: dict[str, float] = {}
     for name, values in per_prompt_ranking(scores, target, ks=ks, mask=mask, ties=ties).items():
@@ -184,7 +191,7 @@ def preference_metrics(chosen_scores, rejected_scores, *, mask=None, ties: str =
 
     Returns:
         ``accuracy`` (chosen beats every valid negative), ``margin`` (chosen minus the mean of the
-        valid negatives), and their ``_se``.
+        valid negatives), and their ``_se`` (0 with one prompt, NaN with none: :func:`mean_se`).
     """
     out: dict[str, float] = {}
     for name, values in per_prompt_preference(chosen_scores, rejected_scores, mask=mask, ties=ties).items():

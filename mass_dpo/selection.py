@@ -110,7 +110,13 @@ def _check_features(raw: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, offs
             f"phi is too large for {x.dtype} (||phi||^2 overflows; prompt {b + offset}, candidate {i}); "
             "pass float64 features or rescale them"
         )
-    raise ValueError(
+    raise _non_finite(bad, offset)
+
+
+def _non_finite(bad: torch.Tensor, offset: int) -> ValueError:
+    """The error for the candidates ``bad`` ``[b, N]`` (valid ones whose phi holds NaN or inf) of a chunk."""
+    b, i = (int(t) for t in bad.nonzero()[0])
+    return ValueError(
         f"phi has NaN or inf values ({int(bad.sum())} candidates in this chunk, first: prompt {b + offset}, "
         f"candidate {i}); check the feature extraction, or mask those candidates out"
     )
@@ -249,6 +255,13 @@ def _design(phi, logits, mask, k: int, order, beta: float, gamma: float, center:
             x = x.float()
         if not m.all():
             x = x.masked_fill(~m[..., None], 0.0)
+        if center:  # v_i does not change when every phi_i of a pool moves by one vector (sum_j q_j = 1): remove the
+            # pool's plain mean first, so that the float32 bmm never sums products of a large shared offset
+            bad = ~torch.isfinite(x).all(-1) & m  # said before the mean spreads it over the pool
+            if bad.any():
+                raise _non_finite(bad, lo)
+            mean = x.sum(1, keepdim=True) / m.sum(-1).clamp(min=1)[:, None, None].to(x.dtype)
+            x = (x - mean).masked_fill(~m[..., None], 0.0)
         raw = torch.bmm(x, x.transpose(1, 2))  # [b, N, N], never d x d
         _check_features(raw, x, m, lo)
         gram = scaled_gram(raw, q[lo:hi], alpha[lo:hi] / gamma, center)
@@ -288,9 +301,10 @@ def _label_blind_order(phi, logits, mask, k: int, beta: float, gamma: float, cen
 
 
 def _prepare(phi, logits, mask):
-    """Tensors ``[B, N, d]``, ``[B, N]``, ``[B, N]`` bool from any accepted input; ``single`` for ``[N, d]`` input."""
-    phi = _as_tensor(phi, "phi")
-    logits = _as_tensor(logits, "logits").to(phi.device)
+    """Tensors ``[B, N, d]``, ``[B, N]``, ``[B, N]`` bool from any accepted input, detached (a selection is
+    preprocessing: no graph to keep); ``single`` for ``[N, d]`` input."""
+    phi = _as_tensor(phi, "phi").detach()
+    logits = _as_tensor(logits, "logits").detach().to(phi.device)
     single = phi.dim() == 2
     if single:
         phi = phi[None]
@@ -387,8 +401,8 @@ def select_negatives(
         generator: ``torch.Generator`` for ``"random"``.
 
     Returns:
-        :class:`Selection`; numpy in, numpy out, torch in, torch out (on the input's device). ``gains`` and
-        ``logdet`` score the selected subset under the D-optimal criterion whatever the strategy.
+        :class:`Selection`; numpy in, numpy out, torch in, torch out (on the input's device, detached). ``gains``
+        and ``logdet`` score the selected subset under the D-optimal criterion whatever the strategy.
     """
     if strategy not in STRATEGIES + EXTRA_STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES + EXTRA_STRATEGIES)}")
