@@ -101,7 +101,8 @@ def loglinear_objective(theta: torch.Tensor, features: torch.Tensor, mask: torch
 
     z = features @ theta  # [P, 1+K]: log pi_theta - log pi_ref
     zero = torch.zeros_like(z)
-    out = preference_loss(method, z[:, 0], z[:, 1:], zero[:, 0], zero[:, 1:], beta=beta, mask=mask[:, 1:])
+    out = preference_loss(method, z[:, 0], z[:, 1:], zero[:, 0], zero[:, 1:], beta=beta, mask=mask[:, 1:],
+                          check_finite=False)  # a line-search step may overshoot: L-BFGS handles it
     return out.loss.mean() + 0.5 * ridge * theta.pow(2).sum()
 
 

@@ -78,16 +78,13 @@ def _check(method, pc, pr, rc, rr, mask):
 
 def _check_finite(pc, pr, rc, rr, mask) -> None:
     """NaN or infinite log-probs (masked negatives aside) would make the loss NaN in silence: one line naming the
-    first. The reference log-probs are data, always checked; the policy's only when they carry no graph (a direct
-    call), so that training pays no device sync for them and mixed-precision loss scaling keeps its overflow steps."""
-    pairs = [("ref_chosen_logps", rc[:, None], None), ("ref_rejected_logps", rr, mask)]
-    pairs += [(name, t, m) for name, t, m in (("policy_chosen_logps", pc[:, None], None),
-                                              ("policy_rejected_logps", pr, mask)) if not t.requires_grad]
-    for name, t, m in pairs:
+    first."""
+    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    for name, t, m in zip(names, (pc[:, None], pr, rc[:, None], rr), (None, mask, None, mask)):
         bad = ~torch.isfinite(t) if m is None else ~torch.isfinite(t) & m
         if bool(bad.any()):
             b, k = (int(i) for i in bad.nonzero()[0])
-            where = f"example {b}" + (f", negative {k}" if t.shape[1] > 1 or m is not None else "")
+            where = f"example {b}" + (f", negative {k}" if m is not None else "")
             raise ValueError(f"{name} is {float(t[b, k])} at {where}: every scored sequence needs a finite "
                              "log-probability (mask out a negative that has none)")
 
@@ -101,6 +98,7 @@ def preference_loss(
     *,
     beta: float = 0.1,
     mask: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> PreferenceLoss:
     """Per-example multi-negative preference loss (see the module table).
 
@@ -111,6 +109,9 @@ def preference_loss(
         beta: the DPO scale.
         mask: ``[B, K]`` bool, True for real negatives (each row needs at least one); masked entries may hold
             anything, even NaN, and receive zero gradient.
+        check_finite: refuse NaN or infinite log-probs of real negatives and chosen responses (one ``ValueError``
+            naming the first). The training loop passes ``False``: its reference log-probs are checked once, when
+            the dataset is built, and a diverging policy ends with NaN metrics instead of a device sync per step.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     positive_number(beta, "beta", "the DPO scale; the paper uses 0.1")  # <= 0 flips every margin (eq. 5), inf NaNs
@@ -127,7 +128,8 @@ def preference_loss(
             raise ValueError("every example needs at least one unmasked negative")
         zero = torch.zeros((), dtype=dt, device=pr.device)
         pr, rr = torch.where(mask, pr, zero), torch.where(mask, rr, zero)
-    _check_finite(pc, pr, rc, rr, mask)
+    if check_finite:
+        _check_finite(pc, pr, rc, rr, mask)
     count = mask.sum(-1).to(dt)
 
     r_c = beta * (pc - rc)  # [B]

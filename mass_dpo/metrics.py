@@ -82,11 +82,10 @@ def _check_ks(ks) -> tuple[int, ...]:
     works), else one ``ValueError`` with the fix."""
     import numbers
 
-    if isinstance(ks, (int, str)):
-        raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {ks!r} (e.g. ks=(1, 3, 5))")
-    ks = tuple(ks)
-    if not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in ks):
-        raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {ks!r} (e.g. ks=(1, 3, 5))")
+    given = ks
+    ks = () if isinstance(ks, (int, str)) else tuple(ks)
+    if not ks or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a sequence of integer cut-offs >= 1, got {given!r} (e.g. ks=(1, 3, 5))")
     return tuple(int(k) for k in ks)
 
 

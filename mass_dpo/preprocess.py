@@ -163,10 +163,12 @@ def pair_rows(rows: list[dict]) -> list[dict]:
     """Per-prompt rows (:func:`_rows`) as one row per (chosen, negative) pair, TRL's preference form: ``prompt``,
     ``chosen``, ``rejected`` (one response: text or a message list), ``id``, ``rank`` (selection order), ``index``,
     ``gain``, ``logdet`` (the prompt's subset), and TRL's template columns where the rows have them."""
+    from .data.preferences import TEMPLATE_COLUMNS
+
     return [
         {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": negative, "id": r["id"], "rank": k,
          "index": r["indices"][k], "gain": r["gains"][k], "logdet": r["logdet"],
-         **{c: r[c] for c in ("tools", "chat_template_kwargs") if c in r}}
+         **{c: r[c] for c in TEMPLATE_COLUMNS if c in r}}
         for r in rows
         for k, negative in enumerate(r["rejected"])
     ]

@@ -80,13 +80,15 @@ def export_runs(dest, *, root=None, match: str = "*") -> list[Path]:
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest} is a file; give a folder to export the records into")
     check_writable(dest, "records folder", "give a folder you can write")
+    for run in _folders(root, match):  # every finished run readable before any record is written
+        if is_finished(run):
+            _check_readable(run, "retrain that run, or leave it out with --match")
     written = []
     for run in _folders(root, match):
         # not while another process (re)trains the run, nor while another export writes the same record
         with locked(run, f"the run {run.name}"), locked(dest / run.name, f"the record {run.name}"):
             if not is_finished(run):
                 continue
-            _check_readable(run, "retrain that run, or leave it out with --match")
             try:
                 manifest = json.loads((run / MANIFEST).read_text())
             except FileNotFoundError:  # a folder of an earlier layout: finished by its config and metrics

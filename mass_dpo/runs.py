@@ -621,7 +621,8 @@ def _train_exact(cfg: TrainConfig, run_data: RunData, path: Path):
     def stats(split, it, theta, feats, mask):
         z = feats.double() @ theta.double()
         zero = torch.zeros_like(z)
-        out = preference_loss(cfg.method, z[:, 0], z[:, 1:], zero[:, 0], zero[:, 1:], beta=cfg.beta, mask=mask[:, 1:])
+        out = preference_loss(cfg.method, z[:, 0], z[:, 1:], zero[:, 0], zero[:, 1:], beta=cfg.beta, mask=mask[:, 1:],
+                              check_finite=False)
         neg = mask[:, 1:]
         rej = (out.rejected_rewards * neg).sum(-1) / neg.sum(-1).clamp_min(1)
         rows.append({"step": it, "epoch": None, "split": split, "loss": float(out.loss.mean()),

@@ -226,7 +226,8 @@ def scaled_gram(raw: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, center:
 
     With ``v_i = sqrt(q_i) (phi_i - phibar)`` and ``phibar = sum_j q_j phi_j``:
     ``v_i . v_j = sqrt(q_i q_j) (P_ij - (Pq)_i - (Pq)_j + q^T P q)``, so the centering happens in N x N space and
-    the features are read once (by the ``bmm`` that made ``raw``).
+    the features enter once, through the ``bmm`` that made ``raw`` (from features first moved by their pool's plain
+    mean: :func:`_design`).
 
     Args:
         raw: ``[B, N, N]`` ``P = Phi Phi^T``; q: ``[B, N]`` softmax weights (0 where masked);
@@ -247,7 +248,7 @@ def _design(phi, logits, mask, k: int, order, beta: float, gamma: float, center:
     B, N, d = phi.shape
     q, alpha = fisher_weights(logits.to(torch.float64), mask, beta)  # [B, N] work, in float64 (cheap)
     idx_chunks, gain_chunks = [], []
-    step = _chunk_size(N, d, phi.element_size())
+    step = _chunk_size(N, d, 3 * max(phi.element_size(), 4))  # a chunk's float32 copy, its mean and its centring
     for lo in range(0, B, step):
         hi = min(B, lo + step)
         m, x = mask[lo:hi], phi[lo:hi]

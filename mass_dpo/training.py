@@ -101,6 +101,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"features {tuple(self.features.shape)} and ref_logps {tuple(self.ref_logps.shape)} disagree")
         if pools is not None and len(pools) != P:
             raise ValueError(f"{len(pools)} pools for {P} prompts")
+        if self.ref_logps.dim() == 2 and int(self.candidates.max()) < self.ref_logps.shape[1]:
+            # once here, not at every step: the loss is computed with check_finite=False
+            scored = torch.gather(self.ref_logps, 1, self.candidates.clamp(min=0))
+            bad = ~torch.isfinite(scored) & (self.candidates >= 0)
+            if bad.any():
+                row, col = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"ref_logps is {float(scored[row, col])} for prompt {self.ids[row]!r}, candidate "
+                                 f"{int(self.candidates[row, col])}: every scored sequence needs a finite reference "
+                                 "log-probability")
         if states is not None:
             if pools is None:
                 raise ValueError("cached states need the pools (their token ids)")
@@ -328,7 +337,7 @@ def batch_loss(method: str, beta: float, logps: torch.Tensor, inputs: dict[str, 
     """:func:`preference_loss` of a collated batch given its policy log-probs ``[B, 1+K]`` (column 0 chosen)."""
     ref, mask = inputs["ref_logps"].to(logps.device), inputs["mask"].to(logps.device)
     return preference_loss(
-        method, logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta=beta, mask=mask[:, 1:]
+        method, logps[:, 0], logps[:, 1:], ref[:, 0], ref[:, 1:], beta=beta, mask=mask[:, 1:], check_finite=False
     )
 
 

@@ -31,11 +31,19 @@ def test_a_non_finite_log_prob_is_one_line_naming_it(which, where, value):
         assert torch.isfinite(preference_loss("sdpo", *args, mask=mask.tolist()).loss).all()
 
 
-def test_a_policy_with_a_graph_is_not_synced_on_but_refs_always_are():
+def test_the_training_loop_turns_the_check_off_and_checks_its_references_once():
+    from mass_dpo.training import PreferenceDataset
+
     args = _logps()
-    policy = args[1].clone().requires_grad_()
-    policy.data[0, 0] = float("nan")  # mixed-precision overflow steps are the loss scaler's to skip
-    assert torch.isnan(preference_loss("sdpo", args[0], policy, args[2], args[3]).loss[0])
+    args[1][0, 0] = float("nan")  # a diverging policy: NaN metrics, not an error mid-run
+    assert torch.isnan(preference_loss("sdpo", *args, check_finite=False).loss[0])
+    ref = torch.zeros(2, 4)
+    ref[1, 2] = float("-inf")
+    candidates = torch.tensor([[0, 1, 3], [0, 1, 2]])
+    with pytest.raises(ValueError, match=r"ref_logps is -inf for prompt '1', candidate 2"):
+        PreferenceDataset(candidates, ref, features=torch.zeros(2, 4, 3))
+    candidates[1, 2] = -1  # not a scored candidate: fine
+    PreferenceDataset(candidates, ref, features=torch.zeros(2, 4, 3))
 
 
 def test_log_probs_must_be_float_and_are_promoted_together():

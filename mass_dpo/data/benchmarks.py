@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -74,8 +75,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, s
         return cache_dir(), "the default cache folder"
     if str(value) == "samples":
         return SAMPLES_DIR, f"{origin} ('samples': the shipped samples)"
-    folder = Path(value).expanduser().absolute()  # a relative path means the same folder from every working folder
-    return folder, f"{origin}={value}" if str(value) != str(folder) else origin
+    return Path(value).expanduser(), origin  # as given: runs hash it (a relative path reads from the working folder)
 
 
 def _module(name: str):
@@ -210,8 +210,9 @@ def load_benchmark(
     """
     from .preferences import is_preference_file, limit_preferences, load_preferences
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (or None for the whole split), got {limit!r}")
+    limit = None if limit is None else int(limit)
     if is_preference_file(name):
         return limit_preferences(load_preferences(name, split=split), limit, seed, split)
     mod = _module(name)
@@ -232,6 +233,4 @@ def load_benchmark(
                           "leaves the split empty)")
     else:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-    if limit is not None and limit > len(ds):
-        warnings.warn(f"{mod.NAME} {split}: {len(ds)} prompts, fewer than limit={limit}; using all {len(ds)}")
     return apply_limit(ds, limit, seed, key=f"{name}:{split}")

@@ -252,7 +252,8 @@ def run_one(setup: Setup, spec, *, data_dir: str | None = None, snapshots: bool 
     adam = cfg.regime == "loglinear" and cfg.fit == "adam"
     callbacks = [theta_snapshots(path / "snapshots", cfg.num_train_epochs)] if adam else []
     # retrain a finished run without snapshots, asked under the run's lock: jobs waiting on it retrain it once
-    force = (lambda folder: not has_snapshots(folder)) if snapshots and cfg.regime == "loglinear" else False
+    force = ((lambda folder: is_finished(folder) and not has_snapshots(folder))  # an interrupted run resumes
+             if snapshots and cfg.regime == "loglinear" else False)
     quiet = contextlib.redirect_stdout(io.StringIO()) if setup.quiet else contextlib.nullcontext()
     with quiet:
         return train_run(cfg, root=setup.root, callbacks=callbacks, force=force)
