@@ -87,8 +87,8 @@ def test_reproduce_checks_its_gallery_folder_before_any_work(isolated, capsys):
 
 @pytest.mark.parametrize("argv, says", [
     (["quickstart"], "quickstart: no run grid to train; choose among training_dynamics, table1"),
-    (["table1", "--profile="], "--profile '': choose one of cpu, cpu-lm, paper, smoke or auto"),
-    (["table1", "--profile", "bogus"], "--profile 'bogus': choose one of"),
+    (["table1", "--profile="], "no profile '' in params/profiles; choose one of cpu, cpu-lm, paper, smoke or auto"),
+    (["table1", "--profile", "bogus"], "no profile 'bogus' in params/profiles; choose one of"),
 ])
 def test_the_experiments_runner_says_bad_input_in_one_line(capsys, argv, says):
     from mass_dpo.experiments.runner import main as runner

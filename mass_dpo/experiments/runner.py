@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = available("profiles")
     if args.profile not in profiles + ["auto"]:  # an empty --profile= would otherwise mean auto
-        parser.error(f"--profile {args.profile!r}: choose one of {', '.join(profiles)} or auto")
+        parser.error(f"no profile {args.profile!r} in params/profiles; choose one of {', '.join(profiles)} or auto")
     unknown = [n for n in args.notebooks if n not in GRID_NOTEBOOKS]
     if unknown:
         parser.error(f"{', '.join(unknown)}: no run grid to train; choose among {', '.join(GRID_NOTEBOOKS)}")
