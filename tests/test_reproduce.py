@@ -128,7 +128,8 @@ def test_the_running_notebooks_time_is_saved_while_it_runs(tmp_path, monkeypatch
     rp.reproduce("smoke", out_dir=tmp_path / "figs", notebooks_dir=nbs, echo=lambda s: None)
     (piece,) = seen
     assert piece["ended"] is None and piece["running"]["name"] == "toy_loglinear"
-    assert 0.2 < piece["running"]["seconds"] <= 0.5 and piece["seconds"] >= piece["running"]["seconds"]
+    # at least one beat's worth (saves fsync the ledger, slow on a loaded disk: no tighter lower bound)
+    assert 0.05 <= piece["running"]["seconds"] <= 0.5 and piece["seconds"] >= piece["running"]["seconds"]
     done = json.loads(rp.ledger_path("smoke").read_text())["pieces"][-1]
     assert "running" not in done and done["ended"] == "finished"
 
