@@ -195,6 +195,12 @@ class TrainConfig:
         """The selection strategy of the run's negatives (``negatives``, else the method's own)."""
         return self.negatives or METHOD_STRATEGY[self.method]
 
+    @property
+    def splits(self) -> list[str]:
+        """The splits a run reads: train, valid for online evaluation (``eval_limit != 0``), and test unless the
+        final metrics are measured on valid (``test_split="valid"``, tuning)."""
+        return ["train"] + (["valid"] if self.eval_limit != 0 else []) + (["test"] if self.test_split != "valid" else [])
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

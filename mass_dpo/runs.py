@@ -439,9 +439,8 @@ def prepare_data(config: TrainConfig) -> RunData:
     freeze = config.regime == "freeze"
     keep = None
     limits = {"train": config.limit, "valid": config.eval_limit, "test": config.test_limit}
-    for split, limit in limits.items():  # every split read before the model loads: a bad file is said first
-        if limit != 0 and not (split == "test" and config.test_split == "valid"):
-            load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limit, seed=config.subsample_seed)
+    for split in config.splits:  # every split read before the model loads: a bad file is said first
+        load_benchmark(config.dataset, split, data_dir=config.data_dir, limit=limits[split], seed=config.subsample_seed)
     if freeze:
         bundle, keep = _freeze_bundle(config)
     else:

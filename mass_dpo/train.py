@@ -166,7 +166,7 @@ def check_settings(options: dict, *, runs_root=None):
         except (OSError, ValueError) as err:
             raise UsageError(f"--data {err}") from None
         # a split column lacking a split the run reads is said now, not after extraction (train: _pool_sizes below)
-        for split in _splits_read(cfg)[1:]:
+        for split in cfg.splits[1:]:
             load_preferences(path, split=split)
     elif cfg.dataset not in BENCHMARKS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(BENCHMARKS)}, or give your own "
@@ -174,7 +174,7 @@ def check_settings(options: dict, *, runs_root=None):
     else:
         for split in ("train", "valid", "test"):
             locate(cfg.dataset, split, cfg.data_dir)  # FileNotFoundError naming the folder and the fix
-        for split in _splits_read(cfg):  # read now (kept in memory for the run): a bad row is said before the model
+        for split in cfg.splits:  # read now (kept in memory for the run): a bad row is said before the model
             load_benchmark(cfg.dataset, split, data_dir=cfg.data_dir)
     for name in ("beta", "gamma", "learning_rate"):
         if not float(getattr(cfg, name)) > 0:
@@ -231,11 +231,6 @@ def _check_trainable_layers(cfg) -> None:
     if blocks is not None and cfg.trainable_layers > blocks:
         raise UsageError(f"--trainable-layers {cfg.trainable_layers}: the model {cfg.model} has {blocks} blocks; "
                          f"give 1 to {blocks}")
-
-
-def _splits_read(cfg) -> list[str]:
-    """The splits a run of ``cfg`` reads: train, valid for online evaluation, and test unless it ranks on valid."""
-    return ["train"] + (["valid"] if cfg.eval_limit != 0 else []) + (["test"] if cfg.test_split != "valid" else [])
 
 
 #: Optimizers an error message offers first.

@@ -120,6 +120,19 @@ def test_train_reads_every_split_before_the_model_loads(shared_data, tmp_path, m
     assert "dev.jsonl: line 6 is not JSON" in err
 
 
+@pytest.mark.parametrize("overrides, splits", [
+    ({}, ["train", "valid", "test"]),
+    ({"eval_limit": 0}, ["train", "test"]),
+    ({"test_split": "valid"}, ["train", "valid"]),
+    ({"eval_limit": 0, "test_split": "valid"}, ["train"]),
+])
+def test_the_splits_a_run_reads(overrides, splits):
+    """One rule, read by the early check of `mass-dpo train` and by prepare_data."""
+    from mass_dpo.config import resolve_config
+
+    assert resolve_config(dataset="qasc", **overrides).splits == splits
+
+
 def test_reproduce_refuses_a_profile_whose_data_is_all_missing(tmp_path, monkeypatch):
     from mass_dpo import reproduce
 

@@ -584,6 +584,31 @@ def test_selections_with_other_settings_get_distinct_default_outputs(isolated):
         assert (tag is None) is (dict(kw) in ({}, {"gamma": 0.1})) and (tag is None or tag in out.name)
 
 
+def test_every_option_of_select_dataset_is_in_its_default_name_or_its_settings_hash(isolated, monkeypatch):
+    """A new option of select_dataset that changes its output must reach the default file name (else a sweep over it
+    writes one file): every parameter is named in the file name, hashed (NAMELESS_SETTINGS, all of them passed to
+    settings_tag), or one that leaves the selection as it is."""
+    import inspect
+
+    from mass_dpo import preprocess
+
+    named = {"dataset", "model", "split", "n", "strategy", "pooling", "grouped", "data_dir"}  # data_dir: the source hash
+    neutral = {"out", "write", "cache_dir", "use_cache", "batch_tokens", "device", "progress"}
+    params = set(inspect.signature(preprocess.select_dataset).parameters)
+    assert params == named | set(preprocess.NAMELESS_SETTINGS) | neutral, params ^ (named | neutral
+                                                                                      | set(preprocess.NAMELESS_SETTINGS))
+    seen = {}
+
+    def stop(**given):
+        seen.update(given)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(preprocess, "settings_tag", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        preprocess.select_dataset(str(_prefs(isolated / "prefs.jsonl", rows=4)), "tiny", split=None, n=2, progress=False)
+    assert set(seen) == set(preprocess.NAMELESS_SETTINGS)
+
+
 @pytest.mark.parametrize("kind", ["figure", "table"])
 def test_a_figure_or_table_is_written_under_its_lock(tmp_path, kind):
     """Two writers of one figure (or table) must not mix their files (found by a concurrency audit: the PDF of one
