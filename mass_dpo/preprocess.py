@@ -509,7 +509,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens of a prompt + response, the response's tail cut beyond (TRL's max_length; default: the model's "
              "context)")
     add("--max-prompt-length", type=positive_int, default=None,
-        help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
+        help="tokens of a prompt, cut from the left beyond (as TRL 0.x's max_prompt_length; default: no limit, as "
+             "TRL 1.x)")
     add("--device", default=None, help="cpu, cuda, ... (default from the model params)")
     add("--dtype", default=None, help="float32, bfloat16, ... (default: the model's params: bf16 on GPU; on CPU, "
                                       "smollm2 bf16 where the CPU has native bf16, else fp32)")

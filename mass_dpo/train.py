@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tokens of a prompt + response, the response's tail cut beyond (TRL's max_length; default: "
                         "the model's context)")
     d.add_argument("--max-prompt-length", dest="max_prompt_length", type=positive_int,
-                   help="tokens of a prompt, cut from the left beyond (TRL's max_prompt_length; default: no limit)")
+                   help="tokens of a prompt, cut from the left beyond (as TRL 0.x's max_prompt_length; default: no "
+                        "limit, as TRL 1.x)")
     o = parser.add_argument_group("optimisation")
     o.add_argument("--learning-rate", "--lr", dest="learning_rate", type=positive_float)
     o.add_argument("--epochs", dest="num_train_epochs", type=positive_float)

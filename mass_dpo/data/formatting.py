@@ -193,8 +193,8 @@ def truncate_pool(prompt_ids: list[int], candidate_ids: list[list[int]], max_len
     responses_cut)``.
 
     - ``max_prompt_length`` (first; ``None``: no limit): a longer prompt keeps its **last** ``max_prompt_length``
-      tokens (cut from the left, as TRL's ``max_prompt_length`` does, so the end of the chat turn and the generation
-      prompt stay);
+      tokens (cut from the left, as the ``max_prompt_length`` of TRL's 0.x releases did, so the end of the chat turn
+      and the generation prompt stay; TRL 1.x has no prompt limit: ``None`` cuts exactly as it does);
     - ``max_length`` (``None``: no limit): each prompt + response sequence keeps its **first** ``max_length`` tokens
       (TRL's ``truncation_mode="keep_start"``, its default): a response's tail is cut. A prompt that leaves no room
       for a response (``len(prompt) >= max_length``; TRL drops such examples) is a ``ValueError`` naming ``where``.
