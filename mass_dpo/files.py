@@ -27,7 +27,6 @@ import secrets
 import shutil
 import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,24 +206,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 # ---------------------------------------------------------------- locks
 
-_LOCKS: dict[str, Any] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
 def lock_path(target: str | os.PathLike) -> Path:
     """The lock file of ``target``: ``<parent>/.locks/<name>.lock``."""
     target = Path(target)
     return target.parent / ".locks" / f"{target.name}.lock"
-
-
-def _file_lock(path: Path):
-    from filelock import FileLock
-
-    key = str(path.resolve())
-    with _LOCKS_GUARD:
-        if key not in _LOCKS:  # one object per file: re-entrant within a process (a nested take does not block)
-            _LOCKS[key] = FileLock(key)
-        return _LOCKS[key]
 
 
 @contextmanager
@@ -236,11 +221,11 @@ def locked(target: str | os.PathLike, what: str, *, enabled: bool = True) -> Ite
     if not enabled:
         yield
         return
-    from filelock import Timeout
+    from filelock import FileLock, Timeout
 
     path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _file_lock(path)
+    lock = FileLock(path.resolve(), is_singleton=True)  # one object per file: a nested take in a process re-enters
     try:
         lock.acquire(timeout=0)
     except Timeout:

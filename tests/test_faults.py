@@ -609,6 +609,35 @@ def test_every_option_of_select_dataset_is_in_its_default_name_or_its_settings_h
     assert set(seen) == set(preprocess.NAMELESS_SETTINGS)
 
 
+def test_a_lock_taken_again_in_its_process_re_enters_and_is_held_until_the_outer_block_ends(tmp_path):
+    """Nested ``locked`` on one target (a cache entry computed inside a run's lock) must not wait on itself, and the
+    inner block's end must not free the lock for other processes."""
+    import subprocess
+    import sys
+    import threading
+
+    from mass_dpo.files import lock_path, locked
+
+    def taken_elsewhere() -> bool:
+        probe = ("import sys; from filelock import FileLock, Timeout\n"
+                 "try: FileLock(sys.argv[1]).acquire(timeout=0)\nexcept Timeout: sys.exit(3)")
+        return subprocess.run([sys.executable, "-c", probe, str(lock_path(tmp_path / "x"))]).returncode == 3
+
+    seen = []
+
+    def nested():
+        with locked(tmp_path / "x", "outer"):
+            with locked(tmp_path / "x", "inner"):
+                seen.append(taken_elsewhere())
+            seen.append(taken_elsewhere())
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the nested lock waited on its own process"
+    assert seen == [True, True] and not taken_elsewhere()
+
+
 @pytest.mark.parametrize("kind", ["figure", "table"])
 def test_a_figure_or_table_is_written_under_its_lock(tmp_path, kind):
     """Two writers of one figure (or table) must not mix their files (found by a concurrency audit: the PDF of one
