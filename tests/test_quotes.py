@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mass_dpo.experiments.quotes import blocks, quotes, sourced, unsourced_quotes
+from mass_dpo.experiments.quotes import blocks, numbers_in, quotes, sourced, unsourced_quotes
 from mass_dpo.reproduce import check_quotes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,29 @@ def test_quotes_are_decimals_outside_code_and_links():
     assert quotes("MRR -4.9 (-9.3 to -0.6), n = 3, `beta 0.1`, [v](a/1.5.md), Assumption 4.1, Sections 4, 6.4 and "
                   "72.9 min; 1e-3") == \
         ["-4.9", "-9.3", "-0.6", "72.9"]
+
+
+def test_ratios_and_whole_percentages_are_quotes_and_labels_are_no_source_numbers():
+    assert quotes("3.8x less, 1.78\u00d7 faster, 77% and 48-65% of prompts, the 95% interval, 20 candidates, x1.5") == \
+        ["3.8", "1.78", "77", "48", "65"]
+    assert numbers_in("smollm2,fit_sdpo_19,MASS-DPO-5,n=3,0.48 | 1-5 | -4.9 | 1e-3").tolist() == [0.001, 0.48, 1, 3, 4.9,
+                                                                                             5]
+    labels = numbers_in("component\nfit_mass_dpo_5\nratio_fit_sdpo_19_over_mass_dpo_5\n")
+    assert not sourced("0.05", labels) and not sourced("19", labels)  # once found in the labels (x 0.01, as is)
+    values = numbers_in("share\n0.4812\n0.651\n")
+    assert sourced("48", values) and sourced("65", values) and not sourced("47", values)
+
+
+def test_the_project_readme_reads_the_gallery_not_the_docs(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "bench.md").write_text("| x | 3.8 |\n")
+    (tmp_path / "gallery").mkdir()
+    (tmp_path / "gallery" / "t.md").write_text("| x | 2.5 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# A\n\n3.8x faster ([bench](docs/bench.md)); 2.5 ([t](gallery/t.md)).\n")
+    assert unsourced_quotes(readme) == []  # the folder's own files, docs included
+    found = unsourced_quotes(readme, gallery=tmp_path / "gallery")
+    assert [(u.quotes, u.sources) for u in found] == [(["3.8"], ["gallery/t.md"])]
 
 
 def test_blocks_are_rows_bullets_and_paragraphs():

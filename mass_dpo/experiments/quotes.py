@@ -13,9 +13,11 @@ The rules, made to be predictable rather than clever:
   sibling, the figure's plotted numbers; an executed notebook's link reads what it printed; a folder link reads
   every CSV and Markdown file in it), or, for a block without such links, those of its whole section (heading to
   heading). Links that leave the gallery's folder (``../docs``) and other ``README.md`` files are not sources: they
-  are hand-written too.
-- A *quote* is a decimal number written with a point (``-4.9``, ``0.53``, ``72.9``), outside inline code and
-  references into the paper (``Assumption 4.1``, ``Sections 4, 6.4``). Integers are counts and settings (``n = 3``,
+  are hand-written too (the project's ``README.md`` is checked against ``papers_figures/`` only). A number inside a
+  label (``smollm2``, ``fit_sdpo_19``, ``MASS-DPO-5``) is not a number of its source.
+- A *quote* is a decimal number written with a point (``-4.9``, ``0.53``, ``72.9``, a ratio ``3.8x``) or a whole
+  percentage (``77%``, both ends of ``48-65%``; not "95% interval"), outside inline code and references into the
+  paper (``Assumption 4.1``, ``Sections 4, 6.4``). Other integers are counts and settings (``n = 3``,
   ``500 test prompts``) and are not checked.
 - A quote with ``k`` decimals is *sourced* when some number in the sources, as a fraction, in percent (x 100) or
   as a percentage read as a fraction (x 0.01), rounds to it at ``k`` decimals (signs ignored: the text writes
@@ -41,8 +43,11 @@ import numpy as np
 
 _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
 _CODE = re.compile(r"`[^`]*`")
-_QUOTE = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?![\w.])")
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+#: A decimal (``-4.9``, also a ratio ``3.8x``) or a whole percentage (``77%``, ``48-65%``; not the "95% interval").
+_QUOTE = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?=[x\u00d7](?!\w)|(?![\w.]))"
+                    r"|(?<![\w.-])\d{1,3}(?=(?:-\d{1,3})?%)(?!% (?:interval|confidence|CI))|(?<=\d-)\d{1,3}(?=%)")
+#: A number of a source, not one inside a label (``smollm2``, ``fit_sdpo_19``, ``MASS-DPO-5``).
+_NUMBER = re.compile(r"(?<![A-Za-z_\d.])(?<![A-Za-z_]-)[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 #: Quotes that belong together and must come from one row: a difference with its interval, a gain with its z.
 _GROUPS = (
     (re.compile(r"([-+]?\d+\.\d+)(?:\s+points)?(?:\s*\(|,\s*)([-+]?\d+\.\d+)\s+to\s+([-+]?\d+\.\d+)"),
@@ -110,14 +115,16 @@ def blocks(text: str) -> list[tuple[int, str, int]]:
     return out
 
 
-def links(text: str, root: Path) -> list[str]:
-    """The gallery files and folders a piece of text links, relative to ``root``, in order, once each."""
+def links(text: str, root: Path, gallery: Path | None = None) -> list[str]:
+    """The gallery files and folders a piece of text links, relative to ``root`` (the text's folder), in order,
+    once each; only those inside ``gallery`` (default: ``root``) count."""
     out = []
+    inside = (root if gallery is None else gallery).resolve()
     for target in _LINK.findall(text):
         if "://" in target:
             continue
         path = (root / target).resolve()
-        if not path.is_relative_to(root.resolve()) or path.name == "README.md":
+        if not path.is_relative_to(inside) or path.name == "README.md":
             continue
         out.append(target)
     return list(dict.fromkeys(out))
@@ -138,7 +145,7 @@ def numbers_in(text: str) -> np.ndarray:
 
 def sourced(quote: str, values: np.ndarray) -> bool:
     """Whether some value (sorted, absolute) rounds to ``quote`` at its own decimals, at one of :data:`SCALES`."""
-    decimals = len(quote.split(".")[1])
+    decimals = len(quote.split(".")[1]) if "." in quote else 0
     target, half = abs(float(quote)), 0.5 * 10.0 ** -decimals * (1 + 1e-9) + 1e-12
     for scale in SCALES:
         lo, hi = (target - half) / scale, (target + half) / scale
@@ -163,16 +170,19 @@ def groups(block: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(form.format(*m), m) for pattern, form in _GROUPS for m in pattern.findall(text)]
 
 
-def unsourced_quotes(readme: str | Path, *, text: str | None = None) -> list[Unsourced]:
+def unsourced_quotes(readme: str | Path, *, text: str | None = None, gallery: str | Path | None = None
+                     ) -> list[Unsourced]:
     """Every block of ``readme`` with quotes that its sources (see the module's rules) do not hold; ``text`` checks
-    that text in ``readme``'s place (its links read from ``readme``'s folder)."""
+    that text in ``readme``'s place (its links read from ``readme``'s folder); ``gallery``: the folder whose files
+    are sources (default: ``readme``'s; the project's ``README.md`` links ``docs/`` too, which is hand-written)."""
     readme = Path(readme)
+    gallery = None if gallery is None else Path(gallery)
     root = readme.parent
     text = readme.read_text(encoding="utf-8") if text is None else text
     parsed = blocks(text)
     by_section: dict[int, list[str]] = {}
     for _, block, section in parsed:
-        by_section.setdefault(section, []).extend(links(block, root))
+        by_section.setdefault(section, []).extend(links(block, root, gallery))
     texts: dict[Path, str] = {}
     pools: dict[str, np.ndarray] = {}
     rows: dict[Path, list[np.ndarray]] = {}
@@ -201,7 +211,7 @@ def unsourced_quotes(readme: str | Path, *, text: str | None = None) -> list[Uns
         found = quotes(block)
         if not found or _UNCHECKED in block:
             continue
-        sources = links(block, root) or list(dict.fromkeys(by_section.get(section, [])))
+        sources = links(block, root, gallery) or list(dict.fromkeys(by_section.get(section, [])))
         values = np.unique(np.concatenate([pool(s) for s in sources])) if sources else np.empty(0)
         missing = [q for q in found if not sourced(q, values)]
         missing += [f"{written} in one row" for written, numbers in groups(block) if not in_one_row(numbers, sources)]
@@ -219,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"{path}: no such file; give the README of a gallery (default: this checkout's)", file=sys.stderr)
             return 2
-        found = unsourced_quotes(path)
+        own = Path(path).resolve() == (checkout / "README.md").resolve()
+        found = unsourced_quotes(path, gallery=checkout / "papers_figures" if own else None)
         for u in found:
             print(f"{path}: {u}")
         bad += len(found)
