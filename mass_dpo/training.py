@@ -180,30 +180,19 @@ class PreferenceCollator:
     """
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        width = max(int(it["mask"].shape[0]) for it in items)
-        B = len(items)
-        ref = torch.zeros(B, width)
-        mask = torch.zeros(B, width, dtype=torch.bool)
-        for b, it in enumerate(items):
-            c = it["mask"].shape[0]
-            ref[b, :c] = it["ref_logps"]
-            mask[b, :c] = it["mask"]
-        batch: dict[str, Any] = {"ref_logps": ref, "mask": mask}
+        from torch.nn.utils.rnn import pad_sequence
+
+        def pad(key: str) -> torch.Tensor:  # [B, longest, ...], zeros (False) after each item's own length
+            return pad_sequence([it[key] for it in items], batch_first=True)
+
+        batch: dict[str, Any] = {"ref_logps": pad("ref_logps").float(), "mask": pad("mask")}
         if "features" in items[0]:
-            d = items[0]["features"].shape[-1]
-            feats = torch.zeros(B, width, d)
-            for b, it in enumerate(items):
-                feats[b, : it["features"].shape[0]] = it["features"]
-            batch["features"] = feats
+            batch["features"] = pad("features").float()
         else:
             batch["prompt_ids"] = [it["prompt_ids"] for it in items]
             batch["candidate_ids"] = [it["candidate_ids"] for it in items]
         if "hidden" in items[0]:
-            rows = [it["hidden"] for it in items]
-            hidden = rows[0].new_zeros(B, max(r.shape[0] for r in rows), rows[0].shape[-1])
-            for b, r in enumerate(rows):
-                hidden[b, : r.shape[0]] = r
-            batch["hidden"] = hidden
+            batch["hidden"] = pad("hidden")
         return batch
 
 

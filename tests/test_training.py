@@ -345,3 +345,21 @@ def test_training_arguments_follow_the_config(tmp_path):
     assert args.per_device_train_batch_size == 2 and args.gradient_accumulation_steps == 8
     assert getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None)) is True
     assert args.bf16 is torch.cuda.is_available()
+
+
+def test_the_collator_pads_each_item_to_the_longest_with_zeros_and_false():
+    """Items with 2 and 3 candidates (and 1 and 3 cached state rows): the batch holds each item's values, then zeros
+    (mask False) up to the longest, as float32 (hidden: its own dtype)."""
+    items = [
+        {"ref_logps": torch.tensor([-1.0, -2.0], dtype=torch.float64), "mask": torch.tensor([True, True]),
+         "features": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "hidden": torch.ones(1, 2, dtype=torch.bfloat16)},
+        {"ref_logps": torch.tensor([-3.0, -4.0, -5.0]), "mask": torch.tensor([True, False, True]),
+         "features": torch.tensor([[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]),
+         "hidden": torch.full((3, 2), 2.0, dtype=torch.bfloat16)},
+    ]
+    batch = PreferenceCollator()(items)
+    assert batch["ref_logps"].dtype == torch.float32 and batch["ref_logps"].tolist() == [[-1, -2, 0], [-3, -4, -5]]
+    assert batch["mask"].tolist() == [[True, True, False], [True, False, True]]
+    assert batch["features"].tolist() == [[[1, 2], [3, 4], [0, 0]], [[5, 6], [7, 8], [9, 10]]]
+    assert batch["hidden"].dtype == torch.bfloat16
+    assert batch["hidden"].tolist() == [[[1, 1], [0, 0], [0, 0]], [[2, 2], [2, 2], [2, 2]]]
