@@ -1134,7 +1134,8 @@ def _compute(records, ref, theta0, folder, key, desc, expect, ids, n_shards, sha
     if multi:
         if not use_cache:
             raise ValueError("extraction under several processes needs use_cache=True (the shards are shared on disk)")
-        mine = mine[state.process_index :: state.num_processes]  # fixed by index: no race on what is done
+        with state.split_between_processes(mine) as share:  # fixed by rank: no race on what is done
+            mine = list(share)
     if use_cache:
         mine = [s for s in mine if not shard_done(s)]  # resume
     # every pool this process computes, tokenized and cut first: a prompt with no room for a response is refused
