@@ -98,12 +98,14 @@ def run_notebook(name: str, parameters: dict, *, notebooks_dir: Path, out_dir: P
     it declares and ``out_dir=out_dir/<name>``."""
     import papermill as pm
 
+    from .notebook_params import notebook_defaults
+
     source = notebooks_dir / f"{name}.ipynb"
     executed = out_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     output = executed / f"{name}.ipynb"
     log = executed / f"{name}.log"
-    declared = set(pm.inspect_notebook(str(source)).keys())
+    declared = set(notebook_defaults(source))  # the parameters cell, read as `mass-dpo reproduce` resolves it
     params = {k: v for k, v in parameters.items() if k in declared}
     if "out_dir" in declared:
         params["out_dir"] = str(out_dir / name)
