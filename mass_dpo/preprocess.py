@@ -99,6 +99,7 @@ def select_extracted(
     for lo in range(0, len(ex), SELECT_CHUNK):
         chunk = _slice(ex, lo, lo + SELECT_CHUNK)
         phi, lg, mask, cand = selection_inputs(chunk, selection_score)
+        _check_finite(phi, lg, mask, cand, chunk.ids, lo)
         if strategy == "longest" or (strategy == "hardest" and selection_score != "reference"):
             if strategy == "longest":  # the negatives' token lengths, in selection_inputs' candidate order
                 order_by = torch.gather(chunk.lengths.double(), 1, cand.clamp_min(0))
@@ -121,6 +122,19 @@ def select_extracted(
         parts["alpha"].append(sel.alpha)
         parts["uniform"].append(((lg == 0) | ~mask).all(-1))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _check_finite(phi, logits, mask, cand, ids, offset: int) -> None:
+    """NaN or inf in a chunk's selection inputs (``[b, K, d]``, ``[b, K]``), named by the prompt's index in the split
+    and id and the candidate's index in its pool (the chunk and the negatives-only order are internal)."""
+    checks = (("phi has", ~torch.isfinite(phi).all(-1) & mask), ("logits have", ~torch.isfinite(logits) & mask))
+    for what, bad in checks:
+        if bad.any():
+            b, i = (int(t) for t in bad.nonzero()[0])
+            raise ValueError(
+                f"{what} NaN or inf values ({int(bad.sum())} negatives; first: prompt {offset + b} (id "
+                f"{ids[b]!r}), candidate {int(cand[b, i])} of its pool); the extraction is damaged: extract again "
+                "(--no-cache, or delete its cache entry)")
 
 
 def _finite(x: float) -> float | None:

@@ -10,7 +10,7 @@ pooling, a gamma of its own) fails here.
 import pytest
 
 from mass_dpo import experiments as E
-from mass_dpo import preprocess, runs as R, tuning
+from mass_dpo import preprocess, runs as R, stability as stability_module, tuning
 from mass_dpo.config import resolve_config
 
 #: What makes the features of a split (the extraction cache's key and the in-process memo's), beside its size.
@@ -48,8 +48,14 @@ def test_every_analysis_reads_the_configuration_of_the_runs_it_reports(tmp_path,
         selected.append((n, kw.get("beta", 0.1), kw.get("gamma", 0.1), kw.get("selection_score", "reference")))
         return real_select(ex, n, **kw)
 
+    def spy_recompute(ex, n, **kw):  # Table 4's Algorithm 1 at a checkpoint (mass_dpo.stability.select)
+        selected.append((n, kw.get("beta", 0.1), kw.get("gamma", 0.1), kw.get("selection_score", "reference")))
+        return real_recompute(ex, n, **kw)
+
+    real_recompute = stability_module.select
     monkeypatch.setattr(R, "extracted_split", spy_split)
     monkeypatch.setattr(preprocess, "select_extracted", spy_select)
+    monkeypatch.setattr(stability_module, "select", spy_recompute)
 
     setup = E.Setup(model="tiny", profile="smoke", seeds=[0], train_limit=12, eval_limit=8, test_limit=8,
                     root=str(tmp_path / "runs"), options={"gamma": 0.3})
@@ -62,10 +68,15 @@ def test_every_analysis_reads_the_configuration_of_the_runs_it_reports(tmp_path,
     allowed_selection = {tuple(getattr(c, k) for k in SELECTION) for c in configs}
 
     def check(what, splits=tuple(SIZE), selections=True):
-        for split, cfg in extracted:
-            if split in splits:
-                assert features_key(cfg, split) in allowed_features, \
-                    f"{what} read {split} features of another configuration: {cfg}"
+        """Every features read of ``splits`` and every selection since the last check carries a run's settings;
+        there must be some of each (an analysis that read nothing here would pass the loops below vacuously)."""
+        read = [(split, cfg) for split, cfg in extracted if split in splits]
+        assert read, f"{what} read no {'/'.join(splits)} features: nothing to check"
+        for split, cfg in read:
+            assert features_key(cfg, split) in allowed_features, \
+                f"{what} read {split} features of another configuration: {cfg}"
+        if selections:
+            assert selected, f"{what} selected no negatives: nothing to check"
         for sel in selected if selections else ():
             assert sel in allowed_selection, f"{what} selected negatives with settings no run used: {sel}"
         extracted.clear()

@@ -42,8 +42,17 @@ def test_the_training_loop_turns_the_check_off_and_checks_its_references_once():
     candidates = torch.tensor([[0, 1, 3], [0, 1, 2]])
     with pytest.raises(ValueError, match=r"ref_logps is -inf for prompt '1', candidate 2"):
         PreferenceDataset(candidates, ref, features=torch.zeros(2, 4, 3))
-    candidates[1, 2] = -1  # not a scored candidate: fine
-    PreferenceDataset(candidates, ref, features=torch.zeros(2, 4, 3))
+    candidates[1, 2] = -1  # not a scored candidate: fine, and its -inf is never read
+    ref[1, :2] = torch.tensor([-0.25, -0.5])
+    features = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    ds = PreferenceDataset(candidates, ref, features=features)
+    item = ds[1]
+    assert item["mask"].tolist() == [True, True, False]
+    assert item["ref_logps"].tolist() == [-0.25, -0.5, 0.0]  # candidates 0, 1, then the absent slot as 0
+    assert torch.equal(item["features"], torch.stack([features[1, 0], features[1, 1], torch.zeros(3)]))
+    values, refs, mask = ds.columns(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]))
+    assert values.tolist() == [[1.0, 2.0, 4.0], [5.0, 6.0, 0.0]] and mask[1].tolist() == [True, True, False]
+    assert torch.isfinite(refs).all()
 
 
 def test_log_probs_must_be_float_and_are_promoted_together():

@@ -51,8 +51,11 @@ def test_matched_plan_exact_fit_has_converged_fits_and_a_two_to_one_iteration_bu
     trainer = E.matched_plan(["qasc"], [0], epochs=[2, 1], exact=False)
     assert list(trainer) == ["epochs 2/1"]
     assert {(s["method"], s["num_train_epochs"]) for s in trainer["epochs 2/1"]} == {("mass_dpo", 2.0), ("sdpo", 1.0)}
-    assert E.matched_specs(["qasc"], [0], exact=True) == [s for v in E.matched_plan(["qasc"], [0], exact=True).values()
-                                                         for s in v]
+    # every run at the defaults (n = 5, the full pool of 19, 5 iterations per epoch), the settings one after the other
+    q = dict(dataset="qasc", seed=0, beta=0.1)
+    assert E.matched_specs(["qasc"], [0], exact=True) == [
+        dict(q, method="mass_dpo", n=5), dict(q, method="sdpo", n=19),  # converged
+        dict(q, method="mass_dpo", n=5, fit_max_iter=10), dict(q, method="sdpo", n=19, fit_max_iter=5)]  # 10/5
 
 
 def test_exact_fit_follows_the_regime():

@@ -1,5 +1,5 @@
-"""Test evaluation: hand-computed metrics, agreement with mass_dpo.metrics, the shared fixed negatives, and scoring
-by log-prob or implicit reward."""
+"""Test evaluation: hand-computed metrics, agreement with a hand-coded rank loop, the shared fixed negatives, and
+scoring by log-prob or implicit reward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 
 from mass_dpo.evaluation import evaluate, fixed_negatives, metrics_from_scores, score_candidates
 from mass_dpo.loglinear import LogLinearPolicy
-from mass_dpo.metrics import preference_metrics, ranking_metrics
 
 
 @dataclass
@@ -45,19 +44,35 @@ def test_metrics_on_hand_built_scores():
     assert m["prompts"] == 3
 
 
-def test_metrics_agree_with_mass_dpo_metrics():
+def test_metrics_agree_with_a_hand_coded_rank_loop():
+    """Random scores (no ties): rank = 1 + the number of valid others scoring above the target, counted in a plain
+    loop; recall@k, NDCG@k, MRR, accuracy (strictly above every fixed negative) and margin, each with its standard
+    error statistics.stdev / sqrt(P)."""
+    import statistics
+
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(50, 20, generator=g)
-    mask = torch.ones(50, 20, dtype=torch.bool)
+    P, C = 50, 20
+    scores = torch.randn(P, C, generator=g, dtype=torch.float64)
+    mask = torch.ones(P, C, dtype=torch.bool)
     mask[::4, 12:] = False  # QASC-like short pools
-    target = torch.randint(0, 12, (50,), generator=g)
-    negatives = fixed_negatives([f"x{i}" for i in range(50)], mask, target, 3, seed=0)
-    m = metrics_from_scores(scores.masked_fill(~mask, float("-inf")), target, negatives=negatives, mask=mask)
-    ref = ranking_metrics(scores, target, ks=(1, 3, 5), mask=mask)
-    rows = torch.arange(50)
-    ref.update(preference_metrics(scores[rows, target], torch.gather(scores, 1, negatives)))
-    for key, value in ref.items():
-        assert m[key] == pytest.approx(value, abs=1e-12), key
+    target = torch.randint(0, 12, (P,), generator=g)
+    negatives = fixed_negatives([f"x{i}" for i in range(P)], mask, target, 3, seed=0)
+    m = metrics_from_scores(scores, target, negatives=negatives, mask=mask)  # padding scored too: the mask drops it
+    s, t = scores.tolist(), target.tolist()
+    assert all(len(set(row)) == C for row in s)  # no ties: the rank below is the only one
+    ranks = [1 + sum(s[p][i] > s[p][t[p]] for i in range(C) if i != t[p] and bool(mask[p, i])) for p in range(P)]
+    per_prompt = {"mrr": [1 / r for r in ranks]}
+    for k in (1, 3, 5):
+        per_prompt[f"recall@{k}"] = [float(r <= k) for r in ranks]
+        per_prompt[f"ndcg@{k}"] = [1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks]
+    negs = negatives.tolist()
+    per_prompt["accuracy"] = [float(all(s[p][t[p]] > s[p][j] for j in negs[p])) for p in range(P)]
+    per_prompt["margin"] = [s[p][t[p]] - sum(s[p][j] for j in negs[p]) / 3 for p in range(P)]
+    assert 0 < sum(per_prompt["recall@1"]) < P and 0 < sum(per_prompt["accuracy"]) < P  # neither metric is trivial
+    for key, values in per_prompt.items():
+        assert m[key] == pytest.approx(statistics.fmean(values), abs=1e-12), key
+        assert m[f"{key}_se"] == pytest.approx(statistics.stdev(values) / math.sqrt(P), abs=1e-12), key
+    assert set(m) == {*per_prompt, *(f"{k}_se" for k in per_prompt), "prompts"} and m["prompts"] == P
 
 
 def test_fixed_negatives_are_shared_and_valid():

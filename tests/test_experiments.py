@@ -49,28 +49,6 @@ def test_at_checkpoint_gives_delta_equal_to_phi_dot_theta():
     assert torch.count_nonzero(zero) == 0  # initialisation: every Delta_i is 0
 
 
-def test_recompute_is_perfectly_stable_when_theta_does_not_move_and_changes_when_it_does():
-    ex = _extracted()
-    same = S.recompute(ex, torch.zeros(5), torch.zeros(5), 3)
-    assert same["exact_match"] == same["jaccard"] == 1.0
-    assert same["objective_retention"] == pytest.approx(1.0)
-    far = S.recompute(ex, torch.zeros(5), 50 * torch.randn(5, generator=torch.Generator().manual_seed(1)), 3)
-    assert far["exact_match"] < 1.0
-    assert 0.0 < far["objective_retention"]
-    for key in ("exact_match", "jaccard", "top1_match", "top3_exact_match"):
-        assert 0.0 <= far[key] <= 1.0
-    # the old subset scored under the new design: its gain is what greedy's own subset is compared with
-    new_ex = S.at_checkpoint(ex, 50 * torch.randn(5, generator=torch.Generator().manual_seed(1)))
-    idx, gain = S.select(new_ex, 3)
-    assert torch.allclose(S.subset_gain(new_ex, idx), gain)
-
-
-def test_selecting_the_whole_pool_is_always_stable():
-    ex = _extracted()
-    res = S.recompute(ex, torch.zeros(5), 30 * torch.randn(5), 7)  # n = C - 1: every negative
-    assert res["exact_match"] == 1.0 and res["jaccard"] == 1.0
-
-
 # ---------------------------------------------------------------- summaries and tables
 
 
@@ -197,10 +175,18 @@ def test_missing_dataset_is_reported_not_raised(monkeypatch):
 
 
 def test_movielens_comes_from_mass_dpo_data_when_samples_lack_it(monkeypatch, shared_data):
+    """No MovieLens sample ships: with data_dir "samples" every split is read from $MASS_DPO_DATA (offline, so
+    nothing can come from a download), QASC from the shipped samples."""
+    from mass_dpo.data.benchmarks import SAMPLES_DIR, locate
+
     monkeypatch.setenv("MASS_DPO_DATA", str(shared_data))
+    monkeypatch.setenv("MASS_DPO_OFFLINE", "1")
     where, why = E.dataset_location("movielens", "samples")
-    assert why == "" and where in ("samples", str(shared_data))
+    assert why == ""
+    for split in ("train", "valid", "test"):
+        assert locate("movielens", split, where).resolve() == shared_data.resolve()
     assert E.dataset_location("qasc", "samples") == ("samples", "")
+    assert locate("qasc", "train", "samples").resolve() == SAMPLES_DIR.resolve() != shared_data.resolve()
 
 
 # ---------------------------------------------------------------- notebooks and profiles agree

@@ -429,17 +429,25 @@ def test_selection_inputs_by_hand():
 
 
 def test_theta0_equal_ref_gives_uniform_q(tiny, records, tmp_path):
-    from mass_dpo.selection import fisher_vectors
+    """At theta0 = the reference every Delta_i is 0, so Algorithm 1's lines 3-5 reduce to hand values per prompt with
+    n valid negatives: q = 1/n, alpha0 = beta^2 sigmoid(log n), v_i = sqrt(1/n) (phi_i - mean of the valid phi)."""
+    from mass_dpo.selection import fisher_vectors, fisher_weights
 
     ex = extract(records, tiny, cache_dir=tmp_path, progress=False)
     phi, logits, mask, cand = selection_inputs(ex, "delta")
     assert (logits == 0).all()
-    s = (0.1 * logits).masked_fill(~mask, float("-inf"))
-    q = torch.softmax(s, -1)
-    n = mask.sum(-1, keepdim=True)
+    beta = 0.1
+    n = mask.sum(-1, keepdim=True).double()  # [P, 1], pools of 2 to 5 negatives
+    assert n.unique().numel() > 1
+    q, alpha = fisher_weights(logits.double(), mask, beta)
     torch.testing.assert_close(q, mask / n)
-    v, alpha = fisher_vectors(phi, logits, mask, 0.1)
-    assert v.shape == phi.shape and torch.isfinite(v).all()
+    torch.testing.assert_close(alpha, beta**2 * torch.sigmoid(torch.log(n[:, 0])))
+    v, _ = fisher_vectors(phi.double(), logits.double(), mask, beta)
+    x = phi.double()
+    mean = (x * mask[..., None]).sum(1, keepdim=True) / n[..., None]
+    want = torch.where(mask[..., None], (1 / n[..., None]).sqrt() * (x - mean), torch.zeros(()))
+    torch.testing.assert_close(v, want)
+    assert (v[~mask] == 0).all() and (~mask).any()
     for i, r in enumerate(records):
         assert sorted(cand[i][mask[i]].tolist() + [r["target"]]) == list(range(len(r["candidates"])))
 

@@ -168,22 +168,31 @@ def test_loglinear_loss_is_sdpo_on_loglinear_logps():
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_lemma_4_2_gradient(beta):
+    """Eq. 9 against autograd, one prompt at a time and batched over the 3 prompts (row p = prompt p's gradient;
+    the batched loss likewise)."""
     theta, phi, b = _loglinear_problem(seed=1)
     theta.requires_grad_()
-    for p in range(3):
-        (auto,) = torch.autograd.grad(loglinear_loss(theta, phi[p], b[p], beta), theta)
-        torch.testing.assert_close(loglinear_grad(theta.detach(), phi[p], b[p], beta), auto)
     batched = loglinear_grad(theta.detach(), phi, b, beta)
-    assert batched.shape == (3, 4)
+    losses = loglinear_loss(theta.detach(), phi, b, beta)
+    assert batched.shape == (3, 4) and losses.shape == (3,)
+    for p in range(3):
+        loss = loglinear_loss(theta, phi[p], b[p], beta)
+        (auto,) = torch.autograd.grad(loss, theta)
+        torch.testing.assert_close(loglinear_grad(theta.detach(), phi[p], b[p], beta), auto)
+        torch.testing.assert_close(batched[p], auto)
+        torch.testing.assert_close(losses[p], loss.detach())
 
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_lemma_4_3_hessian(beta):
     theta, phi, b = _loglinear_problem(seed=2)
+    batched = loglinear_hessian(theta, phi, b, beta)
+    assert batched.shape == (3, 4, 4)
     for p in range(3):
         auto = torch.autograd.functional.hessian(lambda t: loglinear_loss(t, phi[p], b[p], beta), theta)
         closed = loglinear_hessian(theta, phi[p], b[p], beta)
         torch.testing.assert_close(closed, auto)
+        torch.testing.assert_close(batched[p], auto)  # row p of the batched call is prompt p's Hessian
         # the Loewner lower bound of eq. 10 keeps only the dispersion term
         s = beta * (phi[p] @ theta + b[p])
         q = torch.softmax(s, 0)

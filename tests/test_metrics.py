@@ -1,6 +1,7 @@
 """Ranking and preference metrics on hand-computed cases."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ def test_preference_metrics():
     assert m["accuracy"] == pytest.approx(2 / 3)  # row 1 ties at 0.0: not a win; row 2 ignores the masked 3.0
     margins = [1.0 - (-0.5 / 3), 0.0 - (-1.0), 2.0 - 0.5]
     assert m["margin"] == pytest.approx(sum(margins) / 3)
-    assert m["margin_se"] == pytest.approx(mean_se(torch.tensor(margins))[1])
+    assert m["margin_se"] == pytest.approx(statistics.stdev(margins) / math.sqrt(3))
+    assert m["accuracy_se"] == pytest.approx(statistics.stdev([1.0, 0.0, 1.0]) / math.sqrt(3))
 
 
 def test_mean_se_edge_cases():

@@ -99,12 +99,6 @@ def test_auto_profile_is_paper_with_cuda_and_cpu_without(monkeypatch, name, cuda
     assert f"profile {profile} (auto: " in r.describe()
 
 
-def test_auto_on_this_machine_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    assert resolve("table1", {}).values == expected("cpu", "table1")
-
-
 @pytest.mark.parametrize("name", PAPER_NOTEBOOKS)
 def test_profile_driven_parameters_default_to_none_and_say_what_none_means(name):
     defaults, notes = parameters_cell(name)

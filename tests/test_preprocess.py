@@ -145,3 +145,133 @@ def test_cli_select_on_samples(tmp_path):
     assert s["dataset"] == "qasc" and s["pooling"] == "response" and s["candidates_max"] == 8 and not s["cache_hit"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "sel.summary.json").read_text())["cache_hit"]
+
+
+# ---------------------------------------------------------------- select_extracted on hand-built pools (no model)
+
+
+def _pools_with_lengths(P=7, C=6, d=4, seed=0):
+    """Random pools with a chosen response anywhere, one shorter pool (padding), log-probs at theta0 away from the
+    reference, and token lengths with ties."""
+    from mass_dpo.extraction import Extracted
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(P, C, dtype=torch.bool)
+    mask[P - 2, C - 2:] = False
+    target = torch.randint(0, C - 2, (P,), generator=g)
+    ref = torch.randn(P, C, generator=g) * 2
+    return Extracted([str(i) for i in range(P)], torch.randn(P, C, d, generator=g), ref,
+                     ref + torch.randn(P, C, generator=g), mask, target,
+                     lengths=torch.randint(1, 6, (P, C), generator=g) * mask)
+
+
+@pytest.mark.parametrize("selection_score", ["reference", "delta"])
+@pytest.mark.parametrize("strategy", STRATEGIES + ("longest",))
+def test_select_extracted_in_chunks_equals_one_chunk(monkeypatch, strategy, selection_score):
+    """``select_extracted`` selects SELECT_CHUNK prompts at a time (and the selector splits those again,
+    ``_chunk_size``): chunks of 3 prompts, split into 2, give what one chunk gives. ``random`` included: one
+    generator serves the whole split, its stream read chunk after chunk, so the same seed draws the same negatives
+    however the prompts are chunked (a generator seeded again per chunk would repeat its draws)."""
+    from mass_dpo import preprocess, selection
+
+    ex = _pools_with_lengths()
+    kw = dict(strategy=strategy, beta=0.5, gamma=0.1, selection_score=selection_score, seed=3)
+    whole = preprocess.select_extracted(ex, 3, **kw)
+    assert preprocess.SELECT_CHUNK >= len(ex)  # one chunk above
+    monkeypatch.setattr(preprocess, "SELECT_CHUNK", 3)
+    monkeypatch.setattr(selection, "_chunk_size", lambda *a, **k: 2)
+    chunked = preprocess.select_extracted(ex, 3, **kw)
+    assert chunked.keys() == whole.keys()
+    assert torch.equal(chunked["indices"], whole["indices"]) and torch.equal(chunked["uniform"], whole["uniform"])
+    for key in ("gains", "logdet", "alpha"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-12, atol=1e-14, equal_nan=True)
+    if strategy == "random":  # the draws do move with the seed
+        assert not torch.equal(preprocess.select_extracted(ex, 3, **{**kw, "seed": 4})["indices"], whole["indices"])
+
+
+def test_a_bad_feature_in_a_later_select_chunk_names_its_prompt_and_pool_candidate(monkeypatch):
+    """With chunks of 3 prompts, a NaN in prompt 4 (the second chunk) is reported as prompt 4, with its id and the
+    candidate's index in its pool (not its place among the negatives); a NaN log-prob likewise."""
+    from mass_dpo import preprocess
+
+    ex = _pools_with_lengths()
+    bad = int(ex.target[4]) + 1
+    ex.features[4, bad, 2] = float("nan")
+    monkeypatch.setattr(preprocess, "SELECT_CHUNK", 3)
+    says = rf"phi has NaN or inf values .*prompt 4 \(id {ex.ids[4]!r}\), candidate {bad} "
+    with pytest.raises(ValueError, match=says):
+        preprocess.select_extracted(ex, 2)
+    ex = _pools_with_lengths()
+    ex.theta0_logps[4, bad] = float("inf")
+    with pytest.raises(ValueError, match=rf"logits have NaN or inf values .*prompt 4 .*candidate {bad} "):
+        preprocess.select_extracted(ex, 2)
+
+
+def _hand_pools():
+    """Two pools of 6 candidates, d = 3. Prompt 0: the chosen one is candidate 2 (the longest, 50 tokens); its
+    negatives 0, 1, 3, 4, 5 have 5, 9, 9, 3, 7 tokens and log pi_theta0 -5, -1, -3, -0.5, -4. Prompt 1: chosen 0,
+    candidate 5 is padding (99 tokens and log-prob 5 that must never count); negatives 1..4 have 2, 6, 6, 6 tokens and
+    log pi_theta0 -1, -1, -3, -0.2."""
+    from mass_dpo.extraction import Extracted
+
+    theta0 = torch.tensor([[-5.0, -1.0, -2.0, -3.0, -0.5, -4.0], [-2.0, -1.0, -1.0, -3.0, -0.2, 5.0]])
+    mask = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    feats = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
+    return Extracted(["a", "b"], feats, theta0 - 0.3, theta0, mask, torch.tensor([2, 0]),
+                     lengths=torch.tensor([[5, 9, 50, 9, 3, 7], [4, 2, 6, 6, 6, 99]]))
+
+
+def _hand_logdet(ex, p, picks, beta=0.1, gamma=0.1):
+    """log det H(S) of candidates ``picks`` by the reference, the pool's negatives and logits built by hand (the
+    default reading: l_i = log pi_theta0(y_i) - log pi_theta0(y*))."""
+    from reference_selection import subset_logdet
+
+    t = int(ex.target[p])
+    negs = [c for c in range(ex.mask.shape[1]) if c != t and bool(ex.mask[p, c])]
+    phi = (ex.features[p, negs] - ex.features[p, t]).double()
+    logits = (ex.theta0_logps[p, negs] - ex.theta0_logps[p, t]).double()
+    return subset_logdet(phi, logits, [negs.index(c) for c in picks], beta, gamma)
+
+
+def test_longest_takes_the_most_tokens_ties_to_the_lowest_index():
+    """Top-n by response tokens among the valid negatives (never the chosen one, never padding), ties to the lowest
+    candidate index, -1 past the pool; the subset scored under the reading's q like every strategy."""
+    from dataclasses import replace
+
+    from mass_dpo.preprocess import select_extracted
+
+    ex = _hand_pools()
+    got = select_extracted(ex, 3, strategy="longest")
+    assert got["indices"].tolist() == [[1, 3, 5], [2, 3, 4]]
+    for p, picks in enumerate(got["indices"].tolist()):
+        assert float(got["logdet"][p]) == pytest.approx(_hand_logdet(ex, p, picks), rel=1e-9)
+    assert select_extracted(ex, 5, strategy="longest")["indices"].tolist() == [[1, 3, 5, 0, 4], [2, 3, 4, 1, -1]]
+    with pytest.raises(ValueError, match="needs the candidates' token lengths"):
+        select_extracted(replace(ex, lengths=None), 3, strategy="longest")
+
+
+def test_the_runs_negatives_option_overrides_the_methods_strategy():
+    """``TrainConfig.negatives`` names the strategy of a run's fixed negatives (``config.strategy``, passed to
+    ``select_training_negatives``): ``longest`` and ``hardest`` replace MASS-DPO's D-optimal picks; ``dpo`` still
+    keeps one negative."""
+    from reference_selection import algorithm1
+
+    from mass_dpo.training import TrainConfig, select_training_negatives
+
+    assert TrainConfig(method="mass_dpo", negatives="longest").strategy == "longest"
+    assert TrainConfig(method="mass_dpo").strategy == "dopt" and TrainConfig(method="sdpo").strategy == "random"
+    with pytest.raises(ValueError, match="unknown negatives"):
+        TrainConfig(negatives="all")
+    ex = _hand_pools()
+    assert select_training_negatives(ex, "mass_dpo", 3, strategy="longest").tolist() == [[1, 3, 5], [2, 3, 4]]
+    # hardest: the most plausible under theta0, ties to the lowest index
+    assert select_training_negatives(ex, "mass_dpo", 3, strategy="hardest").tolist() == [[4, 1, 3], [4, 1, 2]]
+    assert select_training_negatives(ex, "dpo", 3, strategy="longest").tolist() == [[1], [2]]
+    # no strategy: the method's own, Algorithm 1 for MASS-DPO (the reference on the negatives built by hand)
+    default = select_training_negatives(ex, "mass_dpo", 3).tolist()
+    for p, t in enumerate(ex.target.tolist()):
+        negs = [c for c in range(6) if c != t and bool(ex.mask[p, c])]
+        phi = (ex.features[p, negs] - ex.features[p, t]).double()
+        logits = (ex.theta0_logps[p, negs] - ex.theta0_logps[p, t]).double()
+        assert default[p] == [negs[i] for i in algorithm1(phi, logits, 3, 0.1, 0.1)[0]]
+    assert default != [[1, 3, 5], [2, 3, 4]] and default != [[4, 1, 3], [4, 1, 2]]  # the options changed the picks

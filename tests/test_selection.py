@@ -303,9 +303,13 @@ def test_label_blind_matches_its_definition(N, d, n, beta, gamma, center):
     assert sel.indices.shape == (4, min(n, N))
     for b in range(4):
         assert sel.indices[b].tolist() == _label_blind_reference(phi[b], logits[b], n, beta, gamma, center), b
-    # gains and logdet score the chosen subset under Algorithm 1's criterion, like every other strategy
-    scored = score_subset(phi, logits, sel.indices, beta=beta, gamma=gamma, center=center)
-    torch.testing.assert_close(sel.logdet, scored.logdet)
+    # gains and logdet score the chosen subset under Algorithm 1's criterion on the given pool (not the re-centred
+    # N + 1 responses), like every other strategy: the reference's log det H(S) of each prefix of the picks
+    for b in range(4):
+        picks = sel.indices[b].tolist()
+        prefixes = [subset_logdet(phi[b], logits[b], picks[:j], beta, gamma, center) for j in range(len(picks) + 1)]
+        assert float(sel.logdet[b]) == pytest.approx(prefixes[-1], rel=1e-8, abs=1e-10), b
+        np.testing.assert_allclose(sel.gains[b].numpy(), np.diff(prefixes), rtol=1e-7, atol=1e-10)
 
 
 def test_label_blind_picks_do_not_depend_on_which_response_won():
@@ -346,3 +350,52 @@ def test_label_blind_with_masks_and_numpy():
     assert single.indices.tolist() == sel.indices[0].tolist()
     everything = select_negatives(phi, logits, 8, strategy="label_blind", mask=mask)
     assert (everything.indices[1] >= 0).sum() == 5 and (everything.indices[1, 5:] == -1).all()
+
+
+@pytest.mark.parametrize("strategy", ["dopt", "hardest", "random", "all", "label_blind"])
+@pytest.mark.parametrize("center", [True, False])
+def test_chunks_of_prompts_give_the_unchunked_result(monkeypatch, strategy, center):
+    """``_design`` splits the prompts into chunks (``_chunk_size``, a memory bound): with chunks of 2 prompts the
+    picks, gains and log det equal those of one chunk, ragged masks included."""
+    from mass_dpo import selection
+
+    phi, logits = _random_pools(5, 9, 4, seed=31)
+    mask = torch.ones(5, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[3, [0, 4]] = False  # a later chunk's pool with holes
+    kw = dict(beta=0.5, gamma=0.1, strategy=strategy, center=center, mask=mask)
+    whole = select_negatives(phi, logits, 4, generator=torch.Generator().manual_seed(2), **kw)
+    sizes = []  # what the real memory bound would have chosen
+
+    def two_prompts(*args, **kwargs):
+        sizes.append(real_chunk_size(*args, **kwargs))
+        return 2
+
+    real_chunk_size = selection._chunk_size
+    monkeypatch.setattr(selection, "_chunk_size", two_prompts)
+    chunked = select_negatives(phi, logits, 4, generator=torch.Generator().manual_seed(2), **kw)
+    assert sizes and all(size >= 5 for size in sizes)  # unpatched, one chunk: the comparison means something
+    assert torch.equal(chunked.indices, whole.indices)
+    torch.testing.assert_close(chunked.gains, whole.gains, rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(chunked.logdet, whole.logdet, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked.alpha, whole.alpha, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_a_bad_feature_in_a_later_chunk_names_its_own_prompt(monkeypatch, center):
+    """With chunks of 2 prompts, a NaN (or a float32 overflow) in prompt 3 is reported as prompt 3 (chunk offset
+    added), candidate as given."""
+    from mass_dpo import selection
+
+    monkeypatch.setattr(selection, "_chunk_size", lambda *a, **k: 2)
+    phi, logits = _random_pools(5, 6, 3, seed=32)
+    bad = phi.clone()
+    bad[3, 4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"phi has NaN or inf values \(1 candidates in this chunk, first: prompt 3, "
+                                         r"candidate 4\)"):
+        select_negatives(bad, logits, 2, center=center)
+    big = phi.float()
+    big[3, 1, 0] = 1e20  # ||phi||^2 = 1e40 overflows float32
+    with pytest.raises(ValueError, match=r"phi is too large for torch.float32 \(\|\|phi\|\|\^2 overflows; prompt 3, "
+                                         r"candidate 1\)"):
+        select_negatives(big, logits.float(), 2, center=center)

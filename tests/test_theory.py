@@ -1,6 +1,5 @@
 """mass_dpo.theory against straightforward references."""
 
-import itertools
 import json
 import math
 from dataclasses import replace
@@ -124,6 +123,24 @@ def test_full_subset_gives_the_full_pool_fit():
     assert float(theory.relative_logit_error(pools.phi, cold.theta - star.theta).max()) < 1e-6
 
 
+def test_a_subset_mask_fits_the_pools_cut_down_to_the_subset():
+    """A random prefix of 3 of 6 candidates per prompt: the masked fit equals the fit on pools physically cut down
+    to those 3 candidates (gathered tensors, no mask), and differs from the full-pool fit."""
+    _, pools = _pools(P=30, N=6, d=3, seed=9)
+    b = torch.randn(30, 6, dtype=DT, generator=torch.Generator().manual_seed(4))  # non-zero offsets: gathered too
+    order = torch.argsort(torch.rand(30, 6, generator=torch.Generator().manual_seed(5)), dim=1)
+    mask = theory.prefix_mask(order, 3, 6)
+    assert mask.sum(-1).tolist() == [3] * 30 and mask.gather(1, order[:, :3]).all()
+    keep = order[:, :3]
+    sliced = theory.fit_ridge(torch.gather(pools.phi, 1, keep[..., None].expand(-1, -1, 3)), b.gather(1, keep),
+                              0.1, 0.1, tol=1e-12)
+    masked = theory.fit_ridge(pools.phi, b, 0.1, 0.1, mask, tol=1e-12)
+    assert sliced.converged and masked.converged
+    torch.testing.assert_close(masked.theta, sliced.theta, rtol=1e-9, atol=1e-10)
+    full = theory.fit_ridge(pools.phi, b, 0.1, 0.1)
+    assert float((full.theta - masked.theta).norm()) > 1e-3
+
+
 # ---------------------------------------------------------------- Section 5 quantities
 
 
@@ -132,8 +149,11 @@ def test_relative_logit_error_hand_case():
     delta = torch.tensor([0.5, -0.25], dtype=DT)
     # phi . delta = [0.5, -0.5, -0.25]; the largest pairwise gap is 0.5 - (-0.5) = 1.0
     assert float(theory.relative_logit_error(phi, delta)[0]) == pytest.approx(1.0)
-    brute = max(abs(float((phi[0, i] - phi[0, j]) @ delta)) for i in range(3) for j in range(3))
-    assert brute == pytest.approx(1.0)
+    # eq. 15 by brute force over every pair (i, j), on random pools
+    g = torch.Generator().manual_seed(0)
+    phi, delta = torch.randn(4, 5, 3, dtype=DT, generator=g), torch.randn(3, dtype=DT, generator=g)
+    brute = [max(abs(float((phi[p, i] - phi[p, j]) @ delta)) for i in range(5) for j in range(5)) for p in range(4)]
+    assert theory.relative_logit_error(phi, delta).tolist() == pytest.approx(brute, rel=1e-12)
 
 
 def test_leverage_formula_on_a_tiny_case():
@@ -186,26 +206,22 @@ def test_leverage_bound_holds_with_measured_constants():
 
 
 def test_brute_force_logdet_on_n5_and_greedy_guarantee():
+    """exact_best_logdet_gain against the reference's brute force (d x d slogdet of every subset, q from random
+    non-zero logits); the greedy's gain against Algorithm 1 as written and within the 1 - 1/e guarantee."""
+    from reference_selection import algorithm1, brute_force
+
     _, pools = _pools("clustered", P=6, N=5, d=3, seed=6)
-    logits = torch.zeros(6, 5, dtype=DT)
+    logits = 10 * torch.randn(6, 5, dtype=DT, generator=torch.Generator().manual_seed(7))  # q far from uniform
     beta, gamma = 0.1, 0.1
     for n in range(1, 6):
         best = theory.exact_best_logdet_gain(pools.phi, logits, n, beta, gamma)
-        # reference: explicit d x d determinants over every subset
-        from mass_dpo.selection import fisher_vectors
-
-        v, alpha0 = fisher_vectors(pools.phi, logits, torch.ones(6, 5, dtype=torch.bool), beta, True)
-        for p in range(6):
-            ref = max(
-                float(torch.logdet(gamma * torch.eye(3, dtype=DT)
-                                   + alpha0[p] * sum(torch.outer(v[p, i], v[p, i]) for i in S)))
-                - 3 * math.log(gamma)
-                for S in itertools.combinations(range(5), n)
-            )
-            assert float(best[p]) == pytest.approx(ref, rel=1e-9, abs=1e-12)
         sel = select_negatives(pools.phi, logits, n, beta=beta, gamma=gamma, strategy="dopt")
         greedy = theory.logdet_gain(pools.phi, logits, sel.indices, beta, gamma)
-        assert torch.allclose(greedy, sel.logdet - 3 * math.log(gamma), atol=1e-9)
+        for p in range(6):
+            _, ref = brute_force(pools.phi[p], logits[p], n, beta, gamma)
+            assert float(best[p]) == pytest.approx(ref - 3 * math.log(gamma), rel=1e-9, abs=1e-12)
+            _, _, ref_greedy = algorithm1(pools.phi[p], logits[p], n, beta, gamma)
+            assert float(greedy[p]) == pytest.approx(ref_greedy - 3 * math.log(gamma), rel=1e-9, abs=1e-12)
         assert torch.all(greedy >= (1 - 1 / math.e) * best - 1e-12) and torch.all(greedy <= best + 1e-9)
 
 
@@ -254,7 +270,10 @@ def test_batch_error_bound_and_slope():
     assert val == pytest.approx(math.sqrt(1.0 * math.log(inner)) + 2 * math.sqrt(0.1))
     n = np.array([1, 2, 4, 8])
     assert toy.loglog_slope(n, 3.0 * n**-0.5) == pytest.approx(-0.5)
-    assert toy.loglog_slope(n, [1.0, 0.0, 0.0, 0.0]) != toy.loglog_slope(n, [1.0, 0.5, 0.25, 0.125])
+    assert math.isnan(toy.loglog_slope(n, [1.0, 0.0, 0.0, 0.0]))  # one positive point: no slope
+    # a zero is dropped, not logged: the points (log 1, 0), (2 log 2, -2 log 2), (3 log 2, -2 log 2) have the
+    # least-squares slope Sxy / Sxx = (-30/9) / (42/9) = -5/7
+    assert toy.loglog_slope(n, [1.0, 0.0, 0.25, 0.25]) == pytest.approx(-5 / 7)
 
 
 # ---------------------------------------------------------------- drivers
