@@ -47,7 +47,7 @@ PNG_METADATA = {"Software": None}
 SVG_METADATA = {"Date": None}
 CSV_FLOAT_FORMAT = "%.10g"
 
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed); 1.96 beyond.
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed); t_quantile beyond.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
@@ -203,10 +203,17 @@ def save_table(df: pd.DataFrame, name: str, out_dir) -> dict[str, Path]:
 
 
 def t_quantile(dof: int) -> float:
-    """Two-sided 95% Student-t quantile for ``dof`` degrees of freedom (normal 1.96 above 30)."""
+    """Two-sided 95% Student-t quantile for ``dof`` degrees of freedom: the table up to 30, above it the
+    Cornish-Fisher expansion of t around the normal quantile z = 1.959964 (Abramowitz & Stegun 26.7.5, four terms;
+    error below 1e-6 there)."""
     if dof < 1:
         return float("nan")
-    return _T975[dof - 1] if dof <= len(_T975) else 1.96
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z, k = 1.959963984540054, float(dof)
+    return (z + (z**3 + z) / (4 * k) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * k**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * k**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * k**4))
 
 
 def mean_ci(df: pd.DataFrame, by, value: str, *, band: str = "t") -> pd.DataFrame:
@@ -296,6 +303,49 @@ def facet_lines(summary: pd.DataFrame, *, x: str, hue: str, col: str | None = No
                 ax.set_ylabel(ylabel or "")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), frameon=False)
+    return fig, axes
+
+
+def annotated_heatmaps(cells: pd.DataFrame, *, xtick: str, ytick: str, xlabel: str, ylabel: str,
+                       panel_size=(3.3, 3.0), cmap: str = "RdBu"):
+    """A grid of heat maps with a number in every cell, e.g. :func:`mass_dpo.toy.regime_map_cells`.
+
+    ``cells`` has one row per cell: ``i`` / ``j`` (the panel's row and column), ``y`` / ``x`` (the cell's position
+    in it), ``gain`` (the colour, on ``-vmax..vmax`` with ``vmax`` per panel row), ``text`` (written in the cell,
+    bold where ``significant``), ``title`` (per panel), ``row_label`` (beside ``ylabel`` on the first column) and
+    the tick values ``xtick`` / ``ytick``. One colour bar per panel row. Returns ``(fig, axes)``, ``axes`` a 2-D array.
+    """
+    rows, cols = int(cells["i"].max()) + 1, int(cells["j"].max()) + 1
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(panel_size[0] * cols, panel_size[1] * rows),
+                             layout="constrained")
+    for i in range(rows):
+        image = None
+        for j in range(cols):
+            ax, part = axes[i, j], cells[(cells["i"] == i) & (cells["j"] == j)]
+            if part.empty:
+                ax.set_visible(False)
+                continue
+            ny, nx = int(part["y"].max()) + 1, int(part["x"].max()) + 1
+            grid = np.full((ny, nx), np.nan)
+            grid[part["y"].astype(int), part["x"].astype(int)] = part["gain"].astype(float)
+            vmax = float(part["vmax"].iloc[0])
+            image = ax.imshow(grid, cmap=cmap, vmin=-vmax, vmax=vmax, origin="lower", aspect="auto")
+            for r in part.itertuples():
+                strong = math.isfinite(r.gain) and abs(r.gain) > 0.6 * vmax
+                ax.text(r.x, r.y, r.text, ha="center", va="center", fontsize=6.5,
+                        fontweight="bold" if r.significant else "normal", color="white" if strong else "black")
+            xt = part.drop_duplicates("x").sort_values("x")
+            yt = part.drop_duplicates("y").sort_values("y")
+            ax.set_xticks(xt["x"].astype(int).tolist(), [f"{v:g}" for v in xt[xtick]])
+            ax.set_yticks(yt["y"].astype(int).tolist(), [f"{v:g}" for v in yt[ytick]])
+            ax.grid(False)
+            ax.set_title(str(part["title"].iloc[0]), fontsize=8)
+            if i == rows - 1:
+                ax.set_xlabel(xlabel)
+            if j == 0:
+                ax.set_ylabel(f"{ylabel}\n{part['row_label'].iloc[0]}")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[i]), shrink=0.8)
     return fig, axes
 
 

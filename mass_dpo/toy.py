@@ -488,6 +488,18 @@ def leverage_constants(nrec):
     return nrec.groupby(by, sort=True)[["kappa", "rho", "q_min", "alpha0", "L_v", "bound_holds"]].mean().reset_index()
 
 
+def bound_holds_sentence(nrec) -> str:
+    """Section 2's printed line: the share of (prompt, subset) pairs on which the leverage bound B_n holds."""
+    return f"bound holds on {nrec['bound_holds'].mean():.4%} of (prompt, subset) pairs"
+
+
+def greedy_worst(erec):
+    """Section 4's table: the worst prompt's fraction of the brute-force optimum (``fraction_min``), lowest over
+    every seed, shape, theta0 and n, per (criterion, method); the greedy of Algorithm 1 is guaranteed ``1 - 1/e``
+    of its own criterion's optimum."""
+    return erec.groupby(["criterion", "method"])["fraction_min"].min().reset_index()
+
+
 def panel_label(frame):
     """``"<shape>, θ0 = <theta0>"`` per row: the panels of the k-sweep and exact-greedy figures."""
     return frame["shape"] + ", θ0 = " + frame["theta0"]
@@ -633,24 +645,119 @@ def regime_comparison(rrec):
     return out
 
 
-def regime_sentences(cmp, rrec, *, cells: int, n: int, seeds: int) -> list[str]:
-    """The conclusion's lines 2 and 3, printed from :func:`regime_comparison` and the regime records: how often the
-    D-optimal subset is the top-n by G_ii, and where each selection beats or loses to random."""
+def dim_label(d) -> str:
+    """``"d = 64"``: the hue of section 9's top-G_ii figure."""
+    return f"d = {int(d)}"
+
+
+def top_gii_curves(rrec):
+    """Section 9's first figure: the share of prompts whose D-optimal subset is exactly the top-n by G_ii, mean and
+    95% interval over seeds per (shape, d, expected G_ii), with ``dim`` (:func:`dim_label`) for the hue."""
+    from .plotting import mean_ci
+
+    top = mean_ci(rrec[rrec["method"] == DOPT], ["shape", "d", "gram_scale"], "same_as_top_gii")
+    return top.assign(dim=[dim_label(v) for v in top["d"]])
+
+
+def gii_table(rrec):
+    """Section 9's cell table: per (shape, expected G_ii, d) the feature scale that sets it, the measured median
+    G_ii of the pools and the share of prompts whose D-optimal subset is the top-n by G_ii (mean over seeds)."""
+    keys = ["shape", "gram_scale", "d"]
+    cells = rrec.groupby(keys)[["feature_scale", "gii_median"]].first()
+    share = rrec[rrec["method"] == DOPT].groupby(keys)["same_as_top_gii"].mean().rename("share_top_gii")
+    return cells.join(share).reset_index()
+
+
+#: Section 9's map: the rows of the figure, each value with its colour-bar title (the gain is signed so that positive
+#: is better than random: the accuracy difference, minus the E_rel difference).
+REGIME_VALUES = (("test_accuracy", "test accuracy gain"),
+                 ("erel_true", r"$-\Delta\mathcal{E}_{rel}(\hat\theta_n,\theta_{true})$"))
+
+
+def short_label(method: str) -> str:
+    """``"D-optimal (centred)"`` -> ``"D-optimal"``, ``"label-blind D-optimal"`` -> ``"label-blind"``: the map's
+    panel titles."""
+    return method.replace(" D-optimal", "").replace(" (centred)", "")
+
+
+def regime_map_cells(cmp, *, shapes=None, methods=(DOPT, BLIND), values=REGIME_VALUES):
+    """Section 9's heat map as cells (:func:`regime_comparison` in, the drawn numbers out): one row per (value row,
+    panel = shape x method, d, expected G_ii), with ``i`` / ``j`` the panel's row and column, ``y`` / ``x`` the
+    cell's position (``d`` and ``gram_scale`` in ascending order, as the runs hold them), ``gain``, ``significant``,
+    ``text`` (the gain to 2 significant digits, a star where the paired interval excludes 0; empty for a missing
+    cell), ``vmax`` (the colour limit of the value row: its largest |gain|, 1 where every gain is 0), ``title`` and
+    ``row_label``. ``shapes``: the panels' order (default: as ``cmp`` holds them)."""
+    import pandas as pd
+
+    shapes = list(dict.fromkeys(cmp["shape"])) if shapes is None else list(shapes)
+    dims = sorted(set(cmp["d"].astype(int)))
+    scales = sorted(set(cmp["gram_scale"].astype(float)))
+    rows = []
+    for i, (value, row_label) in enumerate(values):
+        part = cmp[cmp["value"] == value]
+        vmax = float(part["gain"].abs().max()) if len(part) else 0.0
+        vmax = vmax if vmax > 0 else 1.0
+        for j, (shape, method) in enumerate((s_, m) for s_ in shapes for m in methods):
+            cell = part[(part["shape"] == shape) & (part["method"] == method)]
+            got = {(int(d), float(g)): (float(gain), bool(sig))
+                   for d, g, gain, sig in zip(cell["d"], cell["gram_scale"], cell["gain"], cell["significant"])}
+            for y, d in enumerate(dims):
+                for x, g in enumerate(scales):
+                    gain, sig = got.get((d, g), (math.nan, False))
+                    text = "" if math.isnan(gain) else f"{gain:.2g}" + ("*" if sig else "")
+                    rows.append(dict(value=value, row_label=row_label, shape=shape, method=method, i=i, j=j, y=y, x=x,
+                                     d=d, gram_scale=g, gain=gain, significant=sig, text=text, vmax=vmax,
+                                     title=f"{short_label(method)} − random | {shape}"))
+    return pd.DataFrame(rows)
+
+
+def verdict_counts(cmp):
+    """Section 9's tally: per (method, value) how many cells of :func:`regime_comparison` are ``better``,
+    ``worse`` and ``no clear gap`` (0 where none)."""
+    return cmp.groupby(["method", "value", "verdict"]).size().unstack(fill_value=0)
+
+
+def regime_findings(cmp, rrec, *, cells: int | None = None, n=None, seeds: int | None = None) -> list[str]:
+    """What section 9's sweep found, printed from :func:`regime_comparison` and the regime records (unnumbered):
+    how often the D-optimal subset is the top-n by G_ii, then, for D-optimal and label-blind on test accuracy and on
+    E_rel against theta_true, in how many (shape, G_ii, d) cells each beats or loses to random, and where. The
+    number of cells, n and the number of seeds are read from the records unless given."""
 
     def where(method, value, verdict):
         sub = cmp[(cmp["method"] == method) & (cmp["value"] == value) & (cmp["verdict"] == verdict)]
         return "; ".join(f"{r['shape']} G_ii~{r['gram_scale']:g} d={r['d']} ({r['mean']:+.3g})"
                          for _, r in sub.iterrows()) or "nowhere"
 
+    cells = len(rrec[["shape", "gram_scale", "d"]].drop_duplicates()) if cells is None else cells
+    n = "/".join(str(int(v)) for v in sorted(set(rrec["n"]))) if n is None else n
+    seeds = rrec["seed"].nunique() if seeds is None else seeds
     share = rrec[rrec["method"] == DOPT].groupby("gram_scale")["same_as_top_gii"].mean()
-    lines = [f"2. Top-n by G_ii: the D-optimal subset equals it on {share.iloc[0]:.0%} of prompts at G_ii ~ "
+    lines = [f"Top-n by G_ii: the D-optimal subset equals it on {share.iloc[0]:.0%} of prompts at G_ii ~ "
              f"{share.index[0]:g} and on {share.iloc[-1]:.0%} at G_ii ~ {share.index[-1]:g} (all shapes and d; random: "
              f"{rrec[rrec['method'] == 'random']['same_as_top_gii'].mean():.0%})."]
     for m in (DOPT, BLIND):
         for value, name in (("test_accuracy", "test accuracy"), ("erel_true", "E_rel against theta_true")):
             counts = cmp[(cmp["method"] == m) & (cmp["value"] == value)]["verdict"].value_counts()
-            lines.append(f"3. {m} vs random on {name}, {cells} (shape, G_ii, d) cells at n = {n}, {seeds} seeds: "
+            lines.append(f"{m} vs random on {name}, {cells} (shape, G_ii, d) cells at n = {n}, {seeds} seeds: "
                          f"better in {counts.get('better', 0)}, worse in {counts.get('worse', 0)}, no clear gap in "
                          f"{counts.get('no clear gap', 0)}. Better: {where(m, value, 'better')}. Worse: "
                          f"{where(m, value, 'worse')}.")
     return lines
+
+
+def regime_sentences(cmp, rrec, *, cells: int, n: int, seeds: int) -> list[str]:
+    """:func:`regime_findings` numbered as the conclusion numbered them before :func:`conclusion_lines` (``"2."``,
+    then ``"3."`` for each comparison). Kept for its callers; the notebook prints :func:`conclusion_lines`."""
+    first, *rest = regime_findings(cmp, rrec, cells=cells, n=n, seeds=seeds)
+    return [f"2. {first}"] + [f"3. {line}" for line in rest]
+
+
+def conclusion_lines(label_verdict: str, cmp, rrec, *, elapsed: float, regime_elapsed: float, cache: bool
+                     ) -> list[str]:
+    """The toy notebook's conclusion, numbered here and only here: the label-blind verdict of section 8
+    (:func:`label_blind_verdict`), the regime findings of section 9 (:func:`regime_findings`), then the run time of
+    the sweeps."""
+    lines = [label_verdict, *regime_findings(cmp, rrec),
+             f"Run time: the sweeps of sections 1-7 took {elapsed:.1f} s and the regime sweep {regime_elapsed:.1f} s "
+             f"(cache {'on' if cache else 'off'})."]
+    return [f"{i}. {line}" for i, line in enumerate(lines, 1)]

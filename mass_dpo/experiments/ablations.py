@@ -74,6 +74,33 @@ def arm_label(label: str, n, beta, selection_score=None) -> str:
     return f"{label}{reading} n={int(n)} beta={float(beta):g}"
 
 
+def ablation_reading(runs: pd.DataFrame, *, n: int, beta: float, ns, betas) -> str | None:
+    """The reading of the preprocessing score (``selection_score``) that Table 3's two axes were trained under, read
+    from the runs' own resolved configurations (their ``selection_score`` column), never from a default in code.
+
+    It is the reading of the MASS-DPO runs found at every setting of both axes (beta over ``betas`` at ``n``, n over
+    ``ns`` at ``beta``): the readings panel adds other readings on the beta axis only. Where the panel covers every
+    setting too (``ns`` holds only ``n``) and several readings qualify, it is the reading of the runs that set none
+    of their own (S-DPO's and the reference's, resolved over the same setup as the axes' MASS-DPO runs). ``None``
+    when no run carries a reading; ``ValueError`` when the runs leave it ambiguous."""
+    if runs.empty or "selection_score" not in runs:
+        return None
+    label = runs["label"] if "label" in runs else pd.Series(MASS, index=runs.index)
+    mass = runs[label == MASS]
+    points = {(int(n), round(float(b), 12)) for b in betas} | {(int(m), round(float(beta), 12)) for m in ns}
+    covering = [r for r, g in mass.groupby("selection_score", sort=False)
+                if points <= {(int(a), round(float(b), 12)) for a, b in zip(g["n"], g["beta"])}]
+    if len(covering) == 1:
+        return covering[0]
+    own = list(dict.fromkeys(runs.loc[label != MASS, "selection_score"].dropna()))
+    if len(own) == 1 and (not covering or own[0] in covering):
+        return own[0]
+    if not covering and not own:
+        return None
+    raise ValueError(f"the runs do not say which reading Table 3's axes were trained under: MASS-DPO runs under "
+                     f"{covering or 'no reading'} cover both axes, the other runs carry {own or 'no reading'}")
+
+
 def with_arms(runs: pd.DataFrame) -> pd.DataFrame:
     """``runs`` plus an ``arm`` column (:func:`arm_label`) naming each run's setting."""
     if runs.empty:
@@ -81,6 +108,17 @@ def with_arms(runs: pd.DataFrame) -> pd.DataFrame:
     reading = runs["selection_score"] if "selection_score" in runs else pd.Series([None] * len(runs), index=runs.index)
     arms = [arm_label(lb, n, b, r) for lb, n, b, r in zip(runs["label"], runs["n"], runs["beta"], reading)]
     return runs.assign(arm=arms)
+
+
+def arms_sentence(runs: pd.DataFrame) -> str:
+    """What the notebook trained, from the runs: how many runs on which datasets, and every arm (:func:`arm_label`)
+    with its number of seeds."""
+    if runs.empty:
+        return "No runs: no dataset ran."
+    armed = runs if "arm" in runs else with_arms(runs)
+    seeds = armed.groupby("arm", sort=False)["seed"].nunique()
+    arms = ", ".join(f"{arm} ({k} seed{'s' if k != 1 else ''})" for arm, k in seeds.items())
+    return f"{len(armed)} runs on {', '.join(dict.fromkeys(armed['dataset']))}; arms: {arms}."
 
 
 def arm_learning(runs: pd.DataFrame, metrics=("recall@1", "mrr"), *, threshold: float = 3.0) -> pd.DataFrame:
@@ -202,6 +240,45 @@ def ablation_table(runs: pd.DataFrame, *, model: str, betas=(0.1, 0.5, 1.0), ns=
     papers = [c for c in out.columns if c.startswith("paper")] + ["diff"]
     out.loc[out["method"] != MASS, papers] = math.nan  # the paper's Table 3 is MASS-DPO's
     return out
+
+
+def ablation_curves(runs: pd.DataFrame, table3: pd.DataFrame, *, n: int, beta: float,
+                    selection_score: str | None) -> pd.DataFrame:
+    """The data of Table 3's figure, exactly the plotted numbers: accuracy (%) of MASS-DPO (under
+    ``selection_score``) and S-DPO along the beta axis (runs at ``n``) and the n axis (runs at ``beta``), mean over
+    seeds with a 95% t-interval (:func:`mass_dpo.plotting.mean_ci`; ``source = "ours"``), and the paper's MASS-DPO
+    line from :func:`ablation_table`'s ``paper`` column (``source = "paper"``, no interval).
+
+    Columns ``ablation, source, label, dataset, setting, mean, lo, hi, count``; ``setting`` is the axis value (beta
+    or n) as a number, rows sorted by it within each line."""
+    from ..plotting import mean_ci
+
+    columns = ["ablation", "source", "label", "dataset", "setting", "mean", "lo", "hi", "count"]
+    frames = []
+    if len(runs):
+        acc = ablation_runs(runs, selection_score)
+        acc = acc.assign(acc=100 * acc["accuracy"].astype(float))
+        for axis, part in (("beta", acc[acc["n"] == int(n)]), ("n", acc[np.isclose(acc["beta"].astype(float), beta)])):
+            if len(part):
+                summary = mean_ci(part, ["label", "dataset", axis], "acc")
+                frames.append(summary.rename(columns={axis: "setting"}).assign(ablation=axis, source="ours"))
+    if len(table3) and "paper" in table3:
+        paper = table3[(table3["method"] == MASS) & table3["ablation"].isin(["beta", "n"]) & table3["paper"].notna()]
+        if "metric" in paper:
+            paper = paper[paper["metric"] == "accuracy"]
+        if len(paper):
+            frames.append(pd.DataFrame({"ablation": paper["ablation"], "source": "paper", "label": MASS,
+                                        "dataset": paper["dataset"], "setting": paper["setting"].astype(float),
+                                        "mean": paper["paper"].astype(float), "lo": math.nan, "hi": math.nan,
+                                        "count": math.nan}))
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat(frames, ignore_index=True)[columns]
+    out["setting"] = out["setting"].astype(float)
+    order = {"beta": 0, "n": 1}
+    out = out.sort_values(["ablation", "source", "label", "dataset", "setting"],
+                          key=lambda c: c.map(order) if c.name == "ablation" else c, kind="stable")
+    return out.reset_index(drop=True)
 
 
 def axis_sentence(table3: pd.DataFrame, dataset: str, *, model: str | None = None) -> str:
@@ -326,3 +403,43 @@ def design_sentence(table: pd.DataFrame, dataset: str, *, beta: float, n: int | 
             f"by {ovr} (the {int(first['n'])} hardest by {hard}) and are {ld} tokens long on average, against "
             f"{float(first['length_random']):.1f} for "
             f"random picks and {float(first['length_negatives']):.1f} for all negatives." + elsewhere)
+
+
+# ---------------------------------------------------------------- what the numbers say
+
+
+def table3_sentences(*, learning: pd.DataFrame, methods_table: pd.DataFrame, best: pd.DataFrame,
+                     axis_pairs: pd.DataFrame, pairs: pd.DataFrame, design: pd.DataFrame, blind: pd.DataFrame,
+                     n: int, beta: float) -> list[str]:
+    """The closing lines of the Table 3 notebook, each printed from its tables: each arm against the reference
+    (:func:`learning_summary`), accuracy along each axis per dataset (:func:`axis_sentence`), the best setting per
+    method, axis and dataset (:func:`best_setting`; MASS-DPO's beside the paper's), every MASS-DPO minus S-DPO pair of
+    the two axes once (:func:`ablation_pairs`; the point (n, beta) lies on both) and their count
+    (:func:`pairs_sentence`), the readings panel per reading at ``n`` (the readings the pairs hold), the design
+    diagnostics at (``n``, ``beta``) per dataset (:func:`design_sentence`) and the label-blind pairs
+    (:func:`label_blind_pairs`), on accuracy."""
+    from .core import paired_sentence
+
+    lines = []
+    for r in learning.itertuples():
+        metric = {"mrr": "MRR"}.get(r.metric, r.metric)
+        lines.append(f"learning: {r.arm} beats the reference by >= 3 SE on {metric} on {r.learned} of "
+                     f"{r.datasets} dataset(s) ({r.z_min:.1f} to {r.z_max:.1f} SE)")
+    for ds in (dict.fromkeys(methods_table["dataset"]) if len(methods_table) else []):
+        lines.append(axis_sentence(methods_table, ds))
+    for r in best.itertuples():
+        paper = f" (paper: {r.paper_best})" if r.method == MASS else ""
+        lines.append(f"{r.method}, {r.ablation} axis, {r.dataset}: best setting {r.ours_best}{paper}")
+    acc = axis_pairs[axis_pairs["metric"] == "accuracy"] if len(axis_pairs) else axis_pairs
+    if len(acc):
+        lines += [paired_sentence(row) for _, row in acc.drop_duplicates(["model", "dataset", "n", "beta"]).iterrows()]
+    lines.append(pairs_sentence(axis_pairs, "accuracy"))
+    at_n = pairs[pairs["n"] == int(n)] if len(pairs) else pairs
+    for reading in (dict.fromkeys(at_n["selection_score"]) if len(at_n) else []):
+        lines.append(f"readings panel, {reading}: "
+                     + pairs_sentence(at_n[at_n["selection_score"] == reading], "accuracy"))
+    for ds in (dict.fromkeys(design["dataset"]) if len(design) else []):
+        lines.append(design_sentence(design, ds, beta=beta, n=n))
+    for _, row in (blind[blind["metric"] == "accuracy"] if len(blind) else blind).iterrows():
+        lines.append("label-blind: " + paired_sentence(row))
+    return lines

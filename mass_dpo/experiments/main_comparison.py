@@ -219,6 +219,16 @@ def length_bias(runs: pd.DataFrame, *, k: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "label", "seed", "share", "chance"])
 
 
+def length_bias_summary(lengths: pd.DataFrame) -> pd.DataFrame:
+    """:func:`length_bias` per (dataset, method): the mean over seeds of ``share`` and ``chance``, and ``seeds``."""
+    if lengths.empty:
+        return pd.DataFrame(columns=["dataset", "label", "share", "chance", "seeds"])
+    grouped = lengths.groupby(["dataset", "label"], sort=False)
+    out = grouped[["share", "chance"]].mean()
+    out["seeds"] = grouped["seed"].nunique()
+    return out.reset_index()
+
+
 def _retraced_curve(row, split: str) -> pd.DataFrame:
     """A finished exact-fit run's path re-fitted (deterministic), each iterate scored on the whole pools of
     ``split``: long rows ``step, metric, value``."""
@@ -297,9 +307,9 @@ def dynamics_sentences(trained: pd.DataFrame, axis: str, gap: pd.DataFrame, leng
     for _, r in gap[gap["metric"].isin(["accuracy", "margin"])].iterrows():
         lines.append(f"last iterate, {r['negatives']} negatives, {r['dataset']}, {r['metric']}: MASS-DPO "
                      f"{r['MASS-DPO']:.3f}, S-DPO {r['S-DPO']:.3f} (difference {r['diff']:+.3f})")
-    for (ds, label), r in lengths.groupby(["dataset", "label"])[["share", "chance"]].mean().iterrows():
-        lines.append(f"{ds}: {100 * r['share']:.0f}% of {label}'s training negatives are among the 3 longest of "
-                     f"their pool (uniform draw: {100 * r['chance']:.0f}%)")
+    for r in length_bias_summary(lengths).sort_values(["dataset", "label"]).itertuples():
+        lines.append(f"{r.dataset}: {100 * r.share:.0f}% of {r.label}'s training negatives are among the 3 longest of "
+                     f"their pool (uniform draw: {100 * r.chance:.0f}%)")
     lines += [f"test: {paired_sentence(row)}" for _, row in pairs.iterrows()]
     acc = gap[gap["metric"] == "accuracy"].set_index(["dataset", "negatives"])["diff"]
     for ds in dict.fromkeys(gap["dataset"]):
