@@ -745,13 +745,6 @@ def regime_findings(cmp, rrec, *, cells: int | None = None, n=None, seeds: int |
     return lines
 
 
-def regime_sentences(cmp, rrec, *, cells: int, n: int, seeds: int) -> list[str]:
-    """:func:`regime_findings` numbered as the conclusion numbered them before :func:`conclusion_lines` (``"2."``,
-    then ``"3."`` for each comparison). Kept for its callers; the notebook prints :func:`conclusion_lines`."""
-    first, *rest = regime_findings(cmp, rrec, cells=cells, n=n, seeds=seeds)
-    return [f"2. {first}"] + [f"3. {line}" for line in rest]
-
-
 def conclusion_lines(label_verdict: str, cmp, rrec, *, elapsed: float, regime_elapsed: float, cache: bool
                      ) -> list[str]:
     """The toy notebook's conclusion, numbered here and only here: the label-blind verdict of section 8

@@ -368,8 +368,5 @@ def test_conclusion_lines_are_numbered_in_one_place():
     assert lines[2].startswith("3. D-optimal (centred) vs random on test accuracy, 1 (shape, G_ii, d) cells at n = 2, "
                                "2 seeds:")
     assert lines[-1] == "7. Run time: the sweeps of sections 1-7 took 1.2 s and the regime sweep 0.5 s (cache on)."
-    old = toy.regime_sentences(cmp, rrec, cells=1, n=2, seeds=2)  # the numbering its callers had
-    assert [line[:3] for line in old] == ["2. ", "3. ", "3. ", "3. ", "3. "]
-    assert [line[3:] for line in old] == [line[3:] for line in lines[1:6]]
     counts = toy.verdict_counts(cmp)
     assert int(counts.values.sum()) == len(cmp) == 4

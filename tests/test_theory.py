@@ -471,8 +471,8 @@ def test_regime_comparison_signs_gains_and_marks_only_clear_gaps():
     # label-blind: accuracy +0.015 on average but 0.00..0.03 by seed; its E_rel is far noisier than its mean gap
     assert cmp.loc[(toy.BLIND, "erel_true"), "verdict"] == "no clear gap"
     assert cmp.loc[(toy.BLIND, "erel_true"), "gain"] == pytest.approx(-(2.0 - 1.005))
-    lines = toy.regime_sentences(toy.regime_comparison(rrec), rrec, cells=1, n=2, seeds=4)
-    assert lines[0].startswith("2. Top-n by G_ii: the D-optimal subset equals it on 100% of prompts")
+    lines = toy.regime_findings(toy.regime_comparison(rrec), rrec, cells=1, n=2, seeds=4)
+    assert lines[0].startswith("Top-n by G_ii: the D-optimal subset equals it on 100% of prompts")
     assert "better in 1, worse in 0, no clear gap in 0" in lines[1]
 
 
