@@ -3,7 +3,7 @@
     python benchmarks/bf16.py [--datasets qasc lastfm medmcqa] [--pools 50] [--batch 4] [--n 3] [--threads N]
 
 The same pools (``load_benchmark(name, "train", data_dir="samples", limit=pools)``) go through SmolLM2 loaded in
-fp32 and in bf16, batch by batch and alternately (``mass_dpo.extraction.shared_prefix_outputs``: one packed row per
+fp32 and in bf16, batch by batch and alternately (``mass_dpo.forward.shared_prefix_outputs``: one packed row per
 pool, both poolings), so that the noise of a shared machine hits both. Printed per dataset:
 
 - time: seconds per pool (mean and median over batches) and the ratio fp32 / bf16;
@@ -39,7 +39,8 @@ def extract_both(bundles, records, batch: int):
     """Per dtype: ``(logps [P, C], {pooling: features [P, C, d]}, mask, lengths)``, and per dtype the seconds of each
     batch. The batches alternate between the dtypes (fp32 first on even batches, bf16 first on odd ones)."""
     from mass_dpo.data.formatting import encode_pool
-    from mass_dpo.extraction import POOLINGS, _pad_to, shared_prefix_outputs
+    from mass_dpo.extraction import _pad_to
+    from mass_dpo.forward import POOLINGS, shared_prefix_outputs
 
     tok = next(iter(bundles.values())).tokenizer
     pools = [encode_pool(r, tok) for r in records]
@@ -84,7 +85,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def compare(records, a, b, n: int) -> dict:
     """Agreement of extraction ``b`` (bf16) with ``a`` (fp32), both outputs of :func:`extract_both`."""
-    from mass_dpo.extraction import POOLINGS
+    from mass_dpo.forward import POOLINGS
     from mass_dpo.preprocess import select_extracted
 
     lp_a, ft_a, mask, len_a, s_a = a
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from mass_dpo.data import load_benchmark
-    from mass_dpo.extraction import POOLINGS
+    from mass_dpo.forward import POOLINGS
     from mass_dpo.models import cpu_has_native_bf16, load_model
 
     bundles = {k: load_model(args.model, device="cpu", dtype=k) for k in ("float32", "bfloat16")}

@@ -3,7 +3,7 @@
     python benchmarks/extraction.py [--pools 5] [--candidates 20] [--model smollm2] [--data-dir DIR] [--threads N]
 
 Shared prefix: one packed row [prompt, cand_1, ..., cand_C] per pool with a block attention mask
-(``mass_dpo.extraction.shared_prefix_forward``). Naive: one row [prompt, cand_c] per candidate, the C rows of a pool
+(``mass_dpo.forward.shared_prefix_forward``). Naive: one row [prompt, cand_c] per candidate, the C rows of a pool
 in one padded batch (``naive_forward``; logits only from the last prompt position on, so the LM head costs the same
 in both). Tokens = real (non-padding) tokens fed to the model. Both give log-probs and features; the script checks
 they agree (max abs difference) and prints the ratios. Target (issue 5): >= 8x fewer tokens, >= 5x less time.
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from mass_dpo.data.formatting import encode_pool
-    from mass_dpo.extraction import naive_forward, shared_prefix_forward
+    from mass_dpo.forward import naive_forward, shared_prefix_forward
     from mass_dpo.models import load_model
 
     bundle = load_model(args.model, device="cpu", dtype="float32")

@@ -3,7 +3,7 @@
     python benchmarks/extraction_batching.py [--pools 64] [--datasets medmcqa qasc lastfm movielens]
         [--model smollm2] [--data-dir DIR] [--split train] [--repeats 2] [--json PATH]
 
-Both sides pack one row per pool (``mass_dpo.extraction.shared_prefix_outputs``) and group rows into forwards of at
+Both sides pack one row per pool (``mass_dpo.forward.shared_prefix_outputs``) and group rows into forwards of at
 most ``DEFAULT_BATCH_TOKENS`` tokens, as ``extract`` does over one cache shard (64 pools). Before: the rows in the
 dataset's order, every prompt computed whole (the loop of ``_forward_pools`` until 2026-12-05). After:
 ``_forward_pools`` itself, rows longest first (less padding) and the prompts' common token prefix (chat template
@@ -33,19 +33,20 @@ SHARED = REPO.parent / "shared" / "data"
 def data_order(model, pools, pad_id):
     """The rows in data order, no prefix reuse: ``(logps [N, C], {pooling: features}, padded tokens)``."""
     from mass_dpo import extraction as X
+    from mass_dpo import forward as FW
 
     rows, where = X.split_rows(pools, X.DEFAULT_BATCH_TOKENS)
     assert len(rows) == len(pools), "a pool over DEFAULT_BATCH_TOKENS: use shorter pools"
     C = max(len(cs) for _, cs in pools)
-    logps, feats, tokens = torch.zeros(len(pools), C), {p: None for p in X.POOLINGS}, 0
+    logps, feats, tokens = torch.zeros(len(pools), C), {p: None for p in FW.POOLINGS}, 0
     for idx in X._batches(rows, X.DEFAULT_BATCH_TOKENS, longest_first=False):
         batch = [rows[j] for j in idx]
-        tokens += len(batch) * max(X.row_tokens(r) for r in batch)
-        lp, ft, *_ = X._shared_prefix(model, batch, poolings=X.POOLINGS, pad_id=pad_id)
+        tokens += len(batch) * max(FW.row_tokens(r) for r in batch)
+        lp, ft, *_ = FW._shared_prefix(model, batch, poolings=FW.POOLINGS, pad_id=pad_id)
         for b, j in enumerate(idx):
             k = len(rows[j][1])
             logps[j, :k] = lp[b, :k]
-            for p in X.POOLINGS:
+            for p in FW.POOLINGS:
                 if feats[p] is None:
                     feats[p] = torch.zeros(len(pools), C, ft[p].shape[-1])
                 feats[p][j, :k] = ft[p][b, :k]
@@ -55,13 +56,14 @@ def data_order(model, pools, pad_id):
 def longest_first(model, pools, pad_id):
     """``_forward_pools`` as ``extract`` runs it: ``(logps, {pooling: features}, padded tokens)``."""
     from mass_dpo import extraction as X
+    from mass_dpo import forward as FW
 
     rows, _ = X.split_rows(pools, X.DEFAULT_BATCH_TOKENS)
-    K = len(X.common_prompt_prefix(pools))
+    K = len(FW.common_prompt_prefix(pools))
     tokens = K  # the prefix, once
     for idx in X._batches(rows, X.DEFAULT_BATCH_TOKENS):
-        tokens += len(idx) * (max(X.row_tokens(rows[j]) for j in idx) - K)
-    logps, feats, *_ = X._forward_pools(model, pools, poolings=X.POOLINGS, batch_tokens=X.DEFAULT_BATCH_TOKENS,
+        tokens += len(idx) * (max(FW.row_tokens(rows[j]) for j in idx) - K)
+    logps, feats, *_ = X._forward_pools(model, pools, poolings=FW.POOLINGS, batch_tokens=X.DEFAULT_BATCH_TOKENS,
                                         pad_id=pad_id)
     return logps, feats, tokens
 
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from mass_dpo import extraction as X
+    from mass_dpo import forward as FW
     from mass_dpo.data import load_benchmark
     from mass_dpo.models import load_model
 
@@ -111,8 +114,8 @@ def main(argv=None) -> int:
                 else:
                     after = out
         dlogp = float((before[0] - after[0]).abs().max())
-        dfeat = max(float((before[1][p] - after[1][p]).abs().max()) for p in X.POOLINGS)
-        r = {"dataset": name, "pools": len(pools), "prefix_tokens": len(X.common_prompt_prefix(pools)),
+        dfeat = max(float((before[1][p] - after[1][p]).abs().max()) for p in FW.POOLINGS)
+        r = {"dataset": name, "pools": len(pools), "prefix_tokens": len(FW.common_prompt_prefix(pools)),
              "tokens_before": before[2], "tokens_after": after[2], "s_before": min(times["before"]),
              "s_after": min(times["after"]), "max_abs_logp": dlogp, "max_abs_feature": dfeat}
         r["time_ratio"] = r["s_before"] / r["s_after"]

@@ -8,7 +8,7 @@ that run's timing: docs/benchmarks.md). Without CUDA (or with ``--tiny``) every 
 CPU (the ``tiny`` model, a few prompts; ``tests/test_gpu_check.py`` runs it so in CI, in well under a minute).
 
 1. **extraction** (bf16 on a GPU): LastFM pools of 20 candidates through the shared prompt
-   (``mass_dpo.extraction.shared_prefix_forward_batch``, several pools per forward) and one row per candidate
+   (``mass_dpo.forward.shared_prefix_forward_batch``, several pools per forward) and one row per candidate
    (``naive_forward``, one pool's rows per forward), for SmolLM2 and for a random-init model with Llama-3.2-3B's
    configuration (``params/models/llama3_shape.yaml``: no download). Tokens/s counts the tokens the pools *score*
    (prompt + response for every candidate, the same numerator for both paths); "fed" is what the model read.
@@ -16,7 +16,7 @@ CPU (the ``tiny`` model, a few prompts; ``tests/test_gpu_check.py`` runs it so i
 2. **step**: one full fine-tuning step with the S-DPO loss at n = 3 on the Llama-3.2-3B-shaped model, bf16 weights,
    gradient checkpointing, per-device batch 2 (the paper's): forward + backward through the shared prompt
    (``mass_dpo.training.pool_logps``, what training uses) and through one row per response (``pool_logps`` with
-   ``forward=mass_dpo.extraction.naive_forward``: one ``[prompt, response]`` row per response, a pool's rows in one
+   ``forward=mass_dpo.forward.naive_forward``: one ``[prompt, response]`` row per response, a pool's rows in one
    padded forward, S-DPO's layout); loss and gradient agreement (cosine, relative norm of the difference), then one
    AdamW step for the peak memory of a whole step.
 3. **run**: SmolLM2 full fine-tuning on 500 QASC prompts of the shipped sample, one epoch, paper profile
@@ -155,7 +155,7 @@ def bench_extraction(name: str, records: list[dict], *, device, dtype, pools_per
     the same function), and in ``dtype`` the shared prompt must be no further from fp32 than one row per candidate,
     up to ``BF16_ERROR_RATIO`` (reading the prompt once adds no error of its own)."""
     from mass_dpo.data.formatting import encode_pool
-    from mass_dpo.extraction import naive_forward, shared_prefix_forward_batch
+    from mass_dpo.forward import naive_forward, shared_prefix_forward_batch
 
     bundle = load(name, device, torch.float32)
     model = bundle.model.eval()
@@ -208,7 +208,7 @@ def bench_step(name: str, records: list[dict], *, device, dtype, n: int, repeats
     """One S-DPO step at n negatives: time, tokens/s and peak memory of forward + backward through the shared prompt
     and through one row per response; their loss and gradient agreement; peak memory of a whole AdamW step."""
     from mass_dpo.data.formatting import encode_pool
-    from mass_dpo.extraction import naive_forward
+    from mass_dpo.forward import naive_forward
     from mass_dpo.losses import preference_loss
     from mass_dpo.training import pool_logps
 

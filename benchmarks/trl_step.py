@@ -206,7 +206,7 @@ def prepare(model, trainer, cell: dict, i: int) -> None:
 
 def steps(model, opt, trainer, cell: dict, i: int) -> dict:
     """The three steps on prompt ``i`` of ``cell`` (each: zero the gradients, loss, backward, AdamW update)."""
-    from mass_dpo.extraction import naive_forward
+    from mass_dpo.forward import naive_forward
     from mass_dpo.losses import preference_loss
     from mass_dpo.training import pool_logps
 

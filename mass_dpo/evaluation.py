@@ -94,7 +94,7 @@ def score_candidates(
         data: ``Extracted``-like: ``features [P, C, d]``, ``ref_logps [P, C]``, ``mask [P, C]``.
         pools: per prompt ``(prompt_ids, [candidate_ids, ...])`` for a causal LM (``encode_pool``).
         forward: a per-pool forward ``(model, prompt_ids, candidate_ids, pooling=, return_features=) -> (logps [C],
-            _)``; default: ``mass_dpo.extraction.shared_prefix_forward_batch`` over ``batch_size`` pools at a time.
+            _)``; default: ``mass_dpo.forward.shared_prefix_forward_batch`` over ``batch_size`` pools at a time.
     """
     mask = torch.as_tensor(data.mask).bool()
     if isinstance(policy, LogLinearPolicy):
@@ -114,7 +114,7 @@ def score_candidates(
     policy.eval()
     scores = torch.zeros(mask.shape, dtype=torch.float32)
     if forward is None:
-        from .extraction import shared_prefix_forward_batch
+        from .forward import shared_prefix_forward_batch
 
         for lo in range(0, len(pools), batch_size):
             chunk = list(pools[lo : lo + batch_size])

@@ -47,18 +47,14 @@ from torch import nn
 from .files import atomic_path, atomic_write_json
 from .extraction import (
     DEFAULT_BATCH_TOKENS,
-    POOLINGS,
     Extracted,
     HiddenStates,
     _batches,
     _pad_to,
-    _parts,
-    additive_mask,
     cached_part,
-    pack_pools,
-    pool_outputs,
     weights_fingerprint,
 )
+from .forward import POOLINGS, _parts, additive_mask, pack_pools, pool_outputs
 
 #: The files of a saved freeze policy (``final/``, ``snapshots/<name>/``): the trainable weights under the base
 #: model's parameter names, and what they belong to.
@@ -131,7 +127,7 @@ class FrozenTopPolicy(nn.Module):
 
     def top_hidden(self, hidden: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, T, d]`` final hidden states (after the norm) of packed rows whose block-``L-k`` input is ``hidden``
-        ``[B, T, d]`` (:func:`mass_dpo.extraction.pack_pools` layout: block mask, positions restarting per
+        ``[B, T, d]`` (:func:`mass_dpo.forward.pack_pools` layout: block mask, positions restarting per
         candidate)."""
         p = self.head_weight
         h = hidden.to(device=p.device, dtype=p.dtype)
@@ -147,7 +143,7 @@ class FrozenTopPolicy(nn.Module):
         return self.norm(h)
 
     def outputs(self, hidden, packed, *, poolings: Sequence[str] = ()):
-        """:func:`mass_dpo.extraction.pool_outputs` of the policy on packed rows: ``(logps [B, C], {pooling:
+        """:func:`mass_dpo.forward.pool_outputs` of the policy on packed rows: ``(logps [B, C], {pooling:
         features [B, C, d]}, mask [B, C], lengths [B, C])``; differentiable."""
         return pool_outputs(self.top_hidden(hidden, packed), self.head, packed, poolings=poolings)
 

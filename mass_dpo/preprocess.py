@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from .extraction import (
-    DEFAULT_SELECTION_SCORE, POOLINGS, SELECTION_SCORES, Extracted, check_selection_score, extract, selection_inputs,
+    DEFAULT_SELECTION_SCORE, SELECTION_SCORES, Extracted, check_selection_score, extract, selection_inputs,
 )
+from .forward import POOLINGS
 from .selection import STRATEGIES, score_subset, select_negatives
 
 #: Prompts per call of the selector (bounds the [prompts, candidates, d] copies it makes).

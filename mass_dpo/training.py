@@ -14,7 +14,7 @@ Regimes (``TrainConfig.regime``):
                  (:class:`mass_dpo.frozen.FrozenTopPolicy`).
 
 In the LM regimes one forward per prompt shares the prompt across the chosen response and its negatives
-(``mass_dpo.extraction.shared_prefix_forward``: one packed row with a block mask); in ``freeze`` the records carry
+(``mass_dpo.forward.shared_prefix_forward``: one packed row with a block mask); in ``freeze`` the records carry
 the cached states of that packed row and only the top blocks run.
 
 Distributed training, DeepSpeed and FSDP come from the Trainer and accelerate unchanged; nothing here is
@@ -255,13 +255,13 @@ def negatives_from_jsonl(path, ids: Sequence[str], n: int | None = None) -> torc
 def pool_logps(model: nn.Module, prompt_ids, candidate_ids, mask: torch.Tensor, *, forward: Callable | None = None):
     """``[B, W]`` sequence log-probs of B pools (chosen first), 0 where ``mask`` ``[B, W]`` is False; differentiable.
 
-    Default: ``mass_dpo.extraction.shared_prefix_forward_batch`` (one packed row per prompt: the prompt once, then
+    Default: ``mass_dpo.forward.shared_prefix_forward_batch`` (one packed row per prompt: the prompt once, then
     every response with a block mask; one forward for the batch). ``forward(model, prompt_ids, candidate_ids,
-    return_features=False) -> (logps [C], _)`` replaces it, one call per pool: ``mass_dpo.extraction.naive_forward``
+    return_features=False) -> (logps [C], _)`` replaces it, one call per pool: ``mass_dpo.forward.naive_forward``
     is the one-row-per-response forward (a pool's ``[prompt, response]`` rows in one padded forward, S-DPO's layout).
     """
     if forward is None:
-        from .extraction import shared_prefix_forward_batch
+        from .forward import shared_prefix_forward_batch
 
         logps, _, _ = shared_prefix_forward_batch(model, list(zip(prompt_ids, candidate_ids)), return_features=False)
         rows = list(logps.float())

@@ -11,16 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import mass_dpo.extraction as X
+import mass_dpo.forward as FW
 from mass_dpo.data.formatting import encode_pool
-from mass_dpo.extraction import (
-    Extracted,
-    extract,
-    naive_forward,
-    reference_offsets,
-    selection_inputs,
-    shared_prefix_forward,
-    shared_prefix_forward_batch,
-)
+from mass_dpo.extraction import Extracted, extract, reference_offsets, selection_inputs
+from mass_dpo.forward import naive_forward, shared_prefix_forward, shared_prefix_forward_batch
 from mass_dpo.models import load_model
 
 ARTISTS = ["Queen", "U2", "Madonna", "The Beatles", "AC/DC", "Björk", "Daft Punk", "Portishead", "Radiohead", "ABBA"]
@@ -91,10 +85,10 @@ def test_batch_of_pools_equals_one_at_a_time(tiny, records):
 
 def test_common_prompt_prefix_by_hand():
     pools = [([1, 2, 3], [[9]]), ([1, 2, 4, 5], [[9]]), ([1, 2], [[9], [8]])]
-    assert X.common_prompt_prefix(pools) == [1, 2]
-    assert X.common_prompt_prefix([([1, 2, 3], [[9]]), ([1, 2, 3], [[8]])]) == [1, 2, 3]  # one prompt twice
-    assert X.common_prompt_prefix([([5, 1], [[9]]), ([6, 1], [[9]])]) == []
-    assert X.common_prompt_prefix([]) == []
+    assert FW.common_prompt_prefix(pools) == [1, 2]
+    assert FW.common_prompt_prefix([([1, 2, 3], [[9]]), ([1, 2, 3], [[8]])]) == [1, 2, 3]  # one prompt twice
+    assert FW.common_prompt_prefix([([5, 1], [[9]]), ([6, 1], [[9]])]) == []
+    assert FW.common_prompt_prefix([]) == []
 
 
 @pytest.mark.parametrize("case", ["chat", "same prompt", "no common prefix"])
@@ -107,28 +101,29 @@ def test_pools_over_a_shared_prompt_prefix_equal_naive(tiny, records, monkeypatc
         pools = [(pools[0][0], cs) for _, cs in pools]
     elif case == "no common prefix":
         pools = [([7 + i] + p[1:], cs) for i, (p, cs) in enumerate(pools)]
-    shared = X.common_prompt_prefix(pools)
+    shared = FW.common_prompt_prefix(pools)
     assert (len(shared) > 20) if case == "chat" else (shared == pools[0][0] if case == "same prompt" else not shared)
     used = []
-    real = X.shared_prompt_prefix
+    real = FW.shared_prompt_prefix
+    # patched in extraction, where _forward_pools looks them up (it imports them from mass_dpo.forward)
     monkeypatch.setattr(X, "shared_prompt_prefix", lambda *a, **kw: (used.append(real(*a, **kw)), used[-1])[1])
-    batches, forward = [], X._shared_prefix
+    batches, forward = [], FW._shared_prefix
     monkeypatch.setattr(X, "_shared_prefix", lambda m, rows, **kw: (
         batches.append([len(p) + sum(len(c) for c in cs) for p, cs in rows]), forward(m, rows, **kw))[1])
     longest = max(len(p) + sum(len(c) for c in cs) for p, cs in pools)
     with torch.no_grad():
         lp, ft, mask, lengths, states = X._forward_pools(
-            tiny.model, pools, poolings=X.POOLINGS, batch_tokens=2 * longest, pad_id=0, keep_layer=1)
+            tiny.model, pools, poolings=FW.POOLINGS, batch_tokens=2 * longest, pad_id=0, keep_layer=1)
         assert (used[0].length if used[0] is not None else 0) == len(shared)
         run = [n for b in batches for n in b]  # the rows as they ran: longest first, over several batches
         assert len(batches) > 1 and run == sorted(run, reverse=True) and len(run) == len(pools)
         for b, (p, cs) in enumerate(pools):
-            for pooling in X.POOLINGS:
+            for pooling in FW.POOLINGS:
                 lp0, ft0 = naive_forward(tiny.model, p, cs, pooling=pooling)
                 torch.testing.assert_close(lp[b, : len(cs)], lp0, atol=1e-4, rtol=0)
                 torch.testing.assert_close(ft[pooling][b, : len(cs)], ft0, atol=1e-4, rtol=0)
             assert lengths[b, : len(cs)].tolist() == [len(c) for c in cs] and mask[b].sum() == len(cs)
-            *_, own = X._shared_prefix(tiny.model, [(p, cs)], poolings=(), pad_id=0, keep_layer=1)
+            *_, own = FW._shared_prefix(tiny.model, [(p, cs)], poolings=(), pad_id=0, keep_layer=1)
             lo, hi = int(states["offsets"][b]), int(states["offsets"][b + 1])
             torch.testing.assert_close(states["states"][lo:hi], own[0], atol=1e-4, rtol=0)
 
@@ -353,8 +348,8 @@ def test_checkpoint_theta0(tiny, records, tmp_path):
 def test_both_poolings_in_one_forward_equal_single_pooling_calls(tiny, records):
     pools = [encode_pool(r, tiny.tokenizer) for r in records]
     with torch.no_grad():
-        lp, feats, mask, lengths = X.shared_prefix_outputs(tiny.model, pools, poolings=X.POOLINGS)
-        for pooling in X.POOLINGS:
+        lp, feats, mask, lengths = FW.shared_prefix_outputs(tiny.model, pools, poolings=FW.POOLINGS)
+        for pooling in FW.POOLINGS:
             lp1, ft1, m1 = shared_prefix_forward_batch(tiny.model, pools, pooling=pooling)
             torch.testing.assert_close(feats[pooling], ft1, atol=0, rtol=0)
             torch.testing.assert_close(lp, lp1, atol=0, rtol=0)
@@ -363,7 +358,7 @@ def test_both_poolings_in_one_forward_equal_single_pooling_calls(tiny, records):
     # lengths: each candidate's response tokens (end-of-turn included), 0 for padding
     for i, (_, cs) in enumerate(pools):
         assert lengths[i].tolist() == [len(c) for c in cs] + [0] * (lengths.shape[1] - len(cs))
-    _, none, _, _ = X.shared_prefix_outputs(tiny.model, pools, poolings=())
+    _, none, _, _ = FW.shared_prefix_outputs(tiny.model, pools, poolings=())
     assert none == {}
 
 

@@ -329,7 +329,8 @@ def test_extraction_of_truncated_pools_matches_the_naive_rows_and_splits_long_ro
     """Truncated ids give the log-probs and features of the naive one-row-per-candidate forward; a pool longer than
     the row budget is split over several packed rows with the same numbers."""
     from mass_dpo.data.formatting import truncate_pool
-    from mass_dpo.extraction import _forward_pools, naive_forward
+    from mass_dpo.extraction import _forward_pools
+    from mass_dpo.forward import naive_forward
     from mass_dpo.models import load_model
 
     bundle = load_model("tiny", device="cpu")

@@ -14,7 +14,8 @@ import torch
 
 from mass_dpo import frozen, runs
 from mass_dpo.data.formatting import encode_pool
-from mass_dpo.extraction import extract, shared_prefix_forward_batch
+from mass_dpo.extraction import extract
+from mass_dpo.forward import shared_prefix_forward_batch
 from mass_dpo.models import ModelBundle
 from mass_dpo.training import PoolEval, PreferenceCollator, PreferenceDataset, batch_loss, enable_pool_forward, \
     policy_logps, resolve_config
@@ -163,7 +164,7 @@ def test_wrong_states_are_refused(model_tok, lastfm):
 
 
 def test_states_are_the_hidden_states_entering_the_block_and_are_cached(model_tok, lastfm, tmp_path):
-    from mass_dpo.extraction import pack_pools, additive_mask
+    from mass_dpo.forward import pack_pools, additive_mask
 
     model, tok = model_tok
     plain = extracted(model, tok, lastfm, keep_layer=None, use_cache=True, cache_dir=tmp_path, shard_size=3)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_row_per_response_path_matches_one_row_per_candidate_and_the_shared_prompt():
     """float32: the step's row-per-response path (``pool_logps`` with ``naive_forward``) gives each pool's
     ``naive_forward`` log-probs, 0 in padded slots, and the shared prompt's."""
-    from mass_dpo.extraction import naive_forward
+    from mass_dpo.forward import naive_forward
     from mass_dpo.models import load_model
     from mass_dpo.training import pool_logps
 
@@ -112,7 +112,7 @@ def _gpu_module():
 def test_extraction_check_fails_a_shared_prompt_that_adds_error(monkeypatch):
     """The extraction's agreement is judged against fp32 scores: a shared-prompt path whose log-probs are off by
     0.5 nats (a layout bug, not rounding) is reported as a mismatch, and the correct path as agreeing."""
-    import mass_dpo.extraction as ex
+    import mass_dpo.forward as fw
 
     gpu = _gpu_module()
     records = gpu.lastfm_pools(2, 8, "samples")
@@ -121,13 +121,13 @@ def test_extraction_check_fails_a_shared_prompt_that_adds_error(monkeypatch):
     assert all(r["agree"] for r in good) and good[0]["fp32_rel_logp_diff"] <= 1e-4
     gpu.release()
 
-    real = ex.shared_prefix_forward_batch
+    real = fw.shared_prefix_forward_batch
 
     def off_by_half(model, chunk):
         logps, *rest = real(model, chunk)
         return (logps + 0.5, *rest)
 
-    monkeypatch.setattr(ex, "shared_prefix_forward_batch", off_by_half)
+    monkeypatch.setattr(fw, "shared_prefix_forward_batch", off_by_half)
     bad = gpu.bench_extraction("tiny", records, **kwargs)
     assert not any(r["agree"] for r in bad) and bad[0]["fp32_rel_logp_diff"] > 1e-4
     gpu.release()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mass_dpo.extraction import naive_forward
+from mass_dpo.forward import naive_forward
 from mass_dpo.losses import METHODS
 from mass_dpo.training import (
     PreferenceCollator,
@@ -150,7 +150,7 @@ def toy_pools(P=4, C=5, seed=0, vocab=400):
 
 def lm_dataset(model, pools, n=3, seed=0):
     """Records over ``pools`` with reference log-probs from ``model`` itself (the policy starts at the reference)."""
-    from mass_dpo.extraction import shared_prefix_forward
+    from mass_dpo.forward import shared_prefix_forward
 
     P, C = len(pools), len(pools[0][1])
     with torch.no_grad():

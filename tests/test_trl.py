@@ -23,7 +23,7 @@ trl = pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.
 
 import datasets  # noqa: E402
 
-from mass_dpo.extraction import naive_forward  # noqa: E402
+from mass_dpo.forward import naive_forward  # noqa: E402
 from mass_dpo.losses import preference_loss  # noqa: E402
 from mass_dpo.models import load_model  # noqa: E402
 from mass_dpo.preprocess import select_dataset  # noqa: E402
