@@ -218,7 +218,7 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     echo(f"claims with paired intervals: {write_claims(gallery)}")
     own = gallery.resolve() == (repo_root() / "papers_figures").resolve()  # the project's gallery: its README too
     for readme in [gallery / "README.md"] + ([repo_root() / "README.md"] if own else []):
-        check_quotes(readme, echo=echo, gallery=gallery)
+        check_quotes(readme, echo=echo)
     if only:
         echo(f"{total / 60:.1f} min in all ({caches} caches)")
     else:
@@ -230,16 +230,15 @@ def reproduce(profile: str = "cpu", only: list[str] | None = None, *, out_dir: P
     return report
 
 
-def check_quotes(readme: Path, *, echo=print, gallery: Path | None = None) -> list:
+def check_quotes(readme: Path, *, echo=print) -> list:
     """Name every number the gallery's hand-written ``README.md`` quotes that the tables it links no longer hold
     (:func:`mass_dpo.experiments.quotes.unsourced_quotes`): after a rerun on other data, settings or hardware, the
-    sentences to rewrite. Nothing when there is no such README (a gallery of one's own). ``gallery``: the folder
-    whose tables are its sources (default: the README's)."""
+    sentences to rewrite. Nothing when there is no such README (a gallery of one's own)."""
     from .experiments.quotes import unsourced_quotes
 
     if not readme.is_file():
         return []
-    stale = unsourced_quotes(readme, gallery=gallery)
+    stale = unsourced_quotes(readme)
     if stale:
         echo(f"{readme}: {len(stale)} passage(s) quote numbers that the tables they link no longer hold; "
              "rewrite them from the new tables (python -m mass_dpo.experiments.quotes lists them again):")

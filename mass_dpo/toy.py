@@ -717,20 +717,20 @@ def verdict_counts(cmp):
     return cmp.groupby(["method", "value", "verdict"]).size().unstack(fill_value=0)
 
 
-def regime_findings(cmp, rrec, *, cells: int | None = None, n=None, seeds: int | None = None) -> list[str]:
+def regime_findings(cmp, rrec) -> list[str]:
     """What section 9's sweep found, printed from :func:`regime_comparison` and the regime records (unnumbered):
     how often the D-optimal subset is the top-n by G_ii, then, for D-optimal and label-blind on test accuracy and on
-    E_rel against theta_true, in how many (shape, G_ii, d) cells each beats or loses to random, and where. The
-    number of cells, n and the number of seeds are read from the records unless given."""
+    E_rel against theta_true, in how many (shape, G_ii, d) cells each beats or loses to random, and where (the
+    number of cells, n and the number of seeds read from the records)."""
 
     def where(method, value, verdict):
         sub = cmp[(cmp["method"] == method) & (cmp["value"] == value) & (cmp["verdict"] == verdict)]
         return "; ".join(f"{r['shape']} G_ii~{r['gram_scale']:g} d={r['d']} ({r['mean']:+.3g})"
                          for _, r in sub.iterrows()) or "nowhere"
 
-    cells = len(rrec[["shape", "gram_scale", "d"]].drop_duplicates()) if cells is None else cells
-    n = "/".join(str(int(v)) for v in sorted(set(rrec["n"]))) if n is None else n
-    seeds = rrec["seed"].nunique() if seeds is None else seeds
+    cells = len(rrec[["shape", "gram_scale", "d"]].drop_duplicates())
+    n = "/".join(str(int(v)) for v in sorted(set(rrec["n"])))
+    seeds = rrec["seed"].nunique()
     share = rrec[rrec["method"] == DOPT].groupby("gram_scale")["same_as_top_gii"].mean()
     lines = [f"Top-n by G_ii: the D-optimal subset equals it on {share.iloc[0]:.0%} of prompts at G_ii ~ "
              f"{share.index[0]:g} and on {share.iloc[-1]:.0%} at G_ii ~ {share.index[-1]:g} (all shapes and d; random: "

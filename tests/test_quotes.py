@@ -42,8 +42,8 @@ def test_quotes_are_decimals_outside_code_and_links():
 def test_ratios_and_whole_percentages_are_quotes_and_labels_are_no_source_numbers():
     assert quotes("3.8x less, 1.78\u00d7 faster, 77% and 48-65% of prompts, the 95% interval, 20 candidates, x1.5") == \
         ["3.8", "1.78", "77", "48", "65"]
-    assert numbers_in("smollm2,fit_sdpo_19,MASS-DPO-5,n=3,0.48 | 1-5 | -4.9 | 1e-3").tolist() == [0.001, 0.48, 1, 3, 4.9,
-                                                                                             5]
+    source = "smollm2,fit_sdpo_19,MASS-DPO-5,n=3,0.48 | 1-5 | -4.9 | 1e-3"
+    assert numbers_in(source).tolist() == [0.001, 0.48, 1, 3, 4.9, 5]
     labels = numbers_in("component\nfit_mass_dpo_5\nratio_fit_sdpo_19_over_mass_dpo_5\n")
     assert not sourced("0.05", labels) and not sourced("19", labels)  # once found in the labels (x 0.01, as is)
     values = numbers_in("share\n0.4812\n0.651\n")
@@ -60,6 +60,11 @@ def test_the_project_readme_reads_the_gallery_not_the_docs(tmp_path):
     assert unsourced_quotes(readme) == []  # the folder's own files, docs included
     found = unsourced_quotes(readme, gallery=tmp_path / "gallery")
     assert [(u.quotes, u.sources) for u in found] == [(["3.8"], ["gallery/t.md"])]
+    (tmp_path / "papers_figures").mkdir()  # a project README beside a gallery reads that gallery by default
+    (tmp_path / "papers_figures" / "README.md").write_text("# Gallery\n")
+    (tmp_path / "papers_figures" / "t.md").write_text("| x | 2.5 |\n")
+    readme.write_text("# A\n\n3.8x faster ([bench](docs/bench.md)); 2.5 ([t](papers_figures/t.md)).\n")
+    assert [(u.quotes, u.sources) for u in unsourced_quotes(readme)] == [(["3.8"], ["papers_figures/t.md"])]
 
 
 def test_blocks_are_rows_bullets_and_paragraphs():

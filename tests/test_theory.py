@@ -460,7 +460,7 @@ def test_regime_comparison_signs_gains_and_marks_only_clear_gaps():
     for seed in range(4):
         for method, acc, err in ((toy.DOPT, 0.60 + 0.01 * seed, 1.0), (toy.BLIND, 0.50 + 0.01 * seed, 0.5 + seed),
                                  ("random", 0.50, 1.0 + 0.01 * (seed % 2))):
-            rows.append(dict(shape="isotropic", gram_scale=0.1, d=8, seed=seed, method=method, test_accuracy=acc,
+            rows.append(dict(shape="isotropic", gram_scale=0.1, d=8, n=2, seed=seed, method=method, test_accuracy=acc,
                              erel_true=err, same_as_top_gii=1.0 if method == toy.DOPT else 0.0))
     rrec = pd.DataFrame(rows)
     cmp = toy.regime_comparison(rrec).set_index(["method", "value"])
@@ -471,7 +471,7 @@ def test_regime_comparison_signs_gains_and_marks_only_clear_gaps():
     # label-blind: accuracy +0.015 on average but 0.00..0.03 by seed; its E_rel is far noisier than its mean gap
     assert cmp.loc[(toy.BLIND, "erel_true"), "verdict"] == "no clear gap"
     assert cmp.loc[(toy.BLIND, "erel_true"), "gain"] == pytest.approx(-(2.0 - 1.005))
-    lines = toy.regime_findings(toy.regime_comparison(rrec), rrec, cells=1, n=2, seeds=4)
+    lines = toy.regime_findings(toy.regime_comparison(rrec), rrec)
     assert lines[0].startswith("Top-n by G_ii: the D-optimal subset equals it on 100% of prompts")
     assert "better in 1, worse in 0, no clear gap in 0" in lines[1]
 

@@ -115,6 +115,13 @@ def blocks(text: str) -> list[tuple[int, str, int]]:
     return out
 
 
+def gallery_of(readme: Path) -> Path:
+    """The folder whose files a README's quotes may come from: its own, or for a project README beside a gallery
+    (``papers_figures/README.md``), that gallery (the project's ``docs/`` are hand-written, no source)."""
+    beside = Path(readme).parent / "papers_figures"
+    return beside if (beside / "README.md").is_file() else Path(readme).parent
+
+
 def links(text: str, root: Path, gallery: Path | None = None) -> list[str]:
     """The gallery files and folders a piece of text links, relative to ``root`` (the text's folder), in order,
     once each; only those inside ``gallery`` (default: ``root``) count."""
@@ -174,9 +181,9 @@ def unsourced_quotes(readme: str | Path, *, text: str | None = None, gallery: st
                      ) -> list[Unsourced]:
     """Every block of ``readme`` with quotes that its sources (see the module's rules) do not hold; ``text`` checks
     that text in ``readme``'s place (its links read from ``readme``'s folder); ``gallery``: the folder whose files
-    are sources (default: ``readme``'s; the project's ``README.md`` links ``docs/`` too, which is hand-written)."""
+    are sources (default: :func:`gallery_of`)."""
     readme = Path(readme)
-    gallery = None if gallery is None else Path(gallery)
+    gallery = gallery_of(readme) if gallery is None else Path(gallery)
     root = readme.parent
     text = readme.read_text(encoding="utf-8") if text is None else text
     parsed = blocks(text)
@@ -229,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"{path}: no such file; give the README of a gallery (default: this checkout's)", file=sys.stderr)
             return 2
-        own = Path(path).resolve() == (checkout / "README.md").resolve()
-        found = unsourced_quotes(path, gallery=checkout / "papers_figures" if own else None)
+        found = unsourced_quotes(path)
         for u in found:
             print(f"{path}: {u}")
         bad += len(found)
